@@ -1,0 +1,26 @@
+#!/usr/bin/env bash
+# Create .venv with the project installed (and its test tools with --test). Safe to run again:
+# it reinstalls only when pyproject.toml changed.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+extras=""
+[ "${1:-}" = "--test" ] && extras="[test]"
+python="${PYTHON:-python3}"
+
+if ! "$python" -c 'import sys; sys.exit(sys.version_info < (3, 11))' 2>/dev/null; then
+  echo "llm-gateway needs Python 3.11 or newer (found: $("$python" --version 2>&1))." >&2
+  exit 1
+fi
+if [ ! -x .venv/bin/python ]; then
+  "$python" -m venv .venv || {
+    echo "Could not create a virtual environment. On Debian/Ubuntu: apt-get install python3-venv" >&2
+    exit 1
+  }
+fi
+stamp=".venv/.installed${extras}-$(sha256sum pyproject.toml | cut -c1-16)"
+if [ ! -f "$stamp" ]; then
+  .venv/bin/python -m pip install --quiet --upgrade pip
+  .venv/bin/python -m pip install --quiet -e ".${extras}"
+  touch "$stamp"
+fi

@@ -1,0 +1,125 @@
+"""The gateway's HTTP surface: the proxied OpenAI paths plus the endpoints a vLLM server also has.
+
+To a client the gateway is one vLLM server: `/v1/models`, `/health`, `/version` and `/metrics` answer
+here, and every JSON route that names a `model` is forwarded to the engine serving it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import orjson
+from prometheus_client import CONTENT_TYPE_LATEST
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Route
+
+from gateway_app import __version__
+from gateway_app.config_watcher import RoutingMapWatcher
+from gateway_app.errors import GatewayError, InternalError, MethodNotAllowed, ModelNotFound, NotFound
+from gateway_app.proxy import ProxyEndpoint
+from gateway_app.state import GatewayState
+from gateway_app.upstream import create_session
+
+log = logging.getLogger("llm_gateway.app")
+
+# JSON routes of vLLM and SGLang that carry `model` in their body.
+PROXIED_PATHS = (
+    "/v1/chat/completions",
+    "/v1/completions",
+    "/v1/embeddings",
+    "/v1/responses",
+    "/v1/rerank",
+    "/v1/score",
+    "/rerank",
+    "/v2/rerank",
+    "/score",
+    "/pooling",
+    "/classify",
+    "/tokenize",
+    "/detokenize",
+)
+
+
+def _json(data: object, status: int = 200) -> Response:
+    return Response(orjson.dumps(data), status_code=status, media_type="application/json")
+
+
+def _error(error: GatewayError, headers: dict[str, str] | None = None) -> Response:
+    return Response(error.body(), status_code=error.status, media_type="application/json", headers=headers)
+
+
+def create_app(state: GatewayState, config_path: Path | None = None, loaded: bytes = b"") -> Starlette:
+    """Build the app; with `config_path`, the routing map is watched and hot-reloaded."""
+
+    async def list_models(request: Request) -> Response:
+        return _json({"object": "list", "data": await state.catalog.cards()})
+
+    async def get_model(request: Request) -> Response:
+        model_id = request.path_params["model_id"]
+        for card in await state.catalog.cards():
+            if card["id"] == model_id:
+                return _json(card)
+        return _error(ModelNotFound(f"The model `{model_id}` does not exist.", param="model"))
+
+    async def healthz(request: Request) -> Response:
+        return Response(status_code=200)
+
+    async def readyz(request: Request) -> Response:
+        return _json({"status": "ready", "engines": len(state.table.engines)})
+
+    async def version(request: Request) -> Response:
+        return _json({"version": __version__})
+
+    async def metrics(request: Request) -> Response:
+        return Response(state.metrics.render(), media_type=CONTENT_TYPE_LATEST)
+
+    async def http_error(request: Request, exc: Exception) -> Response:
+        assert isinstance(exc, HTTPException)
+        if exc.status_code == 405:
+            return _error(
+                MethodNotAllowed(f"Method {request.method} is not allowed on {request.url.path}."), exc.headers
+            )
+        if exc.status_code == 404:
+            return _error(NotFound(f"There is no route {request.method} {request.url.path}.", code="not_found"))
+        return _error(GatewayError(str(exc.detail)), exc.headers)
+
+    async def unexpected_error(request: Request, exc: Exception) -> Response:
+        log.error("unexpected error on %s %s", request.method, request.url.path, exc_info=exc)
+        return _error(InternalError("Internal gateway error."))
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        state.session = create_session()
+        watcher = RoutingMapWatcher(config_path, state, loaded) if config_path else None
+        watch_task = asyncio.create_task(watcher.run()) if watcher else None
+        try:
+            yield
+        finally:
+            if watcher and watch_task:
+                watcher.stop()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await asyncio.wait_for(watch_task, timeout=5)
+            await state.session.close()
+
+    routes = [Route(path, ProxyEndpoint(state, path), methods=["POST"]) for path in PROXIED_PATHS]
+    routes += [
+        Route("/v1/models", list_models, methods=["GET"]),
+        Route("/v1/models/{model_id:path}", get_model, methods=["GET"]),
+        Route("/healthz", healthz, methods=["GET"]),
+        Route("/health", healthz, methods=["GET"]),
+        Route("/readyz", readyz, methods=["GET"]),
+        Route("/version", version, methods=["GET"]),
+        Route("/metrics", metrics, methods=["GET"]),
+    ]
+    return Starlette(
+        routes=routes,
+        lifespan=lifespan,
+        exception_handlers={HTTPException: http_error, Exception: unexpected_error},
+    )

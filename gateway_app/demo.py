@@ -1,0 +1,124 @@
+"""`llm-gateway demo`: the tutorial's topology on one machine with no GPU.
+
+Three simulated engines (vLLM and SGLang serving Llama-3.2-1B-Instruct, vLLM serving
+Phi-tiny-MoE-instruct) and the gateway, all in one process and one event loop; Ctrl-C stops them all.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import signal
+import socket
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import uvicorn
+import yaml
+
+from gateway_app.app import create_app
+from gateway_app.config import parse_routing_map
+from gateway_app.server import KEEP_ALIVE_SECONDS, configure_logging
+from gateway_app.simulator import build_simulator_app
+from gateway_app.state import GatewayState
+
+LLAMA = "meta-llama/Llama-3.2-1B-Instruct"
+PHI = "/models/Phi-tiny-MoE-instruct"
+# (engine name, simulated engine, model, default for its model)
+DEMO_ENGINES = (
+    ("vllm-llama-32-1b", "vllm", LLAMA, True),
+    ("sglang-llama-32-1b", "sglang", LLAMA, False),
+    ("vllm-phi-tiny-moe", "vllm", PHI, True),
+)
+
+
+class _InProcessServer(uvicorn.Server):
+    """A uvicorn server that leaves signals to the demo, which stops every server at once."""
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        yield
+
+
+def _listen(host: str, port: int) -> socket.socket:
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((host, port))
+    return sock
+
+
+def _server(app: object) -> _InProcessServer:
+    return _InProcessServer(
+        uvicorn.Config(
+            app, loop="none", http="httptools", lifespan="auto", access_log=False, log_level="warning",
+            server_header=False, timeout_keep_alive=KEEP_ALIVE_SECONDS,
+        )
+    )
+
+
+def _curl_examples(base: str) -> str:
+    chat = f"curl {base}/v1/chat/completions -H 'Content-Type: application/json' -d "
+    return "\n".join(
+        [
+            f"  curl {base}/v1/models",
+            chat + f"""'{{"model": "{LLAMA}", "messages": [{{"role": "user", "content": "What is machine learning?"}}], "max_tokens": 100}}'""",
+            chat + f"""'{{"model": "{LLAMA}", "owned_by": "sglang", "messages": [{{"role": "user", "content": "What is machine learning?"}}], "max_tokens": 100}}'""",
+            chat + f"""'{{"model": "{PHI}", "messages": [{{"role": "user", "content": "What is a mixture of experts?"}}], "max_tokens": 100}}'""",
+            chat + f"""'{{"model": "{LLAMA}", "messages": [{{"role": "user", "content": "Explain quantum computing"}}], "stream": true}}'""",
+        ]
+    )
+
+
+async def _run(host: str, port: int, ttft_ms: float, itl_ms: float) -> None:
+    gateway_socket = _listen(host, port)  # first, so a busy port fails before anything starts
+    servers: list[tuple[_InProcessServer, socket.socket]] = []
+    engines = []
+    for name, kind, model, default in DEMO_ENGINES:
+        sock = _listen("127.0.0.1", 0)
+        servers.append((_server(build_simulator_app(kind, model, ttft_ms=ttft_ms, itl_ms=itl_ms)), sock))
+        url = f"http://127.0.0.1:{sock.getsockname()[1]}"
+        engines.append({"name": name, "model": model, "owned_by": kind, "url": url, "default": default})
+    routing_yaml = yaml.safe_dump({"engines": engines}, sort_keys=False)
+    config_dir = tempfile.TemporaryDirectory(prefix="llm-gateway-demo-")
+    config_path = Path(config_dir.name) / "routes.yaml"
+    config_path.write_text(routing_yaml)
+    state = GatewayState(parse_routing_map(routing_yaml))
+    gateway = _server(create_app(state, config_path=config_path, loaded=config_path.read_bytes()))
+    servers.append((gateway, gateway_socket))
+
+    loop = asyncio.get_running_loop()
+
+    def stop_all() -> None:
+        for server, _ in servers:
+            server.should_exit = True
+
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(signum, stop_all)
+    tasks = [asyncio.create_task(server.serve(sockets=[sock])) for server, sock in servers]
+    while not all(server.started for server, _ in servers):
+        if any(task.done() for task in tasks):
+            break
+        await asyncio.sleep(0.05)
+    shown_host = "localhost" if host in ("0.0.0.0", "127.0.0.1") else host
+    print(f"llm-gateway demo: gateway on http://{shown_host}:{port}, routing map {config_path}", flush=True)
+    for name, kind, model, default in DEMO_ENGINES:
+        print(f"  engine {name}: simulated {kind} serving {model}{' (default)' if default else ''}")
+    print("Try:\n" + _curl_examples(f"http://{shown_host}:{port}") + "\nCtrl-C stops everything.", flush=True)
+    try:
+        await asyncio.gather(*tasks)
+    finally:
+        config_dir.cleanup()
+
+
+def run_demo(host: str = "127.0.0.1", port: int = 8000, ttft_ms: float = 50.0, itl_ms: float = 20.0) -> int:
+    configure_logging("warning")
+    try:
+        import uvloop
+
+        uvloop.run(_run(host, port, ttft_ms, itl_ms))
+    except OSError as error:
+        print(f"llm-gateway demo: cannot listen on {host}:{port}: {error.strerror or error}")
+        return 1
+    print("llm-gateway demo: stopped.")
+    return 0

@@ -1,0 +1,83 @@
+"""Every error the gateway itself makes: a type, an HTTP status and an OpenAI-shaped body, built here.
+
+Engines' own error answers are relayed untouched and never pass through this module.
+"""
+
+from __future__ import annotations
+
+import orjson
+
+
+class GatewayError(Exception):
+    """An error answer for the client: `{"error": {"message", "type", "param", "code"}}`."""
+
+    status: int = 500
+    error_type: str = "internal_error"
+    code: str | None = None
+
+    def __init__(self, message: str, *, param: str | None = None, code: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.param = param
+        if code is not None:
+            self.code = code
+
+    def body(self) -> bytes:
+        return orjson.dumps(
+            {"error": {"message": self.message, "type": self.error_type, "param": self.param, "code": self.code}}
+        )
+
+
+class InvalidRequest(GatewayError):
+    status = 400
+    error_type = "invalid_request_error"
+
+
+class NotFound(GatewayError):
+    status = 404
+    error_type = "invalid_request_error"
+
+
+class ModelNotFound(NotFound):
+    code = "model_not_found"
+
+
+class MethodNotAllowed(GatewayError):
+    status = 405
+    error_type = "invalid_request_error"
+    code = "method_not_allowed"
+
+
+class PayloadTooLarge(GatewayError):
+    status = 413
+    error_type = "invalid_request_error"
+    code = "request_too_large"
+
+
+class UnsupportedMediaType(GatewayError):
+    status = 415
+    error_type = "invalid_request_error"
+    code = "unsupported_media_type"
+
+
+class EngineUnreachable(GatewayError):
+    status = 502
+    error_type = "upstream_error"
+    code = "engine_unreachable"
+
+
+class EngineTimeout(GatewayError):
+    status = 504
+    error_type = "upstream_error"
+    code = "engine_timeout"
+
+
+class InternalError(GatewayError):
+    status = 500
+    error_type = "internal_error"
+    code = "internal_error"
+
+
+def sse_error_event(error: GatewayError) -> bytes:
+    """A stream that breaks after bytes were sent ends with an error event and [DONE], never a silent cut."""
+    return b"data: " + error.body() + b"\n\ndata: [DONE]\n\n"

@@ -1,0 +1,83 @@
+"""The gateway's Prometheus metrics, prefix `llm_gateway_`.
+
+Labels only ever carry names from the routing map (model ids, engine names, endpoints) and status
+codes, so cardinality is bounded by the map. A request for an unknown model is counted with empty
+model and engine labels: a client-chosen string never becomes a label.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    PlatformCollector,
+    ProcessCollector,
+    generate_latest,
+)
+
+DURATION_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)
+FIRST_BYTE_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
+
+
+class GatewayMetrics:
+    """All gateway metrics in their own registry (the app may be built more than once in a process)."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        ProcessCollector(registry=self.registry)
+        PlatformCollector(registry=self.registry)
+        route = ("model", "engine", "endpoint")
+        self.requests = Counter(
+            "llm_gateway_requests", "Requests answered, by the engine that served them and the HTTP status.",
+            (*route, "status"), registry=self.registry,
+        )
+        self.duration = Histogram(
+            "llm_gateway_request_duration_seconds", "Time from the request to the last byte of the answer.",
+            route, buckets=DURATION_BUCKETS, registry=self.registry,
+        )
+        self.first_byte = Histogram(
+            "llm_gateway_time_to_first_byte_seconds",
+            "Time from the request to the engine's first body byte (for streams: the first chunk).",
+            route, buckets=FIRST_BYTE_BUCKETS, registry=self.registry,
+        )
+        self.in_flight = Gauge(
+            "llm_gateway_requests_in_flight", "Requests being forwarded right now.",
+            ("model", "engine"), registry=self.registry,
+        )
+        self.upstream_errors = Counter(
+            "llm_gateway_upstream_errors",
+            "Failures talking to an engine, by kind (connect, timeout_first_byte, timeout_idle, "
+            "timeout_total, broken_stream).",
+            ("engine", "kind"), registry=self.registry,
+        )
+        self.client_disconnects = Counter(
+            "llm_gateway_client_disconnects",
+            "Requests whose client went away before the answer was complete; the engine request was closed.",
+            ("model", "engine"), registry=self.registry,
+        )
+        self.prompt_tokens = Counter(
+            "llm_gateway_prompt_tokens", "Prompt tokens, from the usage the engines report.",
+            ("model", "engine"), registry=self.registry,
+        )
+        self.completion_tokens = Counter(
+            "llm_gateway_completion_tokens", "Completion tokens, from the usage the engines report.",
+            ("model", "engine"), registry=self.registry,
+        )
+        self.config_reloads = Counter(
+            "llm_gateway_config_reloads", "Routing-map reloads by result (success, failure).",
+            ("result",), registry=self.registry,
+        )
+        self.config_engines = Gauge(
+            "llm_gateway_config_engines", "Engines in the routing map being served.", registry=self.registry,
+        )
+        self.config_last_reload = Gauge(
+            "llm_gateway_config_last_reload_success_timestamp_seconds",
+            "When the routing map now served was loaded.", registry=self.registry,
+        )
+        for result in ("success", "failure"):
+            self.config_reloads.labels(result)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

@@ -1,0 +1,240 @@
+"""The hot path: one OpenAI request in, routed by `model`/`owned_by`, relayed to one engine and back.
+
+Written as a plain ASGI endpoint so that the bytes go through untouched and each step is visible:
+read the body, resolve the engine, forward, relay (whole answers at once, streams chunk by chunk).
+A watcher on the client connection cancels the work the moment the client goes away, which closes
+the engine connection so that the engine stops generating.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from typing import TYPE_CHECKING
+
+import aiohttp
+from starlette.types import Receive, Scope, Send
+
+from gateway_app.errors import (
+    EngineTimeout,
+    EngineUnreachable,
+    GatewayError,
+    InternalError,
+    sse_error_event,
+)
+from gateway_app.request_body import body_for_engine, parse_routing_fields, read_body
+from gateway_app.responses import send_error
+from gateway_app.route_table import Engine
+from gateway_app.upstream import headers_for_client, headers_for_engine
+from gateway_app.usage import USAGE_KEY, find_usage
+
+if TYPE_CHECKING:
+    from gateway_app.state import GatewayState
+
+log = logging.getLogger("llm_gateway.proxy")
+
+ENGINE_HEADER = b"x-gateway-engine"
+# Stop proxies and ingress controllers from buffering a stream.
+STREAM_HEADERS = [(b"cache-control", b"no-cache"), (b"x-accel-buffering", b"no")]
+CLIENT_CLOSED = 499  # nginx's status for "client closed the request", used in metrics only
+
+
+class _Progress:
+    """What the relay has done so far; read by the disconnect watcher and by error handling."""
+
+    __slots__ = ("response_started", "finished", "disconnected", "first_byte_at")
+
+    def __init__(self) -> None:
+        self.response_started = False
+        self.finished = False
+        self.disconnected = False
+        self.first_byte_at: float | None = None
+
+
+async def _watch_disconnect(receive: Receive, handler: asyncio.Task, progress: _Progress) -> None:
+    """After the body is read, the next ASGI message can only be `http.disconnect`."""
+    message = await receive()
+    if message["type"] == "http.disconnect" and not progress.finished:
+        progress.disconnected = True
+        handler.cancel()
+
+
+class ProxyEndpoint:
+    """ASGI endpoint for one OpenAI path (`/v1/chat/completions`, ...)."""
+
+    def __init__(self, state: "GatewayState", endpoint: str) -> None:
+        self.state = state
+        self.endpoint = endpoint
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        state = self.state
+        table = state.table  # one table for the whole request, even if a reload swaps it meanwhile
+        started = time.perf_counter()
+        try:
+            body = await read_body(scope, receive, table.settings.max_body_bytes)
+            fields = parse_routing_fields(body)
+            resolution = table.resolve(fields.model, fields.owned_by)
+        except GatewayError as error:
+            state.metrics.requests.labels("", "", self.endpoint, str(error.status)).inc()
+            await send_error(send, error)
+            return
+        except ConnectionAbortedError:
+            return
+        engine = resolution.engine
+        payload = body_for_engine(body, fields, engine.model, resolution.via_alias)
+        await self._forward(engine, payload, scope, receive, send, started)
+
+    async def _forward(
+        self, engine: Engine, payload: bytes, scope: Scope, receive: Receive, send: Send, started: float
+    ) -> None:
+        metrics = self.state.metrics
+        in_flight = metrics.in_flight.labels(engine.model, engine.name)
+        in_flight.inc()
+        progress = _Progress()
+        handler = asyncio.current_task()
+        assert handler is not None
+        watcher = asyncio.get_running_loop().create_task(_watch_disconnect(receive, handler, progress))
+        status = 500
+        try:
+            if engine.timeouts.total is None:
+                status = await self._exchange(engine, payload, scope, send, progress)
+            else:
+                try:
+                    async with asyncio.timeout(engine.timeouts.total):
+                        status = await self._exchange(engine, payload, scope, send, progress)
+                except TimeoutError:
+                    status = await self._fail(
+                        engine, send, progress, "timeout_total",
+                        EngineTimeout(f"The engine `{engine.name}` did not finish within {engine.timeouts.total} s."),
+                    )
+        except asyncio.CancelledError:
+            if not progress.disconnected:
+                raise
+            handler.uncancel()
+            metrics.client_disconnects.labels(engine.model, engine.name).inc()
+            status = CLIENT_CLOSED
+        except Exception:  # a bug of ours: log it, answer 500 without details
+            log.exception("unexpected error while forwarding to engine %s", engine.name)
+            status = await self._fail(engine, send, progress, "internal", InternalError("Internal gateway error."))
+        finally:
+            progress.finished = True
+            watcher.cancel()
+            in_flight.dec()
+        labels = (engine.model, engine.name, self.endpoint)
+        metrics.requests.labels(*labels, str(status)).inc()
+        metrics.duration.labels(*labels).observe(time.perf_counter() - started)
+        if progress.first_byte_at is not None:
+            metrics.first_byte.labels(*labels).observe(progress.first_byte_at - started)
+
+    async def _exchange(self, engine: Engine, payload: bytes, scope: Scope, send: Send, progress: _Progress) -> int:
+        """Send the request, relay the answer; return the status for metrics."""
+        session = self.state.session
+        timeouts = engine.timeouts
+        engine_header = (ENGINE_HEADER, engine.name_header)
+        response: aiohttp.ClientResponse | None = None
+        completed = False
+        try:
+            try:
+                async with asyncio.timeout(timeouts.first_byte):
+                    response = await session.post(
+                        engine.url + scope["path"],
+                        data=payload,
+                        headers=headers_for_engine(scope["headers"], engine.headers),
+                        timeout=engine.client_timeout,
+                    )
+                    streaming = response.content_length is None or response.content_type == "text/event-stream"
+                    first = await (response.content.readany() if streaming else response.read())
+            except aiohttp.ConnectionTimeoutError:
+                return await self._fail(
+                    engine, send, progress, "timeout_connect",
+                    EngineTimeout(f"Timed out connecting to the engine `{engine.name}` after {timeouts.connect} s."),
+                )
+            except TimeoutError:
+                return await self._fail(
+                    engine, send, progress, "timeout_first_byte",
+                    EngineTimeout(f"The engine `{engine.name}` sent nothing for {timeouts.first_byte} s."),
+                )
+            except aiohttp.ClientError as exc:
+                return await self._fail(
+                    engine, send, progress, "connect",
+                    EngineUnreachable(f"The engine `{engine.name}` is unreachable: {_reason(exc)}."),
+                )
+            progress.first_byte_at = time.perf_counter()
+            headers = headers_for_client(response.raw_headers)
+            headers.append(engine_header)
+            status = response.status
+            if not streaming:
+                headers.append((b"content-length", str(len(first)).encode()))
+                await send({"type": "http.response.start", "status": status, "headers": headers})
+                progress.response_started = True
+                await send({"type": "http.response.body", "body": first})
+                if status == 200 and USAGE_KEY in first:
+                    self._count_tokens(engine, first)
+            else:
+                headers.extend(STREAM_HEADERS)
+                await send({"type": "http.response.start", "status": status, "headers": headers})
+                progress.response_started = True
+                await self._relay_stream(engine, response, first, send, progress)
+            completed = True
+            return status
+        finally:
+            if response is not None:
+                # A finished answer returns its connection to the pool; anything else closes it,
+                # which is how an engine learns that nobody waits for its tokens any more.
+                response.release() if completed else response.close()
+
+    async def _relay_stream(
+        self, engine: Engine, response: aiohttp.ClientResponse, chunk: bytes, send: Send, progress: _Progress
+    ) -> None:
+        """Chunks go out as they come in; only the last few are kept to find the usage chunk."""
+        idle = engine.timeouts.idle
+        loop = asyncio.get_running_loop()
+        older = previous = b""
+        try:
+            async with asyncio.timeout(None) as idle_deadline:
+                while chunk:
+                    await send({"type": "http.response.body", "body": chunk, "more_body": True})
+                    older, previous = previous, chunk
+                    if idle is not None:
+                        idle_deadline.reschedule(loop.time() + idle)
+                    chunk = await response.content.readany()
+        except TimeoutError:
+            await self._fail(
+                engine, send, progress, "timeout_idle",
+                EngineTimeout(f"The engine `{engine.name}` sent nothing for {idle} s in the middle of the stream."),
+            )
+            return
+        except aiohttp.ClientError as exc:
+            await self._fail(
+                engine, send, progress, "broken_stream",
+                EngineUnreachable(f"The stream from the engine `{engine.name}` broke: {_reason(exc)}."),
+            )
+            return
+        await send({"type": "http.response.body", "body": b"", "more_body": False})
+        tail = older + previous
+        if USAGE_KEY in tail:
+            self._count_tokens(engine, tail)
+
+    async def _fail(self, engine: Engine, send: Send, progress: _Progress, kind: str, error: GatewayError) -> int:
+        """Answer an upstream failure: a JSON error before any byte was sent, an SSE error event after."""
+        self.state.metrics.upstream_errors.labels(engine.name, kind).inc()
+        log.warning("engine %s: %s", engine.name, error.message)
+        if not progress.response_started:
+            await send_error(send, error, [(ENGINE_HEADER, engine.name_header)])
+            progress.response_started = True
+            return error.status
+        await send({"type": "http.response.body", "body": sse_error_event(error), "more_body": False})
+        return error.status
+
+    def _count_tokens(self, engine: Engine, data: bytes) -> None:
+        usage = find_usage(data)
+        if usage is not None:
+            metrics = self.state.metrics
+            metrics.prompt_tokens.labels(engine.model, engine.name).inc(usage[0])
+            metrics.completion_tokens.labels(engine.model, engine.name).inc(usage[1])
+
+
+def _reason(exc: BaseException) -> str:
+    text = str(exc) or type(exc).__name__
+    return text.rstrip(".")

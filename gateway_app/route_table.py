@@ -1,0 +1,125 @@
+"""The route table: which engine serves a `(model, owned_by)` pair.
+
+Built once per routing map and never mutated, so a reload swaps a whole table and a request in flight
+keeps the table it started with.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import aiohttp
+
+from gateway_app.config import RoutingMap, Settings, Timeouts
+from gateway_app.errors import ModelNotFound
+
+MAX_NAMES_IN_MESSAGE = 50
+
+
+@dataclass(frozen=True, slots=True)
+class Engine:
+    """One engine as the proxy needs it: where it is and how to talk to it."""
+
+    name: str
+    model: str
+    owned_by: str
+    url: str
+    aliases: tuple[str, ...]
+    headers: tuple[tuple[str, str], ...]
+    timeouts: Timeouts
+    # Derived once here rather than on every request.
+    client_timeout: aiohttp.ClientTimeout = field(init=False)
+    name_header: bytes = field(init=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "client_timeout", aiohttp.ClientTimeout(total=None, connect=self.timeouts.connect))
+        object.__setattr__(self, "name_header", self.name.encode())
+
+
+@dataclass(frozen=True, slots=True)
+class ModelRoute:
+    """The engines that serve one model, by `owned_by`, and the one used when none is named."""
+
+    model: str
+    by_owner: dict[str, Engine]
+    default: Engine
+
+
+@dataclass(frozen=True, slots=True)
+class Resolution:
+    engine: Engine
+    # True when the client named the model by an alias: the body must then carry the real id.
+    via_alias: bool
+
+
+def _listing(names: list[str]) -> str:
+    shown = ", ".join(f"`{name}`" for name in names[:MAX_NAMES_IN_MESSAGE])
+    more = len(names) - MAX_NAMES_IN_MESSAGE
+    return shown + (f" and {more} more" if more > 0 else "")
+
+
+class RouteTable:
+    """Immutable lookup from the names clients use to engines."""
+
+    def __init__(self, routing_map: RoutingMap) -> None:
+        self.settings: Settings = routing_map.settings
+        defaults = routing_map.settings.timeouts
+        self.engines: tuple[Engine, ...] = tuple(
+            Engine(
+                name=spec.name,
+                model=spec.model,
+                owned_by=spec.owned_by,
+                url=spec.url,
+                aliases=spec.aliases,
+                headers=tuple(spec.headers.items()),
+                timeouts=spec.effective_timeouts(defaults),
+            )
+            for spec in routing_map.engines
+        )
+        grouped: dict[str, list[Engine]] = {}
+        for engine, spec in zip(self.engines, routing_map.engines):
+            group = grouped.setdefault(engine.model, [])
+            # The engine marked default goes first; otherwise the first listed is the default.
+            group.insert(0, engine) if spec.default else group.append(engine)
+        self._routes: dict[str, ModelRoute] = {
+            model: ModelRoute(model=model, by_owner={e.owned_by: e for e in group}, default=group[0])
+            for model, group in grouped.items()
+        }
+        self._aliases: dict[str, ModelRoute] = {
+            alias: self._routes[engine.model] for engine in self.engines for alias in engine.aliases
+        }
+
+    @property
+    def models(self) -> list[str]:
+        return list(self._routes)
+
+    @property
+    def aliases(self) -> dict[str, str]:
+        """Alias → model id."""
+        return {alias: route.model for alias, route in self._aliases.items()}
+
+    def resolve(self, model: str, owned_by: str | None) -> Resolution:
+        """Pick the engine for a request, or raise ModelNotFound with what the client could use instead."""
+        route = self._routes.get(model)
+        via_alias = False
+        if route is None:
+            route = self._aliases.get(model)
+            if route is None:
+                raise ModelNotFound(
+                    f"The model `{model}` does not exist. Available models: {_listing(self.models)}"
+                    + (f"; aliases: {_listing(list(self._aliases))}" if self._aliases else "")
+                    + ".",
+                    param="model",
+                )
+            via_alias = True
+        if owned_by is None:
+            return Resolution(route.default, via_alias)
+        engine = route.by_owner.get(owned_by)
+        if engine is None:
+            raise ModelNotFound(
+                f"The model `{route.model}` is not served by owned_by `{owned_by}`. "
+                f"It is served by: {_listing(list(route.by_owner))}.",
+                param="owned_by",
+                code="engine_not_found",
+            )
+        return Resolution(engine, via_alias)

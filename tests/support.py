@@ -1,0 +1,98 @@
+"""Helpers for tests that run the real gateway and simulators as processes on loopback."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@dataclass
+class RunningProcess:
+    """A child process and the base URL it serves; `stop()` is safe to call twice."""
+
+    process: subprocess.Popen
+    url: str
+    log_path: Path
+    args: list[str] = field(default_factory=list)
+
+    def log(self) -> str:
+        try:
+            return self.log_path.read_text(errors="replace")
+        except OSError:
+            return ""
+
+    def stop(self, timeout: float = 10.0) -> None:
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait(timeout=timeout)
+
+
+def wait_until_ready(running: RunningProcess, path: str, timeout: float = 20.0) -> None:
+    """Poll `path` until it answers 200; fail with the process's log if it dies or never answers."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if running.process.poll() is not None:
+            raise RuntimeError(f"process exited with {running.process.returncode}:\n{running.log()}")
+        try:
+            with urllib.request.urlopen(running.url + path, timeout=1) as response:
+                if response.status == 200:
+                    return
+        except (urllib.error.URLError, ConnectionError, OSError):
+            pass
+        time.sleep(0.05)
+    running.stop()
+    raise RuntimeError(f"{running.url}{path} not ready after {timeout}s:\n{running.log()}")
+
+
+def start_cli(args: list[str], port: int, ready_path: str, log_dir: Path, name: str) -> RunningProcess:
+    """Start `python -m gateway_app ARGS` and wait until `ready_path` answers 200."""
+    log_path = log_dir / f"{name}-{port}.log"
+    log_file = open(log_path, "wb")
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    process = subprocess.Popen(
+        [sys.executable, "-m", "gateway_app", *args],
+        stdout=log_file,
+        stderr=subprocess.STDOUT,
+        cwd=REPO_ROOT,
+        env=env,
+    )
+    log_file.close()
+    running = RunningProcess(process=process, url=f"http://127.0.0.1:{port}", log_path=log_path, args=args)
+    wait_until_ready(running, ready_path)
+    return running
+
+
+def start_simulator(
+    engine: str, model: str, log_dir: Path, ttft_ms: float = 0, itl_ms: float = 0, port: int | None = None
+) -> RunningProcess:
+    port = port or free_port()
+    args = ["simulate", "--engine", engine, "--model", model, "--host", "127.0.0.1", "--port", str(port)]
+    args += ["--ttft-ms", str(ttft_ms), "--itl-ms", str(itl_ms)]
+    return start_cli(args, port, "/health", log_dir, f"sim-{engine}")
+
+
+def start_gateway(config_path: Path, log_dir: Path, port: int | None = None) -> RunningProcess:
+    port = port or free_port()
+    args = ["serve", "--config", str(config_path), "--host", "127.0.0.1", "--port", str(port)]
+    return start_cli(args, port, "/readyz", log_dir, "gateway")

@@ -1,0 +1,139 @@
+"""Every error the gateway makes: OpenAI-shaped, with the right status, never a stack trace."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+
+from tests.conftest import LLAMA, PHI, write_routing_map
+from tests.support import RunningProcess, free_port, start_gateway, start_simulator
+from tests.web import get, post, request
+
+
+@pytest.fixture(scope="module")
+def slow_engine(log_dir) -> Iterator[RunningProcess]:
+    sim = start_simulator("vllm", "slow-model", log_dir, ttft_ms=5000)
+    yield sim
+    sim.stop()
+
+
+@pytest.fixture(scope="module")
+def error_gateway(tutorial_engines, slow_engine, log_dir, tmp_path_factory) -> Iterator[RunningProcess]:
+    config = write_routing_map(
+        tmp_path_factory.mktemp("errors") / "routes.yaml",
+        [
+            {"name": "vllm-llama-32-1b", "model": LLAMA, "owned_by": "vllm", "url": tutorial_engines["vllm-llama-32-1b"].url},
+            {"name": "sglang-llama-32-1b", "model": LLAMA, "owned_by": "sglang", "url": tutorial_engines["sglang-llama-32-1b"].url},
+            {"name": "down", "model": "down-model", "owned_by": "vllm", "url": f"http://127.0.0.1:{free_port()}"},
+            {"name": "slow", "model": "slow-model", "owned_by": "vllm", "url": slow_engine.url,
+             "timeouts": {"first_byte": 0.5}},
+        ],
+        settings={"max_body_bytes": 4096},
+    )
+    running = start_gateway(config, log_dir)
+    yield running
+    running.stop()
+
+
+def assert_openai_error(answer, status: int, param=None) -> dict:
+    assert answer.status == status, answer.body
+    assert answer.headers["content-type"] == "application/json"
+    error = answer.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"}
+    assert error["message"] and "Traceback" not in error["message"]
+    assert error["param"] == param
+    return error
+
+
+CHAT = "/v1/chat/completions"
+HI = [{"role": "user", "content": "hi"}]
+
+
+@pytest.mark.parametrize("body", [b"not json", b"{", b"", b"\xff\xfe"])
+def test_body_not_json_is_400(error_gateway, body):
+    assert_openai_error(post(error_gateway.url + CHAT, body), 400)
+
+
+@pytest.mark.parametrize("body", [b"[1, 2]", b'"text"', b"42", b"null"])
+def test_body_not_an_object_is_400(error_gateway, body):
+    assert "object" in assert_openai_error(post(error_gateway.url + CHAT, body), 400)["message"]
+
+
+@pytest.mark.parametrize("body", [{"messages": HI}, {"model": None}, {"model": 3}, {"model": ["a"]}])
+def test_model_missing_or_not_a_string_is_400(error_gateway, body):
+    assert_openai_error(post(error_gateway.url + CHAT, body), 400, param="model")
+
+
+def test_owned_by_not_a_string_is_400(error_gateway):
+    assert_openai_error(post(error_gateway.url + CHAT, {"model": LLAMA, "owned_by": 1}), 400, param="owned_by")
+
+
+def test_unknown_model_is_404_listing_models(error_gateway):
+    error = assert_openai_error(post(error_gateway.url + CHAT, {"model": "gpt-4", "messages": HI}), 404, param="model")
+    assert LLAMA in error["message"] and "slow-model" in error["message"]
+    assert error["code"] == "model_not_found"
+
+
+def test_unknown_owned_by_is_404_listing_engines(error_gateway):
+    answer = post(error_gateway.url + CHAT, {"model": LLAMA, "owned_by": "trtllm", "messages": HI})
+    error = assert_openai_error(answer, 404, param="owned_by")
+    assert "`vllm`" in error["message"] and "`sglang`" in error["message"]
+
+
+def test_body_over_the_limit_is_413(error_gateway):
+    body = {"model": LLAMA, "messages": [{"role": "user", "content": "x" * 5000}]}
+    assert_openai_error(post(error_gateway.url + CHAT, body), 413)
+
+
+def test_chunked_body_over_the_limit_is_413(error_gateway):
+    """No Content-Length to refuse early: the limit holds while the body streams in."""
+    import socket
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(error_gateway.url)
+    with socket.create_connection((parts.hostname, parts.port), timeout=10) as sock:
+        sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                     b"Transfer-Encoding: chunked\r\n\r\n")
+        for _ in range(5):  # 5 x 1000 bytes, over the 4096-byte limit; the gateway may stop reading early
+            try:
+                sock.sendall(b"3e8\r\n" + b"x" * 1000 + b"\r\n")
+            except OSError:
+                break
+        assert sock.recv(65536).startswith(b"HTTP/1.1 413")
+
+
+def test_engine_unreachable_is_502(error_gateway):
+    answer = post(error_gateway.url + CHAT, {"model": "down-model", "messages": HI})
+    error = assert_openai_error(answer, 502)
+    assert "`down`" in error["message"]
+    assert answer.headers["x-gateway-engine"] == "down"
+
+
+def test_engine_timeout_is_504(error_gateway):
+    error = assert_openai_error(post(error_gateway.url + CHAT, {"model": "slow-model", "messages": HI}), 504)
+    assert error["code"] == "engine_timeout"
+
+
+def test_unknown_path_and_wrong_method(error_gateway):
+    assert_openai_error(get(error_gateway.url + "/v1/nothing-here"), 404)
+    assert_openai_error(post(error_gateway.url + "/v1/nothing-here", {"model": LLAMA}), 404)
+    assert_openai_error(request("DELETE", error_gateway.url + "/v1/models"), 405)
+    assert_openai_error(get(error_gateway.url + CHAT), 405)
+
+
+@pytest.mark.parametrize("owned_by", ["vllm", "sglang"])
+def test_engine_errors_pass_through_unchanged(error_gateway, tutorial_engines, owned_by):
+    body = {"model": LLAMA, "messages": [{"role": "user", "content": "hi"}], "max_tokens": -1}
+    direct = post(tutorial_engines[f"{owned_by}-llama-32-1b"].url + CHAT, body)
+    through = post(error_gateway.url + CHAT, dict(body, owned_by=owned_by))
+    assert direct.status >= 400
+    assert (through.status, through.body) == (direct.status, direct.body)
+    assert through.headers["x-gateway-engine"] == f"{owned_by}-llama-32-1b"
+
+
+def test_models_listing_leaves_out_an_engine_that_is_down(error_gateway):
+    answer = get(error_gateway.url + "/v1/models")
+    assert answer.status == 200
+    ids = {card["id"] for card in answer.json()["data"]}
+    assert LLAMA in ids and "down-model" not in ids and PHI not in ids

@@ -1,0 +1,59 @@
+"""The gateway's Prometheus metrics: names, labels from the routing map only, tokens from usage."""
+
+from __future__ import annotations
+
+from tests.conftest import LLAMA
+from tests.web import get, metric_value, post
+
+CHAT = "/v1/chat/completions"
+HI = [{"role": "user", "content": "hi"}]
+
+
+def scrape(gateway) -> str:
+    answer = get(gateway.url + "/metrics")
+    assert answer.status == 200 and answer.headers["content-type"].startswith("text/plain")
+    return answer.body.decode()
+
+
+def test_requests_duration_and_tokens_are_counted(gateway):
+    before = scrape(gateway)
+    labels = {"model": LLAMA, "engine": "sglang-llama-32-1b"}
+    answer = post(gateway.url + CHAT, {"model": LLAMA, "owned_by": "sglang", "messages": HI, "max_tokens": 7})
+    assert answer.status == 200
+    after = scrape(gateway)
+
+    def delta(name: str, **extra: str) -> float:
+        return metric_value(after, name, **labels, **extra) - metric_value(before, name, **labels, **extra)
+
+    assert delta("llm_gateway_requests_total", endpoint=CHAT, status="200") == 1
+    assert delta("llm_gateway_request_duration_seconds_count", endpoint=CHAT) == 1
+    assert delta("llm_gateway_time_to_first_byte_seconds_count", endpoint=CHAT) == 1
+    assert delta("llm_gateway_completion_tokens_total") == 7
+    assert delta("llm_gateway_prompt_tokens_total") == answer.json()["usage"]["prompt_tokens"]
+
+
+def test_streams_with_a_usage_chunk_count_tokens_once(gateway):
+    labels = {"model": LLAMA, "engine": "vllm-llama-32-1b"}
+    before = metric_value(scrape(gateway), "llm_gateway_completion_tokens_total", **labels)
+    post(gateway.url + CHAT, {"model": LLAMA, "messages": HI, "max_tokens": 9, "stream": True,
+                              "stream_options": {"include_usage": True}})
+    after = metric_value(scrape(gateway), "llm_gateway_completion_tokens_total", **labels)
+    assert after - before == 9
+
+
+def test_client_chosen_strings_never_become_labels(gateway):
+    post(gateway.url + CHAT, {"model": "attacker-chosen-model-name", "messages": HI})
+    text = scrape(gateway)
+    assert "attacker-chosen-model-name" not in text
+    assert metric_value(text, "llm_gateway_requests_total", model="", engine="", status="404") >= 1
+
+
+def test_metric_families_exist(gateway):
+    text = scrape(gateway)
+    for family in (
+        "llm_gateway_requests_total", "llm_gateway_request_duration_seconds", "llm_gateway_time_to_first_byte_seconds",
+        "llm_gateway_requests_in_flight", "llm_gateway_upstream_errors_total", "llm_gateway_prompt_tokens_total",
+        "llm_gateway_completion_tokens_total", "llm_gateway_config_reloads_total", "llm_gateway_config_engines",
+        "process_cpu_seconds_total",
+    ):
+        assert f"# TYPE {family.removesuffix('_total')}" in text or f"# TYPE {family}" in text, family

@@ -1,0 +1,131 @@
+"""Hot reload the way a Kubernetes ConfigMap volume updates: a `..data` symlink swapped under the file."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tests.support import RunningProcess, start_gateway, start_simulator
+from tests.web import get, metric_value, post, sse_events, wait_for
+
+CHAT = "/v1/chat/completions"
+HI = [{"role": "user", "content": "hi"}]
+
+
+class ConfigMapVolume:
+    """A folder laid out as the kubelet does it: routes.yaml -> ..data/routes.yaml, ..data -> ..<version>."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.version = 0
+        (root / "routes.yaml").symlink_to("..data/routes.yaml")
+
+    @property
+    def path(self) -> Path:
+        return self.root / "routes.yaml"
+
+    def publish(self, text: str) -> None:
+        self.version += 1
+        folder = self.root / f"..v{self.version}"
+        folder.mkdir()
+        (folder / "routes.yaml").write_text(text)
+        tmp = self.root / "..data_tmp"
+        tmp.symlink_to(folder.name)
+        old = os.readlink(self.root / "..data") if (self.root / "..data").is_symlink() else None
+        os.rename(tmp, self.root / "..data")
+        if old:
+            shutil.rmtree(self.root / old)
+
+
+@pytest.fixture(scope="module")
+def engines(log_dir) -> Iterator[dict[str, RunningProcess]]:
+    started = {
+        "vllm": start_simulator("vllm", "m", log_dir, itl_ms=100),
+        "sglang": start_simulator("sglang", "m", log_dir, itl_ms=100),
+    }
+    yield started
+    for sim in started.values():
+        sim.stop()
+
+
+def routing(engines, default: str, alias: str | None = None) -> str:
+    entries = []
+    for kind in ("vllm", "sglang"):
+        entry = {"name": f"{kind}-m", "model": "m", "owned_by": kind, "url": engines[kind].url, "default": kind == default}
+        if alias and kind == default:
+            entry["aliases"] = [alias]
+        entries.append(entry)
+    return yaml.safe_dump({"engines": entries})
+
+
+def reloads(gateway: RunningProcess, result: str) -> float:
+    return metric_value(get(gateway.url + "/metrics").body.decode(), "llm_gateway_config_reloads_total", result=result)
+
+
+def stream_in_background(gateway: RunningProcess, tokens: int) -> tuple[threading.Thread, dict]:
+    outcome: dict = {}
+
+    def run() -> None:
+        outcome["answer"] = post(gateway.url + CHAT, {"model": "m", "messages": HI, "max_tokens": tokens, "stream": True})
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    return thread, outcome
+
+
+def content_tokens(answer) -> int:
+    events = sse_events(answer.body)
+    assert events[-1] == "[DONE]"
+    return sum(1 for e in events[:-1] for c in json.loads(e).get("choices", []) if c.get("delta", {}).get("content"))
+
+
+def test_reload_valid_then_invalid_while_streams_are_in_flight(engines, log_dir, tmp_path):
+    volume = ConfigMapVolume(tmp_path)
+    volume.publish(routing(engines, default="vllm"))
+    gateway = start_gateway(volume.path, log_dir)
+    try:
+        assert post(gateway.url + CHAT, {"model": "m", "messages": HI}).headers["x-gateway-engine"] == "vllm-m"
+
+        thread, outcome = stream_in_background(gateway, tokens=20)  # about 2 s of tokens
+        wait_for(lambda: metric_value(get(gateway.url + "/metrics").body.decode(), "llm_gateway_requests_in_flight") == 1)
+        volume.publish(routing(engines, default="sglang", alias="m-latest"))
+        wait_for(lambda: reloads(gateway, "success") == 1, message="reload")
+        assert post(gateway.url + CHAT, {"model": "m", "messages": HI}).headers["x-gateway-engine"] == "sglang-m"
+        assert post(gateway.url + CHAT, {"model": "m-latest", "messages": HI}).status == 200
+        thread.join(20)
+        assert outcome["answer"].headers["x-gateway-engine"] == "vllm-m"  # finished on the table it started with
+        assert content_tokens(outcome["answer"]) == 20
+
+        thread, outcome = stream_in_background(gateway, tokens=10)
+        wait_for(lambda: metric_value(get(gateway.url + "/metrics").body.decode(), "llm_gateway_requests_in_flight") == 1)
+        volume.publish("engines:\n  - name: broken\n    model: m\n")  # no owned_by, no url
+        wait_for(lambda: reloads(gateway, "failure") == 1, message="refused reload")
+        assert "engines[0].owned_by" in gateway.log()  # the log names the field
+        thread.join(20)
+        assert content_tokens(outcome["answer"]) == 10
+        answer = post(gateway.url + CHAT, {"model": "m-latest", "messages": HI})
+        assert answer.status == 200 and answer.headers["x-gateway-engine"] == "sglang-m"  # old table still serves
+        assert reloads(gateway, "success") == 1
+    finally:
+        gateway.stop()
+
+
+def test_plain_file_rewrite_is_picked_up(engines, log_dir, tmp_path):
+    path = tmp_path / "routes.yaml"
+    path.write_text(routing(engines, default="vllm"))
+    gateway = start_gateway(path, log_dir)
+    try:
+        tmp = tmp_path / "routes.yaml.new"
+        tmp.write_text(routing(engines, default="sglang"))
+        os.replace(tmp, path)  # how editors and `kubectl cp` replace a file
+        wait_for(lambda: reloads(gateway, "success") == 1, message="reload")
+        assert post(gateway.url + CHAT, {"model": "m", "messages": HI}).headers["x-gateway-engine"] == "sglang-m"
+    finally:
+        gateway.stop()

@@ -1,0 +1,112 @@
+"""Streams relayed as they come, closed upstream the moment the client goes away, timeouts per phase."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Iterator
+
+import pytest
+
+from tests.conftest import write_routing_map
+from tests.support import RunningProcess, start_gateway, start_simulator
+from tests.web import get, metric_value, open_raw_request, post, sse_events, wait_for
+
+CHAT = "/v1/chat/completions"
+HI = [{"role": "user", "content": "hi"}]
+
+
+@pytest.fixture(scope="module")
+def slow_first_token(log_dir) -> Iterator[RunningProcess]:
+    sim = start_simulator("vllm", "think-model", log_dir, ttft_ms=30000)
+    yield sim
+    sim.stop()
+
+
+@pytest.fixture(scope="module")
+def slow_tokens(log_dir) -> Iterator[RunningProcess]:
+    sim = start_simulator("sglang", "drip-model", log_dir, itl_ms=400)
+    yield sim
+    sim.stop()
+
+
+@pytest.fixture(scope="module")
+def stream_gateway(slow_first_token, slow_tokens, log_dir, tmp_path_factory) -> Iterator[RunningProcess]:
+    config = write_routing_map(
+        tmp_path_factory.mktemp("streams") / "routes.yaml",
+        [
+            {"name": "think", "model": "think-model", "owned_by": "vllm", "url": slow_first_token.url},
+            {"name": "drip", "model": "drip-model", "owned_by": "sglang", "url": slow_tokens.url},
+            # The same engine again under another owned_by, with an idle timeout shorter than its pace.
+            {"name": "drip-impatient", "model": "drip-model", "owned_by": "impatient", "url": slow_tokens.url,
+             "timeouts": {"idle": 0.15}},
+        ],
+    )
+    running = start_gateway(config, log_dir)
+    yield running
+    running.stop()
+
+
+def running_requests(sim: RunningProcess, name: str) -> float:
+    return metric_value(get(sim.url + "/metrics").body.decode(), name)
+
+
+def test_client_leaving_a_non_streaming_wait_closes_the_engine_request(stream_gateway, slow_first_token):
+    sock = open_raw_request(stream_gateway.url, CHAT, {"model": "think-model", "messages": HI})
+    wait_for(lambda: running_requests(slow_first_token, "vllm:num_requests_running") == 1, message="engine busy")
+    sock.close()
+    wait_for(lambda: running_requests(slow_first_token, "vllm:num_requests_running") == 0, timeout=3,
+             message="engine request closed")
+    metrics = get(stream_gateway.url + "/metrics").body.decode()
+    assert metric_value(metrics, "llm_gateway_client_disconnects_total", engine="think") >= 1
+
+
+def test_client_leaving_mid_stream_closes_the_engine_request(stream_gateway, slow_tokens):
+    sock = open_raw_request(stream_gateway.url, CHAT, {"model": "drip-model", "messages": HI, "max_tokens": 100, "stream": True})
+    received = b""
+    while b"data:" not in received:
+        received += sock.recv(65536)
+    assert b"text/event-stream" in received
+    assert running_requests(slow_tokens, "sglang:num_running_reqs") == 1
+    sock.close()
+    wait_for(lambda: running_requests(slow_tokens, "sglang:num_running_reqs") == 0, timeout=3,
+             message="engine stream closed")
+
+
+def test_chunks_arrive_as_the_engine_sends_them(stream_gateway):
+    """With 400 ms between tokens, a buffering proxy would deliver everything at the end."""
+    import urllib.request
+
+    req = urllib.request.Request(
+        stream_gateway.url + CHAT, method="POST", headers={"Content-Type": "application/json"},
+        data=json.dumps({"model": "drip-model", "messages": HI, "max_tokens": 4, "stream": True}).encode(),
+    )
+    arrivals = []
+    with urllib.request.urlopen(req, timeout=10) as response:
+        for line in response:
+            if line.startswith(b"data: "):
+                arrivals.append((time.monotonic(), line.strip()))
+    assert arrivals[-1][1] == b"data: [DONE]"
+    content_times = [t for t, line in arrivals if b'"content"' in line]
+    assert len(content_times) >= 4
+    # Spread over time, not in one burst: the first and last token are at least two intervals apart.
+    assert content_times[-1] - content_times[0] >= 0.8
+
+
+def test_idle_timeout_mid_stream_ends_with_an_sse_error_and_done(stream_gateway):
+    answer = post(stream_gateway.url + CHAT,
+                  {"model": "drip-model", "owned_by": "impatient", "messages": HI, "max_tokens": 10, "stream": True})
+    assert answer.status == 200
+    events = sse_events(answer.body)
+    assert events[-1] == "[DONE]"
+    error = json.loads(events[-2])["error"]
+    assert error["code"] == "engine_timeout" and "drip-impatient" in error["message"]
+
+
+def test_stream_usage_counts_tokens(stream_gateway):
+    before = metric_value(get(stream_gateway.url + "/metrics").body.decode(), "llm_gateway_completion_tokens_total", engine="drip")
+    answer = post(stream_gateway.url + CHAT, {"model": "drip-model", "messages": HI, "max_tokens": 2, "stream": True,
+                                              "stream_options": {"include_usage": True}})
+    assert sse_events(answer.body)[-1] == "[DONE]"
+    after = metric_value(get(stream_gateway.url + "/metrics").body.decode(), "llm_gateway_completion_tokens_total", engine="drip")
+    assert after - before == 2
