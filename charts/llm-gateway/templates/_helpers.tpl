@@ -1,0 +1,99 @@
+{{/*
+Names, labels and images shared by every template.
+
+Label rule: object metadata carries the full set (chart version included); pod templates carry only
+labels that do not change with the chart version or the list of engines, so that `helm upgrade` with
+one more engine (or a new chart version with the same presets) leaves running engines untouched.
+*/}}
+
+{{- define "llm-gateway.name" -}}
+{{- default .Chart.Name .Values.nameOverride | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{/* <release>-<chart>, or <release> when the release name already contains the chart name. */}}
+{{- define "llm-gateway.fullname" -}}
+{{- if .Values.fullnameOverride }}
+{{- .Values.fullnameOverride | trunc 63 | trimSuffix "-" }}
+{{- else }}
+{{- $name := default .Chart.Name .Values.nameOverride }}
+{{- if contains $name .Release.Name }}
+{{- .Release.Name | trunc 63 | trimSuffix "-" }}
+{{- else }}
+{{- printf "%s-%s" .Release.Name $name | trunc 63 | trimSuffix "-" }}
+{{- end }}
+{{- end }}
+{{- end }}
+
+{{- define "llm-gateway.chart" -}}
+{{- printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{/* Full labels for object metadata (never for pod templates or selectors). */}}
+{{- define "llm-gateway.labels" -}}
+helm.sh/chart: {{ include "llm-gateway.chart" . }}
+{{ include "llm-gateway.selectorLabels" . }}
+app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+app.kubernetes.io/part-of: llm-gateway
+{{- end }}
+
+{{/* The release's identity; stable for the life of the release. */}}
+{{- define "llm-gateway.selectorLabels" -}}
+app.kubernetes.io/name: {{ include "llm-gateway.name" . }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+{{- end }}
+
+{{- define "llm-gateway.gateway.selectorLabels" -}}
+{{ include "llm-gateway.selectorLabels" . }}
+app.kubernetes.io/component: gateway
+{{- end }}
+
+{{/* Selector of one engine's pods. Takes (dict "root" $ "engine" $e). */}}
+{{- define "llm-gateway.engine.selectorLabels" -}}
+{{ include "llm-gateway.selectorLabels" .root }}
+app.kubernetes.io/component: engine
+llm-gateway/engine: {{ .engine.name }}
+{{- end }}
+
+{{/* Selector of all engine pods of the release (NetworkPolicy, ServiceMonitor). */}}
+{{- define "llm-gateway.engines.selectorLabels" -}}
+{{ include "llm-gateway.selectorLabels" . }}
+app.kubernetes.io/component: engine
+{{- end }}
+
+{{- define "llm-gateway.serviceAccountName" -}}
+{{- if .Values.gateway.serviceAccount.create }}
+{{- default (include "llm-gateway.fullname" .) .Values.gateway.serviceAccount.name }}
+{{- else }}
+{{- default "default" .Values.gateway.serviceAccount.name }}
+{{- end }}
+{{- end }}
+
+{{- define "llm-gateway.routesConfigMapName" -}}
+{{- printf "%s-routes" (include "llm-gateway.fullname" .) | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{/*
+An image reference from {repository, tag, digest}; refuses a missing tag or "latest" (a moving tag
+makes rollouts irreproducible and defeats IfNotPresent). Takes (dict "image" $img "what" "gateway").
+*/}}
+{{- define "llm-gateway.imageRef" -}}
+{{- $img := .image -}}
+{{- if not $img.repository }}
+{{- fail (printf "%s: image.repository is empty" .what) }}
+{{- end }}
+{{- if eq (toString $img.tag) "latest" }}
+{{- fail (printf "%s: image %s:latest is not allowed; pin a version" .what $img.repository) }}
+{{- end }}
+{{- if and (not $img.tag) (not $img.digest) }}
+{{- fail (printf "%s: image %s needs a tag or a digest" .what $img.repository) }}
+{{- end }}
+{{- $img.repository }}{{ if $img.tag }}:{{ $img.tag }}{{ end }}{{ if $img.digest }}@{{ $img.digest }}{{ end }}
+{{- end }}
+
+{{/* The gateway image; its tag defaults to the chart's appVersion. */}}
+{{- define "llm-gateway.gateway.image" -}}
+{{- $img := .Values.gateway.image -}}
+{{- $tag := $img.tag | default .Chart.AppVersion -}}
+{{- include "llm-gateway.imageRef" (dict "image" (dict "repository" $img.repository "tag" $tag "digest" $img.digest) "what" "gateway") }}
+{{- end }}

@@ -1,0 +1,261 @@
+"""The simulator's HTTP surface as a plain ASGI app.
+
+Plain ASGI rather than Starlette routing because the hot path must cost next to nothing: a gateway
+benchmark on a small machine runs the simulator beside the gateway, and only the gateway should
+show up in the figures. It also gives direct access to `receive`, which is how a client's
+disconnect is noticed while the simulated model is still "thinking".
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable, Coroutine
+from typing import Any
+
+import orjson
+
+from gateway_app.simulator.engines import Engine, StaticResponse, engine_named
+from gateway_app.simulator.errors import RequestError
+from gateway_app.simulator.generation import Completion, Pacing, embedding_data
+from gateway_app.simulator.metrics import METRICS_CONTENT_TYPE, EngineMetrics
+from gateway_app.simulator.protocol import GenerationRequest, parse_chat, parse_completion, parse_embedding
+
+Scope = dict[str, Any]
+Message = dict[str, Any]
+Receive = Callable[[], Awaitable[Message]]
+Send = Callable[[Message], Awaitable[None]]
+PostHandler = Callable[[bytes, Receive, Send], Awaitable[None]]
+
+logger = logging.getLogger(__name__)
+
+_SSE_START: Message = {
+    "type": "http.response.start",
+    "status": 200,
+    "headers": [(b"content-type", b"text/event-stream; charset=utf-8"), (b"cache-control", b"no-cache")],
+}
+
+
+def build_simulator_app(engine: str, model: str, ttft_ms: float = 0.0, itl_ms: float = 0.0) -> SimulatorApp:
+    """An ASGI app answering as `engine` ("vllm" or "sglang") serving `model`.
+
+    Each app has its own metrics registry, so several can run in one process.
+    """
+    return SimulatorApp(engine_named(engine), model, Pacing(ttft_ms / 1000.0, itl_ms / 1000.0))
+
+
+class SimulatorApp:
+    """One simulated engine serving one model."""
+
+    def __init__(self, engine: Engine, model: str, pacing: Pacing) -> None:
+        self.engine = engine
+        self.model = model
+        self.pacing = pacing
+        self.metrics = EngineMetrics(engine, model)
+        self._static_routes = engine.static_routes(model)
+        self._post_routes: dict[str, PostHandler] = {
+            "/v1/chat/completions": self._chat,
+            "/v1/completions": self._completions,
+            "/v1/embeddings": self._embeddings,
+        }
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http":
+            await self._http(scope, receive, send)
+        elif scope["type"] == "lifespan":
+            await _lifespan(receive, send)
+
+    async def _http(self, scope: Scope, receive: Receive, send: Send) -> None:
+        path, method = scope["path"], scope["method"]
+        post_handler = self._post_routes.get(path)
+        if post_handler is not None:
+            if method != "POST":
+                await _method_not_allowed(send, ("POST",))
+                return
+            body = await _read_body(receive)
+            if body is not None:  # None: the client left before sending all of it
+                await post_handler(body, receive, send)
+            return
+        if path == "/v1/models" or path == "/metrics":
+            if method != "GET":
+                await _method_not_allowed(send, ("GET",))
+            elif path == "/v1/models":
+                await _send_json(send, 200, self.engine.model_list(self.model))
+            else:
+                await _send_bytes(send, 200, self.metrics.render(), METRICS_CONTENT_TYPE)
+            return
+        static = self._static_routes.get(path)
+        if static is not None:
+            await _send_static(send, method, static)
+            return
+        # What FastAPI, under both engines, answers for a path it does not route.
+        await _send_json(send, 404, {"detail": "Not Found"})
+
+    # --- OpenAI endpoints -----------------------------------------------------------------------
+
+    async def _chat(self, body: bytes, receive: Receive, send: Send) -> None:
+        try:
+            request = parse_chat(body, self.engine, self.model)
+        except RequestError as error:
+            await self._send_error(send, error)
+            return
+        await self._generate(Completion(self.engine, request, chat=True), receive, send)
+
+    async def _completions(self, body: bytes, receive: Receive, send: Send) -> None:
+        try:
+            request = parse_completion(body, self.engine, self.model)
+        except RequestError as error:
+            await self._send_error(send, error)
+            return
+        await self._generate(Completion(self.engine, request, chat=False), receive, send)
+
+    async def _embeddings(self, body: bytes, receive: Receive, send: Send) -> None:
+        try:
+            request = parse_embedding(body, self.engine, self.model)
+        except RequestError as error:
+            await self._send_error(send, error)
+            return
+
+        async def embed() -> None:
+            # An embedding costs one forward pass: it is ready when a first token would be.
+            with self.metrics.track(request.prompt_tokens, 0) as tracker:
+                await self.pacing.until_token(tracker.start, 0)
+                payload = self.engine.embedding_response(
+                    request.response_model, embedding_data(request.inputs), request.prompt_tokens
+                )
+                tracker.finish()
+                await _send_json(send, 200, payload)
+
+        await self._run(embed(), receive)
+
+    async def _send_error(self, send: Send, error: RequestError) -> None:
+        status, payload = self.engine.render_error(error)
+        await _send_json(send, status, payload)
+
+    # --- generation -----------------------------------------------------------------------------
+
+    async def _generate(self, completion: Completion, receive: Receive, send: Send) -> None:
+        if completion.request.stream:
+            await self._run(self._stream(completion, send), receive)
+        else:
+            await self._run(self._answer(completion, send), receive)
+
+    async def _answer(self, completion: Completion, send: Send) -> None:
+        request: GenerationRequest = completion.request
+        with self.metrics.track(request.prompt_tokens, request.max_tokens) as tracker:
+            await self.pacing.until_token(tracker.start, 0)
+            tracker.tokens_done(1)
+            if request.max_tokens > 1:
+                await self.pacing.until_token(tracker.start, request.max_tokens - 1)
+                tracker.tokens_done(request.max_tokens - 1)
+            tracker.finish()
+            await _send_json(send, 200, completion.response())
+
+    async def _stream(self, completion: Completion, send: Send) -> None:
+        count = completion.request.max_tokens
+        with self.metrics.track(completion.request.prompt_tokens, count) as tracker:
+            # Headers go out at once, as from the engines' StreamingResponse; events follow the pace.
+            await send(_SSE_START)
+            for index in range(count):
+                await self.pacing.until_token(tracker.start, index)
+                tracker.tokens_done()
+                event = completion.token_event(index)
+                if index == 0:
+                    event = completion.opening_event() + event
+                last = index == count - 1
+                if last:
+                    tracker.finish()
+                    # The last token and what follows it are produced at the same instant: one write.
+                    event += completion.closing_events()
+                await send({"type": "http.response.body", "body": event, "more_body": not last})
+
+    async def _run(self, work: Coroutine[Any, Any, None], receive: Receive) -> None:
+        """Run `work`, abandoning it the moment the client disconnects.
+
+        A real engine aborts a request whose client is gone; so does the simulator, which matters to
+        a gateway that cancels upstream requests and to whoever reads the running gauge. uvicorn
+        reports the disconnect as an `http.disconnect` from `receive`, so that is watched
+        concurrently. At zero latency `work` never waits, so there is nothing to watch.
+        """
+        if self.pacing.instant:
+            await work
+            return
+        work_task = asyncio.create_task(work)
+        watcher = asyncio.create_task(_until_disconnect(receive))
+        try:
+            await asyncio.wait((work_task, watcher), return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            # uvicorn also answers `receive` with http.disconnect once the response is complete, so
+            # only cancel work that is still running: the client left before getting its answer.
+            if not work_task.done():
+                work_task.cancel()
+            watcher.cancel()
+        try:
+            await work_task
+        except asyncio.CancelledError:
+            if not watcher.done() or watcher.cancelled():
+                raise  # we are being cancelled ourselves, not abandoning the request
+            logger.debug("client disconnected; request aborted")
+
+
+async def _until_disconnect(receive: Receive) -> None:
+    while (await receive())["type"] != "http.disconnect":
+        pass
+
+
+async def _read_body(receive: Receive) -> bytes | None:
+    message = await receive()
+    if message["type"] == "http.disconnect":
+        return None
+    body = message.get("body", b"")
+    if not message.get("more_body", False):
+        return body
+    parts = [body]
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            return None
+        parts.append(message.get("body", b""))
+        if not message.get("more_body", False):
+            return b"".join(parts)
+
+
+async def _send_json(send: Send, status: int, payload: Any) -> None:
+    await _send_bytes(send, status, orjson.dumps(payload), b"application/json")
+
+
+async def _send_bytes(send: Send, status: int, body: bytes, content_type: bytes | None) -> None:
+    headers = [(b"content-length", str(len(body)).encode())]
+    if content_type is not None:
+        headers.append((b"content-type", content_type))
+    await send({"type": "http.response.start", "status": status, "headers": headers})
+    await send({"type": "http.response.body", "body": body})
+
+
+async def _send_static(send: Send, method: str, static: StaticResponse) -> None:
+    if method not in static.methods:
+        await _method_not_allowed(send, static.methods)
+        return
+    await _send_bytes(send, 200, static.body, static.content_type)
+
+
+async def _method_not_allowed(send: Send, allowed: tuple[str, ...]) -> None:
+    body = orjson.dumps({"detail": "Method Not Allowed"})
+    headers = [
+        (b"content-type", b"application/json"),
+        (b"content-length", str(len(body)).encode()),
+        (b"allow", ", ".join(allowed).encode()),
+    ]
+    await send({"type": "http.response.start", "status": 405, "headers": headers})
+    await send({"type": "http.response.body", "body": body})
+
+
+async def _lifespan(receive: Receive, send: Send) -> None:
+    """Nothing to start or stop; acknowledge so that a server run with lifespan on is content."""
+    while True:
+        message = await receive()
+        if message["type"] == "lifespan.startup":
+            await send({"type": "lifespan.startup.complete"})
+        elif message["type"] == "lifespan.shutdown":
+            await send({"type": "lifespan.shutdown.complete"})
+            return

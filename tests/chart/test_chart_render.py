@@ -1,0 +1,506 @@
+"""What the chart renders: lint, Kubernetes schemas, the routing map, the tutorial's topology, hardening."""
+
+from __future__ import annotations
+
+import json
+import re
+from typing import Any
+from urllib.parse import urlsplit
+
+import jsonschema
+import kubernetes_validate
+import pytest
+import yaml
+
+from gateway_app.config import parse_routing_map
+from tests.chart.conftest import CHART_DIR, EXAMPLES, NAMESPACE, RELEASE, VALUE_SETS, Helm, HelmError, Rendered
+
+KUBE_VERSIONS = ("1.30.0", kubernetes_validate.latest_version())
+GATEWAY = f"{RELEASE}-llm-gateway"
+LLAMA = "meta-llama/Llama-3.2-1B-Instruct"
+PHI = "/models/Phi-tiny-MoE-instruct"
+
+
+# --- helm lint and the Kubernetes schemas ----------------------------------------------------------
+
+
+@pytest.mark.parametrize("value_set", VALUE_SETS)
+def test_helm_lint_strict(helm: Helm, value_set: str) -> None:
+    args = ["lint", "--strict", str(CHART_DIR), "--namespace", NAMESPACE]
+    if VALUE_SETS[value_set] is not None:
+        args += ["-f", str(VALUE_SETS[value_set])]
+    assert "0 chart(s) failed" in helm.run(*args)
+
+
+# Custom resources have no schema in kubernetes-validate: each is checked here against a hand-written
+# subset of its CRD (fields we render, nothing else allowed), never passed silently.
+_DURATION = {"type": "string", "pattern": r"^[0-9]+(ms|s|m|h)$"}
+_LABELS = {"type": "object", "additionalProperties": {"type": "string"}}
+SERVICE_MONITOR_SCHEMA = {
+    "type": "object",
+    "additionalProperties": False,
+    "required": ["apiVersion", "kind", "metadata", "spec"],
+    "properties": {
+        "apiVersion": {"const": "monitoring.coreos.com/v1"},
+        "kind": {"const": "ServiceMonitor"},
+        "metadata": {
+            "type": "object",
+            "additionalProperties": False,
+            "required": ["name", "namespace"],
+            "properties": {"name": {"type": "string"}, "namespace": {"type": "string"}, "labels": _LABELS},
+        },
+        "spec": {
+            "type": "object",
+            "additionalProperties": False,
+            "required": ["selector", "endpoints"],
+            "properties": {
+                "namespaceSelector": {
+                    "type": "object",
+                    "additionalProperties": False,
+                    "properties": {"matchNames": {"type": "array", "items": {"type": "string"}}},
+                },
+                "selector": {
+                    "type": "object",
+                    "additionalProperties": False,
+                    "properties": {"matchLabels": _LABELS},
+                },
+                "endpoints": {
+                    "type": "array",
+                    "minItems": 1,
+                    "items": {
+                        "type": "object",
+                        "additionalProperties": False,
+                        "required": ["port"],
+                        "properties": {
+                            "port": {"type": "string"},
+                            "path": {"type": "string", "pattern": "^/"},
+                            "interval": _DURATION,
+                            "scrapeTimeout": _DURATION,
+                        },
+                    },
+                },
+            },
+        },
+    },
+}
+CRD_SCHEMAS = {("monitoring.coreos.com/v1", "ServiceMonitor"): SERVICE_MONITOR_SCHEMA}
+
+
+def validate_object(doc: dict[str, Any], version: str) -> str:
+    """Validate strictly; returns "core" or "crd" so callers can see which path checked it."""
+    crd_schema = CRD_SCHEMAS.get((doc["apiVersion"], doc["kind"]))
+    if crd_schema is not None:
+        jsonschema.validate(doc, crd_schema)
+        return "crd"
+    kubernetes_validate.validate(doc, version, strict=True)
+    return "core"
+
+
+@pytest.mark.parametrize("version", KUBE_VERSIONS)
+@pytest.mark.parametrize("value_set", VALUE_SETS)
+def test_every_object_validates_strictly(renders: dict[str, Rendered], value_set: str, version: str) -> None:
+    checked: dict[str, int] = {"core": 0, "crd": 0}
+    for doc in renders[value_set].docs:
+        where = f"{doc['kind']}/{doc['metadata']['name']}"
+        try:
+            checked[validate_object(doc, version)] += 1
+        except kubernetes_validate.SchemaNotFoundError:
+            pytest.fail(f"{where}: no schema for {doc['apiVersion']} {doc['kind']}; add it to CRD_SCHEMAS")
+        except (kubernetes_validate.ValidationError, jsonschema.ValidationError) as error:
+            pytest.fail(f"{where} is invalid for Kubernetes {version}: {error.message}")
+    assert checked["core"] > 0
+    expected_crds = len(renders[value_set].of_kind("ServiceMonitor"))
+    assert checked["crd"] == expected_crds
+
+
+def test_crd_check_is_not_a_rubber_stamp() -> None:
+    monitor = {
+        "apiVersion": "monitoring.coreos.com/v1",
+        "kind": "ServiceMonitor",
+        "metadata": {"name": "x", "namespace": "y"},
+        "spec": {"selector": {}, "endpoints": [{"port": "http", "intervall": "30s"}]},
+    }
+    with pytest.raises(jsonschema.ValidationError):
+        validate_object(monitor, KUBE_VERSIONS[0])
+
+
+def test_all_features_renders_every_template(renders: dict[str, Rendered]) -> None:
+    kinds = {doc["kind"] for doc in renders["all-features"].docs}
+    assert kinds == {
+        "ConfigMap", "Deployment", "Service", "ServiceAccount", "Secret", "Ingress", "HorizontalPodAutoscaler",
+        "PodDisruptionBudget", "NetworkPolicy", "ServiceMonitor", "Pod",
+    }  # fmt: skip
+
+
+# --- The routing map: the gateway's own loader must accept it ---------------------------------------
+
+
+@pytest.mark.parametrize("value_set", VALUE_SETS)
+def test_routing_map_loads_in_the_gateway(renders: dict[str, Rendered], value_set: str) -> None:
+    rendered = renders[value_set]
+    routing = parse_routing_map(rendered.routing_text, f"{value_set} routes.yaml")
+    deployments = {d["metadata"]["name"]: d for d in rendered.of_kind("Deployment")}
+    services = {s["metadata"]["name"]: s for s in rendered.of_kind("Service")}
+    for engine in routing.engines:
+        url = urlsplit(engine.url)
+        if engine.name not in deployments:  # an external `url:` entry: the chart deploys nothing for it
+            assert engine.name not in services
+            continue
+        assert url.scheme == "http" and url.port == 8000 and not url.path
+        assert url.hostname == f"{engine.name}.{NAMESPACE}.svc.cluster.local"
+        service = services[engine.name]
+        assert [(p["port"], p["targetPort"]) for p in service["spec"]["ports"]] == [(8000, "http")]
+        pod = deployments[engine.name]["spec"]["template"]
+        assert service["spec"]["selector"].items() <= pod["metadata"]["labels"].items()
+        assert {"name": "http", "containerPort": 8000, "protocol": "TCP"} in pod["spec"]["containers"][0]["ports"]
+
+
+def test_routing_map_renders_only_known_keys(renders: dict[str, Rendered]) -> None:
+    routing = renders["all-features"].routing
+    assert set(routing) == {"settings", "engines"}
+    allowed = {"name", "model", "owned_by", "url", "default", "aliases", "headers", "timeouts"}
+    for engine in routing["engines"]:
+        assert set(engine) <= allowed
+
+
+def test_routing_map_owned_by_and_served_names(renders: dict[str, Rendered]) -> None:
+    routes = {e["name"]: e for e in renders["all-features"].routing["engines"]}
+    assert (routes["vllm-llama-32-1b"]["model"], routes["vllm-llama-32-1b"]["owned_by"]) == ("llama-1b", "vllm")
+    assert (routes["sglang-llama-32-1b"]["model"], routes["sglang-llama-32-1b"]["owned_by"]) == ("llama-1b", "sglang")
+    assert routes["sim-phi"]["owned_by"] == "sglang"  # a simulator is owned_by the engine it imitates
+    assert routes["remote-mistral"] == {
+        "name": "remote-mistral",
+        "model": "mistralai/Mistral-7B-Instruct-v0.3",
+        "owned_by": "vllm",
+        "url": "https://mistral.internal.example.com:8443",
+        "headers": {"Authorization": "Bearer not-a-secret"},
+        "timeouts": {"connect": 2, "idle": 30},
+    }
+    assert renders["all-features"].routing["settings"]["timeouts"]["first_byte"] == 300
+
+
+# --- The tutorial's two examples, as it deploys them (only better) -----------------------------------
+
+VLLM_COMMAND = ["python3", "-m", "vllm.entrypoints.openai.api_server"]
+SGLANG_COMMAND = ["python3", "-m", "sglang.launch_server"]
+
+
+def vllm_args(model: str) -> list[str]:
+    return ["--model", model, "--host", "0.0.0.0", "--port", "8000", "--tensor-parallel-size", "1",
+            "--gpu-memory-utilization", "0.9"]  # fmt: skip
+
+
+# engine name -> what the tutorial's manifest for it says
+TUTORIAL = {
+    "example1": {
+        "vllm-llama-32-1b": {
+            "image": "vllm/vllm-openai:v0.12.0", "command": VLLM_COMMAND, "args": vllm_args(LLAMA),
+            "memory": ("6Gi", "8Gi"), "hf_token": True, "host_models": False,
+        },
+        "vllm-phi-tiny-moe": {
+            "image": "vllm/vllm-openai:v0.12.0", "command": VLLM_COMMAND, "args": vllm_args(PHI),
+            "memory": ("16Gi", "32Gi"), "hf_token": False, "host_models": True,
+        },
+    },
+    "example2": {
+        "vllm-llama-32-1b": {
+            "image": "vllm/vllm-openai:v0.12.0", "command": VLLM_COMMAND, "args": vllm_args(LLAMA),
+            "memory": ("6Gi", "8Gi"), "hf_token": True, "host_models": False,
+        },
+        "sglang-llama-32-1b": {
+            "image": "lmsysorg/sglang:v0.5.6.post2-runtime", "command": SGLANG_COMMAND,
+            # the tutorial's arguments, plus --enable-metrics before the user's extras
+            "args": ["--model-path", LLAMA, "--host", "0.0.0.0", "--port", "8000", "--enable-metrics",
+                     "--trust-remote-code"],
+            "memory": ("6Gi", "8Gi"), "hf_token": True, "host_models": False,
+        },
+    },
+}  # fmt: skip
+
+
+@pytest.mark.parametrize(("example", "engine"), [(x, e) for x, engines in TUTORIAL.items() for e in engines])
+def test_examples_deploy_what_the_tutorial_deploys(renders: dict[str, Rendered], example: str, engine: str) -> None:
+    want = TUTORIAL[example][engine]
+    rendered = renders[example]
+    assert {d["metadata"]["name"] for d in rendered.of_kind("Deployment")} == set(TUTORIAL[example]) | {GATEWAY}
+    pod = rendered.get("Deployment", engine)["spec"]["template"]["spec"]
+    container = pod["containers"][0]
+    assert container["image"] == want["image"]
+    assert container["command"] == want["command"]
+    assert container["args"] == want["args"]
+    assert pod["runtimeClassName"] == "nvidia"
+    resources = container["resources"]
+    assert resources["limits"]["nvidia.com/gpu"] == 1 and resources["requests"]["nvidia.com/gpu"] == 1
+    assert (resources["requests"]["memory"], resources["limits"]["memory"]) == want["memory"]
+    env = {item["name"]: item for item in container.get("env", [])}
+    if want["hf_token"]:
+        assert env["HF_TOKEN"]["valueFrom"] == {"secretKeyRef": {"name": "hf-token-secret", "key": "token"}}
+    else:
+        assert "HF_TOKEN" not in env
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    mounts = {m["name"]: m for m in container["volumeMounts"]}
+    if want["host_models"]:
+        assert volumes["models"]["hostPath"]["path"] == "/models" and mounts["models"]["mountPath"] == "/models"
+    # "only better": shared memory, probes for slow model loading, a grace period for running generations
+    assert volumes["dshm"]["emptyDir"]["medium"] == "Memory" and mounts["dshm"]["mountPath"] == "/dev/shm"
+    startup = container["startupProbe"]
+    assert startup["httpGet"]["path"] == "/health"
+    assert startup["periodSeconds"] * startup["failureThreshold"] >= 15 * 60
+    assert container["readinessProbe"]["httpGet"]["path"] == container["livenessProbe"]["httpGet"]["path"] == "/health"
+    assert pod["terminationGracePeriodSeconds"] >= 120
+    assert pod["enableServiceLinks"] is False  # vLLM reads VLLM_* variables; service links would inject some
+    service = rendered.get("Service", engine)
+    assert service["spec"]["type"] == "ClusterIP" and service["spec"]["ports"][0]["port"] == 8000
+
+
+def test_example2_vllm_is_the_default(renders: dict[str, Rendered]) -> None:
+    routes = renders["example2"].routing["engines"]
+    assert [(r["model"], r["owned_by"], r.get("default", False)) for r in routes] == [
+        (LLAMA, "vllm", True),
+        (LLAMA, "sglang", False),
+    ]
+
+
+def test_cpu_example_is_example2_on_simulators(renders: dict[str, Rendered]) -> None:
+    strip = [{k: v for k, v in r.items() if k != "url"} for r in renders["cpu"].routing["engines"]]
+    assert strip == [{k: v for k, v in r.items() if k != "url"} for r in renders["example2"].routing["engines"]]
+    for engine, kind in (("vllm-llama-32-1b", "vllm"), ("sglang-llama-32-1b", "sglang")):
+        container = renders["cpu"].get("Deployment", engine)["spec"]["template"]["spec"]["containers"][0]
+        assert container["image"] == "ghcr.io/llm-gateway/llm-gateway:0.1.0"
+        assert container["command"] == ["llm-gateway"]
+        assert container["args"][:4] == ["simulate", "--engine", kind, "--model"]
+        assert "nvidia.com/gpu" not in json.dumps(container["resources"])
+
+
+# --- Hardening -------------------------------------------------------------------------------------
+
+IMAGE_REF = re.compile(r"^[^:@\s]+(:(?P<tag>[\w][\w.-]{0,127}))?(@sha256:[a-f0-9]{64})?$")
+
+
+def containers_of(spec: dict[str, Any]) -> list[dict[str, Any]]:
+    return spec.get("initContainers", []) + spec["containers"]
+
+
+def effective(pod: dict[str, Any], container: dict[str, Any], key: str) -> Any:
+    """A securityContext field as Kubernetes applies it: the container's value, else the pod's."""
+    own = container.get("securityContext", {})
+    return own[key] if key in own else pod.get("securityContext", {}).get(key)
+
+
+def is_gpu_engine(rendered: Rendered, owner: str) -> bool:
+    deployments = {d["metadata"]["name"]: d for d in rendered.of_kind("Deployment")}
+    if owner not in deployments:
+        return False
+    return deployments[owner]["metadata"]["labels"].get("llm-gateway/engine-kind") in ("vllm", "sglang")
+
+
+@pytest.mark.parametrize("value_set", VALUE_SETS)
+def test_pods_are_hardened(renders: dict[str, Rendered], value_set: str) -> None:
+    rendered = renders[value_set]
+    for owner, pod in rendered.pod_specs().items():
+        assert pod["automountServiceAccountToken"] is False, owner
+        for container in containers_of(pod):
+            where = f"{owner}/{container['name']}"
+            context = container["securityContext"]
+            assert context["allowPrivilegeEscalation"] is False, where
+            assert context["capabilities"]["drop"] == ["ALL"] and "add" not in context["capabilities"], where
+            assert context.get("privileged", False) is False, where
+            assert effective(pod, container, "seccompProfile") == {"type": "RuntimeDefault"}, where
+            requests = container["resources"]["requests"]
+            assert "memory" in requests and ("cpu" in requests or is_gpu_engine(rendered, owner)), where
+            if is_gpu_engine(rendered, owner):
+                continue  # vLLM/SGLang images run as root and write caches: see values.yaml and README
+            assert effective(pod, container, "runAsNonRoot") is True, where
+            assert context["readOnlyRootFilesystem"] is True, where
+            mounts = {m["mountPath"] for m in container.get("volumeMounts", [])}
+            assert "/tmp" in mounts, where  # the only writable place on a read-only root filesystem
+
+
+@pytest.mark.parametrize("value_set", VALUE_SETS)
+def test_no_latest_or_untagged_images(renders: dict[str, Rendered], value_set: str) -> None:
+    for owner, pod in renders[value_set].pod_specs().items():
+        for container in containers_of(pod):
+            match = IMAGE_REF.match(container["image"])
+            assert match, f"{owner}: unexpected image reference {container['image']!r}"
+            assert match["tag"] or "@sha256:" in container["image"], f"{owner}: untagged image {container['image']}"
+            assert match["tag"] != "latest", f"{owner}: {container['image']}"
+
+
+@pytest.mark.parametrize("value_set", VALUE_SETS)
+def test_pod_templates_carry_no_chart_version(renders: dict[str, Rendered], value_set: str) -> None:
+    """A chart upgrade alone must not restart engines (and label churn would)."""
+    for deployment in renders[value_set].of_kind("Deployment"):
+        labels = deployment["spec"]["template"]["metadata"]["labels"]
+        assert "helm.sh/chart" not in labels and "app.kubernetes.io/version" not in labels
+
+
+# --- The gateway Deployment ------------------------------------------------------------------------
+
+
+def gateway_pod(rendered: Rendered) -> dict[str, Any]:
+    return rendered.get("Deployment", GATEWAY)["spec"]["template"]
+
+
+def test_gateway_runs_the_cli_contract(renders: dict[str, Rendered]) -> None:
+    pod = gateway_pod(renders["defaults"])
+    container = pod["spec"]["containers"][0]
+    assert container["image"] == "ghcr.io/llm-gateway/llm-gateway:0.1.0"
+    assert container["command"] == ["llm-gateway"]
+    assert container["args"][:7] == ["serve", "--config", "/etc/llm-gateway/routes.yaml", "--host", "0.0.0.0",
+                                     "--port", "8000"]  # fmt: skip
+    assert container["livenessProbe"]["httpGet"]["path"] == "/healthz"
+    assert container["readinessProbe"]["httpGet"]["path"] == "/readyz"
+    assert pod["spec"]["securityContext"]["runAsUser"] == 10001
+
+
+def test_routing_map_is_mounted_as_a_directory(renders: dict[str, Rendered]) -> None:
+    """subPath mounts never see ConfigMap updates; hot reload needs the directory mount."""
+    pod = gateway_pod(renders["defaults"])["spec"]
+    (mount,) = [m for m in pod["containers"][0]["volumeMounts"] if m["mountPath"] == "/etc/llm-gateway"]
+    assert "subPath" not in mount and mount["readOnly"] is True
+    (volume,) = [v for v in pod["volumes"] if v["name"] == mount["name"]]
+    assert volume["configMap"]["name"] == f"{GATEWAY}-routes"
+
+
+def test_hot_reload_by_default_checksum_on_request(renders: dict[str, Rendered], helm: Helm) -> None:
+    assert "checksum/config" not in gateway_pod(renders["defaults"])["metadata"].get("annotations", {})
+    annotations = gateway_pod(renders["all-features"])["metadata"]["annotations"]
+    assert re.fullmatch(r"[0-9a-f]{64}", annotations["checksum/config"])
+    assert annotations["example.com/scrape"] == "false"
+
+
+def test_autoscaling_owns_the_replica_count(renders: dict[str, Rendered]) -> None:
+    assert renders["defaults"].get("Deployment", GATEWAY)["spec"]["replicas"] == 2
+    assert "replicas" not in renders["all-features"].get("Deployment", GATEWAY)["spec"]
+    hpa = renders["all-features"].get("HorizontalPodAutoscaler", GATEWAY)
+    assert hpa["spec"]["scaleTargetRef"] == {"apiVersion": "apps/v1", "kind": "Deployment", "name": GATEWAY}
+
+
+@pytest.mark.parametrize("value_set", ["defaults", *EXAMPLES])
+def test_optional_objects_are_off_by_default(renders: dict[str, Rendered], value_set: str) -> None:
+    kinds = {doc["kind"] for doc in renders[value_set].docs}
+    assert not kinds & {"HorizontalPodAutoscaler", "PodDisruptionBudget", "NetworkPolicy", "ServiceMonitor", "Secret"}
+
+
+def test_secrets_only_where_asked(renders: dict[str, Rendered]) -> None:
+    (secret,) = renders["all-features"].of_kind("Secret")
+    assert secret["metadata"]["name"] == "sglang-llama-32-1b-hf-token"
+    container = renders["all-features"].get("Deployment", "sglang-llama-32-1b")["spec"]["template"]["spec"]["containers"][0]
+    env = {e["name"]: e for e in container["env"]}
+    assert env["HF_TOKEN"]["valueFrom"]["secretKeyRef"] == {"name": "sglang-llama-32-1b-hf-token", "key": "token"}
+    assert "HF_HOME" not in env  # read-only model storage: nothing to download into
+
+
+def test_user_env_replaces_the_charts(renders: dict[str, Rendered]) -> None:
+    container = renders["all-features"].get("Deployment", "vllm-llama-32-1b")["spec"]["template"]["spec"]["containers"][0]
+    names = [e["name"] for e in container["env"]]
+    assert names.count("HF_HOME") == 1
+    assert {"name": "HF_HOME", "value": "/cache/hf"} in container["env"]
+
+
+# --- NetworkPolicy: only the gateway reaches the engines --------------------------------------------
+
+
+def test_network_policy_admits_only_the_gateway(renders: dict[str, Rendered]) -> None:
+    rendered = renders["all-features"]
+    (policy,) = rendered.of_kind("NetworkPolicy")
+    selector = policy["spec"]["podSelector"]["matchLabels"]
+    for deployment in rendered.of_kind("Deployment"):
+        labels = deployment["spec"]["template"]["metadata"]["labels"]
+        is_engine = deployment["metadata"]["name"] != GATEWAY
+        assert (selector.items() <= labels.items()) == is_engine, deployment["metadata"]["name"]
+    (rule,) = policy["spec"]["ingress"]
+    gateway_labels = gateway_pod(rendered)["metadata"]["labels"]
+    assert rule["from"][0]["podSelector"]["matchLabels"].items() <= gateway_labels.items()
+    assert rule["from"][1] == {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "monitoring"}}}
+    assert rule["ports"] == [{"protocol": "TCP", "port": 8000}]
+
+
+def test_service_monitors_select_their_services(renders: dict[str, Rendered]) -> None:
+    rendered = renders["all-features"]
+    services = rendered.of_kind("Service")
+    selected = {}
+    for monitor in rendered.of_kind("ServiceMonitor"):
+        match = monitor["spec"]["selector"]["matchLabels"]
+        names = {s["metadata"]["name"] for s in services if match.items() <= s["metadata"]["labels"].items()}
+        selected[monitor["metadata"]["name"]] = names
+        assert monitor["metadata"]["labels"]["release"] == "kube-prometheus-stack"
+        for service in services:
+            if service["metadata"]["name"] in names:
+                assert "http" in {p["name"] for p in service["spec"]["ports"]}
+    assert selected == {GATEWAY: {GATEWAY}, f"{GATEWAY}-engines": {"vllm-llama-32-1b", "sglang-llama-32-1b", "sim-phi"}}
+
+
+# --- Ingress, NOTES.txt, helm test -----------------------------------------------------------------
+
+STREAMING_ANNOTATIONS = {
+    "nginx.ingress.kubernetes.io/proxy-buffering": "off",
+    "nginx.ingress.kubernetes.io/proxy-read-timeout": "3600",
+    "nginx.ingress.kubernetes.io/proxy-send-timeout": "3600",
+    "nginx.ingress.kubernetes.io/proxy-body-size": "16m",
+}
+
+
+@pytest.mark.parametrize("value_set", [*EXAMPLES, "all-features"])
+def test_ingress_keeps_streaming_working(renders: dict[str, Rendered], value_set: str) -> None:
+    (ingress,) = renders[value_set].of_kind("Ingress")
+    assert STREAMING_ANNOTATIONS.items() <= ingress["metadata"]["annotations"].items()
+    (rule,) = ingress["spec"]["rules"]
+    backend = rule["http"]["paths"][0]["backend"]["service"]
+    assert backend == {"name": GATEWAY, "port": {"name": "http"}}
+
+
+def test_ingress_user_annotations_merge_with_defaults(renders: dict[str, Rendered]) -> None:
+    ingress = renders["all-features"].get("Ingress", GATEWAY)
+    assert ingress["metadata"]["annotations"]["cert-manager.io/cluster-issuer"] == "letsencrypt"
+    assert ingress["spec"]["tls"] == [{"hosts": ["llm.example.com"], "secretName": f"{GATEWAY}-tls"}]
+    assert ingress["spec"]["ingressClassName"] == "nginx"
+
+
+def test_ingress_annotation_can_be_dropped(helm: Helm) -> None:
+    rendered = helm.template(
+        values={"ingress": {"enabled": True, "annotations": {"nginx.ingress.kubernetes.io/proxy-body-size": None}}}
+    )
+    annotations = rendered.get("Ingress", GATEWAY)["metadata"]["annotations"]
+    assert "nginx.ingress.kubernetes.io/proxy-body-size" not in annotations
+    assert annotations["nginx.ingress.kubernetes.io/proxy-buffering"] == "off"
+
+
+def rendered_notes(helm: Helm, *args: str) -> str:
+    """NOTES.txt as `helm install` prints it, without a cluster (helm 4; helm 3 wants a cluster here)."""
+    try:
+        output = helm.run("install", RELEASE, str(CHART_DIR), "--namespace", NAMESPACE, "--dry-run=client",
+                          "-o", "json", *args)  # fmt: skip
+    except HelmError as error:
+        if "cluster unreachable" in str(error):
+            pytest.skip("this helm contacts a cluster even for install --dry-run=client (helm 3)")
+        raise
+    return json.loads(output)["info"]["notes"]
+
+
+@pytest.mark.parametrize("example", EXAMPLES)
+def test_notes_print_the_next_commands(helm: Helm, example: str) -> None:
+    notes = rendered_notes(helm, "-f", str(VALUE_SETS[example]))
+    host = yaml.safe_load(VALUE_SETS[example].read_text())["ingress"]["host"]
+    assert f"export LLM_GATEWAY=http://{host}" in notes
+    assert "curl -s $LLM_GATEWAY/v1/models" in notes and "/v1/chat/completions" in notes
+    assert f"helm test {RELEASE} -n {NAMESPACE}" in notes
+    for route in helm.template(VALUE_SETS[example]).routing["engines"]:
+        assert f"{route['model']}  owned_by={route['owned_by']}  -> {route['name']}" in notes
+
+
+def test_notes_without_ingress_port_forward(helm: Helm) -> None:
+    assert f"kubectl -n {NAMESPACE} port-forward svc/{GATEWAY} 8000:8000" in rendered_notes(helm)
+
+
+@pytest.mark.parametrize("value_set", VALUE_SETS)
+def test_helm_test_hook_lists_every_route(renders: dict[str, Rendered], value_set: str) -> None:
+    rendered = renders[value_set]
+    (pod,) = rendered.of_kind("Pod")
+    assert pod["metadata"]["annotations"]["helm.sh/hook"] == "test"
+    assert pod["spec"]["restartPolicy"] == "Never"
+    env = {e["name"]: e["value"] for e in pod["spec"]["containers"][0]["env"]}
+    port = rendered.get("Service", GATEWAY)["spec"]["ports"][0]["port"]
+    assert env["MODELS_URL"] == f"http://{GATEWAY}:{port}/v1/models"
+    expected = sorted(map(tuple, json.loads(env["EXPECTED"])))
+    assert expected == sorted((r["model"], r["owned_by"]) for r in rendered.routing["engines"])

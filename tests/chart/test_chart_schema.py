@@ -1,0 +1,138 @@
+"""Bad values are refused before anything reaches a cluster, with a message that says what to fix.
+
+Shape errors come from values.schema.json; rules across entries come from templates/_engines.tpl.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from tests.chart.conftest import Helm
+
+
+def engine(name: str = "a", **fields: Any) -> dict[str, Any]:
+    return {"name": name, "engine": "vllm", "model": "m", **fields}
+
+
+SCHEMA_ERROR = "values don't meet the specifications of the schema"
+
+# values.schema.json: (values, the offending path, words the message must contain). helm 4 writes the
+# path as /engines/0/model, helm 3 as engines.0.model; both are accepted.
+REFUSED_BY_SCHEMA: dict[str, tuple[dict[str, Any], str, list[str]]] = {
+    "engine without model": ({"engines": [{"name": "a", "engine": "vllm"}]}, "engines/0", ["model"]),
+    "unknown engine type": ({"engines": [engine(engine="tgi")]}, "engines/0/engine", ["vllm", "sglang", "simulator"]),
+    "negative replicas": ({"engines": [engine(replicas=-1)]}, "engines/0/replicas", ["0"]),
+    "zero gpus": ({"engines": [engine(gpus=0)]}, "engines/0/gpus", ["1"]),
+    "negative gateway replicas": ({"gateway": {"replicas": -2}}, "gateway/replicas", ["0"]),
+    "misspelt engine key": ({"engines": [engine(servedModelname="x")]}, "engines/0", ["servedModelname", "not allowed"]),
+    "misspelt top-level key": ({"engine": []}, "", ["engine", "not allowed"]),
+    "name that is no DNS label": ({"engines": [engine(name="Llama_1B")]}, "engines/0/name", ["pattern"]),
+    "no engines": ({"engines": []}, "engines", ["1"]),
+    "numeric extra argument": ({"engines": [engine(extraArgs=["--max-model-len", 4096])]}, "engines/0/extraArgs/1", ["string"]),
+    "unknown settings key": ({"gateway": {"settings": {"max_body": 10}}}, "gateway/settings", ["max_body", "not allowed"]),
+    "url with a path": (
+        {"engines": [{"name": "x", "url": "http://h:1/v1", "ownedBy": "vllm", "model": "m"}]},
+        "engines/0/url",
+        ["pattern"],
+    ),
+    "unknown storage type": ({"engines": [engine(modelStorage={"type": "nfs"})]}, "engines/0/modelStorage/type", ["emptyDir"]),
+}  # fmt: skip
+
+# templates/_engines.tpl and friends: (values, fragments of the exact message)
+REFUSED_BY_TEMPLATES: dict[str, tuple[dict[str, Any], list[str]]] = {
+    "duplicate name": (
+        {"engines": [engine("a"), engine("a", engine="sglang")]},
+        ['engines[1] "a": duplicate name, already used by engines[0]'],
+    ),
+    "two defaults for one model": (
+        {"engines": [engine("a", default=True), engine("b", engine="sglang", default=True)]},
+        ['engines[1] "b": model "m" already has a default engine (engines[0])'],
+    ),
+    "same model and owned_by twice": (
+        {"engines": [engine("a"), engine("b", engine="simulator")]},
+        ['engines[1] "b": model "m" with owned_by "vllm" is already served by engines[0]'],
+    ),
+    "both url and engine": (
+        {"engines": [engine(url="http://h:8000")]},
+        ['engines[0] "a": set either engine', "or url", "not both"],
+    ),
+    "neither url nor engine": (
+        {"engines": [{"name": "a", "model": "m"}]},
+        ['engines[0] "a": set engine (vllm, sglang or simulator)', "or url"],
+    ),
+    "url without ownedBy": (
+        {"engines": [{"name": "a", "url": "http://h:8000", "model": "m"}]},
+        ['engines[0] "a": a url entry needs ownedBy'],
+    ),
+    "ownedBy on a deployed engine": (
+        {"engines": [engine(ownedBy="foo")]},
+        ['engines[0] "a": ownedBy is only for url entries; a vllm engine is owned_by "vllm"'],
+    ),
+    "simulate on a real engine": ({"engines": [engine(simulate="sglang")]}, ['engines[0] "a": simulate is only']),
+    "latest engine image": ({"engines": [engine(image={"tag": "latest"})]}, ["vllm/vllm-openai:latest is not allowed"]),
+    "latest gateway image": ({"gateway": {"image": {"tag": "latest"}}}, ["llm-gateway:latest is not allowed"]),
+    "repository without tag": (
+        {"engines": [engine(image={"repository": "my/vllm"})]},
+        ['engines[0] "a": image.repository is set, so set image.tag'],
+    ),
+    "alias equal to a model": (
+        {"engines": [engine("a", aliases=["n"]), engine("b", engine="sglang", model="n")]},
+        ['engines[0] "a": alias "n" is already the model id of engine "b"'],
+    ),
+    "alias naming two models": (
+        {"engines": [engine("a", aliases=["x"]), engine("b", model="n", aliases=["x"])]},
+        ['engines[1] "b": alias "x" already names model "m"'],
+    ),
+    "engine named like the gateway": (
+        {"engines": [engine("my-llm-llm-gateway")]},
+        ["the name is taken by the gateway's own Service"],
+    ),
+    "pvc without claim": (
+        {"engines": [engine(modelStorage={"type": "pvc"})]},
+        ['engines[0] "a": modelStorage.type pvc needs modelStorage.claimName'],
+    ),
+    "token twice": (
+        {"engines": [engine(hfToken={"existingSecret": "s", "value": "v"})]},
+        ["hfToken: set existingSecret or value, not both"],
+    ),
+    "autoscaling bounds": (
+        {"gateway": {"autoscaling": {"enabled": True, "minReplicas": 5, "maxReplicas": 2}}},
+        ["minReplicas (5) is larger than maxReplicas (2)"],
+    ),
+}
+
+
+@pytest.mark.parametrize("case", REFUSED_BY_SCHEMA)
+def test_schema_refuses_bad_values(helm: Helm, case: str) -> None:
+    values, path, words = REFUSED_BY_SCHEMA[case]
+    message = helm.template_error(values=values)
+    assert SCHEMA_ERROR in message, message
+    if path:
+        assert f"/{path}'" in message or f"- {path.replace('/', '.')}:" in message, f"{case}: no {path} in:\n{message}"
+    for word in words:
+        assert word.lower() in message.lower(), f"{case}: {word!r} not in:\n{message}"
+
+
+@pytest.mark.parametrize("case", REFUSED_BY_TEMPLATES)
+def test_templates_refuse_what_a_schema_cannot_express(helm: Helm, case: str) -> None:
+    values, fragments = REFUSED_BY_TEMPLATES[case]
+    message = helm.template_error(values=values)
+    for fragment in fragments:
+        assert fragment in message, f"{case}: {fragment!r} not in:\n{message}"
+
+
+def test_a_good_override_is_accepted(helm: Helm) -> None:
+    """The near misses of the cases above render."""
+    rendered = helm.template(
+        values={
+            "engines": [
+                engine("a", default=True, aliases=["x"], image={"tag": "v0.12.1"}),
+                engine("b", engine="sglang", default=False),
+                {"name": "c", "url": "http://h:8000/", "ownedBy": "tgi", "model": "m"},
+                engine("d", engine="simulator", simulate="sglang", model="n", replicas=0),
+            ]
+        }
+    )
+    assert [r["name"] for r in rendered.routing["engines"]] == ["a", "b", "c", "d"]

@@ -1,0 +1,81 @@
+"""`helm upgrade` that adds an engine must not restart anything already running.
+
+Kubernetes rolls a Deployment exactly when its pod template changes, so "not restarted" means the
+rendered pod template is identical (compared parsed: helm's whitespace differs between versions).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from tests.chart.conftest import CHART_DIR, VALUE_SETS, Helm, Rendered
+
+GATEWAY = "my-llm-llm-gateway"
+
+
+def pod_templates(rendered: Rendered) -> dict[str, str]:
+    """Deployment name -> its pod template, canonically serialized."""
+    return {
+        d["metadata"]["name"]: json.dumps(d["spec"]["template"], sort_keys=True) for d in rendered.of_kind("Deployment")
+    }
+
+
+@pytest.fixture(scope="module")
+def example2_values() -> dict[str, Any]:
+    return yaml.safe_load(VALUE_SETS["example2"].read_text())
+
+
+def test_adding_an_engine_leaves_running_pods_alone(helm: Helm, example2_values: dict[str, Any]) -> None:
+    before_values = copy.deepcopy(example2_values)
+    before_values["engines"] = [e for e in before_values["engines"] if e["engine"] != "sglang"]
+    before = helm.template(values=before_values)
+    after = helm.template(values=example2_values)
+
+    assert {r["name"] for r in before.routing["engines"]} == {"vllm-llama-32-1b"}
+    assert {r["name"] for r in after.routing["engines"]} == {"vllm-llama-32-1b", "sglang-llama-32-1b"}
+    old, new = pod_templates(before), pod_templates(after)
+    assert set(new) - set(old) == {"sglang-llama-32-1b"}
+    assert new["vllm-llama-32-1b"] == old["vllm-llama-32-1b"]
+    # The gateway reloads the new routing map from its volume: it is not restarted either.
+    assert new[GATEWAY] == old[GATEWAY]
+    # ... and the existing engine's Service is untouched.
+    assert before.get("Service", "vllm-llama-32-1b")["spec"] == after.get("Service", "vllm-llama-32-1b")["spec"]
+
+
+def test_rollOnConfigChange_rolls_only_the_gateway(helm: Helm, example2_values: dict[str, Any]) -> None:
+    before_values = copy.deepcopy(example2_values)
+    before_values["engines"] = before_values["engines"][:1]
+    before_values["gateway"] = {"rollOnConfigChange": True}
+    after_values = dict(example2_values, gateway={"rollOnConfigChange": True})
+    old, new = pod_templates(helm.template(values=before_values)), pod_templates(helm.template(values=after_values))
+    assert new["vllm-llama-32-1b"] == old["vllm-llama-32-1b"]
+    assert new[GATEWAY] != old[GATEWAY]
+
+
+def test_gateway_settings_change_leaves_engines_alone(helm: Helm, example2_values: dict[str, Any]) -> None:
+    changed = dict(example2_values, gateway={"settings": {"timeouts": {"idle": 30}}, "replicas": 4})
+    old, new = pod_templates(helm.template(values=example2_values)), pod_templates(helm.template(values=changed))
+    for name in ("vllm-llama-32-1b", "sglang-llama-32-1b"):
+        assert new[name] == old[name]
+
+
+def test_new_chart_version_leaves_engines_alone(helm: Helm, tmp_path: Path) -> None:
+    """A chart release that does not change the presets does not restart the engines."""
+    bumped = tmp_path / "llm-gateway"
+    shutil.copytree(CHART_DIR, bumped)
+    chart = yaml.safe_load((bumped / "Chart.yaml").read_text())
+    chart["version"] = "9.9.9"
+    (bumped / "Chart.yaml").write_text(yaml.safe_dump(chart))
+    args = ["template", "my-llm", "--namespace", "llm", "-f", str(VALUE_SETS["example2"])]
+    old = helm.template(VALUE_SETS["example2"])
+    new = Rendered([d for d in yaml.safe_load_all(helm.run(*args[:2], str(bumped), *args[2:])) if d])
+    assert new.get("Deployment", "vllm-llama-32-1b")["metadata"]["labels"]["helm.sh/chart"] == "llm-gateway-9.9.9"
+    for name in ("vllm-llama-32-1b", "sglang-llama-32-1b"):
+        assert pod_templates(new)[name] == pod_templates(old)[name]
