@@ -20,7 +20,12 @@ if [ ! -x .venv/bin/python ]; then
 fi
 stamp=".venv/.installed${extras}-$(sha256sum pyproject.toml | cut -c1-16)"
 if [ ! -f "$stamp" ]; then
-  .venv/bin/python -m pip install --quiet --upgrade pip
-  .venv/bin/python -m pip install --quiet -e ".${extras}"
+  echo "Installing llm-gateway${extras} into .venv (once; the log is .venv/install.log)..." >&2
+  if ! { .venv/bin/python -m pip install --upgrade pip && .venv/bin/python -m pip install -e ".${extras}"; } \
+      >.venv/install.log 2>&1; then
+    tail -n 30 .venv/install.log >&2
+    echo "Installing failed; the whole log is .venv/install.log" >&2
+    exit 1
+  fi
   touch "$stamp"
 fi

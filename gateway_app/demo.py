@@ -58,7 +58,7 @@ def _server(app: object) -> _InProcessServer:
 
 
 def _curl_examples(base: str) -> str:
-    chat = f"curl {base}/v1/chat/completions -H 'Content-Type: application/json' -d "
+    chat = f"  curl {base}/v1/chat/completions -H 'Content-Type: application/json' -d "
     return "\n".join(
         [
             f"  curl {base}/v1/models",

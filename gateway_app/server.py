@@ -48,6 +48,7 @@ def serve_gateway(config: str, host: str, port: int, log_level: str = "info") ->
             access_log=False,
             log_level=log_level,
             server_header=False,
+            proxy_headers=False,  # the client address is not used; skip parsing X-Forwarded-For per request
             timeout_keep_alive=KEEP_ALIVE_SECONDS,
         )
     )
