@@ -88,7 +88,9 @@ def create_app(state: GatewayState, config_path: Path | None = None, loaded: byt
             )
         if exc.status_code == 404:
             return _error(NotFound(f"There is no route {request.method} {request.url.path}.", code="not_found"))
-        return _error(GatewayError(str(exc.detail)), exc.headers)
+        error = GatewayError(str(exc.detail))
+        error.status = exc.status_code
+        return _error(error, exc.headers)
 
     async def unexpected_error(request: Request, exc: Exception) -> Response:
         log.error("unexpected error on %s %s", request.method, request.url.path, exc_info=exc)

@@ -86,6 +86,8 @@ class EngineSpec(_Strict):
             parts.port
         except ValueError:
             raise ValueError(f"has a bad port, got {url!r}") from None
+        if parts.path.rstrip("/").endswith("/v1"):
+            raise ValueError(f"is the engine's root, where /health and /v1/... live: drop the trailing /v1 from {url!r}")
         return url.rstrip("/")
 
     @field_validator("aliases")
@@ -104,6 +106,8 @@ class EngineSpec(_Strict):
                 raise ValueError(f"{name!r} is not a valid header name")
             if name.lower() in RESERVED_HEADERS:
                 raise ValueError(f"{name!r} is set by the gateway and cannot be overridden")
+            if any(char in headers[name] for char in "\r\n\0"):
+                raise ValueError(f"the value of {name!r} must not contain line breaks")
         return headers
 
     def effective_timeouts(self, defaults: Timeouts) -> Timeouts:
@@ -157,7 +161,7 @@ class RoutingMap(_Strict):
         return self
 
 
-def _describe(error: ValidationError) -> str:
+def describe_validation_error(error: ValidationError) -> str:
     """Turn pydantic's report into one line per problem, each starting with the field's path."""
     lines = []
     for item in error.errors():
@@ -182,7 +186,7 @@ def parse_routing_map(text: str, source: str = "routing map") -> RoutingMap:
     try:
         return RoutingMap.model_validate(data)
     except ValidationError as exc:
-        raise ConfigError(f"{source}: {_describe(exc)}") from None
+        raise ConfigError(f"{source}: {describe_validation_error(exc)}") from None
 
 
 def load_routing_map(path: str | Path) -> tuple[RoutingMap, bytes]:

@@ -24,6 +24,7 @@ class RoutingMapWatcher:
         self.path = path
         self.state = state
         self._loaded = loaded
+        self._refused: bytes | None = None  # so a bad file is reported once, not on every event
         self._stop = asyncio.Event()
 
     def reload(self) -> bool | None:
@@ -32,17 +33,19 @@ class RoutingMapWatcher:
             routing_map, raw = load_routing_map(self.path)
         except ConfigError as error:
             try:
-                if self.path.read_bytes() == self._loaded:
-                    return None  # a transient read during a swap, or a file that did not change
+                current = self.path.read_bytes()
             except OSError:
-                pass
+                current = None
+            if current is not None and current in (self._loaded, self._refused):
+                return None  # unchanged, or already refused
+            self._refused = current
             self.state.metrics.config_reloads.labels("failure").inc()
             log.error("routing map change refused, still serving the previous one: %s", error)
             return False
         if raw == self._loaded:
             return None
         self.state.swap_table(routing_map)
-        self._loaded = raw
+        self._loaded, self._refused = raw, None
         self.state.metrics.config_reloads.labels("success").inc()
         log.info("routing map reloaded: %d engines", len(self.state.table.engines))
         return True

@@ -54,12 +54,6 @@ class PayloadTooLarge(GatewayError):
     code = "request_too_large"
 
 
-class UnsupportedMediaType(GatewayError):
-    status = 415
-    error_type = "invalid_request_error"
-    code = "unsupported_media_type"
-
-
 class EngineUnreachable(GatewayError):
     status = 502
     error_type = "upstream_error"

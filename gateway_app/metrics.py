@@ -39,7 +39,7 @@ class GatewayMetrics:
         )
         self.first_byte = Histogram(
             "llm_gateway_time_to_first_byte_seconds",
-            "Time from the request to the engine's first body byte (for streams: the first chunk).",
+            "Time from the request to the engine's first chunk for streams, to its response headers otherwise.",
             route, buckets=FIRST_BYTE_BUCKETS, registry=self.registry,
         )
         self.in_flight = Gauge(

@@ -55,7 +55,7 @@ class ModelCatalog:
                 continue
             cards.append(_card(card, engine.model, engine.owned_by))
             if table.settings.list_aliases:
-                cards.extend(_card(card, alias, engine.owned_by) for alias in engine.aliases)
+                cards.extend(_card(card, alias, engine.owned_by) for alias in table.aliases_of(engine.model))
         return cards
 
     async def _engine_cards(self, engine: Engine, table: RouteTable) -> list[Any] | None:

@@ -43,19 +43,22 @@ CLIENT_CLOSED = 499  # nginx's status for "client closed the request", used in m
 class _Progress:
     """What the relay has done so far; read by the disconnect watcher and by error handling."""
 
-    __slots__ = ("response_started", "finished", "disconnected", "first_byte_at")
+    __slots__ = ("response_started", "finished", "disconnected", "first_byte_at", "sse", "at_event_boundary")
 
     def __init__(self) -> None:
         self.response_started = False
         self.finished = False
         self.disconnected = False
         self.first_byte_at: float | None = None
+        self.sse = False  # the answer is an SSE stream, so a late error can still be told in-band
+        self.at_event_boundary = True
 
 
 async def _watch_disconnect(receive: Receive, handler: asyncio.Task, progress: _Progress) -> None:
-    """After the body is read, the next ASGI message can only be `http.disconnect`."""
-    message = await receive()
-    if message["type"] == "http.disconnect" and not progress.finished:
+    """After the body is read, the only message left to come is `http.disconnect`."""
+    while (await receive())["type"] != "http.disconnect":
+        pass
+    if not progress.finished:
         progress.disconnected = True
         handler.cancel()
 
@@ -129,22 +132,17 @@ class ProxyEndpoint:
 
     async def _exchange(self, engine: Engine, payload: bytes, scope: Scope, send: Send, progress: _Progress) -> int:
         """Send the request, relay the answer; return the status for metrics."""
-        session = self.state.session
         timeouts = engine.timeouts
-        engine_header = (ENGINE_HEADER, engine.name_header)
         response: aiohttp.ClientResponse | None = None
-        completed = False
+        complete = False
         try:
             try:
                 async with asyncio.timeout(timeouts.first_byte):
-                    response = await session.post(
-                        engine.url + scope["path"],
-                        data=payload,
-                        headers=headers_for_engine(scope["headers"], engine.headers),
-                        timeout=engine.client_timeout,
-                    )
+                    response = await self._send_request(engine, payload, scope)
+                    answered_at = time.perf_counter()
                     streaming = response.content_length is None or response.content_type == "text/event-stream"
                     first = await (response.content.readany() if streaming else response.read())
+                    progress.first_byte_at = time.perf_counter() if streaming else answered_at
             except aiohttp.ConnectionTimeoutError:
                 return await self._fail(
                     engine, send, progress, "timeout_connect",
@@ -153,41 +151,60 @@ class ProxyEndpoint:
             except TimeoutError:
                 return await self._fail(
                     engine, send, progress, "timeout_first_byte",
-                    EngineTimeout(f"The engine `{engine.name}` sent nothing for {timeouts.first_byte} s."),
+                    EngineTimeout(f"The engine `{engine.name}` did not answer within {timeouts.first_byte} s."),
                 )
             except aiohttp.ClientError as exc:
+                log.warning("engine %s: request failed: %s", engine.name, _reason(exc))
                 return await self._fail(
-                    engine, send, progress, "connect",
-                    EngineUnreachable(f"The engine `{engine.name}` is unreachable: {_reason(exc)}."),
+                    engine, send, progress, "connect", EngineUnreachable(f"The engine `{engine.name}` is unreachable.")
                 )
-            progress.first_byte_at = time.perf_counter()
             headers = headers_for_client(response.raw_headers)
-            headers.append(engine_header)
+            headers.append((ENGINE_HEADER, engine.name_header))
             status = response.status
             if not streaming:
                 headers.append((b"content-length", str(len(first)).encode()))
                 await send({"type": "http.response.start", "status": status, "headers": headers})
                 progress.response_started = True
                 await send({"type": "http.response.body", "body": first})
+                complete = True
                 if status == 200 and USAGE_KEY in first:
                     self._count_tokens(engine, first)
             else:
+                progress.sse = response.content_type == "text/event-stream"
                 headers.extend(STREAM_HEADERS)
                 await send({"type": "http.response.start", "status": status, "headers": headers})
                 progress.response_started = True
-                await self._relay_stream(engine, response, first, send, progress)
-            completed = True
+                complete = await self._relay_stream(engine, response, first, send, progress)
             return status
         finally:
             if response is not None:
                 # A finished answer returns its connection to the pool; anything else closes it,
                 # which is how an engine learns that nobody waits for its tokens any more.
-                response.release() if completed else response.close()
+                response.release() if complete else response.close()
+
+    async def _send_request(self, engine: Engine, payload: bytes, scope: Scope) -> aiohttp.ClientResponse:
+        """POST to the engine, once more on a fresh connection if a pooled one turned out to be closed.
+
+        An engine closes idle keep-alive connections on its own schedule; a request that meets such a
+        connection fails before the engine has read it, so sending it again is safe.
+        """
+        headers = headers_for_engine(scope["headers"], engine.headers)
+        url = engine.url + scope["path"]
+        try:
+            return await self.state.session.post(url, data=payload, headers=headers, timeout=engine.client_timeout)
+        except (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError) as exc:
+            if isinstance(exc, aiohttp.ClientConnectorError):
+                raise  # a fresh connection failed: the engine is down, not a stale pool entry
+            return await self.state.session.post(url, data=payload, headers=headers, timeout=engine.client_timeout)
 
     async def _relay_stream(
         self, engine: Engine, response: aiohttp.ClientResponse, chunk: bytes, send: Send, progress: _Progress
-    ) -> None:
-        """Chunks go out as they come in; only the last few are kept to find the usage chunk."""
+    ) -> bool:
+        """Chunks go out as they come in; only the last two are kept to find the usage chunk.
+
+        Returns True when the engine's answer was relayed to its end. The idle timer runs only while
+        waiting for the engine, never while a slow client takes its time to read.
+        """
         idle = engine.timeouts.idle
         loop = asyncio.get_running_loop()
         older = previous = b""
@@ -196,35 +213,49 @@ class ProxyEndpoint:
                 while chunk:
                     await send({"type": "http.response.body", "body": chunk, "more_body": True})
                     older, previous = previous, chunk
+                    progress.at_event_boundary = chunk.endswith(b"\n\n")
                     if idle is not None:
                         idle_deadline.reschedule(loop.time() + idle)
-                    chunk = await response.content.readany()
+                        chunk = await response.content.readany()
+                        idle_deadline.reschedule(None)
+                    else:
+                        chunk = await response.content.readany()
         except TimeoutError:
             await self._fail(
                 engine, send, progress, "timeout_idle",
                 EngineTimeout(f"The engine `{engine.name}` sent nothing for {idle} s in the middle of the stream."),
             )
-            return
+            return False
         except aiohttp.ClientError as exc:
+            log.warning("engine %s: stream broke: %s", engine.name, _reason(exc))
             await self._fail(
                 engine, send, progress, "broken_stream",
-                EngineUnreachable(f"The stream from the engine `{engine.name}` broke: {_reason(exc)}."),
+                EngineUnreachable(f"The stream from the engine `{engine.name}` broke."),
             )
-            return
+            return False
         await send({"type": "http.response.body", "body": b"", "more_body": False})
         tail = older + previous
         if USAGE_KEY in tail:
             self._count_tokens(engine, tail)
+        return True
 
     async def _fail(self, engine: Engine, send: Send, progress: _Progress, kind: str, error: GatewayError) -> int:
-        """Answer an upstream failure: a JSON error before any byte was sent, an SSE error event after."""
+        """Answer an upstream failure the only honest way left at this point.
+
+        Before any byte went out: a JSON error with the right status. In an SSE stream: an error event
+        and `[DONE]`. In any other answer already under way: stop without finishing it, so the client
+        sees a cut connection rather than a body with an error glued to it.
+        """
         self.state.metrics.upstream_errors.labels(engine.name, kind).inc()
         log.warning("engine %s: %s", engine.name, error.message)
         if not progress.response_started:
             await send_error(send, error, [(ENGINE_HEADER, engine.name_header)])
             progress.response_started = True
-            return error.status
-        await send({"type": "http.response.body", "body": sse_error_event(error), "more_body": False})
+        elif progress.sse:
+            event = sse_error_event(error)
+            if not progress.at_event_boundary:
+                event = b"\n\n" + event  # end the event the engine left half-written
+            await send({"type": "http.response.body", "body": event, "more_body": False})
         return error.status
 
     def _count_tokens(self, engine: Engine, data: bytes) -> None:

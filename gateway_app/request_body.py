@@ -96,5 +96,5 @@ def body_for_engine(body: bytes, fields: RoutingFields, engine_model: str, via_a
     document.pop("owned_by", None)
     document["model"] = engine_model
     if fields.needs_stdlib:
-        return json.dumps(document, ensure_ascii=False).encode()
+        return json.dumps(document).encode()  # ASCII escapes: lone surrogates stay valid
     return orjson.dumps(document)

@@ -93,6 +93,10 @@ class RouteTable:
     def models(self) -> list[str]:
         return list(self._routes)
 
+    def aliases_of(self, model: str) -> list[str]:
+        """Every alias of a model, whichever engine entry declared it: aliases belong to the model."""
+        return [alias for alias, route in self._aliases.items() if route.model == model]
+
     @property
     def aliases(self) -> dict[str, str]:
         """Alias → model id."""

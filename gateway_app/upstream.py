@@ -11,7 +11,11 @@ _HOP_BY_HOP = frozenset(
         b"te", b"trailer", b"transfer-encoding", b"upgrade",
     }
 )
-_NOT_TO_ENGINE = _HOP_BY_HOP | {b"host", b"content-length", b"content-type", b"expect"}
+# Accept-Encoding is dropped because answers are relayed without decoding: the gateway must be able
+# to read `usage` in them. Authorization and X-API-Key are the client's credentials for the gateway.
+_NOT_TO_ENGINE = _HOP_BY_HOP | {
+    b"host", b"content-length", b"content-type", b"expect", b"accept-encoding", b"authorization", b"x-api-key",
+}
 _NOT_TO_CLIENT = _HOP_BY_HOP | {b"content-length", b"date", b"server"}
 
 
@@ -20,7 +24,9 @@ def create_session() -> aiohttp.ClientSession:
     connector = aiohttp.TCPConnector(
         limit=0,  # no pool-wide cap: per-engine concurrency is the engine's business
         ttl_dns_cache=10,  # Service DNS names rarely change; re-resolve often enough to follow them
-        keepalive_timeout=30,
+        # Engines (uvicorn) close idle connections after 5 s; giving ours up sooner avoids sending a
+        # request on a connection the engine is closing at that very moment.
+        keepalive_timeout=4,
     )
     return aiohttp.ClientSession(
         connector=connector,
@@ -35,10 +41,12 @@ def headers_for_engine(
     client_headers: list[tuple[bytes, bytes]], extra: tuple[tuple[str, str], ...]
 ) -> list[tuple[str, str]]:
     """The client's headers minus hop-by-hop ones, plus the engine's configured headers."""
+    skip = _NOT_TO_ENGINE
+    for name, value in client_headers:
+        if name == b"connection":  # headers the client named in Connection are hop-by-hop too
+            skip = skip | {token.strip().lower() for token in value.split(b",")}
     headers = [
-        (name.decode("latin-1"), value.decode("latin-1"))
-        for name, value in client_headers
-        if name not in _NOT_TO_ENGINE
+        (name.decode("latin-1"), value.decode("latin-1")) for name, value in client_headers if name not in skip
     ]
     headers.append(("Content-Type", "application/json"))
     if extra:
@@ -50,9 +58,8 @@ def headers_for_engine(
 
 def headers_for_client(engine_headers: tuple[tuple[bytes, bytes], ...]) -> list[tuple[bytes, bytes]]:
     """The engine's response headers minus hop-by-hop ones (names lower-cased, as ASGI wants)."""
-    relayed = []
+    skip = _NOT_TO_CLIENT
     for name, value in engine_headers:
-        lowered = name.lower()
-        if lowered not in _NOT_TO_CLIENT:
-            relayed.append((lowered, value))
-    return relayed
+        if name.lower() == b"connection":
+            skip = skip | {token.strip().lower() for token in value.split(b",")}
+    return [(name.lower(), value) for name, value in engine_headers if name.lower() not in skip]

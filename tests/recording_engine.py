@@ -23,6 +23,51 @@ class Received:
     body: bytes
 
 
+async def _stalled_json(request: web.Request) -> web.StreamResponse:
+    """A chunked JSON answer that stops half-way: not SSE, so nothing can be said in-band."""
+    response = web.StreamResponse(headers={"Content-Type": "application/json"})
+    await response.prepare(request)
+    await response.write(b'{"id": "x", "choices": [')
+    await asyncio.sleep(30)
+    return response
+
+
+async def _stalled_mid_event(request: web.Request) -> web.StreamResponse:
+    """An SSE stream that stops in the middle of an event."""
+    response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+    await response.prepare(request)
+    await response.write(b'data: {"choices": [{"delta": {"content": "a"}}]}\n\ndata: {"choices": [{"del')
+    await asyncio.sleep(30)
+    return response
+
+
+BIG_EVENT = b"data: " + b"x" * (512 * 1024) + b"\n\n"
+
+
+async def _big_fast_stream(request: web.Request) -> web.StreamResponse:
+    """Eight 512 KiB events at once: a client that does not read makes the gateway wait on it."""
+    response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+    await response.prepare(request)
+    for _ in range(8):
+        await response.write(BIG_EVENT)
+    await response.write(b"data: [DONE]\n\n")
+    await response.write_eof()
+    return response
+
+
+async def _never_answers(request: web.Request) -> web.StreamResponse:
+    await asyncio.sleep(30)
+    return web.Response(status=500)
+
+
+SCENARIOS = {
+    "stalled-json": _stalled_json,
+    "stalled-mid-event": _stalled_mid_event,
+    "big-fast-stream": _big_fast_stream,
+    "never-answers": _never_answers,
+}
+
+
 @dataclass
 class RecordingEngine:
     url: str = ""
@@ -34,6 +79,9 @@ class RecordingEngine:
     async def _handle(self, request: web.Request) -> web.StreamResponse:
         body = await request.read()
         self.received.append(Received(request.path, dict(request.headers), body))
+        scenario = request.headers.get("X-Test-Scenario", "")
+        if scenario:
+            return await SCENARIOS[scenario](request)
         if b'"stream": true' in body or b'"stream":true' in body:
             response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
             await response.prepare(request)
@@ -41,7 +89,10 @@ class RecordingEngine:
                 await response.write(event)
             await response.write_eof()
             return response
-        return web.Response(body=FIXED_ANSWER, content_type="application/json", headers={"X-Engine-Own": "yes"})
+        return web.Response(
+            body=FIXED_ANSWER, content_type="application/json",
+            headers={"X-Engine-Own": "yes", "Keep-Alive": "timeout=5", "X-Hop": "engine-only", "Connection": "X-Hop"},
+        )
 
     def start(self) -> "RecordingEngine":
         ready = threading.Event()
@@ -50,7 +101,8 @@ class RecordingEngine:
             self._loop = asyncio.new_event_loop()
             app = web.Application()
             app.router.add_route("*", "/{tail:.*}", self._handle)
-            self._runner = web.AppRunner(app)
+            # Handlers stop when the gateway hangs up, as an engine stops generating.
+            self._runner = web.AppRunner(app, handler_cancellation=True, shutdown_timeout=1)
             self._loop.run_until_complete(self._runner.setup())
             site = web.TCPSite(self._runner, "127.0.0.1", 0)
             self._loop.run_until_complete(site.start())

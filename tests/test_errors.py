@@ -7,8 +7,10 @@ from collections.abc import Iterator
 import pytest
 
 from tests.conftest import LLAMA, PHI, write_routing_map
-from tests.support import RunningProcess, free_port, start_gateway, start_simulator
-from tests.web import get, post, request
+import socket
+
+from tests.support import RunningProcess, start_gateway, start_simulator
+from tests.web import get, metric_value, post, request
 
 
 @pytest.fixture(scope="module")
@@ -19,17 +21,35 @@ def slow_engine(log_dir) -> Iterator[RunningProcess]:
 
 
 @pytest.fixture(scope="module")
-def error_gateway(tutorial_engines, slow_engine, log_dir, tmp_path_factory) -> Iterator[RunningProcess]:
+def unused_sockets() -> Iterator[dict[str, socket.socket]]:
+    """A port nobody listens on (held, so no later process gets it) and one that never answers."""
+    refusing = socket.socket()
+    refusing.bind(("127.0.0.1", 0))
+    silent = socket.create_server(("127.0.0.1", 0), backlog=16)  # the kernel accepts; nobody ever reads
+    yield {"refusing": refusing, "silent": silent}
+    refusing.close()
+    silent.close()
+
+
+def url_of(sock: socket.socket) -> str:
+    return f"http://127.0.0.1:{sock.getsockname()[1]}"
+
+
+@pytest.fixture(scope="module")
+def error_gateway(tutorial_engines, slow_engine, unused_sockets, log_dir, tmp_path_factory) -> Iterator[RunningProcess]:
     config = write_routing_map(
         tmp_path_factory.mktemp("errors") / "routes.yaml",
         [
-            {"name": "vllm-llama-32-1b", "model": LLAMA, "owned_by": "vllm", "url": tutorial_engines["vllm-llama-32-1b"].url},
+            {"name": "vllm-llama-32-1b", "model": LLAMA, "owned_by": "vllm", "url": tutorial_engines["vllm-llama-32-1b"].url,
+             "aliases": ["hidden-alias"]},
             {"name": "sglang-llama-32-1b", "model": LLAMA, "owned_by": "sglang", "url": tutorial_engines["sglang-llama-32-1b"].url},
-            {"name": "down", "model": "down-model", "owned_by": "vllm", "url": f"http://127.0.0.1:{free_port()}"},
+            {"name": "down", "model": "down-model", "owned_by": "vllm", "url": url_of(unused_sockets["refusing"])},
+            {"name": "silent", "model": "silent-model", "owned_by": "vllm", "url": url_of(unused_sockets["silent"]),
+             "timeouts": {"first_byte": 0.5}},
             {"name": "slow", "model": "slow-model", "owned_by": "vllm", "url": slow_engine.url,
              "timeouts": {"first_byte": 0.5}},
         ],
-        settings={"max_body_bytes": 4096},
+        settings={"max_body_bytes": 4096, "models_timeout": 0.5, "list_aliases": False},
     )
     running = start_gateway(config, log_dir)
     yield running
@@ -132,8 +152,22 @@ def test_engine_errors_pass_through_unchanged(error_gateway, tutorial_engines, o
     assert through.headers["x-gateway-engine"] == f"{owned_by}-llama-32-1b"
 
 
-def test_models_listing_leaves_out_an_engine_that_is_down(error_gateway):
-    answer = get(error_gateway.url + "/v1/models")
+def test_models_listing_leaves_out_engines_that_are_down_or_silent(error_gateway):
+    answer = get(error_gateway.url + "/v1/models", timeout=10)
     assert answer.status == 200
     ids = {card["id"] for card in answer.json()["data"]}
-    assert LLAMA in ids and "down-model" not in ids and PHI not in ids
+    assert LLAMA in ids and "slow-model" in ids
+    assert "down-model" not in ids and "silent-model" not in ids and PHI not in ids
+    assert "hidden-alias" not in ids  # list_aliases: false hides aliases ...
+    assert post(error_gateway.url + CHAT, {"model": "hidden-alias", "messages": HI}).status == 200  # ... not routing
+
+
+def test_engine_that_accepts_but_never_answers_is_504(error_gateway):
+    assert_openai_error(post(error_gateway.url + CHAT, {"model": "silent-model", "messages": HI}), 504)
+
+
+def test_upstream_errors_are_counted_by_kind(error_gateway):
+    post(error_gateway.url + CHAT, {"model": "down-model", "messages": HI})
+    metrics = get(error_gateway.url + "/metrics").body.decode()
+    assert metric_value(metrics, "llm_gateway_upstream_errors_total", engine="down", kind="connect") >= 1
+    assert metric_value(metrics, "llm_gateway_upstream_errors_total", engine="slow", kind="timeout_first_byte") >= 1

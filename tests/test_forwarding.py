@@ -30,6 +30,8 @@ def gateway_to_recorder(engine, log_dir, tmp_path_factory) -> Iterator[RunningPr
             {"name": "rec-vllm", "model": "org/model-a", "owned_by": "vllm", "url": engine.url,
              "aliases": ["short-a"], "headers": {"X-Engine-Token": "secret-for-engine"}},
             {"name": "rec-sglang", "model": "org/model-a", "owned_by": "sglang", "url": engine.url},
+            {"name": "rec-strict", "model": "org/model-a", "owned_by": "strict", "url": engine.url,
+             "timeouts": {"idle": 0.3}},
         ],
     )
     running = start_gateway(config, log_dir)
@@ -61,13 +63,102 @@ def test_owned_by_is_stripped_and_alias_replaced_other_fields_kept(gateway_to_re
 
 
 def test_headers_to_engine(gateway_to_recorder, engine):
-    post(gateway_to_recorder.url + "/v1/completions", {"model": "org/model-a", "prompt": "x"},
-         headers={"X-Custom": "kept", "Connection": "keep-alive", "Content-Type": "text/plain"})
+    import http.client
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(gateway_to_recorder.url)
+    connection = http.client.HTTPConnection(parts.hostname, parts.port, timeout=10)
+    connection.request(
+        "POST", "/v1/completions", body=json.dumps({"model": "org/model-a", "prompt": "x"}),
+        headers={"X-Custom": "kept", "Content-Type": "text/plain", "TE": "trailers", "Upgrade": "h2c",
+                 "Proxy-Authorization": "Basic eA==", "Authorization": "Bearer client-key", "X-API-Key": "k",
+                 "Accept-Encoding": "gzip", "X-Drop-Me": "1", "Connection": "keep-alive, X-Drop-Me"},
+    )
+    response = connection.getresponse()
+    response.read()
+    connection.close()
+    answer_headers = {k.lower(): v for k, v in response.getheaders()}
     headers = {k.lower(): v for k, v in engine.received[-1].headers.items()}
     assert headers["x-custom"] == "kept"
     assert headers["x-engine-token"] == "secret-for-engine"  # per-engine header from the routing map
     assert headers["content-type"] == "application/json"  # the body was read as JSON, say so
+    for dropped in ("te", "upgrade", "proxy-authorization", "authorization", "x-api-key", "x-drop-me"):
+        assert dropped not in headers, dropped
+    assert "gzip" not in headers.get("accept-encoding", "")  # answers must stay readable for usage
     assert engine.received[-1].path == "/v1/completions"
+    # and on the way back: hop-by-hop headers of the engine's answer stay with the engine
+    assert "keep-alive" not in answer_headers and "x-hop" not in answer_headers
+    assert answer_headers["x-engine-own"] == "yes"
+
+
+def test_lone_surrogate_survives_a_rewrite(gateway_to_recorder, engine):
+    body = b'{"model": "short-a", "owned_by": "vllm", "messages": [{"role": "user", "content": "\\ud800"}]}'
+    answer = post(gateway_to_recorder.url + "/v1/chat/completions", body)
+    assert answer.status == 200, answer.body
+    assert json.loads(engine.received[-1].body)["messages"][0]["content"] == "\ud800"
+
+
+def raw_exchange(url: str, body: dict, scenario: str, rcvbuf: int | None = None, pause: float = 0) -> bytes:
+    """POST on a raw socket and read until the gateway closes or finishes the answer."""
+    import socket
+    import time
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(url)
+    data = json.dumps(body).encode()
+    sock = socket.socket()
+    if rcvbuf:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
+    sock.settimeout(15)
+    sock.connect((parts.hostname, parts.port))
+    sock.sendall(
+        f"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        f"X-Test-Scenario: {scenario}\r\nConnection: close\r\nContent-Length: {len(data)}\r\n\r\n".encode() + data
+    )
+    if pause:
+        time.sleep(pause)  # a client that does not read for a while (that is the point of the test)
+    received = b""
+    while chunk := sock.recv(1 << 20):
+        received += chunk
+    sock.close()
+    return received
+
+
+def test_non_sse_answer_cut_midway_is_cut_not_patched(gateway_to_recorder):
+    received = raw_exchange(gateway_to_recorder.url, {"model": "org/model-a", "owned_by": "strict"}, "stalled-json")
+    assert received.startswith(b"HTTP/1.1 200")
+    assert b'{"id": "x", "choices": [' in received
+    assert b"data:" not in received  # no SSE error glued onto JSON
+    assert not received.endswith(b"0\r\n\r\n")  # the chunked body was not finished as if complete
+
+
+def test_sse_cut_mid_event_ends_the_event_then_reports(gateway_to_recorder):
+    received = raw_exchange(gateway_to_recorder.url, {"model": "org/model-a", "owned_by": "strict"}, "stalled-mid-event")
+    body = dechunk(received.split(b"\r\n\r\n", 1)[1])
+    # the half event is closed off, so that the error is an event of its own, then [DONE]
+    assert b'{"del\n\ndata: {"error"' in body
+    assert body.endswith(b"\n\ndata: [DONE]\n\n")
+    assert b"engine_timeout" in body
+
+
+def dechunk(data: bytes) -> bytes:
+    """The payload of an HTTP/1.1 chunked body."""
+    out = b""
+    while data:
+        size_line, _, data = data.partition(b"\r\n")
+        size = int(size_line, 16)
+        if size == 0:
+            break
+        out, data = out + data[:size], data[size + 2 :]
+    return out
+
+
+def test_slow_client_is_not_an_idle_engine(gateway_to_recorder):
+    """The idle timeout (0.3 s) measures the engine; a client that reads late must not trip it."""
+    received = raw_exchange(gateway_to_recorder.url, {"model": "org/model-a", "owned_by": "strict"},
+                            "big-fast-stream", rcvbuf=4096, pause=1.5)
+    assert b"data: [DONE]" in received
+    assert b"engine_timeout" not in received
 
 
 def test_stream_is_relayed_unchanged(gateway_to_recorder, engine):
@@ -82,3 +173,68 @@ def test_other_vllm_json_routes_are_routed(gateway_to_recorder, engine):
         answer = request("POST", gateway_to_recorder.url + path, {"model": "org/model-a", "input": "x"})
         assert answer.status == 200
         assert engine.received[-1].path == path
+
+
+class OneRequestPerConnectionEngine:
+    """Answers the first request on a connection, then hangs up on the next one without answering:
+    what a pooled keep-alive connection looks like when the engine closes it at the moment it is reused."""
+
+    def __init__(self) -> None:
+        import socket
+        import threading
+
+        self.connections = 0
+        self._server = socket.create_server(("127.0.0.1", 0))
+        self.url = f"http://127.0.0.1:{self._server.getsockname()[1]}"
+        self._thread = threading.Thread(target=self._serve, daemon=True)
+        self._thread.start()
+
+    @staticmethod
+    def _read_request(conn) -> bool:
+        data = b""
+        while b"\r\n\r\n" not in data:
+            chunk = conn.recv(65536)
+            if not chunk:
+                return False
+            data += chunk
+        head, _, rest = data.partition(b"\r\n\r\n")
+        length = next((int(line.split(b":")[1]) for line in head.split(b"\r\n") if line.lower().startswith(b"content-length")), 0)
+        while len(rest) < length:
+            rest += conn.recv(65536)
+        return True
+
+    def _serve(self) -> None:
+        import threading
+
+        while True:
+            try:
+                conn, _ = self._server.accept()
+            except OSError:
+                return
+            self.connections += 1
+            threading.Thread(target=self._handle, args=(conn,), daemon=True).start()
+
+    def _handle(self, conn) -> None:
+        with conn:
+            if not self._read_request(conn):
+                return
+            body = b'{"ok": true}'
+            conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
+            self._read_request(conn)  # the reuse: read it, then hang up without a word
+
+    def stop(self) -> None:
+        self._server.close()
+
+
+def test_request_on_a_connection_the_engine_just_closed_is_sent_again(log_dir, tmp_path):
+    engine = OneRequestPerConnectionEngine()
+    config = write_routing_map(tmp_path / "routes.yaml", [{"name": "e", "model": "m", "owned_by": "x", "url": engine.url}])
+    gateway = start_gateway(config, log_dir)
+    try:
+        for _ in range(3):
+            answer = post(gateway.url + "/v1/chat/completions", {"model": "m"})
+            assert answer.status == 200, answer.body
+        assert engine.connections >= 3  # each reuse failed and a fresh connection served the request
+    finally:
+        gateway.stop()
+        engine.stop()

@@ -93,23 +93,29 @@ def test_reload_valid_then_invalid_while_streams_are_in_flight(engines, log_dir,
     try:
         assert post(gateway.url + CHAT, {"model": "m", "messages": HI}).headers["x-gateway-engine"] == "vllm-m"
 
-        thread, outcome = stream_in_background(gateway, tokens=20)  # about 2 s of tokens
+        thread, outcome = stream_in_background(gateway, tokens=80)  # about 8 s of tokens
         wait_for(lambda: metric_value(get(gateway.url + "/metrics").body.decode(), "llm_gateway_requests_in_flight") == 1)
         volume.publish(routing(engines, default="sglang", alias="m-latest"))
         wait_for(lambda: reloads(gateway, "success") == 1, message="reload")
+        assert thread.is_alive(), "the stream ended before the reload: the test proves nothing"
         assert post(gateway.url + CHAT, {"model": "m", "messages": HI}).headers["x-gateway-engine"] == "sglang-m"
         assert post(gateway.url + CHAT, {"model": "m-latest", "messages": HI}).status == 200
         thread.join(20)
         assert outcome["answer"].headers["x-gateway-engine"] == "vllm-m"  # finished on the table it started with
-        assert content_tokens(outcome["answer"]) == 20
+        assert content_tokens(outcome["answer"]) == 80
 
-        thread, outcome = stream_in_background(gateway, tokens=10)
+        thread, outcome = stream_in_background(gateway, tokens=80)
         wait_for(lambda: metric_value(get(gateway.url + "/metrics").body.decode(), "llm_gateway_requests_in_flight") == 1)
         volume.publish("engines:\n  - name: broken\n    model: m\n")  # no owned_by, no url
         wait_for(lambda: reloads(gateway, "failure") == 1, message="refused reload")
+        assert thread.is_alive(), "the stream ended before the refused reload: the test proves nothing"
         assert "engines[0].owned_by" in gateway.log()  # the log names the field
         thread.join(20)
-        assert content_tokens(outcome["answer"]) == 10
+        assert content_tokens(outcome["answer"]) == 80
+        volume.publish("engines:\n  - name: broken\n    model: m\n")  # the same bad file again
+        volume.publish("engines:\n  - name: broken\n    model: m\n")
+        answer = post(gateway.url + CHAT, {"model": "m-latest", "messages": HI})
+        assert reloads(gateway, "failure") == 1  # one bad file is one failure, however many events it makes
         answer = post(gateway.url + CHAT, {"model": "m-latest", "messages": HI})
         assert answer.status == 200 and answer.headers["x-gateway-engine"] == "sglang-m"  # old table still serves
         assert reloads(gateway, "success") == 1

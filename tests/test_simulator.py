@@ -3,20 +3,19 @@
 from __future__ import annotations
 
 import json
-import socket
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
 
 import openai
 import pytest
 
 from gateway_app.simulator import build_simulator_app
 from tests.support import RunningProcess, start_simulator
+from tests.web import open_raw_request, wait_for
 
 MODEL = "meta-llama/Llama-3.2-1B-Instruct"
 ENGINES = ("vllm", "sglang")
@@ -97,27 +96,6 @@ def metric(sim: RunningProcess, name: str) -> float:
         if line.startswith(name + "{") or line.startswith(name + " "):
             return float(line.rsplit(" ", 1)[1])
     raise AssertionError(f"{name} not in /metrics:\n{text}")
-
-
-def wait_for(condition: Callable[[], bool], what: str, timeout: float = 5.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"not within {timeout}s: {what}")
-        time.sleep(0.02)
-
-
-def open_raw_request(sim: RunningProcess, path: str, payload: dict[str, Any]) -> socket.socket:
-    """Send a request on a bare socket, so the test decides exactly when the client goes away."""
-    address = urlsplit(sim.url)
-    sock = socket.create_connection((address.hostname, address.port), timeout=10)
-    body = json.dumps(payload).encode()
-    head = (
-        f"POST {path} HTTP/1.1\r\nHost: {address.netloc}\r\nContent-Type: application/json\r\n"
-        f"Content-Length: {len(body)}\r\n\r\n"
-    )
-    sock.sendall(head.encode() + body)
-    return sock
 
 
 def chat_body(max_tokens: int | None = 4, **extra: Any) -> dict[str, Any]:
@@ -399,9 +377,9 @@ def test_ttft_and_itl_are_honoured(slow: dict[str, RunningProcess], engine: str)
 @pytest.mark.parametrize("engine", ENGINES)
 def test_a_client_leaving_mid_stream_aborts_its_request(slow: dict[str, RunningProcess], engine: str) -> None:
     sim, running = slow[engine], RUNNING[engine]
-    wait_for(lambda: metric(sim, running) == 0, "idle before the test")
+    wait_for(lambda: metric(sim, running) == 0, timeout=5, message="idle before the test")
     # 1000 tokens at ITL_S take 50 s: only an abort frees the engine within the deadline below.
-    sock = open_raw_request(sim, "/v1/chat/completions", chat_body(max_tokens=1000, stream=True))
+    sock = open_raw_request(sim.url, "/v1/chat/completions", chat_body(max_tokens=1000, stream=True))
     try:
         received = b""
         while b"tok1 " not in received:
@@ -411,19 +389,19 @@ def test_a_client_leaving_mid_stream_aborts_its_request(slow: dict[str, RunningP
         assert metric(sim, running) == 1
     finally:
         sock.close()
-    wait_for(lambda: metric(sim, running) == 0, "running gauge back to 0 after the disconnect")
+    wait_for(lambda: metric(sim, running) == 0, timeout=5, message="running gauge back to 0 after the disconnect")
 
 
 @pytest.mark.parametrize("engine", ENGINES)
 def test_a_client_leaving_before_a_non_streaming_answer_aborts_it(slow: dict[str, RunningProcess], engine: str) -> None:
     sim, running = slow[engine], RUNNING[engine]
-    wait_for(lambda: metric(sim, running) == 0, "idle before the test")
-    sock = open_raw_request(sim, "/v1/chat/completions", chat_body(max_tokens=1000))
+    wait_for(lambda: metric(sim, running) == 0, timeout=5, message="idle before the test")
+    sock = open_raw_request(sim.url, "/v1/chat/completions", chat_body(max_tokens=1000))
     try:
-        wait_for(lambda: metric(sim, running) == 1, "the request is running")
+        wait_for(lambda: metric(sim, running) == 1, timeout=5, message="the request is running")
     finally:
         sock.close()
-    wait_for(lambda: metric(sim, running) == 0, "running gauge back to 0 after the disconnect")
+    wait_for(lambda: metric(sim, running) == 0, timeout=5, message="running gauge back to 0 after the disconnect")
     # The aborted request generated far fewer tokens than it asked for, and was not a success.
     generated = metric(sim, "vllm:generation_tokens_total" if engine == "vllm" else "sglang:generation_tokens_total")
     assert generated < 1000

@@ -40,6 +40,8 @@ def stream_gateway(slow_first_token, slow_tokens, log_dir, tmp_path_factory) -> 
             # The same engine again under another owned_by, with an idle timeout shorter than its pace.
             {"name": "drip-impatient", "model": "drip-model", "owned_by": "impatient", "url": slow_tokens.url,
              "timeouts": {"idle": 0.15}},
+            {"name": "drip-hurried", "model": "drip-model", "owned_by": "hurried", "url": slow_tokens.url,
+             "timeouts": {"total": 1.0}},
         ],
     )
     running = start_gateway(config, log_dir)
@@ -65,7 +67,9 @@ def test_client_leaving_mid_stream_closes_the_engine_request(stream_gateway, slo
     sock = open_raw_request(stream_gateway.url, CHAT, {"model": "drip-model", "messages": HI, "max_tokens": 100, "stream": True})
     received = b""
     while b"data:" not in received:
-        received += sock.recv(65536)
+        chunk = sock.recv(65536)
+        assert chunk, f"gateway closed the connection early: {received!r}"
+        received += chunk
     assert b"text/event-stream" in received
     assert running_requests(slow_tokens, "sglang:num_running_reqs") == 1
     sock.close()
@@ -93,7 +97,7 @@ def test_chunks_arrive_as_the_engine_sends_them(stream_gateway):
     assert content_times[-1] - content_times[0] >= 0.8
 
 
-def test_idle_timeout_mid_stream_ends_with_an_sse_error_and_done(stream_gateway):
+def test_idle_timeout_mid_stream_ends_with_an_sse_error_and_done(stream_gateway, slow_tokens):
     answer = post(stream_gateway.url + CHAT,
                   {"model": "drip-model", "owned_by": "impatient", "messages": HI, "max_tokens": 10, "stream": True})
     assert answer.status == 200
@@ -101,6 +105,17 @@ def test_idle_timeout_mid_stream_ends_with_an_sse_error_and_done(stream_gateway)
     assert events[-1] == "[DONE]"
     error = json.loads(events[-2])["error"]
     assert error["code"] == "engine_timeout" and "drip-impatient" in error["message"]
+    # and the engine was told: its request is closed, not left generating for nobody
+    wait_for(lambda: running_requests(slow_tokens, "sglang:num_running_reqs") == 0, timeout=3)
+
+
+def test_total_timeout_ends_a_long_stream_cleanly(stream_gateway, slow_tokens):
+    answer = post(stream_gateway.url + CHAT,
+                  {"model": "drip-model", "owned_by": "hurried", "messages": HI, "max_tokens": 50, "stream": True})
+    events = sse_events(answer.body)
+    assert events[-1] == "[DONE]"
+    assert json.loads(events[-2])["error"]["code"] == "engine_timeout"
+    wait_for(lambda: running_requests(slow_tokens, "sglang:num_running_reqs") == 0, timeout=3)
 
 
 def test_stream_usage_counts_tokens(stream_gateway):
