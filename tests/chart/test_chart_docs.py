@@ -9,7 +9,7 @@ from typing import Any
 
 import yaml
 
-from tests.chart.conftest import CHART_DIR
+from tests.chart.conftest import CHART_DIR, VALUE_SETS
 
 VALUES = yaml.safe_load((CHART_DIR / "values.yaml").read_text())
 SCHEMA = json.loads((CHART_DIR / "values.schema.json").read_text())
@@ -69,3 +69,22 @@ def resolve(schema: dict[str, Any]) -> dict[str, Any]:
             node = node[part]
         schema = node
     return schema
+
+
+CREDENTIAL_HEADER = re.compile(r"authorization|bearer|api[-_]?key|x-api|token", re.IGNORECASE)
+
+
+def test_headers_are_never_suggested_for_credentials() -> None:
+    """An engine's headers land in plain text in the routing ConfigMap: no value or example puts a key there."""
+    values_text = (CHART_DIR / "values.yaml").read_text()
+    start = values_text.index("#   headers ")
+    headers_doc = values_text[start : values_text.index("#   timeouts ", start)]
+    assert not CREDENTIAL_HEADER.search(headers_doc), headers_doc
+    assert "ConfigMap" in headers_doc and "Secret-backed engine credential" in headers_doc, headers_doc
+    for name, path in VALUE_SETS.items():
+        values = yaml.safe_load(path.read_text()) if path else VALUES
+        for entry in values.get("engines", []):
+            for header in entry.get("headers", {}):
+                assert not CREDENTIAL_HEADER.search(header), f"{name}: engine {entry['name']} sends {header}"
+    (note,) = [bullet for bullet in README.split("\n- ") if bullet.startswith("**`headers` are not secret.**")]
+    assert "ConfigMap" in note and "Secret-backed engine credential, not headers" in " ".join(note.split())

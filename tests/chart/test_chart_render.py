@@ -173,7 +173,7 @@ def test_routing_map_owned_by_and_served_names(renders: dict[str, Rendered]) -> 
         "model": "mistralai/Mistral-7B-Instruct-v0.3",
         "owned_by": "vllm",
         "url": "https://mistral.internal.example.com:8443",
-        "headers": {"Authorization": "Bearer not-a-secret"},
+        "headers": {"X-Tenant": "team-a"},
         "timeouts": {"connect": 2, "idle": 30},
     }
     assert renders["all-features"].routing["settings"]["timeouts"]["first_byte"] == 300
@@ -228,6 +228,9 @@ def test_examples_deploy_what_the_tutorial_deploys(renders: dict[str, Rendered],
     assert container["image"] == want["image"]
     assert container["command"] == want["command"]
     assert container["args"] == want["args"]
+    # the tutorial's k3d cluster runs GPU pods with the nvidia RuntimeClass; the examples ask for it
+    example_values = yaml.safe_load(VALUE_SETS[example].read_text())
+    assert example_values["engineDefaults"]["runtimeClassName"] == "nvidia"
     assert pod["runtimeClassName"] == "nvidia"
     resources = container["resources"]
     assert resources["limits"]["nvidia.com/gpu"] == 1 and resources["requests"]["nvidia.com/gpu"] == 1
@@ -270,6 +273,74 @@ def test_cpu_example_is_example2_on_simulators(renders: dict[str, Rendered]) -> 
         assert container["command"] == ["llm-gateway"]
         assert container["args"][:4] == ["simulate", "--engine", kind, "--model"]
         assert "nvidia.com/gpu" not in json.dumps(container["resources"])
+
+
+def engine_values(name: str = "a", **fields: Any) -> dict[str, Any]:
+    return {"name": name, "engine": "vllm", "model": "m", **fields}
+
+
+def test_runtime_class_is_unset_by_default(helm: Helm) -> None:
+    """A RuntimeClass the cluster lacks makes the API server reject the pod: name one only on request."""
+    rendered = helm.template(values={"engines": [engine_values("a"), engine_values("b", engine="sglang")]})
+    for name in ("a", "b"):
+        assert "runtimeClassName" not in rendered.get("Deployment", name)["spec"]["template"]["spec"], name
+    asked = helm.template(values={"engines": [engine_values(runtimeClassName="nvidia")]})
+    assert asked.get("Deployment", "a")["spec"]["template"]["spec"]["runtimeClassName"] == "nvidia"
+
+
+# --- Rollouts: engine strategy, gateway drain -------------------------------------------------------
+
+
+def strategies(rendered: Rendered) -> dict[str, dict[str, Any]]:
+    return {d["metadata"]["name"]: d["spec"].get("strategy") for d in rendered.of_kind("Deployment")}
+
+
+# Recreate carries rollingUpdate: null, so that a Deployment switched from RollingUpdate drops the
+# rollingUpdate block Kubernetes filled in (the API server refuses both together).
+RECREATE = {"type": "Recreate", "rollingUpdate": None}
+
+
+def test_gpu_engines_recreate_and_simulators_roll(renders: dict[str, Rendered]) -> None:
+    """A surge pod of a GPU engine waits for a GPU that a one-GPU-per-engine cluster does not have."""
+    for example in ("example1", "example2"):
+        for name, strategy in strategies(renders[example]).items():
+            if name != GATEWAY:
+                assert strategy == RECREATE, f"{example}/{name}"
+    cpu = strategies(renders["cpu"])
+    assert cpu["vllm-llama-32-1b"] == cpu["sglang-llama-32-1b"] == {"type": "RollingUpdate"}
+    assert renders["defaults"].get("Deployment", "sim-llama-32-1b")["spec"]["strategy"] == {"type": "RollingUpdate"}
+
+
+def test_engine_strategy_overrides(helm: Helm) -> None:
+    """The engine's strategy wins over engineDefaults', which wins over the kind's preset."""
+    one_at_a_time = {"type": "RollingUpdate", "rollingUpdate": {"maxSurge": 0, "maxUnavailable": 1}}
+    rendered = helm.template(
+        values={
+            "engineDefaults": {"strategy": one_at_a_time},
+            "engines": [
+                engine_values("a", replicas=2),
+                engine_values("b", engine="sglang", strategy={"type": "Recreate"}),
+                engine_values("c", engine="simulator", model="n", strategy={"type": "Recreate"}),
+            ],
+        }
+    )
+    engines = {name: strategy for name, strategy in strategies(rendered).items() if name != GATEWAY}
+    assert engines == {"a": one_at_a_time, "b": RECREATE, "c": RECREATE}
+
+
+def test_gateway_waits_before_sigterm(helm: Helm, renders: dict[str, Rendered]) -> None:
+    """Endpoints, kube-proxy and the Ingress controller stop routing to a stopping pod only after a while."""
+    pod = gateway_pod(renders["defaults"])["spec"]
+    (container,) = pod["containers"]
+    assert container["lifecycle"] == {"preStop": {"exec": {"command": ["sleep", "5"]}}}
+    assert pod["terminationGracePeriodSeconds"] == 120  # includes the wait, then time for open streams
+
+    tuned_values = {"gateway": {"preStopSleepSeconds": 15, "terminationGracePeriodSeconds": 60}}
+    tuned = gateway_pod(helm.template(values=tuned_values))
+    assert tuned["spec"]["containers"][0]["lifecycle"]["preStop"]["exec"]["command"] == ["sleep", "15"]
+    assert tuned["spec"]["terminationGracePeriodSeconds"] == 60
+    no_hook = gateway_pod(helm.template(values={"gateway": {"preStopSleepSeconds": 0}}))
+    assert "lifecycle" not in no_hook["spec"]["containers"][0]
 
 
 # --- Hardening -------------------------------------------------------------------------------------
@@ -437,14 +508,28 @@ STREAMING_ANNOTATIONS = {
     "nginx.ingress.kubernetes.io/proxy-buffering": "off",
     "nginx.ingress.kubernetes.io/proxy-read-timeout": "3600",
     "nginx.ingress.kubernetes.io/proxy-send-timeout": "3600",
-    "nginx.ingress.kubernetes.io/proxy-body-size": "16m",
 }
+BODY_SIZE = "nginx.ingress.kubernetes.io/proxy-body-size"
+
+
+def nginx_size(size_bytes: int) -> str:
+    """A byte count as the chart writes nginx's client_max_body_size: whole MiB, whole KiB, else bytes."""
+    for unit, factor in (("m", 1024 * 1024), ("k", 1024)):
+        if size_bytes % factor == 0:
+            return f"{size_bytes // factor}{unit}"
+    return str(size_bytes)
+
+
+def gateway_body_limit(rendered: Rendered) -> int:
+    """The request body limit the gateway applies when it loads this render's routing map."""
+    return parse_routing_map(rendered.routing_text).settings.max_body_bytes
 
 
 @pytest.mark.parametrize("value_set", [*EXAMPLES, "all-features"])
 def test_ingress_keeps_streaming_working(renders: dict[str, Rendered], value_set: str) -> None:
     (ingress,) = renders[value_set].of_kind("Ingress")
     assert STREAMING_ANNOTATIONS.items() <= ingress["metadata"]["annotations"].items()
+    assert ingress["metadata"]["annotations"][BODY_SIZE] == nginx_size(gateway_body_limit(renders[value_set]))
     (rule,) = ingress["spec"]["rules"]
     backend = rule["http"]["paths"][0]["backend"]["service"]
     assert backend == {"name": GATEWAY, "port": {"name": "http"}}
@@ -455,6 +540,30 @@ def test_ingress_user_annotations_merge_with_defaults(renders: dict[str, Rendere
     assert ingress["metadata"]["annotations"]["cert-manager.io/cluster-issuer"] == "letsencrypt"
     assert ingress["spec"]["tls"] == [{"hosts": ["llm.example.com"], "secretName": f"{GATEWAY}-tls"}]
     assert ingress["spec"]["ingressClassName"] == "nginx"
+
+
+@pytest.mark.parametrize(
+    ("max_body_bytes", "annotation"),
+    [(None, "16m"), (33554432, "32m"), (5 * 1024, "5k"), (5000, "5000"), (1024 * 1024 * 1024, "1024m")],
+)
+def test_ingress_body_size_follows_the_gateway_limit(helm: Helm, max_body_bytes: int | None, annotation: str) -> None:
+    """nginx must not refuse a body the gateway accepts: one value, max_body_bytes, sets both limits."""
+    values: dict[str, Any] = {"ingress": {"enabled": True}}
+    if max_body_bytes is not None:
+        values["gateway"] = {"settings": {"max_body_bytes": max_body_bytes}}
+    rendered = helm.template(values=values)
+    assert rendered.get("Ingress", GATEWAY)["metadata"]["annotations"][BODY_SIZE] == annotation
+    assert nginx_size(gateway_body_limit(rendered)) == annotation  # None: the gateway's own default
+
+
+def test_ingress_body_size_set_by_the_user_wins(helm: Helm) -> None:
+    rendered = helm.template(
+        values={
+            "gateway": {"settings": {"max_body_bytes": 33554432}},
+            "ingress": {"enabled": True, "annotations": {BODY_SIZE: "64m"}},
+        }
+    )
+    assert rendered.get("Ingress", GATEWAY)["metadata"]["annotations"][BODY_SIZE] == "64m"
 
 
 def test_ingress_annotation_can_be_dropped(helm: Helm) -> None:

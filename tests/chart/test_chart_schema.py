@@ -38,6 +38,14 @@ REFUSED_BY_SCHEMA: dict[str, tuple[dict[str, Any], str, list[str]]] = {
         ["pattern"],
     ),
     "unknown storage type": ({"engines": [engine(modelStorage={"type": "nfs"})]}, "engines/0/modelStorage/type", ["emptyDir"]),
+    "unknown strategy type": ({"engines": [engine(strategy={"type": "BlueGreen"})]}, "engines/0/strategy/type", ["Recreate", "RollingUpdate"]),
+    "misspelt strategy key": ({"engineDefaults": {"strategy": {"rollingupdate": {}}}}, "engineDefaults/strategy", ["rollingupdate", "not allowed"]),
+    "surge that is no count or percentage": (
+        {"engines": [engine(strategy={"rollingUpdate": {"maxSurge": "25"}})]},
+        "engines/0/strategy/rollingUpdate/maxSurge",
+        ["%"],
+    ),
+    "negative preStop wait": ({"gateway": {"preStopSleepSeconds": -1}}, "gateway/preStopSleepSeconds", ["0"]),
 }  # fmt: skip
 
 # templates/_engines.tpl and friends: (values, fragments of the exact message)
@@ -101,6 +109,14 @@ REFUSED_BY_TEMPLATES: dict[str, tuple[dict[str, Any], list[str]]] = {
         {"gateway": {"autoscaling": {"enabled": True, "minReplicas": 5, "maxReplicas": 2}}},
         ["minReplicas (5) is larger than maxReplicas (2)"],
     ),
+    "rollingUpdate with Recreate": (
+        {"engines": [engine(strategy={"type": "Recreate", "rollingUpdate": {"maxSurge": 1}})]},
+        ['engines[0] "a": strategy type Recreate takes no rollingUpdate'],
+    ),
+    "grace period within the preStop wait": (
+        {"gateway": {"preStopSleepSeconds": 30, "terminationGracePeriodSeconds": 30}},
+        ["gateway.terminationGracePeriodSeconds (30) must be larger than gateway.preStopSleepSeconds (30)"],
+    ),
 }
 
 
@@ -132,7 +148,9 @@ def test_a_good_override_is_accepted(helm: Helm) -> None:
                 engine("b", engine="sglang", default=False),
                 {"name": "c", "url": "http://h:8000/", "ownedBy": "tgi", "model": "m"},
                 engine("d", engine="simulator", simulate="sglang", model="n", replicas=0),
-            ]
+                engine("e", model="o", strategy={"type": "RollingUpdate", "rollingUpdate": {"maxSurge": "50%"}}),
+            ],
+            "gateway": {"preStopSleepSeconds": 29, "terminationGracePeriodSeconds": 30},
         }
     )
-    assert [r["name"] for r in rendered.routing["engines"]] == ["a", "b", "c", "d"]
+    assert [r["name"] for r in rendered.routing["engines"]] == ["a", "b", "c", "d", "e"]

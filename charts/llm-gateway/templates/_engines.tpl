@@ -10,7 +10,7 @@ Each resolved entry keeps the user's keys and adds:
   servedModel  the id clients send (servedModelName, else model) = the routing map's `model`
   owns         the routing map's owned_by
   routeUrl     where the gateway sends this engine's requests
-  imageRef, pullPolicy, resolvedResources, replicas, gpus   (deployed engines)
+  imageRef, pullPolicy, resolvedResources, resolvedStrategy, replicas, gpus   (deployed engines)
 */}}
 {{- define "llm-gateway.engines" -}}
 {{- $root := . -}}
@@ -129,6 +129,13 @@ Each resolved entry keeps the user's keys and adds:
 {{- end -}}
 {{- end -}}
 {{- $_ := set $e "resolvedResources" $res -}}
+
+{{- /* Strategy: the engine's or engineDefaults', else the kind's preset (GPU engines: Recreate). */ -}}
+{{- $strategy := deepCopy ($e.strategy | default $preset.strategy | default dict) -}}
+{{- if and (eq (toString $strategy.type) "Recreate") (not (kindIs "invalid" $strategy.rollingUpdate)) -}}
+{{- fail (printf "%s: strategy type Recreate takes no rollingUpdate (Kubernetes refuses the pair); drop rollingUpdate or use type RollingUpdate" $where) -}}
+{{- end -}}
+{{- $_ := set $e "resolvedStrategy" $strategy -}}
 {{- end -}}
 {{- $resolved = append $resolved $e -}}
 {{- end -}}

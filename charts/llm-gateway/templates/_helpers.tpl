@@ -97,3 +97,24 @@ makes rollouts irreproducible and defeats IfNotPresent). Takes (dict "image" $im
 {{- $tag := $img.tag | default .Chart.AppVersion -}}
 {{- include "llm-gateway.imageRef" (dict "image" (dict "repository" $img.repository "tag" $tag "digest" $img.digest) "what" "gateway") }}
 {{- end }}
+
+{{/*
+The gateway's request body limit: gateway.settings.max_body_bytes, else the gateway's own default
+(gateway_app/config.py Settings.max_body_bytes, 16 MiB; tests/chart checks that the two agree).
+*/}}
+{{- define "llm-gateway.maxBodyBytes" -}}
+{{- $settings := .Values.gateway.settings | default dict -}}
+{{- $settings.max_body_bytes | default 16777216 | int64 -}}
+{{- end }}
+
+{{/* maxBodyBytes as an nginx size (client_max_body_size): whole MiB as "m", whole KiB as "k", else bytes. */}}
+{{- define "llm-gateway.nginxBodySize" -}}
+{{- $bytes := include "llm-gateway.maxBodyBytes" . | int64 -}}
+{{- if eq (mod $bytes 1048576) 0 -}}
+{{- printf "%dm" (div $bytes 1048576) -}}
+{{- else if eq (mod $bytes 1024) 0 -}}
+{{- printf "%dk" (div $bytes 1024) -}}
+{{- else -}}
+{{- printf "%d" $bytes -}}
+{{- end -}}
+{{- end }}
