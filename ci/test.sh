@@ -5,4 +5,5 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash ci/bootstrap.sh --test
 bash ci/install-helm.sh >/dev/null
+bash ci/install-system-deps.sh
 exec .venv/bin/python -m pytest "$@"

@@ -9,8 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator
-from pathlib import Path
+from collections.abc import AsyncIterator, Sequence
 
 import orjson
 from prometheus_client import CONTENT_TYPE_LATEST
@@ -21,7 +20,8 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from gateway_app import __version__
-from gateway_app.config_watcher import RoutingMapWatcher
+from gateway_app.auth import Unauthorized
+from gateway_app.config_watcher import WatchedFile
 from gateway_app.errors import GatewayError, InternalError, MethodNotAllowed, ModelNotFound, NotFound
 from gateway_app.proxy import ProxyEndpoint
 from gateway_app.state import GatewayState
@@ -55,18 +55,39 @@ def _error(error: GatewayError, headers: dict[str, str] | None = None) -> Respon
     return Response(error.body(), status_code=error.status, media_type="application/json", headers=headers)
 
 
-def create_app(state: GatewayState, config_path: Path | None = None, loaded: bytes = b"") -> Starlette:
-    """Build the app; with `config_path`, the routing map is watched and hot-reloaded."""
+def create_app(state: GatewayState, watched: Sequence[WatchedFile] = ()) -> Starlette:
+    """Build the app; the `watched` files (routing map, keys, engine credential) are hot-reloaded."""
+
+    async def visible_cards(request: Request) -> list[dict]:
+        """The cards this client may use (all of them with authentication off)."""
+        client = state.authenticate(request.scope["headers"])
+        cards = await state.catalog.cards()
+        allowed = client.allowed_models
+        if allowed is None:
+            return cards
+        aliases = state.table.aliases
+        return [card for card in cards if card["id"] in allowed or aliases.get(card["id"]) in allowed]
 
     async def list_models(request: Request) -> Response:
-        return _json({"object": "list", "data": await state.catalog.cards()})
+        try:
+            return _json({"object": "list", "data": await visible_cards(request)})
+        except Unauthorized as error:
+            return _unauthorized(error)
 
     async def get_model(request: Request) -> Response:
         model_id = request.path_params["model_id"]
-        for card in await state.catalog.cards():
+        try:
+            cards = await visible_cards(request)
+        except Unauthorized as error:
+            return _unauthorized(error)
+        for card in cards:
             if card["id"] == model_id:
                 return _json(card)
         return _error(ModelNotFound(f"The model `{model_id}` does not exist.", param="model"))
+
+    def _unauthorized(error: Unauthorized) -> Response:
+        state.metrics.rejected.labels("auth", "").inc()
+        return _error(error, {"WWW-Authenticate": "Bearer"})
 
     async def healthz(request: Request) -> Response:
         return Response(status_code=200)
@@ -99,15 +120,16 @@ def create_app(state: GatewayState, config_path: Path | None = None, loaded: byt
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         state.session = create_session()
-        watcher = RoutingMapWatcher(config_path, state, loaded) if config_path else None
-        watch_task = asyncio.create_task(watcher.run()) if watcher else None
+        tasks = [asyncio.create_task(watcher.run()) for watcher in watched]
         try:
             yield
         finally:
-            if watcher and watch_task:
+            for watcher in watched:
                 watcher.stop()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await asyncio.wait_for(watch_task, timeout=5)
+            for task in tasks:
+                with contextlib.suppress(asyncio.CancelledError, asyncio.TimeoutError):
+                    await asyncio.wait_for(task, timeout=5)
+            await state.limiter.close()
             await state.session.close()
 
     routes = [Route(path, ProxyEndpoint(state, path), methods=["POST"]) for path in PROXIED_PATHS]

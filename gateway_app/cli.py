@@ -6,6 +6,7 @@ These names and flags are a contract: the chart, the docs and the benchmark call
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 ENGINE_KINDS = ("vllm", "sglang")
@@ -20,6 +21,21 @@ def _build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--host", default="0.0.0.0")
     serve.add_argument("--port", type=int, default=8000)
     serve.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
+    serve.add_argument(
+        "--keys-file", default=os.environ.get("LLM_GATEWAY_KEYS_FILE"),
+        help="YAML file of client API keys (sha256 hashes), mounted from a Secret; turns authentication on "
+        "(env LLM_GATEWAY_KEYS_FILE)",
+    )
+    serve.add_argument(
+        "--engine-api-key-file", default=os.environ.get("LLM_GATEWAY_ENGINE_API_KEY_FILE"),
+        help="file holding the key the gateway sends to engines started with --api-key "
+        "(env LLM_GATEWAY_ENGINE_API_KEY_FILE)",
+    )
+    serve.add_argument(
+        "--redis-url", default=os.environ.get("LLM_GATEWAY_REDIS_URL"),
+        help="redis://host:6379/0 to share rate-limit counters between replicas; the password comes from "
+        "env LLM_GATEWAY_REDIS_PASSWORD (env LLM_GATEWAY_REDIS_URL)",
+    )
 
     simulate = commands.add_parser("simulate", help="run an engine simulator (vLLM or SGLang look-alike)")
     simulate.add_argument("--engine", required=True, choices=ENGINE_KINDS)
@@ -29,6 +45,10 @@ def _build_parser() -> argparse.ArgumentParser:
     simulate.add_argument("--ttft-ms", type=float, default=0.0, help="delay before the first token")
     simulate.add_argument("--itl-ms", type=float, default=0.0, help="delay between two tokens")
     simulate.add_argument("--log-level", default="warning", choices=("debug", "info", "warning", "error"))
+
+    hash_key = commands.add_parser("hash-key", help="print the sha256 of an API key, for the keys file")
+    hash_key.add_argument("key", nargs="?", help="the key (read from standard input when left out)")
+    hash_key.add_argument("--generate", action="store_true", help="make a new random key and print it too")
 
     demo = commands.add_parser("demo", help="the tutorial's topology on simulated engines, gateway on :8000")
     demo.add_argument("--host", default="127.0.0.1", help="where the gateway listens")
@@ -43,7 +63,23 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "serve":
         from gateway_app.server import serve_gateway
 
-        return serve_gateway(args.config, host=args.host, port=args.port, log_level=args.log_level)
+        return serve_gateway(
+            args.config, host=args.host, port=args.port, log_level=args.log_level, keys_file=args.keys_file,
+            engine_key_file=args.engine_api_key_file, redis_url=args.redis_url,
+        )
+    if args.command == "hash-key":
+        from gateway_app.auth import generate_key, hash_key
+
+        if args.generate:
+            key = generate_key()
+            print(f"key:    {key}\nsha256: {hash_key(key)}")
+            return 0
+        key = args.key if args.key is not None else sys.stdin.readline().strip()
+        if not key:
+            print("llm-gateway hash-key: no key given", file=sys.stderr)
+            return 2
+        print(hash_key(key))
+        return 0
     if args.command == "simulate":
         from gateway_app.simulator import serve_simulator
 

@@ -52,6 +52,17 @@ class TimeoutOverrides(_Strict):
     total: float | None = Field(default=None, gt=0)
 
 
+class LimitSettings(_Strict):
+    """Default per-key rate limits (a key may override them); `None` means unlimited."""
+
+    requests_per_minute: int | None = Field(default=None, ge=0)
+    tokens_per_minute: int | None = Field(default=None, ge=0)
+    # Admission charges the prompt's size plus `max_tokens`; without `max_tokens`, this many.
+    completion_tokens_estimate: int = Field(default=256, ge=0)
+    # With Redis unreachable: serve without limits (True) or refuse with 503 (False).
+    fail_open: bool = True
+
+
 class Settings(_Strict):
     """Map-wide gateway settings, all optional with safe defaults."""
 
@@ -60,6 +71,7 @@ class Settings(_Strict):
     models_cache_ttl: float = Field(default=5.0, ge=0)
     models_timeout: float = Field(default=2.0, gt=0)
     timeouts: Timeouts = Timeouts()
+    limits: LimitSettings = LimitSettings()
 
 
 class EngineSpec(_Strict):

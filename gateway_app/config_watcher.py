@@ -1,36 +1,52 @@
-"""Hot reload of the routing map.
+"""Hot reload of mounted files: the routing map, the API keys, the engine credential.
 
-A Kubernetes ConfigMap volume updates by writing a new timestamped folder and swapping the `..data`
-symlink, so the file's own inode never changes: watch the folder, re-read the path on any event, and
-act only when the bytes differ. A bad new file is refused and the table in service stays.
+A Kubernetes ConfigMap or Secret volume updates by writing a new timestamped folder and swapping the
+`..data` symlink, so the file's own inode never changes: watch the folder, re-read the path on any
+event, and act only when the bytes differ. A bad new file is refused, once, and what is in service stays.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Callable
 from pathlib import Path
+from typing import Generic, TypeVar
 
 import watchfiles
 
-from gateway_app.config import ConfigError, load_routing_map
-from gateway_app.state import GatewayState
+from gateway_app.config import ConfigError
 
 log = logging.getLogger("llm_gateway.config")
 
+Loaded = TypeVar("Loaded")
 
-class RoutingMapWatcher:
-    def __init__(self, path: Path, state: GatewayState, loaded: bytes) -> None:
+
+class WatchedFile(Generic[Loaded]):
+    """One file kept in service: `load` validates it, `apply` puts it to use, `count` records outcomes."""
+
+    def __init__(
+        self,
+        path: Path,
+        what: str,
+        load: Callable[[Path], tuple[Loaded, bytes]],
+        apply: Callable[[Loaded], None],
+        count: Callable[[str], None],
+        loaded: bytes,
+    ) -> None:
         self.path = path
-        self.state = state
+        self.what = what
+        self._load = load
+        self._apply = apply
+        self._count = count
         self._loaded = loaded
         self._refused: bytes | None = None  # so a bad file is reported once, not on every event
         self._stop = asyncio.Event()
 
     def reload(self) -> bool | None:
-        """Re-read the file: True if a new map went into service, False if refused, None if unchanged."""
+        """Re-read the file: True if the new content went into service, False if refused, None if unchanged."""
         try:
-            routing_map, raw = load_routing_map(self.path)
+            value, raw = self._load(self.path)
         except ConfigError as error:
             try:
                 current = self.path.read_bytes()
@@ -39,15 +55,15 @@ class RoutingMapWatcher:
             if current is not None and current in (self._loaded, self._refused):
                 return None  # unchanged, or already refused
             self._refused = current
-            self.state.metrics.config_reloads.labels("failure").inc()
-            log.error("routing map change refused, still serving the previous one: %s", error)
+            self._count("failure")
+            log.error("%s change refused, still serving the previous one: %s", self.what, error)
             return False
         if raw == self._loaded:
             return None
-        self.state.swap_table(routing_map)
+        self._apply(value)
         self._loaded, self._refused = raw, None
-        self.state.metrics.config_reloads.labels("success").inc()
-        log.info("routing map reloaded: %d engines", len(self.state.table.engines))
+        self._count("success")
+        log.info("%s reloaded from %s", self.what, self.path)
         return True
 
     async def run(self) -> None:
@@ -58,8 +74,8 @@ class RoutingMapWatcher:
                 folder, watch_filter=None, stop_event=self._stop, debounce=300, recursive=False
             ):
                 self.reload()
-        except Exception:  # pragma: no cover - e.g. the folder vanished; keep serving the table we have
-            log.exception("watching %s stopped; routing-map changes will not be picked up", folder)
+        except Exception:  # e.g. the folder vanished; keep serving what we have
+            log.exception("watching %s stopped; changes to the %s will not be picked up", folder, self.what)
 
     def stop(self) -> None:
         self._stop.set()

@@ -10,9 +10,7 @@ import asyncio
 import contextlib
 import signal
 import socket
-import tempfile
 from collections.abc import Iterator
-from pathlib import Path
 
 import uvicorn
 import yaml
@@ -80,11 +78,8 @@ async def _run(host: str, port: int, ttft_ms: float, itl_ms: float) -> None:
         url = f"http://127.0.0.1:{sock.getsockname()[1]}"
         engines.append({"name": name, "model": model, "owned_by": kind, "url": url, "default": default})
     routing_yaml = yaml.safe_dump({"engines": engines}, sort_keys=False)
-    config_dir = tempfile.TemporaryDirectory(prefix="llm-gateway-demo-")
-    config_path = Path(config_dir.name) / "routes.yaml"
-    config_path.write_text(routing_yaml)
     state = GatewayState(parse_routing_map(routing_yaml))
-    gateway = _server(create_app(state, config_path=config_path, loaded=config_path.read_bytes()))
+    gateway = _server(create_app(state))
     servers.append((gateway, gateway_socket))
 
     loop = asyncio.get_running_loop()
@@ -101,14 +96,11 @@ async def _run(host: str, port: int, ttft_ms: float, itl_ms: float) -> None:
             break
         await asyncio.sleep(0.05)
     shown_host = "localhost" if host in ("0.0.0.0", "127.0.0.1") else host
-    print(f"llm-gateway demo: gateway on http://{shown_host}:{port}, routing map {config_path}", flush=True)
+    print(f"llm-gateway demo: gateway on http://{shown_host}:{port}", flush=True)
     for name, kind, model, default in DEMO_ENGINES:
         print(f"  engine {name}: simulated {kind} serving {model}{' (default)' if default else ''}")
     print("Try:\n" + _curl_examples(f"http://{shown_host}:{port}") + "\nCtrl-C stops everything.", flush=True)
-    try:
-        await asyncio.gather(*tasks)
-    finally:
-        config_dir.cleanup()
+    await asyncio.gather(*tasks)
 
 
 def run_demo(host: str = "127.0.0.1", port: int = 8000, ttft_ms: float = 50.0, itl_ms: float = 20.0) -> int:

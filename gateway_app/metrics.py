@@ -66,8 +66,20 @@ class GatewayMetrics:
             ("model", "engine"), registry=self.registry,
         )
         self.config_reloads = Counter(
-            "llm_gateway_config_reloads", "Routing-map reloads by result (success, failure).",
-            ("result",), registry=self.registry,
+            "llm_gateway_config_reloads",
+            "Reloads of mounted files by file (routing_map, api_keys, engine_api_key) and result (success, failure).",
+            ("file", "result"), registry=self.registry,
+        )
+        self.rejected = Counter(
+            "llm_gateway_rejected_requests",
+            "Requests refused before reaching an engine, by reason (auth, forbidden_model, rate_limit_requests, "
+            "rate_limit_tokens, limiter_unavailable) and API key name (empty when no valid key was given).",
+            ("reason", "client"), registry=self.registry,
+        )
+        self.limiter_store_errors = Counter(
+            "llm_gateway_rate_limit_store_errors",
+            "Failed calls to the shared rate-limit store (Redis); while it fails, limits fail open or closed.",
+            registry=self.registry,
         )
         self.config_engines = Gauge(
             "llm_gateway_config_engines", "Engines in the routing map being served.", registry=self.registry,
@@ -77,7 +89,7 @@ class GatewayMetrics:
             "When the routing map now served was loaded.", registry=self.registry,
         )
         for result in ("success", "failure"):
-            self.config_reloads.labels(result)
+            self.config_reloads.labels("routing_map", result)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

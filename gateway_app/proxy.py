@@ -23,7 +23,10 @@ from gateway_app.errors import (
     InternalError,
     sse_error_event,
 )
-from gateway_app.request_body import body_for_engine, parse_routing_fields, read_body
+from gateway_app.auth import ModelForbidden, Unauthorized, authorize_model
+from gateway_app.rate_limit import Decision, LimiterUnavailable, RateLimited
+from gateway_app.request_body import RoutingFields, body_for_engine, parse_routing_fields, read_body
+from gateway_app.stream_usage import UsageChunkFilter, request_usage_chunk
 from gateway_app.responses import send_error
 from gateway_app.route_table import Engine
 from gateway_app.upstream import headers_for_client, headers_for_engine
@@ -38,14 +41,25 @@ ENGINE_HEADER = b"x-gateway-engine"
 # Stop proxies and ingress controllers from buffering a stream.
 STREAM_HEADERS = [(b"cache-control", b"no-cache"), (b"x-accel-buffering", b"no")]
 CLIENT_CLOSED = 499  # nginx's status for "client closed the request", used in metrics only
+# Endpoints whose cost includes generated tokens (the others only read their input).
+GENERATING_ENDPOINTS = frozenset({"/v1/chat/completions", "/v1/completions", "/v1/responses"})
+REFUSAL_REASONS: dict[type, str] = {
+    Unauthorized: "auth", ModelForbidden: "forbidden_model", LimiterUnavailable: "limiter_unavailable",
+}
 
 
 class _Progress:
     """What the relay has done so far; read by the disconnect watcher and by error handling."""
 
-    __slots__ = ("response_started", "finished", "disconnected", "first_byte_at", "sse", "at_event_boundary")
+    __slots__ = (
+        "response_started", "finished", "disconnected", "first_byte_at", "sse", "at_event_boundary",
+        "extra_headers", "strip_usage", "usage",
+    )
 
-    def __init__(self) -> None:
+    def __init__(self, extra_headers: list[tuple[bytes, bytes]], strip_usage: bool) -> None:
+        self.extra_headers = extra_headers  # e.g. x-ratelimit-*, added to the engine's answer
+        self.strip_usage = strip_usage  # the gateway asked for the usage chunk, the client did not
+        self.usage: tuple[int, int] | None = None
         self.response_started = False
         self.finished = False
         self.disconnected = False
@@ -74,27 +88,64 @@ class ProxyEndpoint:
         state = self.state
         table = state.table  # one table for the whole request, even if a reload swaps it meanwhile
         started = time.perf_counter()
+        client_name = ""
+        decision: Decision | None = None
         try:
+            client = state.authenticate(scope["headers"])
+            client_name = client.name
             body = await read_body(scope, receive, table.settings.max_body_bytes)
             fields = parse_routing_fields(body)
             resolution = table.resolve(fields.model, fields.owned_by)
+            engine = resolution.engine
+            authorize_model(client, fields.model, engine.model)
+            limits = state.limits_for(client)
+            if limits.active:
+                estimate = self._token_estimate(body, fields, table.settings.limits.completion_tokens_estimate)
+                decision = await state.limiter.admit(client.name, limits, estimate)
+                if not decision.allowed:
+                    raise decision.error()
         except GatewayError as error:
-            state.metrics.requests.labels("", "", self.endpoint, str(error.status)).inc()
-            await send_error(send, error)
+            await self._refuse(error, client_name, decision, send)
             return
         except ConnectionAbortedError:
             return
-        engine = resolution.engine
-        payload = body_for_engine(body, fields, engine.model, resolution.via_alias)
-        await self._forward(engine, payload, scope, receive, send, started)
+        strip_usage = False
+        if decision is not None and limits.tokens_per_minute is not None and fields.document.get("stream") is True:
+            strip_usage = request_usage_chunk(fields.document)
+        payload = body_for_engine(body, fields, engine.model, resolution.via_alias, changed=strip_usage)
+        progress = _Progress(decision.headers() if decision is not None else [], strip_usage)
+        status = await self._forward(engine, payload, scope, receive, send, started, progress)
+        if decision is not None and decision.counted:
+            await state.limiter.settle(client.name, limits, decision.tokens_charged, _tokens_used(status, decision, progress))
+
+    def _token_estimate(self, body: bytes, fields: RoutingFields, completion_default: int) -> int:
+        """What admission charges before the engine says: about 4 bytes of JSON per prompt token, plus
+        the completion the client allows (or a default) on the endpoints that generate."""
+        prompt = len(body) // 4
+        if self.endpoint not in GENERATING_ENDPOINTS:
+            return prompt
+        document = fields.document
+        completion = document.get("max_completion_tokens") or document.get("max_tokens") or document.get("max_output_tokens")
+        return prompt + (completion if isinstance(completion, int) and completion > 0 else completion_default)
+
+    async def _refuse(self, error: GatewayError, client: str, decision: Decision | None, send: Send) -> None:
+        metrics = self.state.metrics
+        metrics.requests.labels("", "", self.endpoint, str(error.status)).inc()
+        reason = REFUSAL_REASONS.get(type(error)) or (error.code if isinstance(error, RateLimited) else None)
+        if reason:
+            metrics.rejected.labels(reason, client).inc()
+        headers = decision.headers() if decision is not None else []
+        if isinstance(error, Unauthorized):
+            headers.append((b"www-authenticate", b"Bearer"))
+        await send_error(send, error, headers)
 
     async def _forward(
-        self, engine: Engine, payload: bytes, scope: Scope, receive: Receive, send: Send, started: float
-    ) -> None:
+        self, engine: Engine, payload: bytes, scope: Scope, receive: Receive, send: Send, started: float,
+        progress: _Progress,
+    ) -> int:
         metrics = self.state.metrics
         in_flight = metrics.in_flight.labels(engine.model, engine.name)
         in_flight.inc()
-        progress = _Progress()
         handler = asyncio.current_task()
         assert handler is not None
         watcher = asyncio.get_running_loop().create_task(_watch_disconnect(receive, handler, progress))
@@ -129,6 +180,7 @@ class ProxyEndpoint:
         metrics.duration.labels(*labels).observe(time.perf_counter() - started)
         if progress.first_byte_at is not None:
             metrics.first_byte.labels(*labels).observe(progress.first_byte_at - started)
+        return status
 
     async def _exchange(self, engine: Engine, payload: bytes, scope: Scope, send: Send, progress: _Progress) -> int:
         """Send the request, relay the answer; return the status for metrics."""
@@ -160,6 +212,7 @@ class ProxyEndpoint:
                 )
             headers = headers_for_client(response.raw_headers)
             headers.append((ENGINE_HEADER, engine.name_header))
+            headers.extend(progress.extra_headers)
             status = response.status
             if not streaming:
                 headers.append((b"content-length", str(len(first)).encode()))
@@ -168,7 +221,7 @@ class ProxyEndpoint:
                 await send({"type": "http.response.body", "body": first})
                 complete = True
                 if status == 200 and USAGE_KEY in first:
-                    self._count_tokens(engine, first)
+                    self._count_tokens(engine, find_usage(first), progress)
             else:
                 progress.sse = response.content_type == "text/event-stream"
                 headers.extend(STREAM_HEADERS)
@@ -188,7 +241,7 @@ class ProxyEndpoint:
         An engine closes idle keep-alive connections on its own schedule; a request that meets such a
         connection fails before the engine has read it, so sending it again is safe.
         """
-        headers = headers_for_engine(scope["headers"], engine.headers)
+        headers = headers_for_engine(scope["headers"], engine.headers + self.state.engine_auth)
         url = engine.url + scope["path"]
         try:
             return await self.state.session.post(url, data=payload, headers=headers, timeout=engine.client_timeout)
@@ -208,12 +261,16 @@ class ProxyEndpoint:
         idle = engine.timeouts.idle
         loop = asyncio.get_running_loop()
         older = previous = b""
+        usage_filter = UsageChunkFilter() if progress.strip_usage else None
         try:
             async with asyncio.timeout(None) as idle_deadline:
                 while chunk:
-                    await send({"type": "http.response.body", "body": chunk, "more_body": True})
+                    if usage_filter is not None:
+                        chunk = usage_filter.feed(chunk)
+                    if chunk:
+                        await send({"type": "http.response.body", "body": chunk, "more_body": True})
+                        progress.at_event_boundary = chunk.endswith(b"\n\n")
                     older, previous = previous, chunk
-                    progress.at_event_boundary = chunk.endswith(b"\n\n")
                     if idle is not None:
                         idle_deadline.reschedule(loop.time() + idle)
                         chunk = await response.content.readany()
@@ -233,10 +290,14 @@ class ProxyEndpoint:
                 EngineUnreachable(f"The stream from the engine `{engine.name}` broke."),
             )
             return False
+        if usage_filter is not None:
+            await send({"type": "http.response.body", "body": usage_filter.flush(), "more_body": False})
+            self._count_tokens(engine, usage_filter.usage, progress)
+            return True
         await send({"type": "http.response.body", "body": b"", "more_body": False})
         tail = older + previous
         if USAGE_KEY in tail:
-            self._count_tokens(engine, tail)
+            self._count_tokens(engine, find_usage(tail), progress)
         return True
 
     async def _fail(self, engine: Engine, send: Send, progress: _Progress, kind: str, error: GatewayError) -> int:
@@ -258,12 +319,21 @@ class ProxyEndpoint:
             await send({"type": "http.response.body", "body": event, "more_body": False})
         return error.status
 
-    def _count_tokens(self, engine: Engine, data: bytes) -> None:
-        usage = find_usage(data)
+    def _count_tokens(self, engine: Engine, usage: tuple[int, int] | None, progress: _Progress) -> None:
+        progress.usage = usage
         if usage is not None:
             metrics = self.state.metrics
             metrics.prompt_tokens.labels(engine.model, engine.name).inc(usage[0])
             metrics.completion_tokens.labels(engine.model, engine.name).inc(usage[1])
+
+
+def _tokens_used(status: int, decision: Decision, progress: _Progress) -> int:
+    """What a request really cost, to settle the admission estimate against."""
+    if progress.usage is not None:
+        return progress.usage[0] + progress.usage[1]
+    if status >= 400 and status != CLIENT_CLOSED:
+        return 0  # refused or failed: nothing was generated
+    return decision.tokens_charged  # no usage reported (e.g. a client that left): keep the estimate
 
 
 def _reason(exc: BaseException) -> str:

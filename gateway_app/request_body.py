@@ -88,9 +88,12 @@ def parse_routing_fields(body: bytes) -> RoutingFields:
     return RoutingFields(model, owned_by or None, has_owned_by, document, needs_stdlib)
 
 
-def body_for_engine(body: bytes, fields: RoutingFields, engine_model: str, via_alias: bool) -> bytes:
-    """The bytes the engine gets: the client's own, unless an alias or `owned_by` must go."""
-    if not via_alias and not fields.has_owned_by:
+def body_for_engine(
+    body: bytes, fields: RoutingFields, engine_model: str, via_alias: bool, changed: bool = False
+) -> bytes:
+    """The bytes the engine gets: the client's own, unless an alias or `owned_by` must go, or the
+    caller already `changed` the parsed document."""
+    if not via_alias and not fields.has_owned_by and not changed:
         return body
     document = fields.document
     document.pop("owned_by", None)

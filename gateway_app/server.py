@@ -1,20 +1,24 @@
-"""`llm-gateway serve`: load the routing map (refusing to start on a bad one) and run uvicorn."""
+"""`llm-gateway serve`: load the routing map and the secrets (refusing to start on a bad one), run uvicorn."""
 
 from __future__ import annotations
 
 import logging
+import os
 import sys
 from pathlib import Path
 
 import uvicorn
 
 from gateway_app.app import create_app
+from gateway_app.auth import load_engine_key, load_keys_file
 from gateway_app.config import ConfigError, load_routing_map
+from gateway_app.config_watcher import WatchedFile
 from gateway_app.state import GatewayState
 
 # Longer than the idle timeout of common load balancers and ingress controllers (60 s), so that the
 # gateway never closes a kept-alive connection that a proxy in front is about to reuse.
 KEEP_ALIVE_SECONDS = 75
+log = logging.getLogger("llm_gateway")
 
 
 def configure_logging(level: str) -> None:
@@ -25,21 +29,56 @@ def configure_logging(level: str) -> None:
     logging.getLogger("watchfiles").setLevel(logging.WARNING)
 
 
-def serve_gateway(config: str, host: str, port: int, log_level: str = "info") -> int:
+def build_state(
+    config: Path, keys_file: Path | None, engine_key_file: Path | None, redis_url: str | None
+) -> tuple[GatewayState, list[WatchedFile]]:
+    """Load everything the gateway needs, raising ConfigError naming the file and field at fault."""
+    routing_map, routing_raw = load_routing_map(config)
+    keys, keys_raw = load_keys_file(keys_file) if keys_file else (None, b"")
+    engine_key, engine_key_raw = load_engine_key(engine_key_file) if engine_key_file else (None, b"")
+    state = GatewayState(
+        routing_map, keys=keys, engine_api_key=engine_key,
+        redis_url=redis_url, redis_password=os.environ.get("LLM_GATEWAY_REDIS_PASSWORD") or None,
+    )
+
+    def counter(file: str):
+        return lambda result: state.metrics.config_reloads.labels(file, result).inc()
+
+    watched = [WatchedFile(config, "routing map", load_routing_map, state.swap_table, counter("routing_map"), routing_raw)]
+    if keys_file:
+        watched.append(WatchedFile(keys_file, "API keys", load_keys_file, state.set_keys, counter("api_keys"), keys_raw))
+    if engine_key_file:
+        watched.append(WatchedFile(
+            engine_key_file, "engine API key", load_engine_key, state.set_engine_api_key, counter("engine_api_key"),
+            engine_key_raw,
+        ))
+    return state, watched
+
+
+def serve_gateway(
+    config: str, host: str, port: int, log_level: str = "info", keys_file: str | None = None,
+    engine_key_file: str | None = None, redis_url: str | None = None,
+) -> int:
     configure_logging(log_level)
-    path = Path(config)
     try:
-        routing_map, raw = load_routing_map(path)
+        state, watched = build_state(
+            Path(config), Path(keys_file) if keys_file else None, Path(engine_key_file) if engine_key_file else None,
+            redis_url,
+        )
     except ConfigError as error:
         print(f"llm-gateway: refusing to start: {error}", file=sys.stderr)
         return 2
-    state = GatewayState(routing_map)
-    logging.getLogger("llm_gateway").info(
-        "serving %d engines for %d models from %s", len(state.table.engines), len(state.table.models), path
+    log.info(
+        "serving %d engines for %d models from %s; API keys %s; rate limits in %s",
+        len(state.table.engines), len(state.table.models), config,
+        f"on ({len(state.keys)} keys)" if state.keys is not None else "off",
+        "Redis" if redis_url else "process memory",
     )
+    if state.keys is not None and len(state.keys) == 0:
+        log.warning("the keys file %s lists no keys: every request will be refused with 401", keys_file)
     server = uvicorn.Server(
         uvicorn.Config(
-            create_app(state, config_path=path, loaded=raw),
+            create_app(state, watched),
             host=host,
             port=port,
             loop="uvloop",

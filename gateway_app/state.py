@@ -1,4 +1,5 @@
-"""What the gateway's endpoints share: the current route table, the engine session, the metrics."""
+"""What the gateway's endpoints share: the current route table, the engine session, access control,
+the metrics. Everything that a reload replaces is replaced by one assignment."""
 
 from __future__ import annotations
 
@@ -6,24 +7,62 @@ import time
 
 import aiohttp
 
+from gateway_app.auth import ANONYMOUS, Client, KeyStore
 from gateway_app.config import RoutingMap
 from gateway_app.metrics import GatewayMetrics
 from gateway_app.models_catalog import ModelCatalog
+from gateway_app.rate_limit import Limiter, Limits, MemoryLimiter, RedisLimiter
 from gateway_app.route_table import RouteTable
 
 
 class GatewayState:
-    def __init__(self, routing_map: RoutingMap, metrics: GatewayMetrics | None = None) -> None:
+    def __init__(
+        self,
+        routing_map: RoutingMap,
+        metrics: GatewayMetrics | None = None,
+        keys: KeyStore | None = None,
+        engine_api_key: str | None = None,
+        redis_url: str | None = None,
+        redis_password: str | None = None,
+    ) -> None:
         self.metrics = metrics or GatewayMetrics()
         self.table = RouteTable(routing_map)
         self.session: aiohttp.ClientSession = None  # type: ignore[assignment]  # opened at start-up
+        self.keys = keys  # None: authentication is off
+        self.engine_auth: tuple[tuple[str, str], ...] = ()
+        self.set_engine_api_key(engine_api_key)
+        self.limiter: Limiter = (
+            RedisLimiter(redis_url, redis_password, routing_map.settings.limits.fail_open,
+                         on_store_error=self.metrics.limiter_store_errors.inc)
+            if redis_url else MemoryLimiter()
+        )
         self._record_load()
         self.catalog = ModelCatalog(self)
 
     def swap_table(self, routing_map: RoutingMap) -> None:
         """Replace the whole table in one assignment: requests in flight keep the one they took."""
         self.table = RouteTable(routing_map)
+        if isinstance(self.limiter, RedisLimiter):
+            self.limiter.fail_open = routing_map.settings.limits.fail_open
         self._record_load()
+
+    def set_keys(self, keys: KeyStore) -> None:
+        self.keys = keys
+
+    def set_engine_api_key(self, key: str | None) -> None:
+        """The gateway's own credential towards engines (their `--api-key`), sent as a Bearer token."""
+        self.engine_auth = (("Authorization", f"Bearer {key}"),) if key else ()
+
+    def authenticate(self, headers: list[tuple[bytes, bytes]]) -> Client:
+        keys = self.keys
+        return ANONYMOUS if keys is None else keys.authenticate(headers)
+
+    def limits_for(self, client: Client) -> Limits:
+        defaults = self.table.settings.limits
+        return Limits(
+            client.requests_per_minute if client.requests_per_minute is not None else defaults.requests_per_minute,
+            client.tokens_per_minute if client.tokens_per_minute is not None else defaults.tokens_per_minute,
+        )
 
     def _record_load(self) -> None:
         self.metrics.config_engines.set(len(self.table.engines))

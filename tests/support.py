@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -65,11 +66,13 @@ def wait_until_ready(running: RunningProcess, path: str, timeout: float = 20.0) 
     raise RuntimeError(f"{running.url}{path} not ready after {timeout}s:\n{running.log()}")
 
 
-def start_cli(args: list[str], port: int, ready_path: str, log_dir: Path, name: str) -> RunningProcess:
+def start_cli(
+    args: list[str], port: int, ready_path: str, log_dir: Path, name: str, env: dict[str, str] | None = None
+) -> RunningProcess:
     """Start `python -m gateway_app ARGS` and wait until `ready_path` answers 200."""
     log_path = log_dir / f"{name}-{port}.log"
     log_file = open(log_path, "wb")
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    env = dict(os.environ, PYTHONUNBUFFERED="1", **(env or {}))
     process = subprocess.Popen(
         [sys.executable, "-m", "gateway_app", *args],
         stdout=log_file,
@@ -92,7 +95,38 @@ def start_simulator(
     return start_cli(args, port, "/health", log_dir, f"sim-{engine}")
 
 
-def start_gateway(config_path: Path, log_dir: Path, port: int | None = None) -> RunningProcess:
+def start_gateway(
+    config_path: Path, log_dir: Path, port: int | None = None, extra_args: list[str] | None = None,
+    env: dict[str, str] | None = None,
+) -> RunningProcess:
     port = port or free_port()
-    args = ["serve", "--config", str(config_path), "--host", "127.0.0.1", "--port", str(port)]
-    return start_cli(args, port, "/readyz", log_dir, "gateway")
+    args = ["serve", "--config", str(config_path), "--host", "127.0.0.1", "--port", str(port), *(extra_args or [])]
+    return start_cli(args, port, "/readyz", log_dir, "gateway", env)
+
+
+class ConfigMapVolume:
+    """A folder laid out as the kubelet lays out a ConfigMap or Secret volume:
+    <file> -> ..data/<file>, ..data -> ..<version>; `publish` swaps ..data atomically."""
+
+    def __init__(self, root: Path, name: str = "routes.yaml") -> None:
+        self.root = root
+        self.name = name
+        self.version = 0
+        root.mkdir(parents=True, exist_ok=True)
+        (root / name).symlink_to(f"..data/{name}")
+
+    @property
+    def path(self) -> Path:
+        return self.root / self.name
+
+    def publish(self, text: str) -> None:
+        self.version += 1
+        folder = self.root / f"..v{self.version}"
+        folder.mkdir()
+        (folder / self.name).write_text(text)
+        tmp = self.root / "..data_tmp"
+        tmp.symlink_to(folder.name)
+        old = os.readlink(self.root / "..data") if (self.root / "..data").is_symlink() else None
+        os.rename(tmp, self.root / "..data")
+        if old:
+            shutil.rmtree(self.root / old)

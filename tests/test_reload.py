@@ -4,44 +4,17 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import threading
 from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 import yaml
 
-from tests.support import RunningProcess, start_gateway, start_simulator
+from tests.support import ConfigMapVolume, RunningProcess, start_gateway, start_simulator
 from tests.web import get, metric_value, post, sse_events, wait_for
 
 CHAT = "/v1/chat/completions"
 HI = [{"role": "user", "content": "hi"}]
-
-
-class ConfigMapVolume:
-    """A folder laid out as the kubelet does it: routes.yaml -> ..data/routes.yaml, ..data -> ..<version>."""
-
-    def __init__(self, root: Path) -> None:
-        self.root = root
-        self.version = 0
-        (root / "routes.yaml").symlink_to("..data/routes.yaml")
-
-    @property
-    def path(self) -> Path:
-        return self.root / "routes.yaml"
-
-    def publish(self, text: str) -> None:
-        self.version += 1
-        folder = self.root / f"..v{self.version}"
-        folder.mkdir()
-        (folder / "routes.yaml").write_text(text)
-        tmp = self.root / "..data_tmp"
-        tmp.symlink_to(folder.name)
-        old = os.readlink(self.root / "..data") if (self.root / "..data").is_symlink() else None
-        os.rename(tmp, self.root / "..data")
-        if old:
-            shutil.rmtree(self.root / old)
 
 
 @pytest.fixture(scope="module")

@@ -1,0 +1,178 @@
+"""API keys: who is calling, and which models they may use.
+
+Keys live in a file mounted from a Kubernetes Secret, as sha256 hashes: the plaintext key exists only
+with the client. A presented key is hashed, looked up by its hash, and compared in constant time; the
+key itself is never logged, counted or echoed. The file is reloaded when it changes, like the routing map.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import secrets
+import hmac
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from gateway_app.config import ConfigError, describe_validation_error
+from gateway_app.errors import GatewayError
+
+SHA256_HEX = re.compile(r"^[0-9a-f]{64}$")
+KEY_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$"
+
+
+class Unauthorized(GatewayError):
+    status = 401
+    error_type = "invalid_request_error"
+    code = "invalid_api_key"
+
+
+class ModelForbidden(GatewayError):
+    status = 403
+    error_type = "permission_error"
+    code = "model_not_allowed"
+
+
+class KeySpec(BaseModel):
+    """One client key in the keys file."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    name: str = Field(pattern=KEY_NAME_PATTERN)
+    sha256: str
+    models: tuple[str, ...] | None = None  # None: every model; ids or aliases
+    requests_per_minute: int | None = Field(default=None, ge=0)
+    tokens_per_minute: int | None = Field(default=None, ge=0)
+
+    @field_validator("sha256")
+    @classmethod
+    def _check_hash(cls, value: str) -> str:
+        value = value.strip().lower()
+        if not SHA256_HEX.match(value):
+            raise ValueError("must be the 64-character hex sha256 of the key (see `llm-gateway hash-key`)")
+        return value
+
+
+class KeysFile(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    keys: list[KeySpec] = Field(default_factory=list)
+
+
+def hash_key(key: str) -> str:
+    return hashlib.sha256(key.encode()).hexdigest()
+
+
+@dataclass(frozen=True, slots=True)
+class Client:
+    """An authenticated caller: its name is what logs and metrics show."""
+
+    name: str
+    allowed_models: frozenset[str] | None
+    requests_per_minute: int | None
+    tokens_per_minute: int | None
+
+
+ANONYMOUS = Client(name="anonymous", allowed_models=None, requests_per_minute=None, tokens_per_minute=None)
+
+
+def presented_key(headers: list[tuple[bytes, bytes]]) -> str | None:
+    """The key from `Authorization: Bearer <key>` (the OpenAI SDKs) or `X-API-Key` (the tutorial)."""
+    for name, value in headers:
+        if name == b"authorization":
+            scheme, _, token = value.decode("latin-1").partition(" ")
+            if scheme.lower() == "bearer" and token.strip():
+                return token.strip()
+        elif name == b"x-api-key" and value.strip():
+            return value.decode("latin-1").strip()
+    return None
+
+
+class KeyStore:
+    """Immutable set of keys; a reload builds a new store and swaps it whole."""
+
+    def __init__(self, spec: KeysFile) -> None:
+        self._by_hash: dict[str, tuple[str, Client]] = {}
+        for entry in spec.keys:
+            client = Client(
+                name=entry.name,
+                allowed_models=frozenset(entry.models) if entry.models is not None else None,
+                requests_per_minute=entry.requests_per_minute,
+                tokens_per_minute=entry.tokens_per_minute,
+            )
+            self._by_hash[entry.sha256] = (entry.sha256, client)
+
+    def __len__(self) -> int:
+        return len(self._by_hash)
+
+    def authenticate(self, headers: list[tuple[bytes, bytes]]) -> Client:
+        """The client for the presented key, or Unauthorized with the same message whatever was wrong."""
+        key = presented_key(headers)
+        if key is None:
+            raise Unauthorized("A valid API key is required: send `Authorization: Bearer <key>`.")
+        digest = hash_key(key)
+        found = self._by_hash.get(digest)
+        # The lookup is by hash, so its timing says nothing usable about the key; the final comparison
+        # is constant-time anyway so that no code path compares secrets with `==`.
+        if found is None or not hmac.compare_digest(found[0], digest):
+            raise Unauthorized("A valid API key is required: send `Authorization: Bearer <key>`.")
+        return found[1]
+
+
+def authorize_model(client: Client, requested: str, model: str) -> None:
+    """403 unless the client may use the model (by its id or by the alias it asked for)."""
+    allowed = client.allowed_models
+    if allowed is not None and requested not in allowed and model not in allowed:
+        raise ModelForbidden(f"This API key may not use the model `{requested}`.", param="model")
+
+
+def parse_keys_file(text: str, source: str) -> KeyStore:
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{source}: not valid YAML: {exc}") from None
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}: expected a mapping with a 'keys' list at the top")
+    try:
+        spec = KeysFile.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(f"{source}: {describe_validation_error(exc)}") from None
+    names = [entry.name for entry in spec.keys]
+    for index, name in enumerate(names):
+        if name in names[:index]:
+            raise ConfigError(f"{source}: keys[{index}].name: duplicate key name {name!r}")
+    hashes = [entry.sha256 for entry in spec.keys]
+    for index, digest in enumerate(hashes):
+        if digest in hashes[:index]:
+            raise ConfigError(f"{source}: keys[{index}].sha256: the same key is listed twice")
+    return KeyStore(spec)
+
+
+def load_keys_file(path: str | Path) -> tuple[KeyStore, bytes]:
+    try:
+        raw = Path(path).read_bytes()
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read the keys file: {exc.strerror or exc}") from None
+    return parse_keys_file(raw.decode("utf-8", errors="replace"), str(path)), raw
+
+
+def load_engine_key(path: str | Path) -> tuple[str, bytes]:
+    """The gateway's credential towards engines: the whole file, surrounding whitespace removed."""
+    try:
+        raw = Path(path).read_bytes()
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read the engine API key: {exc.strerror or exc}") from None
+    key = raw.decode("utf-8", errors="replace").strip()
+    if not key or any(char in key for char in "\r\n\0"):
+        raise ConfigError(f"{path}: the engine API key file must hold one key on one line")
+    return key, raw
+
+
+def generate_key() -> str:
+    """A new random client key, in the `sk-...` form OpenAI tools expect."""
+    return "sk-" + secrets.token_urlsafe(32)

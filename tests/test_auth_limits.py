@@ -1,0 +1,274 @@
+"""API keys and rate limits over real processes: gateways, simulators and a real redis-server."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+
+import openai
+import pytest
+import yaml
+
+from gateway_app.auth import hash_key
+from tests.conftest import LLAMA, PHI, write_routing_map
+from tests.recording_engine import RecordingEngine
+from tests.redis_server import RedisServer
+from tests.support import ConfigMapVolume, RunningProcess, start_gateway
+from tests.web import get, metric_value, post, sse_events, wait_for
+
+CHAT = "/v1/chat/completions"
+HI = [{"role": "user", "content": "hi"}]
+KEY_A, KEY_B, KEY_LIMITED = "sk-team-a-secret-1", "sk-team-b-secret-2", "sk-limited-secret-3"
+
+
+def keys_yaml(*entries: dict) -> str:
+    return yaml.safe_dump({"keys": list(entries)})
+
+
+def key_entry(name: str, key: str, **extra) -> dict:
+    return {"name": name, "sha256": hash_key(key), **extra}
+
+
+def bearer(key: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {key}"}
+
+
+@pytest.fixture(scope="module")
+def keys_volume(tmp_path_factory) -> ConfigMapVolume:
+    volume = ConfigMapVolume(tmp_path_factory.mktemp("keys"), "keys.yaml")
+    volume.publish(keys_yaml(
+        key_entry("team-a", KEY_A),
+        key_entry("team-b", KEY_B, models=[PHI]),
+        key_entry("limited", KEY_LIMITED, requests_per_minute=3),
+    ))
+    return volume
+
+
+@pytest.fixture(scope="module")
+def auth_gateway(tutorial_engines, keys_volume, log_dir, tmp_path_factory) -> Iterator[RunningProcess]:
+    engines = [
+        {"name": name, "model": LLAMA if "llama" in name else PHI, "owned_by": name.split("-")[0], "url": sim.url}
+        for name, sim in tutorial_engines.items()
+    ]
+    config = write_routing_map(tmp_path_factory.mktemp("auth") / "routes.yaml", engines)
+    running = start_gateway(config, log_dir, extra_args=["--keys-file", str(keys_volume.path)])
+    yield running
+    running.stop()
+
+
+@pytest.mark.parametrize(
+    "headers",
+    [
+        {},
+        {"Authorization": "Bearer wrong-key"},
+        {"Authorization": f"Basic {KEY_A}"},
+        {"Authorization": "Bearer"},
+        {"Authorization": "Bearer "},
+        {"X-API-Key": "wrong"},
+        {"X-API-Key": ""},
+        {"Authorization": KEY_A},
+    ],
+    ids=["missing", "wrong", "basic-scheme", "bearer-empty", "bearer-blank", "x-api-key-wrong", "x-api-key-empty", "no-scheme"],
+)
+def test_missing_wrong_and_malformed_keys_get_the_same_401(auth_gateway, headers):
+    answer = post(auth_gateway.url + CHAT, {"model": LLAMA, "messages": HI}, headers=headers)
+    assert answer.status == 401
+    assert answer.headers["www-authenticate"] == "Bearer"
+    error = answer.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"} and error["code"] == "invalid_api_key"
+    assert error["message"] == "A valid API key is required: send `Authorization: Bearer <key>`."
+
+
+def test_keys_work_as_bearer_and_as_x_api_key(auth_gateway):
+    assert post(auth_gateway.url + CHAT, {"model": LLAMA, "messages": HI}, headers=bearer(KEY_A)).status == 200
+    assert post(auth_gateway.url + CHAT, {"model": LLAMA, "messages": HI}, headers={"X-API-Key": KEY_A}).status == 200
+
+
+def test_a_key_limited_to_some_models_gets_403_elsewhere(auth_gateway):
+    answer = post(auth_gateway.url + CHAT, {"model": LLAMA, "messages": HI}, headers=bearer(KEY_B))
+    assert answer.status == 403 and answer.json()["error"]["param"] == "model"
+    assert post(auth_gateway.url + CHAT, {"model": PHI, "messages": HI}, headers=bearer(KEY_B)).status == 200
+    listed = {card["id"] for card in get(auth_gateway.url + "/v1/models", headers=bearer(KEY_B)).json()["data"]}
+    assert listed == {PHI}
+
+
+def test_probes_and_metrics_stay_open_but_models_need_a_key(auth_gateway):
+    for path in ("/healthz", "/readyz", "/metrics", "/health"):
+        assert get(auth_gateway.url + path).status == 200, path
+    assert get(auth_gateway.url + "/v1/models").status == 401
+
+
+def test_openai_client_with_a_key(auth_gateway):
+    client = openai.OpenAI(base_url=auth_gateway.url + "/v1", api_key=KEY_A, max_retries=0)
+    assert {m.id for m in client.models.list()} == {LLAMA, PHI}
+    reply = client.chat.completions.create(model=LLAMA, messages=HI, max_tokens=3, extra_body={"owned_by": "sglang"})
+    assert reply.usage.completion_tokens == 3
+    with pytest.raises(openai.AuthenticationError):
+        openai.OpenAI(base_url=auth_gateway.url + "/v1", api_key="sk-nope", max_retries=0).models.list()
+
+
+def test_rejections_are_counted_by_key_name_never_by_key(auth_gateway):
+    post(auth_gateway.url + CHAT, {"model": LLAMA, "messages": HI}, headers=bearer(KEY_B))
+    post(auth_gateway.url + CHAT, {"model": LLAMA, "messages": HI}, headers=bearer("sk-leaked-looking-key"))
+    metrics = get(auth_gateway.url + "/metrics").body.decode()
+    assert metric_value(metrics, "llm_gateway_rejected_requests_total", reason="forbidden_model", client="team-b") >= 1
+    assert metric_value(metrics, "llm_gateway_rejected_requests_total", reason="auth", client="") >= 1
+    for secret in (KEY_A, KEY_B, KEY_LIMITED, "sk-leaked-looking-key"):
+        assert secret not in metrics and secret not in auth_gateway.log()
+
+
+def test_rate_limit_in_memory_with_openai_headers(auth_gateway):
+    answers = [post(auth_gateway.url + CHAT, {"model": PHI, "messages": HI}, headers=bearer(KEY_LIMITED)) for _ in range(4)]
+    assert [a.status for a in answers[:3]] == [200, 200, 200]
+    assert answers[0].headers["x-ratelimit-limit-requests"] == "3"
+    assert [a.headers["x-ratelimit-remaining-requests"] for a in answers[:3]] == ["2", "1", "0"]
+    assert answers[0].headers["x-ratelimit-reset-requests"].endswith("s")
+    refused = answers[3]
+    assert refused.status == 429 and int(refused.headers["retry-after"]) >= 1
+    assert refused.json()["error"]["code"] == "rate_limit_requests"
+    assert refused.json()["error"]["type"] == "rate_limit_error"
+
+
+def test_rotated_key_takes_effect_without_restart(auth_gateway, keys_volume):
+    new_key = "sk-team-a-rotated"
+    assert post(auth_gateway.url + CHAT, {"model": LLAMA, "messages": HI}, headers=bearer(new_key)).status == 401
+    keys_volume.publish(keys_yaml(
+        key_entry("team-a", new_key), key_entry("team-b", KEY_B, models=[PHI]),
+        key_entry("limited", KEY_LIMITED, requests_per_minute=3),
+    ))
+    wait_for(lambda: post(auth_gateway.url + CHAT, {"model": LLAMA, "messages": HI}, headers=bearer(new_key)).status == 200,
+             message="new key accepted")
+    assert post(auth_gateway.url + CHAT, {"model": LLAMA, "messages": HI}, headers=bearer(KEY_A)).status == 401
+    keys_volume.publish("keys: [{name: broken}]\n")  # a bad file is refused; the keys in service stay
+    wait_for(lambda: metric_value(get(auth_gateway.url + "/metrics").body.decode(), "llm_gateway_config_reloads_total",
+                                  file="api_keys", result="failure") == 1, message="refused")
+    assert post(auth_gateway.url + CHAT, {"model": LLAMA, "messages": HI}, headers=bearer(new_key)).status == 200
+
+
+# --- the engine credential: the client's key never reaches an engine ---------------------------------
+
+def test_engine_gets_the_gateway_credential_not_the_clients(log_dir, tmp_path):
+    engine = RecordingEngine().start()
+    key_file = tmp_path / "engine-key"
+    key_file.write_text("engine-secret-1\n")
+    keys_file = tmp_path / "keys.yaml"
+    keys_file.write_text(keys_yaml(key_entry("team-a", KEY_A)))
+    config = write_routing_map(tmp_path / "routes.yaml", [{"name": "rec", "model": "m", "owned_by": "x", "url": engine.url}])
+    gateway = start_gateway(config, log_dir, extra_args=["--keys-file", str(keys_file), "--engine-api-key-file", str(key_file)])
+    try:
+        assert post(gateway.url + CHAT, {"model": "m"}, headers=bearer(KEY_A)).status == 200
+        received = {k.lower(): v for k, v in engine.received[-1].headers.items()}
+        assert received["authorization"] == "Bearer engine-secret-1"
+        assert "x-api-key" not in received
+        key_file.write_text("engine-secret-2\n")  # rotation of the mounted Secret
+        wait_for(lambda: post(gateway.url + CHAT, {"model": "m"}, headers=bearer(KEY_A)).status == 200
+                 and engine.received[-1].headers.get("Authorization") == "Bearer engine-secret-2", message="rotated")
+    finally:
+        gateway.stop()
+        engine.stop()
+
+
+def test_serve_refuses_a_bad_keys_file(log_dir, tmp_path):
+    import subprocess
+    import sys
+
+    keys_file = tmp_path / "keys.yaml"
+    keys_file.write_text("keys:\n  - {name: a, sha256: not-a-hash}\n")
+    config = write_routing_map(tmp_path / "routes.yaml", [{"name": "e", "model": "m", "owned_by": "x", "url": "http://127.0.0.1:9"}])
+    result = subprocess.run([sys.executable, "-m", "gateway_app", "serve", "--config", str(config), "--keys-file", str(keys_file)],
+                            capture_output=True, text=True, timeout=30)
+    assert result.returncode == 2 and "keys[0].sha256" in result.stderr
+
+
+# --- limits shared through Redis ---------------------------------------------------------------------
+
+@pytest.fixture
+def redis(tmp_path) -> Iterator[RedisServer]:
+    server = RedisServer(tmp_path).start()
+    yield server
+    server.stop()
+
+
+def shared_gateways(redis, tutorial_engines, log_dir, tmp_path: Path, limits: dict, key: dict, count: int = 2):
+    config = write_routing_map(
+        tmp_path / "routes.yaml",
+        [{"name": "vllm-llama", "model": LLAMA, "owned_by": "vllm", "url": tutorial_engines["vllm-llama-32-1b"].url}],
+        settings={"limits": limits},
+    )
+    keys_file = tmp_path / "keys.yaml"
+    keys_file.write_text(keys_yaml(key))
+    gateways = []
+    try:
+        for _ in range(count):
+            gateways.append(start_gateway(config, log_dir, extra_args=["--keys-file", str(keys_file), "--redis-url", redis.url]))
+    except Exception:
+        for gateway in gateways:
+            gateway.stop()
+        raise
+    return gateways
+
+
+def test_two_gateways_sharing_redis_enforce_one_limit(redis, tutorial_engines, log_dir, tmp_path):
+    gateways = shared_gateways(redis, tutorial_engines, log_dir, tmp_path, {"requests_per_minute": 4}, key_entry("team-a", KEY_A))
+    try:
+        statuses = [post(gateways[i % 2].url + CHAT, {"model": LLAMA, "messages": HI}, headers=bearer(KEY_A)).status
+                    for i in range(6)]
+        assert statuses == [200, 200, 200, 200, 429, 429]  # 4 in all, not 4 per replica
+    finally:
+        for gateway in gateways:
+            gateway.stop()
+
+
+def test_redis_stopped_mid_test_fails_open_then_limits_return(redis, tutorial_engines, log_dir, tmp_path):
+    (gateway,) = shared_gateways(redis, tutorial_engines, log_dir, tmp_path, {"requests_per_minute": 2},
+                                 key_entry("team-a", KEY_A), count=1)
+    request = lambda: post(gateway.url + CHAT, {"model": LLAMA, "messages": HI}, headers=bearer(KEY_A))  # noqa: E731
+    try:
+        assert [request().status for _ in range(3)] == [200, 200, 429]
+        redis.stop()
+        assert [request().status for _ in range(3)] == [200, 200, 200]  # fail open: keep serving
+        metrics = get(gateway.url + "/metrics").body.decode()
+        assert metric_value(metrics, "llm_gateway_rate_limit_store_errors_total") >= 1
+        assert "rate-limit store unreachable" in gateway.log()
+        redis.start()  # same port, empty: the buckets are full again
+        wait_for(lambda: request().status == 429, timeout=15, message="limits enforced again after Redis returned")
+        assert "reachable again" in gateway.log()
+    finally:
+        gateway.stop()
+
+
+def test_redis_down_with_fail_closed_refuses_with_503(redis, tutorial_engines, log_dir, tmp_path):
+    (gateway,) = shared_gateways(redis, tutorial_engines, log_dir, tmp_path,
+                                 {"requests_per_minute": 100, "fail_open": False}, key_entry("team-a", KEY_A), count=1)
+    try:
+        assert post(gateway.url + CHAT, {"model": LLAMA, "messages": HI}, headers=bearer(KEY_A)).status == 200
+        redis.stop()
+        answer = post(gateway.url + CHAT, {"model": LLAMA, "messages": HI}, headers=bearer(KEY_A))
+        assert answer.status == 503 and answer.json()["error"]["code"] == "rate_limiter_unavailable"
+    finally:
+        gateway.stop()
+
+
+def test_streamed_tokens_are_counted_exactly_once_and_the_usage_chunk_stays_hidden(
+    redis, tutorial_engines, log_dir, tmp_path
+):
+    # 60 tokens a minute refill one token a second: the bucket barely moves during the test.
+    (gateway,) = shared_gateways(redis, tutorial_engines, log_dir, tmp_path, {"tokens_per_minute": 60},
+                                 key_entry("team-a", KEY_A), count=1)
+    try:
+        body = {"model": LLAMA, "messages": HI, "max_tokens": 5}
+        direct = post(tutorial_engines["vllm-llama-32-1b"].url + CHAT, body).json()["usage"]
+        used = direct["prompt_tokens"] + direct["completion_tokens"]
+        answer = post(gateway.url + CHAT, dict(body, stream=True), headers=bearer(KEY_A))
+        events = sse_events(answer.body)
+        assert events[-1] == "[DONE]"
+        assert all("usage" not in json.loads(e) or json.loads(e)["usage"] is None for e in events[:-1])  # not asked for
+        wait_for(lambda: redis.command("HGET", "llm-gateway:rl:{team-a}:t", "l").count(b"\r\n") >= 2, message="settled")
+        level = float(redis.command("HGET", "llm-gateway:rl:{team-a}:t", "l").split(b"\r\n")[1])
+        assert 60 - level == pytest.approx(used, abs=1.5)  # charged once: twice would be 2 * used
+        # a client that asks for usage still gets it, and it is counted once too
+        answer = post(gateway.url + CHAT, dict(body, stream=True, stream_options={"include_usage": True}), headers=bearer(KEY_A))
+        assert json.loads(sse_events(answer.body)[-2])["usage"]["completion_tokens"] == 5
+    finally:
+        gateway.stop()
