@@ -45,6 +45,10 @@ def _build_parser() -> argparse.ArgumentParser:
     simulate.add_argument("--ttft-ms", type=float, default=0.0, help="delay before the first token")
     simulate.add_argument("--itl-ms", type=float, default=0.0, help="delay between two tokens")
     simulate.add_argument("--log-level", default="warning", choices=("debug", "info", "warning", "error"))
+    simulate.add_argument(
+        "--api-key", default=os.environ.get("LLM_GATEWAY_SIMULATOR_API_KEY") or None,
+        help="require this key on /v1 routes, like vLLM's and SGLang's --api-key (env LLM_GATEWAY_SIMULATOR_API_KEY)",
+    )
 
     hash_key = commands.add_parser("hash-key", help="print the sha256 of an API key, for the keys file")
     hash_key.add_argument("key", nargs="?", help="the key (read from standard input when left out)")
@@ -91,6 +95,7 @@ def main(argv: list[str] | None = None) -> int:
             ttft_ms=args.ttft_ms,
             itl_ms=args.itl_ms,
             log_level=args.log_level,
+            api_key=args.api_key,
         )
     from gateway_app.demo import run_demo
 

@@ -62,7 +62,7 @@ class ModelCatalog:
         timeout = aiohttp.ClientTimeout(total=table.settings.models_timeout)
         try:
             async with self._state.session.get(
-                engine.url + "/v1/models", headers=dict(engine.headers), timeout=timeout
+                engine.url + "/v1/models", headers=dict(engine.headers + self._state.engine_auth), timeout=timeout
             ) as response:
                 if response.status != 200:
                     log.warning("engine %s answered /v1/models with %s", engine.name, response.status)

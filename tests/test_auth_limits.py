@@ -272,3 +272,22 @@ def test_streamed_tokens_are_counted_exactly_once_and_the_usage_chunk_stays_hidd
         assert json.loads(sse_events(answer.body)[-2])["usage"]["completion_tokens"] == 5
     finally:
         gateway.stop()
+
+
+def test_gateway_reaches_an_engine_that_wants_an_api_key(log_dir, tmp_path):
+    from tests.support import start_cli, free_port
+
+    port = free_port()
+    sim = start_cli(["simulate", "--engine", "vllm", "--model", "m", "--host", "127.0.0.1", "--port", str(port),
+                     "--api-key", "engine-secret"], port, "/health", log_dir, "sim-keyed")
+    key_file = tmp_path / "engine-key"
+    key_file.write_text("engine-secret")
+    config = write_routing_map(tmp_path / "routes.yaml", [{"name": "keyed", "model": "m", "owned_by": "vllm", "url": sim.url}])
+    gateway = start_gateway(config, log_dir, extra_args=["--engine-api-key-file", str(key_file)])
+    try:
+        assert post(sim.url + CHAT, {"model": "m", "messages": HI}).status == 401  # the engine really checks
+        assert post(gateway.url + CHAT, {"model": "m", "messages": HI}).status == 200
+        assert [c["id"] for c in get(gateway.url + "/v1/models").json()["data"]] == ["m"]
+    finally:
+        gateway.stop()
+        sim.stop()

@@ -36,18 +36,22 @@ _SSE_START: Message = {
 }
 
 
-def build_simulator_app(engine: str, model: str, ttft_ms: float = 0.0, itl_ms: float = 0.0) -> SimulatorApp:
+def build_simulator_app(
+    engine: str, model: str, ttft_ms: float = 0.0, itl_ms: float = 0.0, api_key: str | None = None
+) -> SimulatorApp:
     """An ASGI app answering as `engine` ("vllm" or "sglang") serving `model`.
 
-    Each app has its own metrics registry, so several can run in one process.
+    Each app has its own metrics registry, so several can run in one process. With `api_key`, the
+    `/v1` routes want `Authorization: Bearer <api_key>`, as both engines do when started with `--api-key`.
     """
-    return SimulatorApp(engine_named(engine), model, Pacing(ttft_ms / 1000.0, itl_ms / 1000.0))
+    return SimulatorApp(engine_named(engine), model, Pacing(ttft_ms / 1000.0, itl_ms / 1000.0), api_key)
 
 
 class SimulatorApp:
     """One simulated engine serving one model."""
 
-    def __init__(self, engine: Engine, model: str, pacing: Pacing) -> None:
+    def __init__(self, engine: Engine, model: str, pacing: Pacing, api_key: str | None = None) -> None:
+        self._authorization = f"Bearer {api_key}".encode() if api_key else None
         self.engine = engine
         self.model = model
         self.pacing = pacing
@@ -67,6 +71,10 @@ class SimulatorApp:
 
     async def _http(self, scope: Scope, receive: Receive, send: Send) -> None:
         path, method = scope["path"], scope["method"]
+        if self._authorization is not None and path.startswith("/v1"):
+            if dict(scope["headers"]).get(b"authorization") != self._authorization:
+                await _send_json(send, 401, {"error": "Unauthorized"})  # what both engines answer
+                return
         post_handler = self._post_routes.get(path)
         if post_handler is not None:
             if method != "POST":

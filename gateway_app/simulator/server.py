@@ -20,9 +20,10 @@ def serve_simulator(
     ttft_ms: float = 0.0,
     itl_ms: float = 0.0,
     log_level: str = "warning",
+    api_key: str | None = None,
 ) -> int:
     """Serve a simulated `engine` on host:port until SIGINT or SIGTERM; the exit code is 0."""
-    app = build_simulator_app(engine, model, ttft_ms=ttft_ms, itl_ms=itl_ms)
+    app = build_simulator_app(engine, model, ttft_ms=ttft_ms, itl_ms=itl_ms, api_key=api_key)
     config = uvicorn.Config(
         app,
         host=host,
