@@ -22,6 +22,7 @@ from starlette.routing import Route
 from gateway_app import __version__
 from gateway_app.auth import Unauthorized
 from gateway_app.config_watcher import WatchedFile
+from gateway_app.endpoints import HealthChecker
 from gateway_app.errors import GatewayError, InternalError, MethodNotAllowed, ModelNotFound, NotFound
 from gateway_app.proxy import ProxyEndpoint
 from gateway_app.state import GatewayState
@@ -120,10 +121,15 @@ def create_app(state: GatewayState, watched: Sequence[WatchedFile] = ()) -> Star
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         state.session = create_session()
+        health = HealthChecker(
+            state.endpoints, lambda: state.session, lambda: state.table.settings.health, lambda: dict(state.engine_auth)
+        )
         tasks = [asyncio.create_task(watcher.run()) for watcher in watched]
+        tasks.append(asyncio.create_task(health.run()))
         try:
             yield
         finally:
+            health.stop()
             for watcher in watched:
                 watcher.stop()
             for task in tasks:

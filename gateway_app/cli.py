@@ -22,6 +22,11 @@ def _build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--port", type=int, default=8000)
     serve.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
     serve.add_argument(
+        "--shutdown-grace-seconds", type=float, default=110.0,
+        help="on SIGTERM, stop accepting at once and give requests and streams in flight this long to finish "
+        "(keep it below the pod's terminationGracePeriodSeconds minus its preStop wait)",
+    )
+    serve.add_argument(
         "--keys-file", default=os.environ.get("LLM_GATEWAY_KEYS_FILE"),
         help="YAML file of client API keys (sha256 hashes), mounted from a Secret; turns authentication on "
         "(env LLM_GATEWAY_KEYS_FILE)",
@@ -70,6 +75,7 @@ def main(argv: list[str] | None = None) -> int:
         return serve_gateway(
             args.config, host=args.host, port=args.port, log_level=args.log_level, keys_file=args.keys_file,
             engine_key_file=args.engine_api_key_file, redis_url=args.redis_url,
+            shutdown_grace=args.shutdown_grace_seconds,
         )
     if args.command == "hash-key":
         from gateway_app.auth import generate_key, hash_key

@@ -63,6 +63,39 @@ class LimitSettings(_Strict):
     fail_open: bool = True
 
 
+class HealthSettings(_Strict):
+    """How endpoints are judged: active `/health` checks plus what real requests experience."""
+
+    interval: float = Field(default=5.0, gt=0)  # seconds between two checks of an endpoint
+    timeout: float = Field(default=2.0, gt=0)
+    # A failing endpoint is left out for `ejection_base` seconds, doubled at each failure in a row,
+    # at most `ejection_max`; a successful check brings it back at once.
+    ejection_base: float = Field(default=1.0, gt=0)
+    ejection_max: float = Field(default=60.0, gt=0)
+
+
+class RetrySettings(_Strict):
+    """Retries happen only before any byte went to the client: on a failed connection or a 502/503."""
+
+    max_attempts: int = Field(default=3, ge=1, le=10)
+    deadline: float = Field(default=10.0, gt=0)  # no new attempt this long after the request arrived
+
+
+class AffinitySettings(_Strict):
+    """Optional session affinity: requests with the same key go to the same replica while it is healthy."""
+
+    header: str | None = Field(default=None, pattern=r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")
+    body_user: bool = False  # use the OpenAI `user` field of the body
+
+
+class Concurrency(_Strict):
+    """Per-engine admission: at most `limit` requests at once, then a bounded wait queue, then 429."""
+
+    limit: int | None = Field(default=None, ge=1)
+    queue: int = Field(default=100, ge=0)
+    queue_timeout: float = Field(default=30.0, gt=0)
+
+
 class Settings(_Strict):
     """Map-wide gateway settings, all optional with safe defaults."""
 
@@ -72,6 +105,9 @@ class Settings(_Strict):
     models_timeout: float = Field(default=2.0, gt=0)
     timeouts: Timeouts = Timeouts()
     limits: LimitSettings = LimitSettings()
+    health: HealthSettings = HealthSettings()
+    retries: RetrySettings = RetrySettings()
+    affinity: AffinitySettings = AffinitySettings()
 
 
 class EngineSpec(_Strict):
@@ -80,15 +116,40 @@ class EngineSpec(_Strict):
     name: str = Field(pattern=ENGINE_NAME_PATTERN)
     model: str = Field(min_length=1)
     owned_by: str = Field(min_length=1)
-    url: str
+    url: str | None = None
+    urls: tuple[str, ...] = ()  # several replicas of the engine, balanced request by request
     default: bool = False
     aliases: tuple[str, ...] = ()
     headers: dict[str, str] = Field(default_factory=dict)
     timeouts: TimeoutOverrides = TimeoutOverrides()
+    fallback: str | None = None  # the engine to try when none of this one's replicas can take a request
+    concurrency: Concurrency = Concurrency()
+
+    @model_validator(mode="after")
+    def _one_way_to_reach_it(self) -> "EngineSpec":
+        if self.url is None and not self.urls:
+            raise ValueError("@url: required field is missing (or give `urls`, a list of replica URLs)")
+        if self.url is not None and self.urls:
+            raise ValueError("@urls: give either `url` or `urls`, not both")
+        return self
+
+    @property
+    def endpoints(self) -> tuple[str, ...]:
+        return (self.url,) if self.url is not None else self.urls
+
+    @field_validator("urls")
+    @classmethod
+    def _check_urls(cls, urls: tuple[str, ...]) -> tuple[str, ...]:
+        checked = tuple(cls._check_url(url) for url in urls)
+        if len(set(checked)) != len(checked):
+            raise ValueError("lists the same URL twice")
+        return checked
 
     @field_validator("url")
     @classmethod
-    def _check_url(cls, url: str) -> str:
+    def _check_url(cls, url: str | None) -> str | None:
+        if url is None:
+            return None
         parts = urlsplit(url)
         if parts.scheme not in ("http", "https") or not parts.hostname:
             raise ValueError(f"must be an http:// or https:// URL with a host, got {url!r}")
@@ -158,6 +219,12 @@ class RoutingMap(_Strict):
                         f"(engines[{defaults[engine.model]}]); mark only one"
                     )
                 defaults[engine.model] = index
+        for index, engine in enumerate(self.engines):
+            if engine.fallback is not None:
+                if engine.fallback not in names:
+                    raise ValueError(f"engines[{index}].fallback: there is no engine named {engine.fallback!r}")
+                if engine.fallback == engine.name:
+                    raise ValueError(f"engines[{index}].fallback: an engine cannot be its own fallback")
         models = {engine.model for engine in self.engines}
         alias_owner: dict[str, str] = {}
         for index, engine in enumerate(self.engines):
@@ -179,6 +246,9 @@ def describe_validation_error(error: ValidationError) -> str:
     for item in error.errors():
         path = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in item["loc"]).lstrip(".")
         message = item["msg"].removeprefix("Value error, ")
+        if message.startswith("@"):  # "@field: text" from an object-level rule that is about one field
+            field, _, message = message[1:].partition(": ")
+            path = f"{path}.{field}" if path else field
         if item["type"] == "extra_forbidden":
             message = "unknown field (check the spelling)"
         elif item["type"] == "missing":

@@ -57,6 +57,26 @@ class GatewayMetrics:
             "Requests whose client went away before the answer was complete; the engine request was closed.",
             ("model", "engine"), registry=self.registry,
         )
+        self.retries = Counter(
+            "llm_gateway_retries", "Requests sent again to another replica or engine before any byte was relayed.",
+            ("engine",), registry=self.registry,
+        )
+        self.fallbacks = Counter(
+            "llm_gateway_fallbacks", "Requests that went to a fallback engine because no replica of theirs could take them.",
+            ("engine", "fallback"), registry=self.registry,
+        )
+        self.queue_length = Gauge(
+            "llm_gateway_engine_queue_length", "Requests waiting for a place at an engine with a concurrency limit.",
+            ("engine",), registry=self.registry,
+        )
+        self.queue_wait = Histogram(
+            "llm_gateway_engine_queue_wait_seconds", "Time requests waited for a place at an engine.",
+            ("engine",), buckets=FIRST_BYTE_BUCKETS, registry=self.registry,
+        )
+        self.endpoint_available = Gauge(
+            "llm_gateway_endpoint_available", "1 when a replica is healthy and not ejected, else 0.",
+            ("engine", "endpoint"), registry=self.registry,
+        )
         self.prompt_tokens = Counter(
             "llm_gateway_prompt_tokens", "Prompt tokens, from the usage the engines report.",
             ("model", "engine"), registry=self.registry,

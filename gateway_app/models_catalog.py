@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 import aiohttp
 import orjson
 
+from gateway_app.balancer import choose
 from gateway_app.route_table import Engine, RouteTable
 
 if TYPE_CHECKING:
@@ -60,9 +61,12 @@ class ModelCatalog:
 
     async def _engine_cards(self, engine: Engine, table: RouteTable) -> list[Any] | None:
         timeout = aiohttp.ClientTimeout(total=table.settings.models_timeout)
+        endpoint = choose(engine.endpoints, time.monotonic())
+        if endpoint is None:
+            return None
         try:
             async with self._state.session.get(
-                engine.url + "/v1/models", headers=dict(engine.headers + self._state.engine_auth), timeout=timeout
+                endpoint.url + "/v1/models", headers=dict(engine.headers + self._state.engine_auth), timeout=timeout
             ) as response:
                 if response.status != 200:
                     log.warning("engine %s answered /v1/models with %s", engine.name, response.status)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 import aiohttp
@@ -24,11 +25,14 @@ from gateway_app.errors import (
     sse_error_event,
 )
 from gateway_app.auth import ModelForbidden, Unauthorized, authorize_model
+from gateway_app.balancer import choose
+from gateway_app.concurrency import EngineBusy
+from gateway_app.endpoints import Endpoint
 from gateway_app.rate_limit import Decision, LimiterUnavailable, RateLimited
 from gateway_app.request_body import RoutingFields, body_for_engine, parse_routing_fields, read_body
 from gateway_app.stream_usage import UsageChunkFilter, request_usage_chunk
 from gateway_app.responses import send_error
-from gateway_app.route_table import Engine
+from gateway_app.route_table import Engine, RouteTable
 from gateway_app.upstream import headers_for_client, headers_for_engine
 from gateway_app.usage import USAGE_KEY, find_usage
 
@@ -42,6 +46,8 @@ ENGINE_HEADER = b"x-gateway-engine"
 STREAM_HEADERS = [(b"cache-control", b"no-cache"), (b"x-accel-buffering", b"no")]
 CLIENT_CLOSED = 499  # nginx's status for "client closed the request", used in metrics only
 # Endpoints whose cost includes generated tokens (the others only read their input).
+# Answers that mean "this replica cannot take it now": the request may go to another one.
+RETRYABLE_STATUSES = frozenset({502, 503})
 GENERATING_ENDPOINTS = frozenset({"/v1/chat/completions", "/v1/completions", "/v1/responses"})
 REFUSAL_REASONS: dict[type, str] = {
     Unauthorized: "auth", ModelForbidden: "forbidden_model", LimiterUnavailable: "limiter_unavailable",
@@ -53,10 +59,16 @@ class _Progress:
 
     __slots__ = (
         "response_started", "finished", "disconnected", "first_byte_at", "sse", "at_event_boundary",
-        "extra_headers", "strip_usage", "usage",
+        "extra_headers", "strip_usage", "usage", "table", "started", "affinity_key",
     )
 
-    def __init__(self, extra_headers: list[tuple[bytes, bytes]], strip_usage: bool) -> None:
+    def __init__(
+        self, table: RouteTable, started: float, affinity_key: str | None,
+        extra_headers: list[tuple[bytes, bytes]], strip_usage: bool,
+    ) -> None:
+        self.table = table  # the table the request started with, for its whole life
+        self.started = started
+        self.affinity_key = affinity_key
         self.extra_headers = extra_headers  # e.g. x-ratelimit-*, added to the engine's answer
         self.strip_usage = strip_usage  # the gateway asked for the usage chunk, the client did not
         self.usage: tuple[int, int] | None = None
@@ -113,10 +125,34 @@ class ProxyEndpoint:
         if decision is not None and limits.tokens_per_minute is not None and fields.document.get("stream") is True:
             strip_usage = request_usage_chunk(fields.document)
         payload = body_for_engine(body, fields, engine.model, resolution.via_alias, changed=strip_usage)
-        progress = _Progress(decision.headers() if decision is not None else [], strip_usage)
-        status = await self._forward(engine, payload, scope, receive, send, started, progress)
+
+        def payload_for(target: Engine) -> bytes:
+            """The body for the resolved engine, or re-addressed to a fallback engine's model."""
+            if target.model == engine.model:
+                return payload
+            return body_for_engine(body, fields, target.model, True, changed=True)
+
+        progress = _Progress(
+            table, started, self._affinity_key(scope, fields, table),
+            decision.headers() if decision is not None else [], strip_usage,
+        )
+        status = await self._forward(engine, payload_for, scope, receive, send, progress)
         if decision is not None and decision.counted:
             await state.limiter.settle(client.name, limits, decision.tokens_charged, _tokens_used(status, decision, progress))
+
+    @staticmethod
+    def _affinity_key(scope: Scope, fields: RoutingFields, table: RouteTable) -> str | None:
+        affinity = table.settings.affinity
+        if affinity.header:
+            wanted = affinity.header.lower().encode()
+            for name, value in scope["headers"]:
+                if name == wanted:
+                    return value.decode("latin-1")
+        if affinity.body_user:
+            user = fields.document.get("user")
+            if isinstance(user, str) and user:
+                return user
+        return None
 
     def _token_estimate(self, body: bytes, fields: RoutingFields, completion_default: int) -> int:
         """What admission charges before the engine says: about 4 bytes of JSON per prompt token, plus
@@ -140,23 +176,30 @@ class ProxyEndpoint:
         await send_error(send, error, headers)
 
     async def _forward(
-        self, engine: Engine, payload: bytes, scope: Scope, receive: Receive, send: Send, started: float,
+        self, engine: Engine, payload_for: Callable[[Engine], bytes], scope: Scope, receive: Receive, send: Send,
         progress: _Progress,
     ) -> int:
         metrics = self.state.metrics
+        started = progress.started
         in_flight = metrics.in_flight.labels(engine.model, engine.name)
         in_flight.inc()
         handler = asyncio.current_task()
         assert handler is not None
         watcher = asyncio.get_running_loop().create_task(_watch_disconnect(receive, handler, progress))
         status = 500
+        gate = engine.gate
+        admitted = False
         try:
+            if gate is not None:
+                waited = await gate.acquire(engine.name)
+                admitted = True
+                metrics.queue_wait.labels(engine.name).observe(waited)
             if engine.timeouts.total is None:
-                status = await self._exchange(engine, payload, scope, send, progress)
+                status = await self._exchange(engine, payload_for, scope, send, progress)
             else:
                 try:
                     async with asyncio.timeout(engine.timeouts.total):
-                        status = await self._exchange(engine, payload, scope, send, progress)
+                        status = await self._exchange(engine, payload_for, scope, send, progress)
                 except TimeoutError:
                     status = await self._fail(
                         engine, send, progress, "timeout_total",
@@ -168,6 +211,11 @@ class ProxyEndpoint:
             handler.uncancel()
             metrics.client_disconnects.labels(engine.model, engine.name).inc()
             status = CLIENT_CLOSED
+        except EngineBusy as error:
+            metrics.rejected.labels("engine_overloaded", "").inc()
+            await send_error(send, error, [(ENGINE_HEADER, engine.name_header),
+                                           (b"retry-after", str(error.retry_after).encode())])
+            status = error.status
         except Exception:  # a bug of ours: log it, answer 500 without details
             log.exception("unexpected error while forwarding to engine %s", engine.name)
             status = await self._fail(engine, send, progress, "internal", InternalError("Internal gateway error."))
@@ -175,6 +223,8 @@ class ProxyEndpoint:
             progress.finished = True
             watcher.cancel()
             in_flight.dec()
+            if admitted:
+                gate.release()
         labels = (engine.model, engine.name, self.endpoint)
         metrics.requests.labels(*labels, str(status)).inc()
         metrics.duration.labels(*labels).observe(time.perf_counter() - started)
@@ -182,38 +232,82 @@ class ProxyEndpoint:
             metrics.first_byte.labels(*labels).observe(progress.first_byte_at - started)
         return status
 
-    async def _exchange(self, engine: Engine, payload: bytes, scope: Scope, send: Send, progress: _Progress) -> int:
-        """Send the request, relay the answer; return the status for metrics."""
+    async def _exchange(
+        self, engine: Engine, payload_for: Callable[[Engine], bytes], scope: Scope, send: Send, progress: _Progress
+    ) -> int:
+        """Try the engine's replicas, then its fallback engine, until one takes the request; relay its answer.
+
+        Only failures before any byte went to the client are retried: a connection that could not be
+        made and a 502/503 answer. A bounded number of attempts, within a deadline.
+        """
+        table, retries = progress.table, progress.table.settings.retries
+        deadline = progress.started + retries.deadline
+        current, tried, visited = engine, [], {engine.name}
+        last: tuple[str, GatewayError] | _EngineAnswer | None = None
+        for attempt in range(retries.max_attempts):
+            endpoint = choose(current.endpoints, time.monotonic(), progress.affinity_key, exclude=tried)
+            while endpoint is None:  # every replica of this engine was tried: on to its fallback
+                fallback = table.engine_named(current.fallback) if current.fallback else None
+                if fallback is None or fallback.name in visited:
+                    break
+                current, tried = fallback, []
+                visited.add(fallback.name)
+                self.state.metrics.fallbacks.labels(engine.name, fallback.name).inc()
+                endpoint = choose(current.endpoints, time.monotonic(), progress.affinity_key)
+            if endpoint is None or (attempt and time.perf_counter() > deadline):
+                break
+            if attempt:
+                self.state.metrics.retries.labels(engine.name).inc()
+            tried.append(endpoint)
+            outcome = await self._attempt(current, endpoint, payload_for(current), scope, send, progress)
+            if isinstance(outcome, int):
+                return outcome
+            last = outcome
+        if isinstance(last, _EngineAnswer):  # the engine's own 502/503, relayed as it said it
+            return await last.relay(send, progress)
+        kind, error = last or ("connect", EngineUnreachable(f"The engine `{engine.name}` has no endpoint to try."))
+        return await self._fail(current, send, progress, kind, error)
+
+    async def _attempt(
+        self, engine: Engine, endpoint: Endpoint, payload: bytes, scope: Scope, send: Send, progress: _Progress
+    ) -> "int | tuple[str, GatewayError] | _EngineAnswer":
+        """One try on one replica: a status once answered, or what went wrong when it may be retried."""
         timeouts = engine.timeouts
+        health = progress.table.settings.health
         response: aiohttp.ClientResponse | None = None
         complete = False
+        endpoint.outstanding += 1
         try:
             try:
                 async with asyncio.timeout(timeouts.first_byte):
-                    response = await self._send_request(engine, payload, scope)
+                    response = await self._send_request(engine, endpoint, payload, scope)
                     answered_at = time.perf_counter()
+                    if response.status in RETRYABLE_STATUSES:
+                        endpoint.failed(health)
+                        return _EngineAnswer(engine, response.status, response.raw_headers, await response.read())
                     streaming = response.content_length is None or response.content_type == "text/event-stream"
                     first = await (response.content.readany() if streaming else response.read())
                     progress.first_byte_at = time.perf_counter() if streaming else answered_at
             except aiohttp.ConnectionTimeoutError:
-                return await self._fail(
-                    engine, send, progress, "timeout_connect",
-                    EngineTimeout(f"Timed out connecting to the engine `{engine.name}` after {timeouts.connect} s."),
+                endpoint.failed(health)
+                return "timeout_connect", EngineTimeout(
+                    f"Timed out connecting to the engine `{engine.name}` after {timeouts.connect} s."
                 )
-            except TimeoutError:
+            except TimeoutError:  # the engine took the request: sending it again would double the work
+                endpoint.failed(health)
                 return await self._fail(
                     engine, send, progress, "timeout_first_byte",
                     EngineTimeout(f"The engine `{engine.name}` did not answer within {timeouts.first_byte} s."),
                 )
             except aiohttp.ClientError as exc:
-                log.warning("engine %s: request failed: %s", engine.name, _reason(exc))
-                return await self._fail(
-                    engine, send, progress, "connect", EngineUnreachable(f"The engine `{engine.name}` is unreachable.")
-                )
+                endpoint.failed(health)
+                log.warning("engine %s at %s: request failed: %s", engine.name, endpoint.url, _reason(exc))
+                return "connect", EngineUnreachable(f"The engine `{engine.name}` is unreachable.")
+            status = response.status
+            endpoint.failed(health) if status >= 500 else endpoint.succeeded()
             headers = headers_for_client(response.raw_headers)
             headers.append((ENGINE_HEADER, engine.name_header))
             headers.extend(progress.extra_headers)
-            status = response.status
             if not streaming:
                 headers.append((b"content-length", str(len(first)).encode()))
                 await send({"type": "http.response.start", "status": status, "headers": headers})
@@ -228,21 +322,26 @@ class ProxyEndpoint:
                 await send({"type": "http.response.start", "status": status, "headers": headers})
                 progress.response_started = True
                 complete = await self._relay_stream(engine, response, first, send, progress)
+                if not complete:
+                    endpoint.failed(health)
             return status
         finally:
+            endpoint.outstanding -= 1
             if response is not None:
                 # A finished answer returns its connection to the pool; anything else closes it,
                 # which is how an engine learns that nobody waits for its tokens any more.
                 response.release() if complete else response.close()
 
-    async def _send_request(self, engine: Engine, payload: bytes, scope: Scope) -> aiohttp.ClientResponse:
+    async def _send_request(
+        self, engine: Engine, endpoint: Endpoint, payload: bytes, scope: Scope
+    ) -> aiohttp.ClientResponse:
         """POST to the engine, once more on a fresh connection if a pooled one turned out to be closed.
 
         An engine closes idle keep-alive connections on its own schedule; a request that meets such a
         connection fails before the engine has read it, so sending it again is safe.
         """
         headers = headers_for_engine(scope["headers"], engine.headers + self.state.engine_auth)
-        url = engine.url + scope["path"]
+        url = endpoint.url + scope["path"]
         try:
             return await self.state.session.post(url, data=payload, headers=headers, timeout=engine.client_timeout)
         except (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError) as exc:
@@ -325,6 +424,24 @@ class ProxyEndpoint:
             metrics = self.state.metrics
             metrics.prompt_tokens.labels(engine.model, engine.name).inc(usage[0])
             metrics.completion_tokens.labels(engine.model, engine.name).inc(usage[1])
+
+
+class _EngineAnswer:
+    """A retryable answer (502/503) kept in case no other replica or engine can do better."""
+
+    __slots__ = ("engine", "status", "headers", "body")
+
+    def __init__(self, engine: Engine, status: int, headers: tuple[tuple[bytes, bytes], ...], body: bytes) -> None:
+        self.engine, self.status, self.headers, self.body = engine, status, headers, body
+
+    async def relay(self, send: Send, progress: _Progress) -> int:
+        headers = headers_for_client(self.headers)
+        headers += [(ENGINE_HEADER, self.engine.name_header), (b"content-length", str(len(self.body)).encode())]
+        headers.extend(progress.extra_headers)
+        await send({"type": "http.response.start", "status": self.status, "headers": headers})
+        progress.response_started = True
+        await send({"type": "http.response.body", "body": self.body})
+        return self.status
 
 
 def _tokens_used(status: int, decision: Decision, progress: _Progress) -> int:

@@ -10,7 +10,9 @@ from dataclasses import dataclass, field
 
 import aiohttp
 
+from gateway_app.concurrency import ConcurrencyGate
 from gateway_app.config import RoutingMap, Settings, Timeouts
+from gateway_app.endpoints import Endpoint, EndpointRegistry
 from gateway_app.errors import ModelNotFound
 
 MAX_NAMES_IN_MESSAGE = 50
@@ -23,10 +25,12 @@ class Engine:
     name: str
     model: str
     owned_by: str
-    url: str
+    endpoints: tuple[Endpoint, ...]  # shared state objects: they outlive this table
     aliases: tuple[str, ...]
     headers: tuple[tuple[str, str], ...]
     timeouts: Timeouts
+    fallback: str | None = None
+    gate: ConcurrencyGate | None = None
     # Derived once here rather than on every request.
     client_timeout: aiohttp.ClientTimeout = field(init=False)
     name_header: bytes = field(init=False)
@@ -52,6 +56,17 @@ class Resolution:
     via_alias: bool
 
 
+def _gate(gates: dict[str, ConcurrencyGate], name: str, settings) -> ConcurrencyGate | None:
+    """The engine's gate, the same object as before a reload unless its settings changed."""
+    if settings.limit is None:
+        gates.pop(name, None)
+        return None
+    gate = gates.get(name)
+    if gate is None or (gate.limit, gate.queue, gate.queue_timeout) != (settings.limit, settings.queue, settings.queue_timeout):
+        gate = gates[name] = ConcurrencyGate(settings.limit, settings.queue, settings.queue_timeout)
+    return gate
+
+
 def _listing(names: list[str]) -> str:
     shown = ", ".join(f"`{name}`" for name in names[:MAX_NAMES_IN_MESSAGE])
     more = len(names) - MAX_NAMES_IN_MESSAGE
@@ -61,21 +76,30 @@ def _listing(names: list[str]) -> str:
 class RouteTable:
     """Immutable lookup from the names clients use to engines."""
 
-    def __init__(self, routing_map: RoutingMap) -> None:
+    def __init__(
+        self, routing_map: RoutingMap, registry: EndpointRegistry | None = None,
+        gates: dict[str, ConcurrencyGate] | None = None,
+    ) -> None:
+        """`registry` and `gates` carry replica health and queues over from the previous table."""
         self.settings: Settings = routing_map.settings
         defaults = routing_map.settings.timeouts
+        registry = registry if registry is not None else EndpointRegistry()
+        gates = gates if gates is not None else {}
         self.engines: tuple[Engine, ...] = tuple(
             Engine(
                 name=spec.name,
                 model=spec.model,
                 owned_by=spec.owned_by,
-                url=spec.url,
+                endpoints=tuple(registry.get(url) for url in spec.endpoints),
                 aliases=spec.aliases,
                 headers=tuple(spec.headers.items()),
                 timeouts=spec.effective_timeouts(defaults),
+                fallback=spec.fallback,
+                gate=_gate(gates, spec.name, spec.concurrency),
             )
             for spec in routing_map.engines
         )
+        self._by_name = {engine.name: engine for engine in self.engines}
         grouped: dict[str, list[Engine]] = {}
         for engine, spec in zip(self.engines, routing_map.engines):
             group = grouped.setdefault(engine.model, [])
@@ -92,6 +116,12 @@ class RouteTable:
     @property
     def models(self) -> list[str]:
         return list(self._routes)
+
+    def engine_named(self, name: str) -> Engine | None:
+        return self._by_name.get(name)
+
+    def endpoint_urls(self) -> set[str]:
+        return {endpoint.url for engine in self.engines for endpoint in engine.endpoints}
 
     def aliases_of(self, model: str) -> list[str]:
         """Every alias of a model, whichever engine entry declared it: aliases belong to the model."""

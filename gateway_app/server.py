@@ -13,6 +13,7 @@ from gateway_app.app import create_app
 from gateway_app.auth import load_engine_key, load_keys_file
 from gateway_app.config import ConfigError, load_routing_map
 from gateway_app.config_watcher import WatchedFile
+from gateway_app.shutdown import quiet_after_shutdown
 from gateway_app.state import GatewayState
 
 # Longer than the idle timeout of common load balancers and ingress controllers (60 s), so that the
@@ -57,7 +58,7 @@ def build_state(
 
 def serve_gateway(
     config: str, host: str, port: int, log_level: str = "info", keys_file: str | None = None,
-    engine_key_file: str | None = None, redis_url: str | None = None,
+    engine_key_file: str | None = None, redis_url: str | None = None, shutdown_grace: float = 110.0,
 ) -> int:
     configure_logging(log_level)
     try:
@@ -89,7 +90,11 @@ def serve_gateway(
             server_header=False,
             proxy_headers=False,  # the client address is not used; skip parsing X-Forwarded-For per request
             timeout_keep_alive=KEEP_ALIVE_SECONDS,
+            # On SIGTERM uvicorn closes the listening socket at once (so readiness fails and no new
+            # connection is accepted) and lets requests in flight, streams included, run this long.
+            timeout_graceful_shutdown=shutdown_grace,
         )
     )
-    server.run()
+    with quiet_after_shutdown():  # exit 0 after a clean shutdown on SIGTERM, as Kubernetes expects
+        server.run()
     return 0

@@ -9,6 +9,7 @@ import aiohttp
 
 from gateway_app.auth import ANONYMOUS, Client, KeyStore
 from gateway_app.config import RoutingMap
+from gateway_app.endpoints import EndpointRegistry
 from gateway_app.metrics import GatewayMetrics
 from gateway_app.models_catalog import ModelCatalog
 from gateway_app.rate_limit import Limiter, Limits, MemoryLimiter, RedisLimiter
@@ -26,7 +27,9 @@ class GatewayState:
         redis_password: str | None = None,
     ) -> None:
         self.metrics = metrics or GatewayMetrics()
-        self.table = RouteTable(routing_map)
+        self.endpoints = EndpointRegistry()
+        self._gates: dict = {}
+        self.table = RouteTable(routing_map, self.endpoints, self._gates)
         self.session: aiohttp.ClientSession = None  # type: ignore[assignment]  # opened at start-up
         self.keys = keys  # None: authentication is off
         self.engine_auth: tuple[tuple[str, str], ...] = ()
@@ -41,7 +44,8 @@ class GatewayState:
 
     def swap_table(self, routing_map: RoutingMap) -> None:
         """Replace the whole table in one assignment: requests in flight keep the one they took."""
-        self.table = RouteTable(routing_map)
+        self.table = RouteTable(routing_map, self.endpoints, self._gates)
+        self.endpoints.retain(self.table.endpoint_urls())
         if isinstance(self.limiter, RedisLimiter):
             self.limiter.fail_open = routing_map.settings.limits.fail_open
         self._record_load()
@@ -65,5 +69,16 @@ class GatewayState:
         )
 
     def _record_load(self) -> None:
-        self.metrics.config_engines.set(len(self.table.engines))
-        self.metrics.config_last_reload.set(time.time())
+        metrics = self.metrics
+        metrics.config_engines.set(len(self.table.engines))
+        metrics.config_last_reload.set(time.time())
+        # Read at scrape time, so the hot path pays nothing for these gauges.
+        metrics.queue_length.clear()
+        metrics.endpoint_available.clear()
+        for engine in self.table.engines:
+            if engine.gate is not None:
+                metrics.queue_length.labels(engine.name).set_function(lambda gate=engine.gate: gate.waiting)
+            for endpoint in engine.endpoints:
+                metrics.endpoint_available.labels(engine.name, endpoint.url).set_function(
+                    lambda endpoint=endpoint: float(endpoint.available(time.monotonic()))
+                )

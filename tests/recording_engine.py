@@ -72,6 +72,7 @@ SCENARIOS = {
 class RecordingEngine:
     url: str = ""
     received: list[Received] = field(default_factory=list)
+    fail_with: int | None = None  # answer every request, /health included, with this status
     _loop: asyncio.AbstractEventLoop | None = None
     _runner: web.AppRunner | None = None
     _thread: threading.Thread | None = None
@@ -79,6 +80,8 @@ class RecordingEngine:
     async def _handle(self, request: web.Request) -> web.StreamResponse:
         body = await request.read()
         self.received.append(Received(request.path, dict(request.headers), body))
+        if self.fail_with is not None:
+            return web.json_response({"error": {"message": "failing on purpose"}}, status=self.fail_with)
         scenario = request.headers.get("X-Test-Scenario", "")
         if scenario:
             return await SCENARIOS[scenario](request)

@@ -2,13 +2,9 @@
 
 from __future__ import annotations
 
-import signal
-from collections.abc import Iterator
-from contextlib import contextmanager
-from types import FrameType
-
 import uvicorn
 
+from gateway_app.shutdown import quiet_after_shutdown
 from gateway_app.simulator.app import build_simulator_app
 
 
@@ -34,26 +30,6 @@ def serve_simulator(
         access_log=False,
         log_level=log_level,
     )
-    with _quiet_after_shutdown():
+    with quiet_after_shutdown():
         uvicorn.Server(config).run()
     return 0
-
-
-@contextmanager
-def _quiet_after_shutdown() -> Iterator[None]:
-    """Let uvicorn's graceful shutdown be the whole response to a signal.
-
-    uvicorn catches SIGINT/SIGTERM, shuts down, restores the handlers it found and raises the signal
-    again so that they run. With the default handlers that would kill the process (or raise
-    KeyboardInterrupt) after a clean shutdown; these handlers make the re-raise a no-op instead.
-    """
-
-    def already_handled(signum: int, frame: FrameType | None) -> None:
-        pass
-
-    previous = {sig: signal.signal(sig, already_handled) for sig in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        yield
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)

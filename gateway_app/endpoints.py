@@ -1,0 +1,112 @@
+"""Engine replicas (endpoints) and what the gateway knows of their health.
+
+State is kept by URL in a registry that outlives route-table reloads, so a reload does not forget that
+a replica is failing, and it is pruned to the URLs in use so that memory stays bounded. Two sources
+judge an endpoint: active `/health` checks at an interval, and passive signals from real requests
+(connection errors, timeouts, 5xx), which eject it for a cool-down that doubles while it keeps failing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable, Iterable
+
+import aiohttp
+
+from gateway_app.config import HealthSettings
+
+log = logging.getLogger("llm_gateway.endpoints")
+
+
+class Endpoint:
+    """One replica: its URL, requests outstanding on it, and its health."""
+
+    __slots__ = ("url", "outstanding", "failures", "ejected_until", "healthy")
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+        self.outstanding = 0
+        self.failures = 0  # in a row
+        self.ejected_until = 0.0  # monotonic time
+        self.healthy = True  # the last active check's verdict (optimistic until the first one)
+
+    def available(self, now: float) -> bool:
+        return self.healthy and now >= self.ejected_until
+
+    def succeeded(self) -> None:
+        self.failures = 0
+        self.ejected_until = 0.0
+
+    def failed(self, settings: HealthSettings) -> None:
+        """Eject for a cool-down that grows while the endpoint keeps failing."""
+        self.failures += 1
+        cool_down = min(settings.ejection_base * 2 ** (self.failures - 1), settings.ejection_max)
+        self.ejected_until = time.monotonic() + cool_down
+        if self.failures == 1 or self.failures % 10 == 0:
+            log.warning("endpoint %s ejected for %.1f s after %d failure(s)", self.url, cool_down, self.failures)
+
+
+class EndpointRegistry:
+    """Endpoint state by URL, shared by every route table."""
+
+    def __init__(self) -> None:
+        self._by_url: dict[str, Endpoint] = {}
+
+    def get(self, url: str) -> Endpoint:
+        endpoint = self._by_url.get(url)
+        if endpoint is None:
+            endpoint = self._by_url[url] = Endpoint(url)
+        return endpoint
+
+    def retain(self, urls: Iterable[str]) -> None:
+        """Forget the URLs no table uses any more (their in-flight requests keep their objects)."""
+        keep = set(urls)
+        for url in [url for url in self._by_url if url not in keep]:
+            del self._by_url[url]
+
+    def __iter__(self):
+        return iter(list(self._by_url.values()))
+
+
+class HealthChecker:
+    """Checks every endpoint's `/health` at an interval, in the background, never on the request path."""
+
+    def __init__(
+        self, registry: EndpointRegistry, session: Callable[[], aiohttp.ClientSession],
+        settings: Callable[[], HealthSettings], headers: Callable[[], dict[str, str]],
+    ) -> None:
+        self._registry = registry
+        self._session = session
+        self._settings = settings
+        self._headers = headers
+        self._stop = asyncio.Event()
+
+    async def check(self, endpoint: Endpoint, settings: HealthSettings) -> None:
+        try:
+            async with self._session().get(
+                endpoint.url + "/health", headers=self._headers(), timeout=aiohttp.ClientTimeout(total=settings.timeout)
+            ) as response:
+                healthy = response.status == 200
+        except (aiohttp.ClientError, TimeoutError):
+            healthy = False
+        if healthy and not endpoint.healthy:
+            log.warning("endpoint %s is healthy again", endpoint.url)
+        elif not healthy and endpoint.healthy:
+            log.warning("endpoint %s failed its health check", endpoint.url)
+        endpoint.healthy = healthy
+        if healthy:
+            endpoint.succeeded()  # a passing check ends an ejection at once
+
+    async def run(self) -> None:
+        while not self._stop.is_set():
+            settings = self._settings()
+            await asyncio.gather(*(self.check(endpoint, settings) for endpoint in self._registry))
+            try:
+                await asyncio.wait_for(self._stop.wait(), timeout=settings.interval)
+            except TimeoutError:
+                pass
+
+    def stop(self) -> None:
+        self._stop.set()

@@ -1,0 +1,191 @@
+"""Engines with several replicas: balancing, passive and active health, retries, fallback, overload,
+and a gateway that drains its streams on SIGTERM. Real processes on loopback throughout."""
+
+from __future__ import annotations
+
+import json
+import signal
+import threading
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+
+from tests.conftest import write_routing_map
+from tests.recording_engine import RecordingEngine
+from tests.support import RunningProcess, start_gateway, start_simulator
+from tests.web import get, metric_value, post, sse_events, wait_for
+
+CHAT = "/v1/chat/completions"
+HI = [{"role": "user", "content": "hi"}]
+
+
+def served_by(sim: RunningProcess) -> float:
+    """Requests a simulator has finished, from its own metrics."""
+    return metric_value(get(sim.url + "/metrics").body.decode(), "vllm:e2e_request_latency_seconds_count")
+
+
+@pytest.fixture
+def four_replicas(log_dir) -> Iterator[list[RunningProcess]]:
+    sims = []
+    try:
+        sims.append(start_simulator("vllm", "m", log_dir, ttft_ms=300))  # the slow one
+        for _ in range(3):
+            sims.append(start_simulator("vllm", "m", log_dir, ttft_ms=5))
+        yield sims
+    finally:
+        for sim in sims:
+            sim.stop()
+
+
+def test_slow_replica_gets_clearly_fewer_requests(four_replicas, log_dir, tmp_path):
+    config = write_routing_map(tmp_path / "routes.yaml",
+                               [{"name": "e", "model": "m", "owned_by": "vllm", "urls": [s.url for s in four_replicas]}])
+    gateway = start_gateway(config, log_dir)
+    try:
+        with ThreadPoolExecutor(8) as pool:
+            statuses = list(pool.map(lambda _: post(gateway.url + CHAT, {"model": "m", "messages": HI}).status, range(200)))
+        assert statuses == [200] * 200
+        counts = [served_by(sim) for sim in four_replicas]
+        assert sum(counts) == 200
+        assert counts[0] < 0.15 * 200  # round-robin would give it a quarter (50)
+    finally:
+        gateway.stop()
+
+
+def test_replica_killed_under_load_loses_no_request(log_dir, tmp_path):
+    sims = [start_simulator("vllm", "m", log_dir, ttft_ms=20) for _ in range(2)]
+    config = write_routing_map(tmp_path / "routes.yaml",
+                               [{"name": "e", "model": "m", "owned_by": "vllm", "urls": [s.url for s in sims]}])
+    gateway = start_gateway(config, log_dir)
+    try:
+        results = []
+
+        def client() -> None:
+            for _ in range(40):
+                results.append(post(gateway.url + CHAT, {"model": "m", "messages": HI}).status)
+
+        threads = [threading.Thread(target=client) for _ in range(4)]
+        for thread in threads:
+            thread.start()
+        wait_for(lambda: len(results) >= 20, message="load running")
+        sims[0].process.send_signal(signal.SIGKILL)  # mid-load, requests in flight on it
+        for thread in threads:
+            thread.join(60)
+        assert results == [200] * 160
+        metrics = get(gateway.url + "/metrics").body.decode()
+        assert metric_value(metrics, "llm_gateway_retries_total", engine="e") >= 1
+    finally:
+        gateway.stop()
+        for sim in sims:
+            sim.stop()
+
+
+def test_failing_replica_is_ejected_then_returns(log_dir, tmp_path):
+    flaky, steady = RecordingEngine().start(), RecordingEngine().start()
+    config = write_routing_map(
+        tmp_path / "routes.yaml",
+        [{"name": "e", "model": "m", "owned_by": "vllm", "urls": [flaky.url, steady.url]}],
+        settings={"health": {"interval": 0.2, "ejection_base": 30}},
+    )
+    gateway = start_gateway(config, log_dir)
+    available = lambda url: metric_value(  # noqa: E731
+        get(gateway.url + "/metrics").body.decode(), "llm_gateway_endpoint_available", endpoint=url)
+    try:
+        flaky.fail_with = 500
+        for _ in range(10):  # a 500 ejects; later requests avoid the flaky replica
+            post(gateway.url + CHAT, {"model": "m"})
+        wait_for(lambda: available(flaky.url) == 0, message="flaky replica ejected")
+        before = len(flaky.received)
+        assert all(post(gateway.url + CHAT, {"model": "m"}).status == 200 for _ in range(10))
+        assert len([r for r in flaky.received[before:] if r.path != "/health"]) == 0
+        flaky.fail_with = None  # recovers: the next passing health check brings it back
+        wait_for(lambda: available(flaky.url) == 1, message="flaky replica back")
+    finally:
+        gateway.stop()
+        flaky.stop()
+        steady.stop()
+
+
+def test_503_is_retried_on_another_replica_and_fallback_engine_takes_over(log_dir, tmp_path):
+    busy, spare = RecordingEngine().start(), RecordingEngine().start()
+    busy.fail_with = 503
+    config = write_routing_map(tmp_path / "routes.yaml", [
+        {"name": "primary", "model": "m", "owned_by": "vllm", "urls": [busy.url], "fallback": "backup"},
+        {"name": "backup", "model": "m-small", "owned_by": "vllm", "url": spare.url},
+    ])
+    gateway = start_gateway(config, log_dir)
+    try:
+        answer = post(gateway.url + CHAT, {"model": "m", "messages": HI})
+        assert answer.status == 200 and answer.headers["x-gateway-engine"] == "backup"
+        assert json.loads(spare.received[-1].body)["model"] == "m-small"  # re-addressed to the fallback's model
+        spare.fail_with = 503  # nobody can take it: the engine's own 503 is what the client gets
+        answer = post(gateway.url + CHAT, {"model": "m", "messages": HI})
+        assert answer.status == 503 and answer.json()["error"]["message"] == "failing on purpose"
+    finally:
+        gateway.stop()
+        busy.stop()
+        spare.stop()
+
+
+def test_overloaded_engine_answers_429_with_retry_after(log_dir, tmp_path):
+    sim = start_simulator("vllm", "m", log_dir, ttft_ms=1500)
+    config = write_routing_map(tmp_path / "routes.yaml", [
+        {"name": "e", "model": "m", "owned_by": "vllm", "url": sim.url,
+         "concurrency": {"limit": 1, "queue": 1, "queue_timeout": 0.5}},
+    ])
+    gateway = start_gateway(config, log_dir)
+    try:
+        with ThreadPoolExecutor(3) as pool:
+            answers = list(pool.map(lambda _: post(gateway.url + CHAT, {"model": "m", "messages": HI}), range(3)))
+        statuses = sorted(a.status for a in answers)
+        assert statuses == [200, 429, 429]  # one served; one queued past its timeout; one found the queue full
+        refused = next(a for a in answers if a.status == 429)
+        assert refused.json()["error"]["code"] == "engine_overloaded" and int(refused.headers["retry-after"]) >= 1
+        metrics = get(gateway.url + "/metrics").body.decode()
+        assert metric_value(metrics, "llm_gateway_engine_queue_wait_seconds_count", engine="e") >= 1
+    finally:
+        gateway.stop()
+        sim.stop()
+
+
+def test_session_affinity_keeps_a_session_on_one_replica(log_dir, tmp_path):
+    engines = [RecordingEngine().start() for _ in range(3)]
+    config = write_routing_map(
+        tmp_path / "routes.yaml", [{"name": "e", "model": "m", "owned_by": "vllm", "urls": [e.url for e in engines]}],
+        settings={"affinity": {"header": "x-session-id"}},
+    )
+    gateway = start_gateway(config, log_dir)
+    try:
+        for session in ("alice", "bob", "carol"):
+            for _ in range(5):
+                post(gateway.url + CHAT, {"model": "m"}, headers={"X-Session-Id": session})
+            got = [sum(1 for r in e.received if r.path == CHAT and r.headers.get("x-session-id") == session) for e in engines]
+            assert sorted(got) == [0, 0, 5], (session, got)
+    finally:
+        gateway.stop()
+        for engine in engines:
+            engine.stop()
+
+
+def test_sigterm_lets_50_open_streams_finish(log_dir, tmp_path):
+    sim = start_simulator("vllm", "m", log_dir, itl_ms=50)
+    config = write_routing_map(tmp_path / "routes.yaml", [{"name": "e", "model": "m", "owned_by": "vllm", "url": sim.url}])
+    gateway = start_gateway(config, log_dir)
+    try:
+        with ThreadPoolExecutor(50) as pool:
+            futures = [pool.submit(post, gateway.url + CHAT,
+                                   {"model": "m", "messages": HI, "max_tokens": 40, "stream": True}, timeout=60)
+                       for _ in range(50)]
+            wait_for(lambda: metric_value(get(gateway.url + "/metrics").body.decode(),
+                                          "llm_gateway_requests_in_flight") == 50, timeout=20, message="50 streams open")
+            gateway.process.send_signal(signal.SIGTERM)
+            answers = [future.result() for future in futures]
+        for answer in answers:
+            events = sse_events(answer.body)
+            assert events[-1] == "[DONE]"
+            assert sum(1 for e in events[:-1] for c in json.loads(e)["choices"] if c["delta"].get("content")) == 40
+        assert gateway.process.wait(timeout=30) == 0
+    finally:
+        gateway.stop()
+        sim.stop()
