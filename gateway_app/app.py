@@ -22,6 +22,7 @@ from starlette.routing import Route
 from gateway_app import __version__
 from gateway_app.auth import Unauthorized
 from gateway_app.config_watcher import WatchedFile
+from gateway_app.discovery import KubernetesAPI
 from gateway_app.endpoints import HealthChecker
 from gateway_app.errors import GatewayError, InternalError, MethodNotAllowed, ModelNotFound, NotFound
 from gateway_app.proxy import ProxyEndpoint
@@ -126,9 +127,12 @@ def create_app(state: GatewayState, watched: Sequence[WatchedFile] = ()) -> Star
         )
         tasks = [asyncio.create_task(watcher.run()) for watcher in watched]
         tasks.append(asyncio.create_task(health.run()))
+        state.start_discovery(KubernetesAPI.from_environment())
         try:
             yield
         finally:
+            if state.discovery is not None:
+                await state.discovery.stop()
             health.stop()
             for watcher in watched:
                 watcher.stop()

@@ -96,6 +96,17 @@ class Concurrency(_Strict):
     queue_timeout: float = Field(default=30.0, gt=0)
 
 
+class Discovery(_Strict):
+    """Reach an engine pod by pod: the ready pods behind a Kubernetes Service, from its EndpointSlices.
+
+    `url`/`urls` stay in use until the first answer from the API, and whenever no pod is ready.
+    """
+
+    service: str = Field(min_length=1)
+    namespace: str = Field(min_length=1)
+    port: int = Field(default=8000, ge=1, le=65535)  # the pods' port (the Service's targetPort)
+
+
 class Settings(_Strict):
     """Map-wide gateway settings, all optional with safe defaults."""
 
@@ -124,6 +135,7 @@ class EngineSpec(_Strict):
     timeouts: TimeoutOverrides = TimeoutOverrides()
     fallback: str | None = None  # the engine to try when none of this one's replicas can take a request
     concurrency: Concurrency = Concurrency()
+    discovery: Discovery | None = None
 
     @model_validator(mode="after")
     def _one_way_to_reach_it(self) -> "EngineSpec":

@@ -110,3 +110,17 @@ class HealthChecker:
 
     def stop(self) -> None:
         self._stop.set()
+
+
+class EndpointPool:
+    """The replicas one engine routes to right now. Discovery replaces `endpoints` in one assignment;
+    an engine without discovery keeps its configured list."""
+
+    __slots__ = ("configured", "endpoints")
+
+    def __init__(self, configured: tuple[Endpoint, ...]) -> None:
+        self.configured = configured
+        self.endpoints = configured
+
+    def update(self, discovered: tuple[Endpoint, ...]) -> None:
+        self.endpoints = discovered or self.configured  # no ready pod: the Service URL is the best bet

@@ -173,8 +173,9 @@ class MemoryLimiter:
         return None
 
 
-# KEYS: requests bucket, tokens bucket. ARGV: rpm, tpm (-1 = unlimited), token cost.
-# Returns {allowed, requests left, tokens left}; the clock is Redis's, shared by every replica.
+# KEYS: requests bucket, tokens bucket. ARGV: rpm, tpm (-1 = unlimited), token cost, and the tokens
+# still to give back (or take) from this client's earlier requests, settled here rather than in a call
+# of their own. Returns {allowed, requests left, tokens left}; the clock is Redis's, shared by all replicas.
 _ADMIT = """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
@@ -184,8 +185,12 @@ local function level(key, limit)
   if not v[1] then return limit end
   return math.min(limit, tonumber(v[1]) + (now - tonumber(v[2])) * limit / 60)
 end
-local rpm, tpm, cost = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
+local rpm, tpm, cost, owed = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4])
 local r, k = level(KEYS[1], rpm), level(KEYS[2], tpm)
+if tpm >= 0 and owed ~= 0 then
+  k = math.min(tpm, k + owed)
+  redis.call('HSET', KEYS[2], 'l', k, 't', now); redis.call('EXPIRE', KEYS[2], 120)
+end
 if tpm >= 0 and cost > tpm then cost = tpm end
 if (rpm >= 0 and r < 1) or (tpm >= 0 and k < cost) then
   return {0, tostring(r), tostring(k)}
@@ -213,9 +218,14 @@ STORE_ERRORS = (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError,
 
 
 class RedisLimiter:
-    """Buckets in Redis, shared by all replicas; one atomic script call per admission."""
+    """Buckets in Redis, shared by all replicas; one atomic script call per admission.
+
+    Settling a request's estimate against its real usage is not a call of its own: the difference waits
+    in memory and rides along with the client's next admission, or is flushed within a second.
+    """
 
     RETRY_AFTER_FAILURE = 1.0  # seconds before Redis is tried again after it failed
+    FLUSH_SECONDS = 1.0
 
     def __init__(self, url: str, password: str | None, fail_open: bool, on_store_error=None) -> None:
         self._redis = aioredis.Redis.from_url(
@@ -227,6 +237,8 @@ class RedisLimiter:
         self._down_until = 0.0
         self._down = False
         self._on_store_error = on_store_error or (lambda: None)
+        self._owed: dict[str, tuple[int, int]] = {}  # client -> (tokens to give back, its tokens per minute)
+        self._flush: asyncio.TimerHandle | None = None
 
     @staticmethod
     def _keys(client: str) -> list[str]:
@@ -258,9 +270,11 @@ class RedisLimiter:
             return self._unavailable(limits)
         rpm = limits.requests_per_minute if limits.requests_per_minute is not None else -1
         tpm = limits.tokens_per_minute if limits.tokens_per_minute is not None else -1
+        owed = self._owed.pop(client, (0, 0))[0]
         try:
-            allowed, requests, tokens = await self._admit(keys=self._keys(client), args=[rpm, tpm, token_cost])
+            allowed, requests, tokens = await self._admit(keys=self._keys(client), args=[rpm, tpm, token_cost, owed])
         except STORE_ERRORS as error:
+            self._owe(client, owed, tpm)
             self._store_failed(error)
             return self._unavailable(limits)
         self._store_ok()
@@ -271,12 +285,42 @@ class RedisLimiter:
         return _decide(limits, requests, tokens, token_cost)
 
     async def settle(self, client: str, limits: Limits, charged: int, used: int) -> None:
-        if limits.tokens_per_minute is None or charged == used or time.monotonic() < self._down_until:
+        if limits.tokens_per_minute is None or charged == used:
+            return
+        self._owe(client, charged - used, limits.tokens_per_minute)
+
+    def _owe(self, client: str, tokens: int, tpm: int) -> None:
+        if tokens == 0 or tpm < 0:
+            return
+        self._owed[client] = (self._owed.get(client, (0, 0))[0] + tokens, tpm)
+        if self._flush is None:
+            loop = asyncio.get_running_loop()
+            self._flush = loop.call_later(self.FLUSH_SECONDS, lambda: loop.create_task(self._flush_owed()))
+
+    async def _flush_owed(self) -> None:
+        """Settle what no admission took along, for clients that went quiet."""
+        self._flush = None
+        owed, self._owed = self._owed, {}
+        if not owed or time.monotonic() < self._down_until:
+            for client, (tokens, tpm) in owed.items():
+                self._owe(client, tokens, tpm)
             return
         try:
-            await self._settle(keys=self._keys(client)[1:], args=[limits.tokens_per_minute, charged - used])
+            async with self._redis.pipeline(transaction=False) as pipe:
+                for client, (tokens, tpm) in owed.items():
+                    await self._settle(keys=self._keys(client)[1:], args=[tpm, tokens], client=pipe)
+                await pipe.execute()
         except STORE_ERRORS as error:
             self._store_failed(error)
+            for client, (tokens, tpm) in owed.items():
+                self._owe(client, tokens, tpm)
 
     async def close(self) -> None:
+        if self._flush is not None:
+            self._flush.cancel()
+        if self._owed:
+            self._flush = None
+            await self._flush_owed()
+            if self._flush is not None:
+                self._flush.cancel()
         await self._redis.aclose()

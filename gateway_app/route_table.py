@@ -12,7 +12,7 @@ import aiohttp
 
 from gateway_app.concurrency import ConcurrencyGate
 from gateway_app.config import RoutingMap, Settings, Timeouts
-from gateway_app.endpoints import Endpoint, EndpointRegistry
+from gateway_app.endpoints import EndpointPool, EndpointRegistry
 from gateway_app.errors import ModelNotFound
 
 MAX_NAMES_IN_MESSAGE = 50
@@ -25,12 +25,13 @@ class Engine:
     name: str
     model: str
     owned_by: str
-    endpoints: tuple[Endpoint, ...]  # shared state objects: they outlive this table
+    pool: EndpointPool  # the replicas; with discovery, shared with later tables and updated in place
     aliases: tuple[str, ...]
     headers: tuple[tuple[str, str], ...]
     timeouts: Timeouts
     fallback: str | None = None
     gate: ConcurrencyGate | None = None
+    discovery: tuple | None = None  # (namespace, service, port, configured URLs) when pods are discovered
     # Derived once here rather than on every request.
     client_timeout: aiohttp.ClientTimeout = field(init=False)
     name_header: bytes = field(init=False)
@@ -56,6 +57,11 @@ class Resolution:
     via_alias: bool
 
 
+def discovery_key(spec) -> tuple[str, str, int, tuple[str, ...]]:
+    """Engines that watch the same Service share one pool and one watch."""
+    return (spec.discovery.namespace, spec.discovery.service, spec.discovery.port, tuple(spec.endpoints))
+
+
 def _gate(gates: dict[str, ConcurrencyGate], name: str, settings) -> ConcurrencyGate | None:
     """The engine's gate, the same object as before a reload unless its settings changed."""
     if settings.limit is None:
@@ -78,24 +84,38 @@ class RouteTable:
 
     def __init__(
         self, routing_map: RoutingMap, registry: EndpointRegistry | None = None,
-        gates: dict[str, ConcurrencyGate] | None = None,
+        gates: dict[str, ConcurrencyGate] | None = None, pools: dict[tuple, EndpointPool] | None = None,
     ) -> None:
-        """`registry` and `gates` carry replica health and queues over from the previous table."""
+        """`registry`, `gates` and `pools` carry replica health, queues and discovered pods over from
+        the previous table."""
         self.settings: Settings = routing_map.settings
         defaults = routing_map.settings.timeouts
         registry = registry if registry is not None else EndpointRegistry()
         gates = gates if gates is not None else {}
+        pools = pools if pools is not None else {}
+
+        def pool_for(spec) -> EndpointPool:
+            configured = tuple(registry.get(url) for url in spec.endpoints)
+            if spec.discovery is None:
+                return EndpointPool(configured)
+            key = discovery_key(spec)
+            pool = pools.get(key)
+            if pool is None or pool.configured != configured:
+                pool = pools[key] = EndpointPool(configured)
+            return pool
+
         self.engines: tuple[Engine, ...] = tuple(
             Engine(
                 name=spec.name,
                 model=spec.model,
                 owned_by=spec.owned_by,
-                endpoints=tuple(registry.get(url) for url in spec.endpoints),
+                pool=pool_for(spec),
                 aliases=spec.aliases,
                 headers=tuple(spec.headers.items()),
                 timeouts=spec.effective_timeouts(defaults),
                 fallback=spec.fallback,
                 gate=_gate(gates, spec.name, spec.concurrency),
+                discovery=discovery_key(spec) if spec.discovery is not None else None,
             )
             for spec in routing_map.engines
         )
@@ -121,7 +141,11 @@ class RouteTable:
         return self._by_name.get(name)
 
     def endpoint_urls(self) -> set[str]:
-        return {endpoint.url for engine in self.engines for endpoint in engine.endpoints}
+        return {
+            endpoint.url
+            for engine in self.engines
+            for endpoint in (*engine.pool.configured, *engine.pool.endpoints)
+        }
 
     def aliases_of(self, model: str) -> list[str]:
         """Every alias of a model, whichever engine entry declared it: aliases belong to the model."""

@@ -9,6 +9,7 @@ import aiohttp
 
 from gateway_app.auth import ANONYMOUS, Client, KeyStore
 from gateway_app.config import RoutingMap
+from gateway_app.discovery import DiscoveryManager, KubernetesAPI
 from gateway_app.endpoints import EndpointRegistry
 from gateway_app.metrics import GatewayMetrics
 from gateway_app.models_catalog import ModelCatalog
@@ -29,7 +30,9 @@ class GatewayState:
         self.metrics = metrics or GatewayMetrics()
         self.endpoints = EndpointRegistry()
         self._gates: dict = {}
-        self.table = RouteTable(routing_map, self.endpoints, self._gates)
+        self.pools: dict = {}  # discovered replicas by Service, shared by successive tables
+        self.table = RouteTable(routing_map, self.endpoints, self._gates, self.pools)
+        self.discovery: DiscoveryManager | None = None  # started with the event loop
         self.session: aiohttp.ClientSession = None  # type: ignore[assignment]  # opened at start-up
         self.keys = keys  # None: authentication is off
         self.engine_auth: tuple[tuple[str, str], ...] = ()
@@ -44,11 +47,16 @@ class GatewayState:
 
     def swap_table(self, routing_map: RoutingMap) -> None:
         """Replace the whole table in one assignment: requests in flight keep the one they took."""
-        self.table = RouteTable(routing_map, self.endpoints, self._gates)
-        self.endpoints.retain(self.table.endpoint_urls())
+        self.table = RouteTable(routing_map, self.endpoints, self._gates, self.pools)
         if isinstance(self.limiter, RedisLimiter):
             self.limiter.fail_open = routing_map.settings.limits.fail_open
+        if self.discovery is not None:
+            self.discovery.sync(self.table)
         self._record_load()
+
+    def start_discovery(self, api: KubernetesAPI | None) -> None:
+        self.discovery = DiscoveryManager(api, lambda: self.session, self.endpoints, self.pools, self.refresh_endpoints)
+        self.discovery.sync(self.table)
 
     def set_keys(self, keys: KeyStore) -> None:
         self.keys = keys
@@ -72,13 +80,19 @@ class GatewayState:
         metrics = self.metrics
         metrics.config_engines.set(len(self.table.engines))
         metrics.config_last_reload.set(time.time())
-        # Read at scrape time, so the hot path pays nothing for these gauges.
         metrics.queue_length.clear()
+        for engine in self.table.engines:
+            if engine.gate is not None:  # read at scrape time: the hot path pays nothing for it
+                metrics.queue_length.labels(engine.name).set_function(lambda gate=engine.gate: gate.waiting)
+        self.refresh_endpoints()
+
+    def refresh_endpoints(self) -> None:
+        """After the table or a discovered set of pods changed: forget unused replicas, relabel gauges."""
+        self.endpoints.retain(self.table.endpoint_urls())
+        metrics = self.metrics
         metrics.endpoint_available.clear()
         for engine in self.table.engines:
-            if engine.gate is not None:
-                metrics.queue_length.labels(engine.name).set_function(lambda gate=engine.gate: gate.waiting)
-            for endpoint in engine.endpoints:
+            for endpoint in engine.pool.endpoints:
                 metrics.endpoint_available.labels(engine.name, endpoint.url).set_function(
                     lambda endpoint=endpoint: float(endpoint.available(time.monotonic()))
                 )

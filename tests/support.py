@@ -67,7 +67,8 @@ def wait_until_ready(running: RunningProcess, path: str, timeout: float = 20.0) 
 
 
 def start_cli(
-    args: list[str], port: int, ready_path: str, log_dir: Path, name: str, env: dict[str, str] | None = None
+    args: list[str], port: int, ready_path: str, log_dir: Path, name: str, env: dict[str, str] | None = None,
+    host: str = "127.0.0.1",
 ) -> RunningProcess:
     """Start `python -m gateway_app ARGS` and wait until `ready_path` answers 200."""
     log_path = log_dir / f"{name}-{port}.log"
@@ -81,7 +82,7 @@ def start_cli(
         env=env,
     )
     log_file.close()
-    running = RunningProcess(process=process, url=f"http://127.0.0.1:{port}", log_path=log_path, args=args)
+    running = RunningProcess(process=process, url=f"http://{host}:{port}", log_path=log_path, args=args)
     wait_until_ready(running, ready_path)
     return running
 

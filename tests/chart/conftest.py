@@ -21,6 +21,7 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 CHART_DIR = REPO_ROOT / "charts" / "llm-gateway"
 EXAMPLES_DIR = CHART_DIR / "examples"
 ALL_FEATURES = Path(__file__).resolve().parent / "values-all-features.yaml"
+SECURED = Path(__file__).resolve().parent / "values-secured.yaml"
 INSTALL_HELM = REPO_ROOT / "ci" / "install-helm.sh"
 
 RELEASE = "my-llm"
@@ -33,6 +34,7 @@ VALUE_SETS: dict[str, Path | None] = {
     "example2": EXAMPLES_DIR / "values-example2.yaml",
     "cpu": EXAMPLES_DIR / "values-cpu.yaml",
     "all-features": ALL_FEATURES,
+    "secured": SECURED,
 }
 EXAMPLES = ("example1", "example2", "cpu")
 

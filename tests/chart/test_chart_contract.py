@@ -4,30 +4,46 @@ Take the routing ConfigMap the chart renders, point each engine's URL at a simul
 and model on loopback (nothing else in the map changes), start the real gateway on that file and route
 every (model, owned_by), every default and every alias through it: the response must come from the
 engine the chart named.
+
+With API keys, the engine credential and the chart's Redis on, the processes are started from what the
+chart renders: each command line with Kubernetes' $(VAR) expansion, each variable from its Secret, each
+Secret and the ConfigMap laid out as the kubelet mounts them.
 """
 
 from __future__ import annotations
 
+import base64
 import json
+import re
+import shutil
+import socket
+import subprocess
+import sys
+import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import pytest
 import yaml
 
+from gateway_app.auth import hash_key
 from gateway_app.config import parse_routing_map
-from tests.chart.conftest import EXAMPLES, Helm, VALUE_SETS
-from tests.support import RunningProcess, start_gateway, start_simulator
+from tests.chart.conftest import EXAMPLES, NAMESPACE, Helm, Rendered, VALUE_SETS
+from tests.support import ConfigMapVolume, RunningProcess, free_port, start_cli, start_gateway, start_simulator
 
 ENGINE_HEADER = "x-gateway-engine"
 
 
-def call(url: str, body: dict[str, Any] | None = None) -> tuple[int, dict[str, str], Any]:
+def call(url: str, body: dict[str, Any] | None = None, key: str | None = None) -> tuple[int, dict[str, str], Any]:
     data = json.dumps(body).encode() if body is not None else None
-    request = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json"})
+    headers = {"Content-Type": "application/json"}
+    if key is not None:
+        headers["Authorization"] = f"Bearer {key}"
+    request = urllib.request.Request(url, data=data, headers=headers)
     try:
         with urllib.request.urlopen(request, timeout=20) as response:
             return response.status, {k.lower(): v for k, v in response.headers.items()}, json.load(response)
@@ -64,7 +80,7 @@ def simulators(contract_logs: Path) -> Iterator[SimulatorPool]:
     pool.stop()
 
 
-@pytest.mark.parametrize("value_set", [*EXAMPLES, "defaults", "all-features"])
+@pytest.mark.parametrize("value_set", [*EXAMPLES, "defaults", "all-features", "secured"])
 def test_gateway_routes_the_rendered_map(
     helm: Helm, simulators: SimulatorPool, contract_logs: Path, value_set: str
 ) -> None:
@@ -97,3 +113,187 @@ def test_gateway_routes_the_rendered_map(
                 assert answer["choices"][0]["message"]["content"]
     finally:
         gateway.stop()
+
+
+# --- API keys, the engine credential and the chart's Redis -----------------------------------------
+
+CLIENT_KEYS = {"team-a": "sk-contract-team-a", "team-b": "sk-contract-team-b"}
+ENGINE_KEY = "engine-key-from-the-chart"
+REDIS_PASSWORD = "redis-password-from-the-chart"
+SECURED_CPU = {
+    "auth": {
+        "enabled": True,
+        "keys": [
+            {"name": "team-a", "sha256": hash_key(CLIENT_KEYS["team-a"])},
+            {"name": "team-b", "sha256": hash_key(CLIENT_KEYS["team-b"]), "requests_per_minute": 2},
+        ],
+    },
+    "engineApiKey": {"value": ENGINE_KEY},
+    "redis": {"deploy": True, "password": REDIS_PASSWORD},
+}
+VARIABLE = re.compile(r"\$\((\w+)\)")
+
+
+def container_env(rendered: Rendered, spec: dict[str, Any]) -> dict[str, str]:
+    """A container's variables as the kubelet sets them: literal values, and secretKeyRefs read from the
+    chart's own Secrets."""
+    env = {}
+    for item in spec.get("env", []):
+        if "value" in item:
+            env[item["name"]] = item["value"]
+        else:
+            ref = item["valueFrom"]["secretKeyRef"]
+            env[item["name"]] = base64.b64decode(rendered.get("Secret", ref["name"])["data"][ref["key"]]).decode()
+    return env
+
+
+def command_line(spec: dict[str, Any], env: dict[str, str], replace: dict[str, str]) -> list[str]:
+    """The container's args with $(VAR) expanded like Kubernetes does, and the values after the flags in
+    `replace` swapped (--host, --port: loopback instead of the pod's network)."""
+    args = [VARIABLE.sub(lambda match: env[match[1]], arg) for arg in spec["args"]]
+    for flag, value in replace.items():
+        args[args.index(flag) + 1] = value
+    return args
+
+
+def mount_volumes(rendered: Rendered, pod: dict[str, Any], root: Path, edit: dict[str, Any]) -> dict[str, str]:
+    """Lay out the container's ConfigMap and Secret volumes under `root` as the kubelet does (..data
+    symlinks); `edit[volume name]` may rewrite a file's text. Returns mountPath -> local directory."""
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    local = {}
+    for mount in pod["containers"][0]["volumeMounts"]:
+        volume = volumes[mount["name"]]
+        if "configMap" in volume:
+            files = rendered.get("ConfigMap", volume["configMap"]["name"])["data"]
+        elif "secret" in volume:
+            data = rendered.get("Secret", volume["secret"]["secretName"])["data"]
+            files = {item["path"]: base64.b64decode(data[item["key"]]).decode() for item in volume["secret"]["items"]}
+        else:
+            continue  # emptyDir
+        for name, text in files.items():
+            ConfigMapVolume(root / mount["name"], name).publish(edit.get(mount["name"], lambda t: t)(text))
+        local[mount["mountPath"]] = str(root / mount["name"])
+    return local
+
+
+def start_redis(rendered: Rendered, workdir: Path) -> tuple[subprocess.Popen, int]:
+    """redis-server with the chart's arguments, on loopback."""
+    binary = shutil.which("redis-server")
+    if binary is None:
+        raise RuntimeError("redis-server is not installed: run ci/install-system-deps.sh (ci/test.sh does)")
+    spec = rendered.get("Deployment", f"{GATEWAY}-redis")["spec"]["template"]["spec"]["containers"][0]
+    assert spec["command"] == ["redis-server"]
+    port = free_port()
+    args = command_line(spec, container_env(rendered, spec), {"--port": str(port)})
+    process = subprocess.Popen(
+        [binary, *args, "--bind", "127.0.0.1", "--dir", str(workdir)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
+            return process, port
+        except OSError:
+            time.sleep(0.05)
+    process.kill()
+    raise RuntimeError("redis-server with the chart's arguments did not come up")
+
+
+def redis_keys(port: int, password: str, pattern: str) -> bytes:
+    """AUTH and KEYS on one connection (RESP inline commands)."""
+    with socket.create_connection(("127.0.0.1", port), timeout=2) as sock:
+        sock.sendall(f"AUTH {password}\r\nKEYS {pattern}\r\n".encode())
+        time.sleep(0.1)
+        return sock.recv(65536)
+
+
+GATEWAY = "my-llm-llm-gateway"
+
+
+def test_gateway_enforces_the_rendered_keys_and_engine_credential(helm: Helm, contract_logs: Path, tmp_path: Path) -> None:
+    rendered = helm.template(VALUE_SETS["cpu"], values=SECURED_CPU)
+    running: list[RunningProcess] = []
+    redis_process, redis_port = start_redis(rendered, tmp_path)
+    try:
+        # the engines, from their Deployments: --api-key $(ENGINE_API_KEY) with the variable from its Secret
+        engine_urls = {}
+        for route in rendered.routing["engines"]:
+            spec = rendered.get("Deployment", route["name"])["spec"]["template"]["spec"]["containers"][0]
+            port = free_port()
+            args = command_line(spec, container_env(rendered, spec), {"--host": "127.0.0.1", "--port": str(port)})
+            assert spec["command"] == ["llm-gateway"] and ENGINE_KEY in args
+            running.append(start_cli(args, port, "/health", contract_logs, f"keyed-{route['name']}"))
+            engine_urls[route["name"]] = running[-1].url
+
+        # the gateway, from its Deployment: the routing map, the keys file and the engine key from their
+        # mounted volumes, the chart's Redis at the Service's address, its password from the Secret
+        pod = rendered.get("Deployment", GATEWAY)["spec"]["template"]["spec"]
+        spec = pod["containers"][0]
+
+        def to_simulators(text: str) -> str:
+            routing = yaml.safe_load(text)
+            for engine in routing["engines"]:
+                engine["url"] = engine_urls[engine["name"]]
+            return yaml.safe_dump(routing, sort_keys=False)
+
+        mounts = mount_volumes(rendered, pod, tmp_path / "volumes", {"routes": to_simulators})
+        port = free_port()
+        args = command_line(spec, {}, {"--host": "127.0.0.1", "--port": str(port)})
+        for mount_path, local in mounts.items():
+            args = [local + arg.removeprefix(mount_path) if arg.startswith(mount_path + "/") else arg for arg in args]
+        redis_url = urlsplit(args[args.index("--redis-url") + 1])
+        service = rendered.get("Service", f"{GATEWAY}-redis")
+        assert (redis_url.hostname, redis_url.port) == (
+            f"{GATEWAY}-redis.{NAMESPACE}.svc.cluster.local", service["spec"]["ports"][0]["port"]
+        )
+        args[args.index("--redis-url") + 1] = redis_url._replace(netloc=f"127.0.0.1:{redis_port}").geturl()
+        assert not [arg for arg in args if arg.startswith(("/etc/", "/var/"))], args  # every file is mounted
+        running.append(start_cli(args, port, "/readyz", contract_logs, "keyed-gateway", container_env(rendered, spec)))
+        gateway = running[-1]
+
+        # the engines really check their key, and the gateway has it
+        body = {"model": rendered.routing["engines"][0]["model"], "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
+        first_engine = engine_urls[rendered.routing["engines"][0]["name"]]
+        assert call(first_engine + "/v1/chat/completions", body)[0] == 401
+        assert call(first_engine + "/v1/chat/completions", body, key=ENGINE_KEY)[0] == 200
+
+        # no key, a wrong key: 401; probes and metrics stay open
+        for key in (None, "sk-wrong"):
+            assert call(gateway.url + "/v1/models", key=key)[0] == 401
+            assert call(gateway.url + "/v1/chat/completions", body, key=key)[0] == 401
+        assert call(gateway.url + "/readyz")[0] == 200
+        with urllib.request.urlopen(gateway.url + "/metrics", timeout=5) as response:
+            assert response.status == 200
+
+        # the right key: every (model, owned_by) and every default, through the engine the chart named
+        status, _, listing = call(gateway.url + "/v1/models", key=CLIENT_KEYS["team-a"])
+        assert status == 200, listing
+        listed = {(card["id"], card["owned_by"]) for card in listing["data"]}
+        for engine in rendered.routing["engines"]:
+            assert (engine["model"], engine["owned_by"]) in listed
+            asks = [{"model": engine["model"], "owned_by": engine["owned_by"]}]
+            asks += [{"model": engine["model"]}] if engine.get("default") else []
+            for ask in asks:
+                status, headers, answer = call(
+                    gateway.url + "/v1/chat/completions", {**body, **ask}, key=CLIENT_KEYS["team-a"]
+                )
+                assert status == 200, f"{ask}: {answer}\n{gateway.log()}"
+                assert headers.get(ENGINE_HEADER) == engine["name"]
+
+        # team-b's limit of 2 requests per minute, counted in the chart's Redis with the chart's password
+        statuses = [call(gateway.url + "/v1/chat/completions", body, key=CLIENT_KEYS["team-b"])[0] for _ in range(3)]
+        assert statuses == [200, 200, 429], gateway.log()
+        assert b"{team-b}" in redis_keys(redis_port, REDIS_PASSWORD, "llm-gateway:rl:*")
+
+        # the helm test hook's script passes against this gateway, with the key and (401 check) without
+        (test_pod,) = rendered.of_kind("Pod")
+        test_container = test_pod["spec"]["containers"][0]
+        test_env = {**container_env(rendered, test_container), "MODELS_URL": gateway.url + "/v1/models"}
+        for env, printed in (({**test_env, "API_KEY": CLIENT_KEYS["team-a"]}, "ok: "), (test_env, "refuses a call without a key")):
+            result = subprocess.run([sys.executable, *test_container["command"][1:]], env=env, capture_output=True, text=True, timeout=60)
+            assert result.returncode == 0 and printed in result.stdout, result.stdout + result.stderr
+    finally:
+        for process in running:
+            process.stop()
+        redis_process.terminate()
+        redis_process.wait(timeout=10)

@@ -384,7 +384,8 @@ def test_pods_are_hardened(renders: dict[str, Rendered], value_set: str) -> None
             assert effective(pod, container, "runAsNonRoot") is True, where
             assert context["readOnlyRootFilesystem"] is True, where
             mounts = {m["mountPath"] for m in container.get("volumeMounts", [])}
-            assert "/tmp" in mounts, where  # the only writable place on a read-only root filesystem
+            # the only writable places on a read-only root filesystem: /tmp, and Redis' working directory
+            assert mounts & {"/tmp", "/data"}, where
 
 
 @pytest.mark.parametrize("value_set", VALUE_SETS)
@@ -454,8 +455,10 @@ def test_optional_objects_are_off_by_default(renders: dict[str, Rendered], value
 
 
 def test_secrets_only_where_asked(renders: dict[str, Rendered]) -> None:
-    (secret,) = renders["all-features"].of_kind("Secret")
-    assert secret["metadata"]["name"] == "sglang-llama-32-1b-hf-token"
+    secrets = {s["metadata"]["name"] for s in renders["all-features"].of_kind("Secret")}
+    # the engine's token, and what values.yaml gave as values (see test_chart_auth.py)
+    assert secrets == {"sglang-llama-32-1b-hf-token", f"{GATEWAY}-api-keys", f"{GATEWAY}-engine-api-key", f"{GATEWAY}-redis"}
+    assert not renders["secured"].of_kind("Secret")  # every secret there is an existingSecret
     container = renders["all-features"].get("Deployment", "sglang-llama-32-1b")["spec"]["template"]["spec"]["containers"][0]
     env = {e["name"]: e for e in container["env"]}
     assert env["HF_TOKEN"]["valueFrom"]["secretKeyRef"] == {"name": "sglang-llama-32-1b-hf-token", "key": "token"}
@@ -474,11 +477,11 @@ def test_user_env_replaces_the_charts(renders: dict[str, Rendered]) -> None:
 
 def test_network_policy_admits_only_the_gateway(renders: dict[str, Rendered]) -> None:
     rendered = renders["all-features"]
-    (policy,) = rendered.of_kind("NetworkPolicy")
+    policy = rendered.get("NetworkPolicy", f"{GATEWAY}-engines")
     selector = policy["spec"]["podSelector"]["matchLabels"]
     for deployment in rendered.of_kind("Deployment"):
         labels = deployment["spec"]["template"]["metadata"]["labels"]
-        is_engine = deployment["metadata"]["name"] != GATEWAY
+        is_engine = deployment["metadata"]["labels"]["app.kubernetes.io/component"] == "engine"
         assert (selector.items() <= labels.items()) == is_engine, deployment["metadata"]["name"]
     (rule,) = policy["spec"]["ingress"]
     gateway_labels = gateway_pod(rendered)["metadata"]["labels"]
@@ -608,7 +611,7 @@ def test_helm_test_hook_lists_every_route(renders: dict[str, Rendered], value_se
     (pod,) = rendered.of_kind("Pod")
     assert pod["metadata"]["annotations"]["helm.sh/hook"] == "test"
     assert pod["spec"]["restartPolicy"] == "Never"
-    env = {e["name"]: e["value"] for e in pod["spec"]["containers"][0]["env"]}
+    env = {e["name"]: e.get("value") for e in pod["spec"]["containers"][0]["env"]}
     port = rendered.get("Service", GATEWAY)["spec"]["ports"][0]["port"]
     assert env["MODELS_URL"] == f"http://{GATEWAY}:{port}/v1/models"
     expected = sorted(map(tuple, json.loads(env["EXPECTED"])))

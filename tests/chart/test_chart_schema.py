@@ -16,6 +16,17 @@ def engine(name: str = "a", **fields: Any) -> dict[str, Any]:
     return {"name": name, "engine": "vllm", "model": "m", **fields}
 
 
+HASH = "0123456789abcdef" * 4  # the sha256 of some key: 64 hex characters
+
+
+def api_key(name: str = "team-a", **fields: Any) -> dict[str, Any]:
+    return {"name": name, "sha256": HASH, **fields}
+
+
+def with_keys(*keys: dict[str, Any]) -> dict[str, Any]:
+    return {"auth": {"enabled": True, "keys": list(keys)}}
+
+
 SCHEMA_ERROR = "values don't meet the specifications of the schema"
 
 # values.schema.json: (values, the offending path, words the message must contain). helm 4 writes the
@@ -46,6 +57,29 @@ REFUSED_BY_SCHEMA: dict[str, tuple[dict[str, Any], str, list[str]]] = {
         ["%"],
     ),
     "negative preStop wait": ({"gateway": {"preStopSleepSeconds": -1}}, "gateway/preStopSleepSeconds", ["0"]),
+    # API keys: hashes only, never a key; limits are counts
+    "hash that is no hex": (with_keys(api_key(sha256="z" * 64)), "auth/keys/0/sha256", ["pattern"]),
+    "hash too short": (with_keys(api_key(sha256=HASH[:40])), "auth/keys/0/sha256", ["pattern"]),
+    "plaintext key in values": (with_keys(api_key(key="sk-live-123")), "auth/keys/0", ["key", "not allowed"]),
+    "plaintext key instead of a hash": (with_keys({"name": "a", "key": "sk-live-123"}), "auth/keys/0", ["sha256"]),
+    "negative key limit": (with_keys(api_key(requests_per_minute=-1)), "auth/keys/0/requests_per_minute", ["0"]),
+    "fractional key limit": (with_keys(api_key(tokens_per_minute=1.5)), "auth/keys/0/tokens_per_minute", ["integer"]),
+    "negative default limit": (
+        {"gateway": {"settings": {"limits": {"tokens_per_minute": -5}}}},
+        "gateway/settings/limits/tokens_per_minute",
+        ["0"],
+    ),
+    "misspelt limits key": (
+        {"gateway": {"settings": {"limits": {"requests_per_second": 5}}}},
+        "gateway/settings/limits",
+        ["requests_per_second", "not allowed"],
+    ),
+    "key name with a space": (with_keys(api_key(name="team a")), "auth/keys/0/name", ["pattern"]),
+    "secret item with a slash": ({"auth": {"enabled": True, "existingSecret": "s", "key": "a/b"}}, "auth/key", ["pattern"]),
+    "engine key with a line break inside": ({"engineApiKey": {"value": "abc\ndef"}}, "engineApiKey/value", ["pattern"]),
+    "password in the redis url": ({"redis": {"url": "redis://:hunter2@redis:6379/0"}}, "redis/url", ["pattern"]),
+    "redis url of another scheme": ({"redis": {"url": "http://redis:6379"}}, "redis/url", ["pattern"]),
+    "misspelt redis key": ({"redis": {"deployed": True}}, "redis", ["deployed", "not allowed"]),
 }  # fmt: skip
 
 # templates/_engines.tpl and friends: (values, fragments of the exact message)
@@ -113,6 +147,46 @@ REFUSED_BY_TEMPLATES: dict[str, tuple[dict[str, Any], list[str]]] = {
         {"engines": [engine(strategy={"type": "Recreate", "rollingUpdate": {"maxSurge": 1}})]},
         ['engines[0] "a": strategy type Recreate takes no rollingUpdate'],
     ),
+    "keys while auth is off": (
+        {"auth": {"keys": [api_key()]}},
+        ["auth: keys or existingSecret are set but auth.enabled is false", "set auth.enabled: true"],
+    ),
+    "existing keys Secret while auth is off": (
+        {"auth": {"existingSecret": "keys"}},
+        ["auth.enabled is false"],
+    ),
+    "inline keys and an existing Secret": (
+        {"auth": {"enabled": True, "existingSecret": "keys", "keys": [api_key()]}},
+        ["auth: set keys or existingSecret, not both"],
+    ),
+    "duplicate key name": (
+        with_keys(api_key("a"), api_key("a", sha256="f" * 64)),
+        ['auth.keys[1] "a": duplicate name, already used by auth.keys[0]'],
+    ),
+    "one key for two clients": (
+        with_keys(api_key("a"), api_key("b", sha256=HASH.upper())),
+        ['auth.keys[1] "b": the same key (sha256) is already auth.keys[0]'],
+    ),
+    "key for an unknown model": (
+        with_keys(api_key(models=["gpt-4"])),
+        ['auth.keys[0] "team-a": model "gpt-4" is neither a model id nor an alias of any engine'],
+    ),
+    "engine key twice": (
+        {"engineApiKey": {"existingSecret": "s", "value": "v"}},
+        ["engineApiKey: set existingSecret or value, not both"],
+    ),
+    "two redis": (
+        {"redis": {"url": "redis://r:6379/0", "deploy": True}},
+        ["redis: set url (your Redis) or deploy: true (the chart's), not both"],
+    ),
+    "redis password twice": (
+        {"redis": {"deploy": True, "existingSecret": "s", "password": "p"}},
+        ["redis: set existingSecret or password, not both"],
+    ),
+    "redis password without a redis": (
+        {"redis": {"password": "p"}},
+        ["redis: a password is set but there is no Redis"],
+    ),
     "grace period within the preStop wait": (
         {"gateway": {"preStopSleepSeconds": 30, "terminationGracePeriodSeconds": 30}},
         ["gateway.terminationGracePeriodSeconds (30) must be larger than gateway.preStopSleepSeconds (30)"],
@@ -150,7 +224,22 @@ def test_a_good_override_is_accepted(helm: Helm) -> None:
                 engine("d", engine="simulator", simulate="sglang", model="n", replicas=0),
                 engine("e", model="o", strategy={"type": "RollingUpdate", "rollingUpdate": {"maxSurge": "50%"}}),
             ],
-            "gateway": {"preStopSleepSeconds": 29, "terminationGracePeriodSeconds": 30},
+            "gateway": {
+                "preStopSleepSeconds": 29,
+                "terminationGracePeriodSeconds": 30,
+                "settings": {"limits": {"requests_per_minute": 0, "tokens_per_minute": None}},
+            },
+            # ids and aliases, upper-case hex, a limit of 0 (refuse all) and null (unlimited)
+            "auth": {
+                "enabled": True,
+                "keys": [
+                    api_key("a", models=["m", "x"], requests_per_minute=0),
+                    api_key("b.team_2", sha256="ABCDEF" + HASH[6:], tokens_per_minute=None),
+                ],
+            },
+            "engineApiKey": {"value": "  key-with-surrounding-space\n"},
+            "redis": {"url": "rediss://default@r.cache:6380/15", "existingSecret": "r"},
         }
     )
     assert [r["name"] for r in rendered.routing["engines"]] == ["a", "b", "c", "d", "e"]
+    assert len(rendered.of_kind("Secret")) == 2  # the keys and the engine key; the Redis password is existing

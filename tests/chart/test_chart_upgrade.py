@@ -79,3 +79,35 @@ def test_new_chart_version_leaves_engines_alone(helm: Helm, tmp_path: Path) -> N
     assert new.get("Deployment", "vllm-llama-32-1b")["metadata"]["labels"]["helm.sh/chart"] == "llm-gateway-9.9.9"
     for name in ("vllm-llama-32-1b", "sglang-llama-32-1b"):
         assert pod_templates(new)[name] == pod_templates(old)[name]
+
+
+SECURITY = {
+    "auth": {"enabled": True, "keys": [{"name": "team-a", "sha256": "a" * 64, "requests_per_minute": 60}]},
+    "redis": {"deploy": True, "password": "p"},
+    "networkPolicy": {"enabled": True, "gatewayIngressFrom": [{"namespaceSelector": {}}]},
+}
+
+
+def test_auth_and_redis_restart_only_the_gateway(helm: Helm, example2_values: dict[str, Any]) -> None:
+    """API keys, Redis and the gateway's NetworkPolicy touch the gateway's pods, never the engines'."""
+    old = pod_templates(helm.template(values=example2_values))
+    new = pod_templates(helm.template(values={**example2_values, **SECURITY}))
+    for name in ("vllm-llama-32-1b", "sglang-llama-32-1b"):
+        assert new[name] == old[name]
+    assert new[GATEWAY] != old[GATEWAY]
+    assert set(new) - set(old) == {f"{GATEWAY}-redis"}
+
+
+def test_keys_and_engine_key_change_in_place(helm: Helm, example2_values: dict[str, Any]) -> None:
+    """A new, rotated or revoked key changes a Secret, not a pod: the gateway reloads the mounted file.
+
+    The engine key's value too: the engines read it at start, so rotating it needs a restart of the
+    engines (README), never an accidental one."""
+    before = {**example2_values, **SECURITY, "engineApiKey": {"value": "old"}}
+    after = copy.deepcopy(before)
+    after["auth"]["keys"].append({"name": "team-b", "sha256": "b" * 64, "models": ["meta-llama/Llama-3.2-1B-Instruct"]})
+    after["auth"]["keys"][0]["requests_per_minute"] = 120
+    after["engineApiKey"]["value"] = "new"
+    old_render, new_render = helm.template(values=before), helm.template(values=after)
+    assert pod_templates(new_render) == pod_templates(old_render)
+    assert new_render.get("Secret", f"{GATEWAY}-api-keys") != old_render.get("Secret", f"{GATEWAY}-api-keys")

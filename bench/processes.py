@@ -1,0 +1,211 @@
+"""The processes a benchmark runs: started pinned to CPUs, waited for, measured, always stopped."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+READY_TIMEOUT_S = 30.0
+CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+
+
+@dataclass(frozen=True)
+class Pinning:
+    """Which CPUs each party runs on; empty means unpinned (fewer than 2 CPUs)."""
+
+    gateway: tuple[int, ...]
+    simulator: tuple[int, ...]  # and Redis, when the bench starts one
+    load_generator: tuple[int, ...]
+
+
+def choose_pinning() -> Pinning:
+    cpus = sorted(os.sched_getaffinity(0))
+    if len(cpus) < 2:
+        return Pinning((), (), ())
+    return Pinning(gateway=(cpus[1],), simulator=(cpus[0],), load_generator=(cpus[0],))
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def cpu_seconds(pid: int) -> float:
+    """utime + stime of a process (all its threads) from /proc/<pid>/stat."""
+    stat = Path(f"/proc/{pid}/stat").read_text()
+    fields = stat[stat.rindex(")") + 2 :].split()  # the command name may contain spaces
+    return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS  # fields 14 and 15 of proc(5)
+
+
+def own_cpu_seconds() -> float:
+    times = os.times()
+    return times.user + times.system
+
+
+def pin_to(cpus: tuple[int, ...]) -> Callable[[], None] | None:
+    # Runs in the child between fork and exec, so the pinning holds from the first instruction.
+    return (lambda: os.sched_setaffinity(0, cpus)) if cpus else None
+
+
+class ProcessGroup:
+    """Processes started by the bench, each logging to `<log_dir>/<name>.log`, stopped in reverse order."""
+
+    def __init__(self, log_dir: Path) -> None:
+        self.log_dir = log_dir
+        self._procs: list[subprocess.Popen[bytes]] = []
+
+    def start(self, name: str, argv: list[str], cpus: tuple[int, ...]) -> subprocess.Popen[bytes]:
+        with (self.log_dir / f"{name}.log").open("wb") as log:
+            # A new session keeps Ctrl-C away from the children: the bench stops them itself, in order.
+            proc = subprocess.Popen(
+                argv, cwd=REPO_ROOT, stdout=log, stderr=subprocess.STDOUT, preexec_fn=pin_to(cpus),
+                start_new_session=True,
+            )
+        self._procs.append(proc)
+        return proc
+
+    def start_gateway_app(self, name: str, args: list[str], cpus: tuple[int, ...]) -> subprocess.Popen[bytes]:
+        """`python -m gateway_app <args>` with this interpreter."""
+        return self.start(name, [sys.executable, "-m", "gateway_app", *args], cpus)
+
+    def wait_ready(self, name: str, proc: subprocess.Popen[bytes], probe: Callable[[], bool]) -> None:
+        """Call `probe` until it returns True; fail early, with the process's log, if the process dies."""
+        deadline = time.monotonic() + READY_TIMEOUT_S
+        while time.monotonic() < deadline and proc.poll() is None:
+            if probe():
+                return
+            time.sleep(0.05)
+        log = (self.log_dir / f"{name}.log").read_text(errors="replace")[-3000:]
+        state = f"exited with {proc.returncode}" if proc.poll() is not None else "not ready in time"
+        raise RuntimeError(f"{name} {state}; its log:\n{log}")
+
+    def stop_all(self) -> None:
+        while self._procs:
+            stop(self._procs.pop())
+
+
+@contextmanager
+def process_group() -> Iterator[ProcessGroup]:
+    """A group whose processes are stopped, and whose temporary directory is removed, however the bench ends."""
+    with tempfile.TemporaryDirectory(prefix="llm-gateway-bench-") as tmp:
+        group = ProcessGroup(Path(tmp))
+        try:
+            yield group
+        finally:
+            group.stop_all()
+
+
+def stop(proc: subprocess.Popen[bytes]) -> None:
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def http_ok(url: str) -> Callable[[], bool]:
+    def probe() -> bool:
+        try:
+            with urllib.request.urlopen(url, timeout=1) as response:
+                return response.status == 200
+        except (urllib.error.URLError, ConnectionError, TimeoutError):
+            return False
+
+    return probe
+
+
+def redis_command(port: int, *words: str) -> bytes:
+    """One command in Redis's inline protocol, without a client library; the raw first reply line."""
+    with socket.create_connection(("127.0.0.1", port), timeout=1) as sock:
+        sock.sendall(" ".join(words).encode() + b"\r\n")
+        reply = b""
+        while not reply.endswith(b"\r\n"):
+            data = sock.recv(4096)
+            if not data:
+                break
+            reply += data
+        return reply.strip()
+
+
+def redis_ok(port: int) -> Callable[[], bool]:
+    def probe() -> bool:
+        try:
+            return redis_command(port, "PING") == b"+PONG"
+        except OSError:
+            return False
+
+    return probe
+
+
+@dataclass(frozen=True)
+class Servers:
+    simulator: subprocess.Popen[bytes]
+    simulator_url: str
+    gateway: subprocess.Popen[bytes]
+    gateway_url: str
+
+
+def start_servers(group: ProcessGroup, pinning: Pinning, model: str) -> Servers:
+    """The simulator, then an open gateway (no keys, no limits) in front of it."""
+    sim_port, gw_port = free_port(), free_port()
+    sim_url, gw_url = f"http://127.0.0.1:{sim_port}", f"http://127.0.0.1:{gw_port}"
+    simulator = group.start_gateway_app(
+        "simulator",
+        ["simulate", "--engine", "vllm", "--model", model, "--host", "127.0.0.1", "--port", str(sim_port),
+         "--ttft-ms", "0", "--itl-ms", "0"],
+        pinning.simulator,
+    )
+    group.wait_ready("simulator", simulator, http_ok(f"{sim_url}/health"))
+    gateway = start_gateway(group, "gateway", pinning, routing_map(model, sim_url), gw_port)
+    return Servers(simulator, sim_url, gateway, gw_url)
+
+
+def routing_map(model: str, simulator_url: str, settings: str = "") -> str:
+    engine = f'engines:\n  - {{name: bench-vllm, model: {model}, owned_by: vllm, url: "{simulator_url}"}}\n'
+    return (f"settings: {settings}\n" if settings else "") + engine
+
+
+def start_gateway(
+    group: ProcessGroup, name: str, pinning: Pinning, routes: str, port: int, extra_args: tuple[str, ...] = (),
+) -> subprocess.Popen[bytes]:
+    """`serve` with the routing map `routes` (YAML text), ready on `port` when this returns."""
+    config = group.log_dir / f"{name}.routes.yaml"
+    config.write_text(routes)
+    gateway = group.start_gateway_app(
+        name,
+        ["serve", "--config", str(config), "--host", "127.0.0.1", "--port", str(port), "--log-level", "warning",
+         *extra_args],
+        pinning.gateway,
+    )
+    group.wait_ready(name, gateway, http_ok(f"http://127.0.0.1:{port}/readyz"))
+    return gateway
+
+
+def start_redis(group: ProcessGroup, cpus: tuple[int, ...], port: int) -> subprocess.Popen[bytes]:
+    """A throwaway redis-server on loopback: no persistence, its working directory the bench's temporary one."""
+    server = shutil.which("redis-server")
+    if server is None:
+        raise RuntimeError("redis-server is not on PATH: install it, or leave keys+redis out of --access")
+    redis = group.start(
+        "redis",
+        [server, "--bind", "127.0.0.1", "--port", str(port), "--save", "", "--appendonly", "no",
+         "--dir", str(group.log_dir), "--daemonize", "no"],
+        cpus,
+    )
+    group.wait_ready("redis", redis, redis_ok(port))
+    return redis

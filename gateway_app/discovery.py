@@ -1,0 +1,193 @@
+"""Finding an engine's ready pods: EndpointSlices from the Kubernetes API, listed then watched.
+
+Why the API and not a headless Service's DNS: a watch reports a pod that turns ready or unready within
+about a second, while DNS answers are cached for their TTL and resolvers differ in how they honour it;
+the cost is a Role that may get, list and watch EndpointSlices in the release's namespace. The client is
+a few calls over the aiohttp session the gateway already has (the official client is synchronous and
+much larger than the two requests needed here).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import ssl
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import quote
+
+import aiohttp
+import orjson
+
+log = logging.getLogger("llm_gateway.discovery")
+
+SERVICE_ACCOUNT = Path("/var/run/secrets/kubernetes.io/serviceaccount")
+SERVICE_NAME_LABEL = "kubernetes.io/service-name"
+
+
+@dataclass(frozen=True, slots=True)
+class KubernetesAPI:
+    """Where the API server is and how to authenticate to it."""
+
+    base_url: str
+    token_file: Path | None
+    ssl_context: ssl.SSLContext | bool
+
+    @classmethod
+    def from_environment(cls) -> "KubernetesAPI | None":
+        """In a pod: the service account. `LLM_GATEWAY_KUBE_API` overrides the address (tests, proxies)."""
+        override = os.environ.get("LLM_GATEWAY_KUBE_API")
+        if override:
+            return cls(override.rstrip("/"), None, True)
+        host, port = os.environ.get("KUBERNETES_SERVICE_HOST"), os.environ.get("KUBERNETES_SERVICE_PORT")
+        if not host or not port:
+            return None
+        context = ssl.create_default_context(cafile=str(SERVICE_ACCOUNT / "ca.crt"))
+        host = f"[{host}]" if ":" in host else host
+        return cls(f"https://{host}:{port}", SERVICE_ACCOUNT / "token", context)
+
+    def headers(self) -> dict[str, str]:
+        # Re-read on every call: projected service-account tokens are rotated on disk.
+        if self.token_file is None:
+            return {}
+        return {"Authorization": f"Bearer {self.token_file.read_text().strip()}"}
+
+
+def ready_addresses(endpoint_slice: dict, port: int) -> set[str]:
+    """Ready pod addresses of one EndpointSlice that expose `port` ("ready" absent means ready)."""
+    if not any(p.get("port") == port for p in endpoint_slice.get("ports") or ()):
+        return set()
+    found = set()
+    for endpoint in endpoint_slice.get("endpoints") or ():
+        if (endpoint.get("conditions") or {}).get("ready") is False:
+            continue
+        found.update(endpoint.get("addresses") or ())
+    return found
+
+
+def endpoint_url(address: str, port: int, scheme: str = "http") -> str:
+    return f"{scheme}://[{address}]:{port}" if ":" in address else f"{scheme}://{address}:{port}"
+
+
+class EndpointSliceWatcher:
+    """Keeps `on_change(urls)` informed of the ready pods behind one Service."""
+
+    RETRY_SECONDS = 2.0
+
+    def __init__(
+        self, api: KubernetesAPI, session: Callable[[], aiohttp.ClientSession], namespace: str, service: str,
+        port: int, on_change: Callable[[list[str]], None],
+    ) -> None:
+        self.api = api
+        self._session = session
+        self.namespace, self.service, self.port = namespace, service, port
+        self._on_change = on_change
+        self._slices: dict[str, set[str]] = {}
+        self._published: list[str] | None = None
+        self._path = (
+            f"/apis/discovery.k8s.io/v1/namespaces/{quote(namespace)}/endpointslices"
+            f"?labelSelector={quote(f'{SERVICE_NAME_LABEL}={service}')}"
+        )
+
+    def _publish(self) -> None:
+        urls = sorted(endpoint_url(a, self.port) for addresses in self._slices.values() for a in addresses)
+        if urls != self._published:
+            self._published = urls
+            log.info("service %s/%s: %d ready endpoint(s)", self.namespace, self.service, len(urls))
+            self._on_change(urls)
+
+    async def _list(self) -> str:
+        async with self._session().get(
+            self.api.base_url + self._path, headers=self.api.headers(), ssl=self.api.ssl_context,
+            timeout=aiohttp.ClientTimeout(total=10),
+        ) as response:
+            response.raise_for_status()
+            listing = orjson.loads(await response.read())
+        self._slices = {
+            item["metadata"]["name"]: ready_addresses(item, self.port) for item in listing.get("items") or ()
+        }
+        self._publish()
+        return listing.get("metadata", {}).get("resourceVersion", "")
+
+    async def _watch(self, resource_version: str) -> None:
+        """Apply watch events until the server ends the watch; return to relist."""
+        url = f"{self.api.base_url}{self._path}&watch=1&allowWatchBookmarks=true&resourceVersion={resource_version}"
+        async with self._session().get(
+            url, headers=self.api.headers(), ssl=self.api.ssl_context,
+            timeout=aiohttp.ClientTimeout(total=None, sock_connect=10, sock_read=330),
+        ) as response:
+            response.raise_for_status()
+            async for line in response.content:
+                if not line.strip():
+                    continue
+                event = orjson.loads(line)
+                kind, item = event.get("type"), event.get("object") or {}
+                if kind == "ERROR":  # typically 410 Gone: our resourceVersion is too old
+                    return
+                if kind in ("ADDED", "MODIFIED"):
+                    self._slices[item["metadata"]["name"]] = ready_addresses(item, self.port)
+                elif kind == "DELETED":
+                    self._slices.pop(item["metadata"]["name"], None)
+                else:
+                    continue  # BOOKMARK
+                self._publish()
+
+    async def run(self) -> None:
+        """List, watch, and start over after any failure; never raises."""
+        while True:
+            try:
+                await self._watch(await self._list())
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # the API may be briefly unreachable: keep the endpoints we have
+                log.warning("watching service %s/%s: %s; retrying", self.namespace, self.service, exc or type(exc).__name__)
+                await asyncio.sleep(self.RETRY_SECONDS)
+
+
+class DiscoveryManager:
+    """One watch per Service that the current route table discovers; watches outlive table reloads."""
+
+    def __init__(
+        self, api: KubernetesAPI | None, session: Callable[[], aiohttp.ClientSession], registry,
+        pools: dict, on_change: Callable[[], None],
+    ) -> None:
+        self._api = api
+        self._session = session
+        self._registry = registry
+        self._pools = pools
+        self._on_change = on_change
+        self._tasks: dict[tuple, asyncio.Task] = {}
+        self._warned = False
+
+    def sync(self, table) -> None:
+        """Start the watches the table needs and stop the others (call from the event loop)."""
+        wanted = {engine.discovery for engine in table.engines if engine.discovery is not None}
+        if wanted and self._api is None:
+            if not self._warned:
+                log.warning("engines ask for discovery but the gateway is not in a Kubernetes pod; using their url")
+                self._warned = True
+            return
+        for key in wanted - self._tasks.keys():
+            namespace, service, port, _ = key
+            watcher = EndpointSliceWatcher(
+                self._api, self._session, namespace, service, port, lambda urls, key=key: self._update(key, urls)
+            )
+            self._tasks[key] = asyncio.get_running_loop().create_task(watcher.run())
+        for key in self._tasks.keys() - wanted:
+            self._tasks.pop(key).cancel()
+            self._pools.pop(key, None)
+
+    def _update(self, key: tuple, urls: list[str]) -> None:
+        pool = self._pools.get(key)
+        if pool is not None:
+            pool.update(tuple(self._registry.get(url) for url in urls))
+            self._on_change()
+
+    async def stop(self) -> None:
+        tasks = list(self._tasks.values())
+        self._tasks.clear()
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)

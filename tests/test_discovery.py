@@ -1,0 +1,72 @@
+"""Engine pods found through EndpointSlices: list, then watch; readiness changes followed within seconds."""
+
+from __future__ import annotations
+
+import pytest
+
+from tests.conftest import write_routing_map
+from tests.fake_kube_api import FakeKubeAPI, endpoint_slice
+from tests.support import free_port, start_cli, start_gateway
+from tests.web import get, metric_value, post, wait_for
+
+CHAT = "/v1/chat/completions"
+HI = [{"role": "user", "content": "hi"}]
+PODS = ("127.0.0.2", "127.0.0.3")  # loopback addresses standing for pod IPs: one port, several hosts
+
+
+@pytest.fixture
+def pods(log_dir):
+    port = free_port()
+    started = {}
+    try:
+        for address in PODS:
+            started[address] = start_cli(
+                ["simulate", "--engine", "vllm", "--model", "m", "--host", address, "--port", str(port)],
+                port, "/health", log_dir, f"pod-{address}", host=address,
+            )
+        yield port, started
+    finally:
+        for sim in started.values():
+            sim.stop()
+
+
+def served(sim) -> float:
+    return metric_value(get(sim.url + "/metrics").body.decode(), "vllm:e2e_request_latency_seconds_count")
+
+
+def test_gateway_follows_the_ready_pods_of_a_service(pods, log_dir, tmp_path):
+    port, sims = pods
+    api = FakeKubeAPI().start()
+    api.slices["svc-a"] = endpoint_slice("svc-a", "engine-svc", port, [(PODS[0], True), (PODS[1], False)])
+    config = write_routing_map(tmp_path / "routes.yaml", [{
+        "name": "e", "model": "m", "owned_by": "vllm", "url": f"http://127.0.0.1:{free_port()}",  # the Service: unused
+        "discovery": {"service": "engine-svc", "namespace": "llm", "port": port},
+    }])
+    gateway = start_gateway(config, log_dir, env={"LLM_GATEWAY_KUBE_API": api.url})
+
+    def available(address: str) -> float:
+        text = get(gateway.url + "/metrics").body.decode()
+        return metric_value(text, "llm_gateway_endpoint_available", endpoint=f"http://{address}:{port}")
+
+    def send(count: int) -> list[float]:
+        before = [served(sims[a]) for a in PODS]
+        for _ in range(count):
+            assert post(gateway.url + CHAT, {"model": "m", "messages": HI}).status == 200
+        return [served(sims[a]) - b for a, b in zip(PODS, before)]
+
+    try:
+        wait_for(lambda: available(PODS[0]) == 1, message="first pod discovered")
+        assert send(6) == [6, 0]  # the unready pod gets nothing
+        assert "labelSelector=kubernetes.io/service-name%3Dengine-svc" in api.requests[0]
+
+        api.push("MODIFIED", endpoint_slice("svc-a", "engine-svc", port, [(PODS[0], True), (PODS[1], True)]))
+        wait_for(lambda: available(PODS[1]) == 1, timeout=5, message="second pod ready")
+        spread = send(20)
+        assert spread[0] > 0 and spread[1] > 0
+
+        api.push("MODIFIED", endpoint_slice("svc-a", "engine-svc", port, [(PODS[0], False), (PODS[1], True)]))
+        wait_for(lambda: available(PODS[0]) == 0 and available(PODS[1]) == 1, timeout=5, message="first pod gone")
+        assert send(6) == [0, 6]
+    finally:
+        gateway.stop()
+        api.stop()
