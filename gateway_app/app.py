@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections.abc import AsyncIterator, Sequence
 
 import orjson
@@ -95,7 +96,15 @@ def create_app(state: GatewayState, watched: Sequence[WatchedFile] = ()) -> Star
         return Response(status_code=200)
 
     async def readyz(request: Request) -> Response:
-        return _json({"status": "ready", "engines": len(state.table.engines)})
+        table = state.table
+        now = time.monotonic()
+        reachable = sum(1 for e in table.engines if any(p.available(now) for p in e.pool.endpoints))
+        ready = reachable > 0 or not table.settings.ready_requires_engine
+        return _json(
+            {"status": "ready" if ready else "no engine reachable", "engines": len(table.engines),
+             "engines_reachable": reachable},
+            status=200 if ready else 503,
+        )
 
     async def version(request: Request) -> Response:
         return _json({"version": __version__})

@@ -14,7 +14,7 @@ import hashlib
 import random
 from collections.abc import Sequence
 
-from gateway_app.endpoints import Endpoint
+from gateway_app.endpoints import Endpoint, EndpointPool
 
 
 def available(endpoints: Sequence[Endpoint], now: float, exclude: Sequence[Endpoint] = ()) -> list[Endpoint]:
@@ -41,12 +41,21 @@ def pick_by_affinity(candidates: Sequence[Endpoint], key: str) -> Endpoint:
     return max(candidates, key=lambda e: hashlib.blake2b(f"{key}|{e.url}".encode(), digest_size=8).digest())
 
 
+def pick_in_turn(candidates: Sequence[Endpoint], pool: EndpointPool) -> Endpoint:
+    """Plain rotation, what a Service does per connection: the baseline the benchmark compares with."""
+    pool.turn += 1
+    return candidates[pool.turn % len(candidates)]
+
+
 def choose(
-    endpoints: Sequence[Endpoint], now: float, affinity_key: str | None = None, exclude: Sequence[Endpoint] = ()
+    pool: EndpointPool, now: float, affinity_key: str | None = None, exclude: Sequence[Endpoint] = (),
+    policy: str = "power_of_two",
 ) -> Endpoint | None:
-    candidates = available(endpoints, now, exclude)
+    candidates = available(pool.endpoints, now, exclude)
     if not candidates:
         return None
     if affinity_key:
         return pick_by_affinity(candidates, affinity_key)
+    if policy == "round_robin":
+        return pick_in_turn(candidates, pool)
     return pick_least_loaded_of_two(candidates)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 from urllib.parse import urlsplit
 
 import yaml
@@ -119,6 +119,11 @@ class Settings(_Strict):
     health: HealthSettings = HealthSettings()
     retries: RetrySettings = RetrySettings()
     affinity: AffinitySettings = AffinitySettings()
+    # How a replica is picked: the less loaded of two at random, or plain rotation (for comparison).
+    balancing: Literal["power_of_two", "round_robin"] = "power_of_two"
+    # /readyz fails while no endpoint of any engine is healthy. Off by default: with every gateway pod
+    # unready, clients get refused connections instead of an explanatory 502.
+    ready_requires_engine: bool = False
 
 
 class EngineSpec(_Strict):

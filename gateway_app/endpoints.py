@@ -116,11 +116,12 @@ class EndpointPool:
     """The replicas one engine routes to right now. Discovery replaces `endpoints` in one assignment;
     an engine without discovery keeps its configured list."""
 
-    __slots__ = ("configured", "endpoints")
+    __slots__ = ("configured", "endpoints", "turn")
 
     def __init__(self, configured: tuple[Endpoint, ...]) -> None:
         self.configured = configured
         self.endpoints = configured
+        self.turn = 0  # for round-robin
 
     def update(self, discovered: tuple[Endpoint, ...]) -> None:
         self.endpoints = discovered or self.configured  # no ready pod: the Service URL is the best bet

@@ -61,7 +61,7 @@ class ModelCatalog:
 
     async def _engine_cards(self, engine: Engine, table: RouteTable) -> list[Any] | None:
         timeout = aiohttp.ClientTimeout(total=table.settings.models_timeout)
-        endpoint = choose(engine.pool.endpoints, time.monotonic())
+        endpoint = choose(engine.pool, time.monotonic())
         if endpoint is None:
             return None
         try:

@@ -245,7 +245,7 @@ class ProxyEndpoint:
         current, tried, visited = engine, [], {engine.name}
         last: tuple[str, GatewayError] | _EngineAnswer | None = None
         for attempt in range(retries.max_attempts):
-            endpoint = choose(current.pool.endpoints, time.monotonic(), progress.affinity_key, exclude=tried)
+            endpoint = choose(current.pool, time.monotonic(), progress.affinity_key, tried, table.settings.balancing)
             while endpoint is None:  # every replica of this engine was tried: on to its fallback
                 fallback = table.engine_named(current.fallback) if current.fallback else None
                 if fallback is None or fallback.name in visited:
@@ -253,7 +253,7 @@ class ProxyEndpoint:
                 current, tried = fallback, []
                 visited.add(fallback.name)
                 self.state.metrics.fallbacks.labels(engine.name, fallback.name).inc()
-                endpoint = choose(current.pool.endpoints, time.monotonic(), progress.affinity_key)
+                endpoint = choose(current.pool, time.monotonic(), progress.affinity_key, (), table.settings.balancing)
             if endpoint is None or (attempt and time.perf_counter() > deadline):
                 break
             if attempt:

@@ -38,19 +38,28 @@ def four_replicas(log_dir) -> Iterator[list[RunningProcess]]:
             sim.stop()
 
 
-def test_slow_replica_gets_clearly_fewer_requests(four_replicas, log_dir, tmp_path):
-    config = write_routing_map(tmp_path / "routes.yaml",
-                               [{"name": "e", "model": "m", "owned_by": "vllm", "urls": [s.url for s in four_replicas]}])
+def share_of_slow_replica(replicas, log_dir, tmp_path, balancing: str) -> float:
+    config = write_routing_map(tmp_path / f"routes-{balancing}.yaml",
+                               [{"name": "e", "model": "m", "owned_by": "vllm", "urls": [s.url for s in replicas]}],
+                               settings={"balancing": balancing})
     gateway = start_gateway(config, log_dir)
     try:
+        before = [served_by(sim) for sim in replicas]
         with ThreadPoolExecutor(8) as pool:
             statuses = list(pool.map(lambda _: post(gateway.url + CHAT, {"model": "m", "messages": HI}).status, range(200)))
         assert statuses == [200] * 200
-        counts = [served_by(sim) for sim in four_replicas]
+        counts = [served_by(sim) - b for sim, b in zip(replicas, before)]
         assert sum(counts) == 200
-        assert counts[0] < 0.15 * 200  # round-robin would give it a quarter (50)
+        return counts[0] / 200
     finally:
         gateway.stop()
+
+
+def test_slow_replica_gets_clearly_fewer_requests_than_with_round_robin(four_replicas, log_dir, tmp_path):
+    rotation = share_of_slow_replica(four_replicas, log_dir, tmp_path, "round_robin")
+    balanced = share_of_slow_replica(four_replicas, log_dir, tmp_path, "power_of_two")
+    assert rotation > 0.2  # a quarter, whatever its speed
+    assert balanced < 0.15 and balanced < rotation / 2
 
 
 def test_replica_killed_under_load_loses_no_request(log_dir, tmp_path):
@@ -189,3 +198,38 @@ def test_sigterm_lets_50_open_streams_finish(log_dir, tmp_path):
     finally:
         gateway.stop()
         sim.stop()
+
+
+def test_replica_killed_mid_stream_ends_the_stream_cleanly(log_dir, tmp_path):
+    sim = start_simulator("vllm", "m", log_dir, itl_ms=100)
+    config = write_routing_map(tmp_path / "routes.yaml", [{"name": "e", "model": "m", "owned_by": "vllm", "url": sim.url}])
+    gateway = start_gateway(config, log_dir)
+    try:
+        with ThreadPoolExecutor(1) as pool:
+            future = pool.submit(post, gateway.url + CHAT, {"model": "m", "messages": HI, "max_tokens": 100, "stream": True})
+            wait_for(lambda: metric_value(get(gateway.url + "/metrics").body.decode(), "llm_gateway_requests_in_flight") == 1)
+            sim.process.send_signal(signal.SIGKILL)
+            answer = future.result(timeout=30)
+        assert answer.status == 200
+        events = sse_events(answer.body)
+        assert events[-1] == "[DONE]"
+        assert json.loads(events[-2])["error"]["code"] == "engine_unreachable"
+    finally:
+        gateway.stop()
+        sim.stop()
+
+
+def test_readyz_can_require_a_reachable_engine(log_dir, tmp_path):
+    engine = RecordingEngine().start()
+    config = write_routing_map(tmp_path / "routes.yaml", [{"name": "e", "model": "m", "owned_by": "vllm", "url": engine.url}],
+                               settings={"ready_requires_engine": True, "health": {"interval": 0.2}})
+    gateway = start_gateway(config, log_dir)
+    try:
+        engine.fail_with = 500  # its /health fails too
+        wait_for(lambda: get(gateway.url + "/readyz").status == 503, message="not ready without an engine")
+        assert get(gateway.url + "/healthz").status == 200  # alive all the same
+        engine.fail_with = None
+        wait_for(lambda: get(gateway.url + "/readyz").status == 200, message="ready again")
+    finally:
+        gateway.stop()
+        engine.stop()

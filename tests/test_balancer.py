@@ -1,0 +1,73 @@
+"""The replica choice, step by step (filter, score, pick), on plain endpoint objects."""
+
+from __future__ import annotations
+
+import random
+from collections import Counter
+
+from gateway_app.balancer import available, choose, pick_by_affinity, pick_least_loaded_of_two
+from gateway_app.config import HealthSettings
+from gateway_app.endpoints import Endpoint, EndpointPool
+
+
+def endpoints(count: int) -> list[Endpoint]:
+    return [Endpoint(f"http://10.0.0.{i}:8000") for i in range(count)]
+
+
+def test_filter_leaves_out_unhealthy_and_ejected_replicas():
+    a, b, c = endpoints(3)
+    b.healthy = False
+    c.failed(HealthSettings(ejection_base=30))
+    assert available([a, b, c], now=c.ejected_until - 1) == [a]
+    assert set(available([a, b, c], now=c.ejected_until + 1)) == {a, c}  # the cool-down ends
+
+
+def test_filter_falls_back_to_the_replica_back_soonest_when_all_are_out():
+    a, b = endpoints(2)
+    a.failed(HealthSettings(ejection_base=50))
+    b.failed(HealthSettings(ejection_base=5))
+    assert available([a, b], now=b.ejected_until - 1) == [b]
+
+
+def test_ejection_grows_while_failures_continue_and_ends_on_success():
+    import time
+
+    (a,) = endpoints(1)
+    settings = HealthSettings(ejection_base=1, ejection_max=8)
+    cool_downs = []
+    for _ in range(5):
+        a.failed(settings)
+        cool_downs.append(round(a.ejected_until - time.monotonic()))
+    assert cool_downs == [1, 2, 4, 8, 8]
+    a.succeeded()
+    assert a.failures == 0 and a.ejected_until == 0
+
+
+def test_power_of_two_never_picks_the_busier_of_its_two():
+    a, b = endpoints(2)
+    a.outstanding, b.outstanding = 5, 0
+    assert all(pick_least_loaded_of_two([a, b], random.Random(seed)) is b for seed in range(50))
+
+
+def test_power_of_two_spreads_equal_load():
+    replicas = endpoints(4)
+    rng = random.Random(1)
+    counts = Counter(pick_least_loaded_of_two(replicas, rng).url for _ in range(4000))
+    assert min(counts.values()) > 700
+
+
+def test_affinity_is_stable_and_moves_only_the_keys_of_a_lost_replica():
+    replicas = endpoints(4)
+    keys = [f"user-{i}" for i in range(200)]
+    before = {key: pick_by_affinity(replicas, key) for key in keys}
+    assert all(pick_by_affinity(replicas, key) is before[key] for key in keys)
+    lost = replicas[1]
+    after = {key: pick_by_affinity([r for r in replicas if r is not lost], key) for key in keys}
+    moved = [key for key in keys if after[key] is not before[key]]
+    assert moved and all(before[key] is lost for key in moved)
+
+
+def test_round_robin_rotates():
+    pool = EndpointPool(tuple(endpoints(3)))
+    picks = [choose(pool, 0, policy="round_robin").url for _ in range(6)]
+    assert picks[:3] == picks[3:] and len(set(picks)) == 3
