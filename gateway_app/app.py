@@ -16,6 +16,7 @@ import orjson
 from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
+from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
@@ -27,6 +28,7 @@ from gateway_app.discovery import KubernetesAPI
 from gateway_app.endpoints import HealthChecker
 from gateway_app.errors import GatewayError, InternalError, MethodNotAllowed, ModelNotFound, NotFound
 from gateway_app.proxy import ProxyEndpoint
+from gateway_app.request_id import RequestIdMiddleware
 from gateway_app.state import GatewayState
 from gateway_app.upstream import create_session
 
@@ -136,6 +138,7 @@ def create_app(state: GatewayState, watched: Sequence[WatchedFile] = ()) -> Star
         )
         tasks = [asyncio.create_task(watcher.run()) for watcher in watched]
         tasks.append(asyncio.create_task(health.run()))
+        tasks.append(asyncio.create_task(state.request_log.run()))
         state.start_discovery(KubernetesAPI.from_environment())
         try:
             yield
@@ -143,6 +146,7 @@ def create_app(state: GatewayState, watched: Sequence[WatchedFile] = ()) -> Star
             if state.discovery is not None:
                 await state.discovery.stop()
             health.stop()
+            state.request_log.stop()
             for watcher in watched:
                 watcher.stop()
             for task in tasks:
@@ -164,5 +168,6 @@ def create_app(state: GatewayState, watched: Sequence[WatchedFile] = ()) -> Star
     return Starlette(
         routes=routes,
         lifespan=lifespan,
+        middleware=[Middleware(RequestIdMiddleware)],
         exception_handlers={HTTPException: http_error, Exception: unexpected_error},
     )

@@ -22,6 +22,14 @@ def _build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--port", type=int, default=8000)
     serve.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
     serve.add_argument(
+        "--log-format", choices=("json", "text"), default=os.environ.get("LLM_GATEWAY_LOG_FORMAT") or None,
+        help="json (one object per line) or text; default: text on a terminal, json otherwise",
+    )
+    serve.add_argument(
+        "--no-access-log", dest="access_log", action="store_false",
+        help="do not write the one line per request (errors and warnings are still logged)",
+    )
+    serve.add_argument(
         "--shutdown-grace-seconds", type=float, default=110.0,
         help="on SIGTERM, stop accepting at once and give requests and streams in flight this long to finish "
         "(keep it below the pod's terminationGracePeriodSeconds minus its preStop wait)",
@@ -75,7 +83,7 @@ def main(argv: list[str] | None = None) -> int:
         return serve_gateway(
             args.config, host=args.host, port=args.port, log_level=args.log_level, keys_file=args.keys_file,
             engine_key_file=args.engine_api_key_file, redis_url=args.redis_url,
-            shutdown_grace=args.shutdown_grace_seconds,
+            shutdown_grace=args.shutdown_grace_seconds, log_format=args.log_format, access_log=args.access_log,
         )
     if args.command == "hash-key":
         from gateway_app.auth import generate_key, hash_key

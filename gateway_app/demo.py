@@ -17,7 +17,9 @@ import yaml
 
 from gateway_app.app import create_app
 from gateway_app.config import parse_routing_map
-from gateway_app.server import KEEP_ALIVE_SECONDS, configure_logging
+from gateway_app.log_setup import configure_logging
+from gateway_app.request_log import RequestLog
+from gateway_app.server import KEEP_ALIVE_SECONDS
 from gateway_app.simulator import build_simulator_app
 from gateway_app.state import GatewayState
 
@@ -78,7 +80,7 @@ async def _run(host: str, port: int, ttft_ms: float, itl_ms: float) -> None:
         url = f"http://127.0.0.1:{sock.getsockname()[1]}"
         engines.append({"name": name, "model": model, "owned_by": kind, "url": url, "default": default})
     routing_yaml = yaml.safe_dump({"engines": engines}, sort_keys=False)
-    state = GatewayState(parse_routing_map(routing_yaml))
+    state = GatewayState(parse_routing_map(routing_yaml), request_log=RequestLog(fmt="text"))
     gateway = _server(create_app(state))
     servers.append((gateway, gateway_socket))
 
@@ -104,7 +106,7 @@ async def _run(host: str, port: int, ttft_ms: float, itl_ms: float) -> None:
 
 
 def run_demo(host: str = "127.0.0.1", port: int = 8000, ttft_ms: float = 50.0, itl_ms: float = 20.0) -> int:
-    configure_logging("warning")
+    configure_logging("warning", "text")
     try:
         import uvloop
 

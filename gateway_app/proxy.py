@@ -60,6 +60,7 @@ class _Progress:
     __slots__ = (
         "response_started", "finished", "disconnected", "first_byte_at", "sse", "at_event_boundary",
         "extra_headers", "strip_usage", "usage", "table", "started", "affinity_key",
+        "error_kind", "bytes_sent", "served_by", "endpoint_url",
     )
 
     def __init__(
@@ -69,6 +70,10 @@ class _Progress:
         self.table = table  # the table the request started with, for its whole life
         self.started = started
         self.affinity_key = affinity_key
+        self.error_kind: str | None = None  # for the request log
+        self.bytes_sent = 0
+        self.served_by: str | None = None
+        self.endpoint_url: str | None = None
         self.extra_headers = extra_headers  # e.g. x-ratelimit-*, added to the engine's answer
         self.strip_usage = strip_usage  # the gateway asked for the usage chunk, the client did not
         self.usage: tuple[int, int] | None = None
@@ -118,6 +123,7 @@ class ProxyEndpoint:
                     raise decision.error()
         except GatewayError as error:
             await self._refuse(error, client_name, decision, send)
+            self._log(scope, started, error.status, client_name, error_kind=error.code or error.error_type)
             return
         except ConnectionAbortedError:
             return
@@ -139,6 +145,22 @@ class ProxyEndpoint:
         status = await self._forward(engine, payload_for, scope, receive, send, progress)
         if decision is not None and decision.counted:
             await state.limiter.settle(client.name, limits, decision.tokens_charged, _tokens_used(status, decision, progress))
+        usage = progress.usage
+        self._log(
+            scope, started, status, client_name, model=engine.model, owned_by=engine.owned_by,
+            engine=progress.served_by or engine.name, endpoint=progress.endpoint_url,
+            stream=fields.document.get("stream") is True,
+            ttfb_ms=round((progress.first_byte_at - started) * 1000, 2) if progress.first_byte_at else None,
+            prompt_tokens=usage[0] if usage else None, completion_tokens=usage[1] if usage else None,
+            bytes=progress.bytes_sent, error_kind=progress.error_kind,
+        )
+
+    def _log(self, scope: Scope, started: float, status: int, client: str, **fields: object) -> None:
+        """One line per request; never the prompt, the completion or a key."""
+        self.state.request_log.record({
+            "request_id": scope.get("request_id"), "path": self.endpoint, "status": status, "client": client or None,
+            "duration_ms": round((time.perf_counter() - started) * 1000, 2), **fields,
+        })
 
     @staticmethod
     def _affinity_key(scope: Scope, fields: RoutingFields, table: RouteTable) -> str | None:
@@ -210,9 +232,11 @@ class ProxyEndpoint:
                 raise
             handler.uncancel()
             metrics.client_disconnects.labels(engine.model, engine.name).inc()
+            progress.error_kind = "client_disconnect"
             status = CLIENT_CLOSED
         except EngineBusy as error:
             metrics.rejected.labels("engine_overloaded", "").inc()
+            progress.error_kind = "engine_overloaded"
             await send_error(send, error, [(ENGINE_HEADER, engine.name_header),
                                            (b"retry-after", str(error.retry_after).encode())])
             status = error.status
@@ -277,6 +301,7 @@ class ProxyEndpoint:
         response: aiohttp.ClientResponse | None = None
         complete = False
         endpoint.outstanding += 1
+        progress.served_by, progress.endpoint_url = engine.name, endpoint.url
         try:
             try:
                 async with asyncio.timeout(timeouts.first_byte):
@@ -313,6 +338,7 @@ class ProxyEndpoint:
                 await send({"type": "http.response.start", "status": status, "headers": headers})
                 progress.response_started = True
                 await send({"type": "http.response.body", "body": first})
+                progress.bytes_sent = len(first)
                 complete = True
                 if status == 200 and USAGE_KEY in first:
                     self._count_tokens(engine, find_usage(first), progress)
@@ -341,6 +367,7 @@ class ProxyEndpoint:
         connection fails before the engine has read it, so sending it again is safe.
         """
         headers = headers_for_engine(scope["headers"], engine.headers + self.state.engine_auth)
+        headers.append(("X-Request-Id", scope["request_id"]))  # vLLM takes it as its own request id
         url = endpoint.url + scope["path"]
         try:
             return await self.state.session.post(url, data=payload, headers=headers, timeout=engine.client_timeout)
@@ -368,6 +395,7 @@ class ProxyEndpoint:
                         chunk = usage_filter.feed(chunk)
                     if chunk:
                         await send({"type": "http.response.body", "body": chunk, "more_body": True})
+                        progress.bytes_sent += len(chunk)
                         progress.at_event_boundary = chunk.endswith(b"\n\n")
                     older, previous = previous, chunk
                     if idle is not None:
@@ -407,6 +435,7 @@ class ProxyEndpoint:
         sees a cut connection rather than a body with an error glued to it.
         """
         self.state.metrics.upstream_errors.labels(engine.name, kind).inc()
+        progress.error_kind = kind
         log.warning("engine %s: %s", engine.name, error.message)
         if not progress.response_started:
             await send_error(send, error, [(ENGINE_HEADER, engine.name_header)])

@@ -13,6 +13,8 @@ from gateway_app.app import create_app
 from gateway_app.auth import load_engine_key, load_keys_file
 from gateway_app.config import ConfigError, load_routing_map
 from gateway_app.config_watcher import WatchedFile
+from gateway_app.log_setup import configure_logging
+from gateway_app.request_log import RequestLog
 from gateway_app.shutdown import quiet_after_shutdown
 from gateway_app.state import GatewayState
 
@@ -22,16 +24,9 @@ KEEP_ALIVE_SECONDS = 75
 log = logging.getLogger("llm_gateway")
 
 
-def configure_logging(level: str) -> None:
-    logging.basicConfig(
-        level=level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr
-    )
-    # watchfiles logs every file event at INFO; the reload itself is logged by the watcher.
-    logging.getLogger("watchfiles").setLevel(logging.WARNING)
-
-
 def build_state(
-    config: Path, keys_file: Path | None, engine_key_file: Path | None, redis_url: str | None
+    config: Path, keys_file: Path | None, engine_key_file: Path | None, redis_url: str | None,
+    request_log: RequestLog | None = None,
 ) -> tuple[GatewayState, list[WatchedFile]]:
     """Load everything the gateway needs, raising ConfigError naming the file and field at fault."""
     routing_map, routing_raw = load_routing_map(config)
@@ -40,6 +35,7 @@ def build_state(
     state = GatewayState(
         routing_map, keys=keys, engine_api_key=engine_key,
         redis_url=redis_url, redis_password=os.environ.get("LLM_GATEWAY_REDIS_PASSWORD") or None,
+        request_log=request_log,
     )
 
     def counter(file: str):
@@ -59,12 +55,13 @@ def build_state(
 def serve_gateway(
     config: str, host: str, port: int, log_level: str = "info", keys_file: str | None = None,
     engine_key_file: str | None = None, redis_url: str | None = None, shutdown_grace: float = 110.0,
+    log_format: str | None = None, access_log: bool = True,
 ) -> int:
-    configure_logging(log_level)
+    log_format = configure_logging(log_level, log_format)
     try:
         state, watched = build_state(
             Path(config), Path(keys_file) if keys_file else None, Path(engine_key_file) if engine_key_file else None,
-            redis_url,
+            redis_url, RequestLog(fmt=log_format, enabled=access_log),
         )
     except ConfigError as error:
         print(f"llm-gateway: refusing to start: {error}", file=sys.stderr)
@@ -87,6 +84,7 @@ def serve_gateway(
             lifespan="on",
             access_log=False,
             log_level=log_level,
+            log_config=None,  # keep the logging set up above (JSON or text) for uvicorn's own lines too
             server_header=False,
             proxy_headers=False,  # the client address is not used; skip parsing X-Forwarded-For per request
             timeout_keep_alive=KEEP_ALIVE_SECONDS,

@@ -14,6 +14,7 @@ from gateway_app.endpoints import EndpointRegistry
 from gateway_app.metrics import GatewayMetrics
 from gateway_app.models_catalog import ModelCatalog
 from gateway_app.rate_limit import Limiter, Limits, MemoryLimiter, RedisLimiter
+from gateway_app.request_log import RequestLog
 from gateway_app.route_table import RouteTable
 
 
@@ -26,8 +27,10 @@ class GatewayState:
         engine_api_key: str | None = None,
         redis_url: str | None = None,
         redis_password: str | None = None,
+        request_log: RequestLog | None = None,
     ) -> None:
         self.metrics = metrics or GatewayMetrics()
+        self.request_log = request_log or RequestLog(enabled=False)
         self.endpoints = EndpointRegistry()
         self._gates: dict = {}
         self.pools: dict = {}  # discovered replicas by Service, shared by successive tables

@@ -15,8 +15,9 @@ _HOP_BY_HOP = frozenset(
 # to read `usage` in them. Authorization and X-API-Key are the client's credentials for the gateway.
 _NOT_TO_ENGINE = _HOP_BY_HOP | {
     b"host", b"content-length", b"content-type", b"expect", b"accept-encoding", b"authorization", b"x-api-key",
+    b"x-request-id",  # replaced by the gateway's (the client's own when it was usable)
 }
-_NOT_TO_CLIENT = _HOP_BY_HOP | {b"content-length", b"date", b"server"}
+_NOT_TO_CLIENT = _HOP_BY_HOP | {b"content-length", b"date", b"server", b"x-request-id"}
 
 
 def create_session() -> aiohttp.ClientSession:

@@ -67,7 +67,9 @@ def secret_ref(env_item: dict[str, Any]) -> tuple[str, str]:
 
 def deployed_engines(rendered: Rendered) -> dict[str, dict[str, Any]]:
     return {
-        d["metadata"]["name"]: d for d in rendered.of_kind("Deployment") if "llm-gateway/engine-kind" in d["metadata"]["labels"]
+        d["metadata"]["name"]: d
+        for d in rendered.of_kind("Deployment")
+        if "llm-gateway/engine-kind" in d["metadata"]["labels"]
     }
 
 
@@ -122,7 +124,11 @@ def test_gateway_and_every_engine_share_the_engine_key(
     args = container(rendered, GATEWAY)["args"]
     assert mounted_secret(rendered, arg_after(args, "--engine-api-key-file")) == (secret, item)
     engines = deployed_engines(rendered)
-    assert {d["metadata"]["labels"]["llm-gateway/engine-kind"] for d in engines.values()} == {"vllm", "sglang", "simulator"}
+    assert {d["metadata"]["labels"]["llm-gateway/engine-kind"] for d in engines.values()} == {
+        "vllm",
+        "sglang",
+        "simulator",
+    }
     for name in engines:
         engine = container(rendered, name)
         where = f"{value_set}/{name}"
@@ -147,7 +153,9 @@ def without_engine_key(pod_template: dict[str, Any]) -> dict[str, Any]:
 
 
 @pytest.mark.parametrize("value_set", EXAMPLES)
-def test_the_engine_key_is_the_only_change_to_engine_pods(helm: Helm, renders: dict[str, Rendered], value_set: str) -> None:
+def test_the_engine_key_is_the_only_change_to_engine_pods(
+    helm: Helm, renders: dict[str, Rendered], value_set: str
+) -> None:
     """Off (the default), engine pods are exactly as before; on, they differ by the argument and the variable."""
     plain = renders[value_set]
     keyed = helm.template(VALUE_SETS[value_set], values={"engineApiKey": {"existingSecret": "k", "key": "key"}})
@@ -165,7 +173,9 @@ def test_user_env_replaces_the_charts_engine_key(helm: Helm) -> None:
     rendered = helm.template(
         values={
             "engineApiKey": {"value": "k"},
-            "engines": [{"name": "a", "engine": "vllm", "model": "m", "env": [{"name": "ENGINE_API_KEY", "value": "own"}]}],
+            "engines": [
+                {"name": "a", "engine": "vllm", "model": "m", "env": [{"name": "ENGINE_API_KEY", "value": "own"}]}
+            ],
         }
     )
     assert [e for e in container(rendered, "a")["env"] if e["name"] == "ENGINE_API_KEY"] == [
@@ -189,7 +199,10 @@ def test_auth_and_limits_are_off_by_default(renders: dict[str, Rendered], value_
     assert gateway["args"] == ["serve", "--config", "/etc/llm-gateway/routes.yaml", "--host", "0.0.0.0", "--port",
                                "8000", "--log-level", gateway["args"][-1]]  # fmt: skip
     assert not [name for name in env_of(gateway) if name.startswith("LLM_GATEWAY_")]
-    assert {v["name"] for v in rendered.get("Deployment", GATEWAY)["spec"]["template"]["spec"]["volumes"]} == {"routes", "tmp"}
+    assert {v["name"] for v in rendered.get("Deployment", GATEWAY)["spec"]["template"]["spec"]["volumes"]} == {
+        "routes",
+        "tmp",
+    }
     for name in deployed_engines(rendered):
         assert "--api-key" not in container(rendered, name)["args"], name
     assert not [d for d in rendered.of_kind("Deployment") if d["metadata"]["name"] == REDIS]
@@ -210,7 +223,9 @@ def test_chart_redis_serves_the_gateway(renders: dict[str, Rendered]) -> None:
     gateway = container(rendered, GATEWAY)
     service = rendered.get("Service", REDIS)
     (port,) = service["spec"]["ports"]
-    assert arg_after(gateway["args"], "--redis-url") == f"redis://{REDIS}.{NAMESPACE}.svc.cluster.local:{port['port']}/0"
+    assert (
+        arg_after(gateway["args"], "--redis-url") == f"redis://{REDIS}.{NAMESPACE}.svc.cluster.local:{port['port']}/0"
+    )
     pod = rendered.get("Deployment", REDIS)["spec"]["template"]
     assert service["spec"]["selector"].items() <= pod["metadata"]["labels"].items()
     redis = pod["spec"]["containers"][0]
@@ -230,7 +245,9 @@ def test_chart_redis_is_small_and_hardened(renders: dict[str, Rendered]) -> None
     (redis,) = pod["containers"]
     assert redis["image"] == "redis:7.4.2-alpine"
     assert redis["command"] == ["redis-server"]
-    assert arg_after(redis["args"], "--save") == "" and arg_after(redis["args"], "--appendonly") == "no"  # no persistence
+    assert (
+        arg_after(redis["args"], "--save") == "" and arg_after(redis["args"], "--appendonly") == "no"
+    )  # no persistence
     assert pod["securityContext"]["runAsUser"] == 999 and pod["securityContext"]["runAsNonRoot"] is True
     assert redis["securityContext"]["readOnlyRootFilesystem"] is True
     (data,) = [m for m in redis["volumeMounts"] if m["mountPath"] == "/data"]

@@ -32,8 +32,15 @@ import yaml
 
 from gateway_app.auth import hash_key
 from gateway_app.config import parse_routing_map
-from tests.chart.conftest import EXAMPLES, NAMESPACE, Helm, Rendered, VALUE_SETS
-from tests.support import ConfigMapVolume, RunningProcess, free_port, start_cli, start_gateway, start_simulator
+from tests.chart.conftest import EXAMPLES, NAMESPACE, VALUE_SETS, Helm, Rendered
+from tests.support import (
+    ConfigMapVolume,
+    RunningProcess,
+    free_port,
+    start_cli,
+    start_gateway,
+    start_simulator,
+)
 
 ENGINE_HEADER = "x-gateway-engine"
 
@@ -132,6 +139,7 @@ SECURED_CPU = {
     "redis": {"deploy": True, "password": REDIS_PASSWORD},
 }
 VARIABLE = re.compile(r"\$\((\w+)\)")
+GATEWAY = "my-llm-llm-gateway"
 
 
 def container_env(rendered: Rendered, spec: dict[str, Any]) -> dict[str, str]:
@@ -157,8 +165,9 @@ def command_line(spec: dict[str, Any], env: dict[str, str], replace: dict[str, s
 
 
 def mount_volumes(rendered: Rendered, pod: dict[str, Any], root: Path, edit: dict[str, Any]) -> dict[str, str]:
-    """Lay out the container's ConfigMap and Secret volumes under `root` as the kubelet does (..data
-    symlinks); `edit[volume name]` may rewrite a file's text. Returns mountPath -> local directory."""
+    """Lay out the container's ConfigMap and Secret volumes (one file each, as the chart mounts them)
+    under `root` as the kubelet does, with ..data symlinks; `edit[volume name]` may rewrite a file's text.
+    Returns mountPath -> local directory."""
     volumes = {v["name"]: v for v in pod["volumes"]}
     local = {}
     for mount in pod["containers"][0]["volumeMounts"]:
@@ -185,9 +194,8 @@ def start_redis(rendered: Rendered, workdir: Path) -> tuple[subprocess.Popen, in
     assert spec["command"] == ["redis-server"]
     port = free_port()
     args = command_line(spec, container_env(rendered, spec), {"--port": str(port)})
-    process = subprocess.Popen(
-        [binary, *args, "--bind", "127.0.0.1", "--dir", str(workdir)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
-    )
+    local = ["--bind", "127.0.0.1", "--dir", str(workdir)]  # loopback only; the pod's /data is an emptyDir
+    process = subprocess.Popen([binary, *args, *local], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 10
     while time.monotonic() < deadline:
         try:
@@ -207,93 +215,107 @@ def redis_keys(port: int, password: str, pattern: str) -> bytes:
         return sock.recv(65536)
 
 
-GATEWAY = "my-llm-llm-gateway"
+def start_engines(rendered: Rendered, log_dir: Path) -> dict[str, RunningProcess]:
+    """Every engine from its Deployment: `--api-key $(ENGINE_API_KEY)`, the variable from its Secret."""
+    engines = {}
+    for route in rendered.routing["engines"]:
+        spec = rendered.get("Deployment", route["name"])["spec"]["template"]["spec"]["containers"][0]
+        assert spec["command"] == ["llm-gateway"]  # simulators: the same CLI as in the pod
+        port = free_port()
+        args = command_line(spec, container_env(rendered, spec), {"--host": "127.0.0.1", "--port": str(port)})
+        engines[route["name"]] = start_cli(args, port, "/health", log_dir, f"keyed-{route['name']}")
+    return engines
 
 
-def test_gateway_enforces_the_rendered_keys_and_engine_credential(helm: Helm, contract_logs: Path, tmp_path: Path) -> None:
+def start_rendered_gateway(
+    rendered: Rendered, engines: dict[str, RunningProcess], redis_port: int, root: Path, log_dir: Path
+) -> RunningProcess:
+    """The gateway from its Deployment: its files from the mounted volumes (the routing map pointed at the
+    simulators), the chart's Redis at the Service's address (mapped to loopback), its variables."""
+    pod = rendered.get("Deployment", GATEWAY)["spec"]["template"]["spec"]
+    spec = pod["containers"][0]
+
+    def to_simulators(text: str) -> str:
+        routing = yaml.safe_load(text)
+        for engine in routing["engines"]:
+            engine["url"] = engines[engine["name"]].url
+        return yaml.safe_dump(routing, sort_keys=False)
+
+    port = free_port()
+    args = command_line(spec, {}, {"--host": "127.0.0.1", "--port": str(port)})
+    for mount_path, local in mount_volumes(rendered, pod, root, {"routes": to_simulators}).items():
+        args = [local + arg.removeprefix(mount_path) if arg.startswith(mount_path + "/") else arg for arg in args]
+    assert not [arg for arg in args if arg.startswith(("/etc/", "/var/"))], f"a file that is not mounted: {args}"
+    at = args.index("--redis-url") + 1
+    redis_url = urlsplit(args[at])
+    service_port = rendered.get("Service", f"{GATEWAY}-redis")["spec"]["ports"][0]["port"]
+    assert (redis_url.hostname, redis_url.port) == (f"{GATEWAY}-redis.{NAMESPACE}.svc.cluster.local", service_port)
+    args[at] = redis_url._replace(netloc=f"127.0.0.1:{redis_port}").geturl()
+    return start_cli(args, port, "/readyz", log_dir, "keyed-gateway", container_env(rendered, spec))
+
+
+def run_helm_test_script(rendered: Rendered, models_url: str, api_key: str | None) -> str:
+    """The `helm test` pod's script, run here against `models_url`; returns what it printed."""
+    (pod,) = rendered.of_kind("Pod")
+    spec = pod["spec"]["containers"][0]
+    env = {**container_env(rendered, spec), "MODELS_URL": models_url, **({"API_KEY": api_key} if api_key else {})}
+    result = subprocess.run(
+        [sys.executable, *spec["command"][1:]], env=env, capture_output=True, text=True, timeout=60, check=False
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    return result.stdout
+
+
+def test_gateway_enforces_the_rendered_keys_and_engine_credential(
+    helm: Helm, contract_logs: Path, tmp_path: Path
+) -> None:
     rendered = helm.template(VALUE_SETS["cpu"], values=SECURED_CPU)
-    running: list[RunningProcess] = []
+    engines: dict[str, RunningProcess] = {}
+    gateway: RunningProcess | None = None
     redis_process, redis_port = start_redis(rendered, tmp_path)
     try:
-        # the engines, from their Deployments: --api-key $(ENGINE_API_KEY) with the variable from its Secret
-        engine_urls = {}
-        for route in rendered.routing["engines"]:
-            spec = rendered.get("Deployment", route["name"])["spec"]["template"]["spec"]["containers"][0]
-            port = free_port()
-            args = command_line(spec, container_env(rendered, spec), {"--host": "127.0.0.1", "--port": str(port)})
-            assert spec["command"] == ["llm-gateway"] and ENGINE_KEY in args
-            running.append(start_cli(args, port, "/health", contract_logs, f"keyed-{route['name']}"))
-            engine_urls[route["name"]] = running[-1].url
+        engines = start_engines(rendered, contract_logs)
+        gateway = start_rendered_gateway(rendered, engines, redis_port, tmp_path / "volumes", contract_logs)
+        routes = rendered.routing["engines"]
+        body = {"model": routes[0]["model"], "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
+        chat = gateway.url + "/v1/chat/completions"
 
-        # the gateway, from its Deployment: the routing map, the keys file and the engine key from their
-        # mounted volumes, the chart's Redis at the Service's address, its password from the Secret
-        pod = rendered.get("Deployment", GATEWAY)["spec"]["template"]["spec"]
-        spec = pod["containers"][0]
+        # the engines really check their key
+        engine_chat = engines[routes[0]["name"]].url + "/v1/chat/completions"
+        assert call(engine_chat, body)[0] == 401
+        assert call(engine_chat, body, key=ENGINE_KEY)[0] == 200
 
-        def to_simulators(text: str) -> str:
-            routing = yaml.safe_load(text)
-            for engine in routing["engines"]:
-                engine["url"] = engine_urls[engine["name"]]
-            return yaml.safe_dump(routing, sort_keys=False)
-
-        mounts = mount_volumes(rendered, pod, tmp_path / "volumes", {"routes": to_simulators})
-        port = free_port()
-        args = command_line(spec, {}, {"--host": "127.0.0.1", "--port": str(port)})
-        for mount_path, local in mounts.items():
-            args = [local + arg.removeprefix(mount_path) if arg.startswith(mount_path + "/") else arg for arg in args]
-        redis_url = urlsplit(args[args.index("--redis-url") + 1])
-        service = rendered.get("Service", f"{GATEWAY}-redis")
-        assert (redis_url.hostname, redis_url.port) == (
-            f"{GATEWAY}-redis.{NAMESPACE}.svc.cluster.local", service["spec"]["ports"][0]["port"]
-        )
-        args[args.index("--redis-url") + 1] = redis_url._replace(netloc=f"127.0.0.1:{redis_port}").geturl()
-        assert not [arg for arg in args if arg.startswith(("/etc/", "/var/"))], args  # every file is mounted
-        running.append(start_cli(args, port, "/readyz", contract_logs, "keyed-gateway", container_env(rendered, spec)))
-        gateway = running[-1]
-
-        # the engines really check their key, and the gateway has it
-        body = {"model": rendered.routing["engines"][0]["model"], "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
-        first_engine = engine_urls[rendered.routing["engines"][0]["name"]]
-        assert call(first_engine + "/v1/chat/completions", body)[0] == 401
-        assert call(first_engine + "/v1/chat/completions", body, key=ENGINE_KEY)[0] == 200
-
-        # no key, a wrong key: 401; probes and metrics stay open
+        # no key or a wrong one: 401; probes and metrics stay open
         for key in (None, "sk-wrong"):
             assert call(gateway.url + "/v1/models", key=key)[0] == 401
-            assert call(gateway.url + "/v1/chat/completions", body, key=key)[0] == 401
+            assert call(chat, body, key=key)[0] == 401
         assert call(gateway.url + "/readyz")[0] == 200
         with urllib.request.urlopen(gateway.url + "/metrics", timeout=5) as response:
             assert response.status == 200
 
-        # the right key: every (model, owned_by) and every default, through the engine the chart named
+        # a right key: every (model, owned_by) and every default, through the engine the chart named
         status, _, listing = call(gateway.url + "/v1/models", key=CLIENT_KEYS["team-a"])
         assert status == 200, listing
         listed = {(card["id"], card["owned_by"]) for card in listing["data"]}
-        for engine in rendered.routing["engines"]:
+        for engine in routes:
             assert (engine["model"], engine["owned_by"]) in listed
             asks = [{"model": engine["model"], "owned_by": engine["owned_by"]}]
             asks += [{"model": engine["model"]}] if engine.get("default") else []
             for ask in asks:
-                status, headers, answer = call(
-                    gateway.url + "/v1/chat/completions", {**body, **ask}, key=CLIENT_KEYS["team-a"]
-                )
+                status, headers, answer = call(chat, {**body, **ask}, key=CLIENT_KEYS["team-a"])
                 assert status == 200, f"{ask}: {answer}\n{gateway.log()}"
                 assert headers.get(ENGINE_HEADER) == engine["name"]
 
-        # team-b's limit of 2 requests per minute, counted in the chart's Redis with the chart's password
-        statuses = [call(gateway.url + "/v1/chat/completions", body, key=CLIENT_KEYS["team-b"])[0] for _ in range(3)]
+        # team-b's 2 requests per minute, counted in the chart's Redis with the chart's password
+        statuses = [call(chat, body, key=CLIENT_KEYS["team-b"])[0] for _ in range(3)]
         assert statuses == [200, 200, 429], gateway.log()
         assert b"{team-b}" in redis_keys(redis_port, REDIS_PASSWORD, "llm-gateway:rl:*")
 
-        # the helm test hook's script passes against this gateway, with the key and (401 check) without
-        (test_pod,) = rendered.of_kind("Pod")
-        test_container = test_pod["spec"]["containers"][0]
-        test_env = {**container_env(rendered, test_container), "MODELS_URL": gateway.url + "/v1/models"}
-        for env, printed in (({**test_env, "API_KEY": CLIENT_KEYS["team-a"]}, "ok: "), (test_env, "refuses a call without a key")):
-            result = subprocess.run([sys.executable, *test_container["command"][1:]], env=env, capture_output=True, text=True, timeout=60)
-            assert result.returncode == 0 and printed in result.stdout, result.stdout + result.stderr
+        # the `helm test` script passes: with a key it finds every route, without one it checks the 401
+        assert "ok: " in run_helm_test_script(rendered, gateway.url + "/v1/models", CLIENT_KEYS["team-a"])
+        assert "refuses a call without a key" in run_helm_test_script(rendered, gateway.url + "/v1/models", None)
     finally:
-        for process in running:
+        for process in [*engines.values(), *([gateway] if gateway else [])]:
             process.stop()
         redis_process.terminate()
         redis_process.wait(timeout=10)

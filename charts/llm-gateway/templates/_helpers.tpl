@@ -118,3 +118,8 @@ The gateway's request body limit: gateway.settings.max_body_bytes, else the gate
 {{- printf "%d" $bytes -}}
 {{- end -}}
 {{- end }}
+
+{{- define "llm-gateway.redis.selectorLabels" -}}
+{{ include "llm-gateway.selectorLabels" . }}
+app.kubernetes.io/component: redis
+{{- end }}

@@ -1,0 +1,84 @@
+"""One structured line per request, written off the hot path, and the request ids that tie it together.
+
+The handler only fills a small dict and appends it to a bounded buffer; a background task serializes
+and writes the buffer a few times a second. Lines never carry a prompt, a completion or a key.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import os
+import re
+import sys
+import time
+from datetime import datetime, timezone
+from typing import Any, TextIO
+
+import orjson
+
+REQUEST_ID_HEADER = b"x-request-id"
+_SAFE_REQUEST_ID = re.compile(rb"^[A-Za-z0-9._:@/+=-]{1,128}$")
+FLUSH_SECONDS = 0.2
+MAX_BUFFERED = 10_000  # past this, lines are dropped (and counted) rather than memory growing
+
+
+def request_id_from(headers: list[tuple[bytes, bytes]]) -> str:
+    """The client's `x-request-id` when it is short and plain, else a new random one."""
+    for name, value in headers:
+        if name == REQUEST_ID_HEADER:
+            if _SAFE_REQUEST_ID.match(value):
+                return value.decode("ascii")
+            break
+    return os.urandom(12).hex()
+
+
+class RequestLog:
+    """Buffers request records and writes them as JSON lines or as text for a terminal."""
+
+    def __init__(self, stream: TextIO | None = None, fmt: str = "json", enabled: bool = True) -> None:
+        self.enabled = enabled
+        self.format = fmt
+        self._stream = stream or sys.stderr
+        self._buffer: collections.deque[dict[str, Any]] = collections.deque()
+        self.dropped = 0
+        self._task: asyncio.Task | None = None
+        self._stop = asyncio.Event()
+
+    def record(self, entry: dict[str, Any]) -> None:
+        """Called on the hot path: no formatting, no I/O."""
+        if not self.enabled:
+            return
+        if len(self._buffer) >= MAX_BUFFERED:
+            self.dropped += 1
+            return
+        entry["time"] = time.time()
+        self._buffer.append(entry)
+
+    def _render(self, entry: dict[str, Any]) -> str:
+        stamp = datetime.fromtimestamp(entry.pop("time"), tz=timezone.utc).isoformat(timespec="milliseconds")
+        if self.format == "json":
+            return orjson.dumps({"time": stamp, **{k: v for k, v in entry.items() if v is not None}}).decode()
+        fields = " ".join(f"{k}={v}" for k, v in entry.items() if v is not None and k not in ("status", "path"))
+        return f"{stamp} {entry.get('status')} {entry.get('path')} {fields}"
+
+    def flush(self) -> None:
+        if not self._buffer:
+            return
+        lines = []
+        while self._buffer:
+            lines.append(self._render(self._buffer.popleft()))
+        self._stream.write("\n".join(lines) + "\n")
+        self._stream.flush()
+
+    async def run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                await asyncio.wait_for(self._stop.wait(), timeout=FLUSH_SECONDS)
+            except TimeoutError:
+                pass
+            self.flush()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self.flush()
