@@ -153,6 +153,8 @@ def create_app(state: GatewayState, watched: Sequence[WatchedFile] = ()) -> Star
                 with contextlib.suppress(asyncio.CancelledError, asyncio.TimeoutError):
                     await asyncio.wait_for(task, timeout=5)
             await state.limiter.close()
+            if state.tracer is not None:
+                await asyncio.to_thread(state.tracer.shutdown)
             await state.session.close()
 
     routes = [Route(path, ProxyEndpoint(state, path), methods=["POST"]) for path in PROXIED_PATHS]

@@ -26,6 +26,11 @@ def _build_parser() -> argparse.ArgumentParser:
         help="json (one object per line) or text; default: text on a terminal, json otherwise",
     )
     serve.add_argument(
+        "--otlp-endpoint", default=os.environ.get("LLM_GATEWAY_OTLP_ENDPOINT") or None,
+        help="send OpenTelemetry traces (OTLP over HTTP) to this collector, e.g. http://otel-collector:4318; "
+        "off by default; needs `pip install 'llm-gateway[tracing]'` (env LLM_GATEWAY_OTLP_ENDPOINT)",
+    )
+    serve.add_argument(
         "--no-access-log", dest="access_log", action="store_false",
         help="do not write the one line per request (errors and warnings are still logged)",
     )
@@ -84,6 +89,7 @@ def main(argv: list[str] | None = None) -> int:
             args.config, host=args.host, port=args.port, log_level=args.log_level, keys_file=args.keys_file,
             engine_key_file=args.engine_api_key_file, redis_url=args.redis_url,
             shutdown_grace=args.shutdown_grace_seconds, log_format=args.log_format, access_log=args.access_log,
+            otlp_endpoint=args.otlp_endpoint,
         )
     if args.command == "hash-key":
         from gateway_app.auth import generate_key, hash_key

@@ -142,10 +142,22 @@ class ProxyEndpoint:
             table, started, self._affinity_key(scope, fields, table),
             decision.headers() if decision is not None else [], strip_usage,
         )
+        tracer, span = state.tracer, None
+        if tracer is not None:
+            span = tracer.start(self.endpoint, fields.model, scope["headers"])
+            scope["traceparent"] = tracer.traceparent(span)
         status = await self._forward(engine, payload_for, scope, receive, send, progress)
         if decision is not None and decision.counted:
             await state.limiter.settle(client.name, limits, decision.tokens_charged, _tokens_used(status, decision, progress))
         usage = progress.usage
+        if span is not None:
+            tracer.end(span, {
+                "gen_ai.response.model": engine.model, "gen_ai.provider.name": engine.owned_by,
+                "gen_ai.usage.input_tokens": usage[0] if usage else None,
+                "gen_ai.usage.output_tokens": usage[1] if usage else None,
+                "http.response.status_code": status, "server.address": progress.endpoint_url,
+                "llm_gateway.engine": progress.served_by or engine.name,
+            }, progress.error_kind)
         self._log(
             scope, started, status, client_name, model=engine.model, owned_by=engine.owned_by,
             engine=progress.served_by or engine.name, endpoint=progress.endpoint_url,
@@ -368,6 +380,10 @@ class ProxyEndpoint:
         """
         headers = headers_for_engine(scope["headers"], engine.headers + self.state.engine_auth)
         headers.append(("X-Request-Id", scope["request_id"]))  # vLLM takes it as its own request id
+        traceparent = scope.get("traceparent")
+        if traceparent is not None:  # tracing on: the engine's spans become children of ours
+            headers = [(n, v) for n, v in headers if n.lower() not in ("traceparent", "tracestate")]
+            headers.append(("traceparent", traceparent))
         url = endpoint.url + scope["path"]
         try:
             return await self.state.session.post(url, data=payload, headers=headers, timeout=engine.client_timeout)

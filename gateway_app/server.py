@@ -26,7 +26,7 @@ log = logging.getLogger("llm_gateway")
 
 def build_state(
     config: Path, keys_file: Path | None, engine_key_file: Path | None, redis_url: str | None,
-    request_log: RequestLog | None = None,
+    request_log: RequestLog | None = None, otlp_endpoint: str | None = None,
 ) -> tuple[GatewayState, list[WatchedFile]]:
     """Load everything the gateway needs, raising ConfigError naming the file and field at fault."""
     routing_map, routing_raw = load_routing_map(config)
@@ -35,7 +35,7 @@ def build_state(
     state = GatewayState(
         routing_map, keys=keys, engine_api_key=engine_key,
         redis_url=redis_url, redis_password=os.environ.get("LLM_GATEWAY_REDIS_PASSWORD") or None,
-        request_log=request_log,
+        request_log=request_log, tracer=_tracer(otlp_endpoint) if otlp_endpoint else None,
     )
 
     def counter(file: str):
@@ -52,16 +52,27 @@ def build_state(
     return state, watched
 
 
+def _tracer(endpoint: str):
+    try:
+        from gateway_app.tracing import RequestTracer
+
+        return RequestTracer(endpoint)
+    except ImportError:
+        raise ConfigError(
+            "--otlp-endpoint needs the OpenTelemetry packages: pip install 'llm-gateway[tracing]'"
+        ) from None
+
+
 def serve_gateway(
     config: str, host: str, port: int, log_level: str = "info", keys_file: str | None = None,
     engine_key_file: str | None = None, redis_url: str | None = None, shutdown_grace: float = 110.0,
-    log_format: str | None = None, access_log: bool = True,
+    log_format: str | None = None, access_log: bool = True, otlp_endpoint: str | None = None,
 ) -> int:
     log_format = configure_logging(log_level, log_format)
     try:
         state, watched = build_state(
             Path(config), Path(keys_file) if keys_file else None, Path(engine_key_file) if engine_key_file else None,
-            redis_url, RequestLog(fmt=log_format, enabled=access_log),
+            redis_url, RequestLog(fmt=log_format, enabled=access_log), otlp_endpoint,
         )
     except ConfigError as error:
         print(f"llm-gateway: refusing to start: {error}", file=sys.stderr)

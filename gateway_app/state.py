@@ -4,6 +4,7 @@ the metrics. Everything that a reload replaces is replaced by one assignment."""
 from __future__ import annotations
 
 import time
+from typing import TYPE_CHECKING
 
 import aiohttp
 
@@ -17,6 +18,9 @@ from gateway_app.rate_limit import Limiter, Limits, MemoryLimiter, RedisLimiter
 from gateway_app.request_log import RequestLog
 from gateway_app.route_table import RouteTable
 
+if TYPE_CHECKING:
+    from gateway_app.tracing import RequestTracer
+
 
 class GatewayState:
     def __init__(
@@ -28,7 +32,9 @@ class GatewayState:
         redis_url: str | None = None,
         redis_password: str | None = None,
         request_log: RequestLog | None = None,
+        tracer: "RequestTracer | None" = None,
     ) -> None:
+        self.tracer = tracer  # None: tracing off, and nothing of it on the request path
         self.metrics = metrics or GatewayMetrics()
         self.request_log = request_log or RequestLog(enabled=False)
         self.endpoints = EndpointRegistry()
