@@ -42,6 +42,13 @@ class GatewayMetrics:
             "Time from the request to the engine's first chunk for streams, to its response headers otherwise.",
             route, buckets=FIRST_BYTE_BUCKETS, registry=self.registry,
         )
+        self.time_per_output_token = Histogram(
+            "llm_gateway_time_per_output_token_seconds",
+            "For streams: time from the first chunk to the last, divided by the output tokens after the first "
+            "(the inter-token latency clients see through the gateway).",
+            ("model", "engine"), buckets=(0.005, 0.01, 0.02, 0.03, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 1.0, 2.5),
+            registry=self.registry,
+        )
         self.in_flight = Gauge(
             "llm_gateway_requests_in_flight", "Requests being forwarded right now.",
             ("model", "engine"), registry=self.registry,

@@ -403,6 +403,7 @@ class ProxyEndpoint:
         idle = engine.timeouts.idle
         loop = asyncio.get_running_loop()
         older = previous = b""
+        events = 0  # SSE events relayed: a token count when the engine reports no usage
         usage_filter = UsageChunkFilter() if progress.strip_usage else None
         try:
             async with asyncio.timeout(None) as idle_deadline:
@@ -412,6 +413,7 @@ class ProxyEndpoint:
                     if chunk:
                         await send({"type": "http.response.body", "body": chunk, "more_body": True})
                         progress.bytes_sent += len(chunk)
+                        events += chunk.count(b"data:")
                         progress.at_event_boundary = chunk.endswith(b"\n\n")
                     older, previous = previous, chunk
                     if idle is not None:
@@ -436,12 +438,20 @@ class ProxyEndpoint:
         if usage_filter is not None:
             await send({"type": "http.response.body", "body": usage_filter.flush(), "more_body": False})
             self._count_tokens(engine, usage_filter.usage, progress)
-            return True
-        await send({"type": "http.response.body", "body": b"", "more_body": False})
-        tail = older + previous
-        if USAGE_KEY in tail:
-            self._count_tokens(engine, find_usage(tail), progress)
+        else:
+            await send({"type": "http.response.body", "body": b"", "more_body": False})
+            tail = older + previous
+            if USAGE_KEY in tail:
+                self._count_tokens(engine, find_usage(tail), progress)
+        self._observe_token_pace(engine, progress, events)
         return True
+
+    def _observe_token_pace(self, engine: Engine, progress: _Progress, events: int) -> None:
+        """One observation per stream, not per token: the mean gap between output tokens."""
+        tokens = progress.usage[1] if progress.usage else events
+        if progress.first_byte_at is not None and tokens > 1:
+            elapsed = time.perf_counter() - progress.first_byte_at
+            self.state.metrics.time_per_output_token.labels(engine.model, engine.name).observe(elapsed / (tokens - 1))
 
     async def _fail(self, engine: Engine, send: Send, progress: _Progress, kind: str, error: GatewayError) -> int:
         """Answer an upstream failure the only honest way left at this point.

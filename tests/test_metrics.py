@@ -57,3 +57,11 @@ def test_metric_families_exist(gateway):
         "process_cpu_seconds_total",
     ):
         assert f"# TYPE {family.removesuffix('_total')}" in text or f"# TYPE {family}" in text, family
+
+
+def test_streams_report_time_per_output_token(gateway):
+    labels = {"model": LLAMA, "engine": "vllm-llama-32-1b"}
+    before = metric_value(scrape(gateway), "llm_gateway_time_per_output_token_seconds_count", **labels)
+    post(gateway.url + CHAT, {"model": LLAMA, "messages": HI, "max_tokens": 6, "stream": True})
+    after = metric_value(scrape(gateway), "llm_gateway_time_per_output_token_seconds_count", **labels)
+    assert after - before == 1  # one observation per stream, not one per token
