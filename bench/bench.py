@@ -9,29 +9,31 @@ gateway is compared with gateways that check API keys and rate limits (bench/acc
                                     [--access open,keys+memory,keys+redis|none] [--output PATH]
 
 The helpers live next to this script: processes.py (start, pin, measure, stop), load.py (the requests
-and what a scenario measures), access.py (the access-control comparison).
+and what a scenario measures), access.py (the access-control comparison), environment.py (the machine
+and commit the JSON records). memory.py and balance.py are two more benchmarks built on them.
 """
 
 from __future__ import annotations
 
 import argparse
-import asyncio
-import datetime
 import json
 import os
-import platform
-import signal
-import subprocess
 import sys
-from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 import access
-import aiohttp
-from load import Pids, ScenarioResult, fmt, run_scenario
-from processes import REPO_ROOT, Servers, choose_pinning, process_group, start_servers
+from environment import describe, format_load
+from load import Pids, ScenarioResult, fmt, run_client, run_scenario
+from processes import (
+    REPO_ROOT,
+    Servers,
+    choose_pinning,
+    process_group,
+    start_servers,
+    stop_on_sigterm,
+)
 
 MODEL = "bench-model"
 # Reported next to the results, never asserted: the machine may be shared and the figures noisy.
@@ -105,20 +107,6 @@ def print_targets(goals: list[dict[str, Any]]) -> None:
         print(f"  {'met   ' if g['met'] else 'MISSED'} {g['target']}: {g['value_ms']:.3f} ms (limit {g['limit_ms']} ms)")
 
 
-def format_load(load_average: tuple[float, float, float]) -> str:
-    return " ".join(f"{value:.2f}" for value in load_average)
-
-
-def git_commit() -> dict[str, Any] | None:
-    def git(*args: str) -> str:
-        return subprocess.run(["git", *args], cwd=REPO_ROOT, capture_output=True, text=True, check=True).stdout
-
-    try:
-        return {"commit": git("rev-parse", "HEAD").strip(), "dirty": bool(git("status", "--porcelain").strip())}
-    except (OSError, subprocess.CalledProcessError):
-        return None
-
-
 # --- main ------------------------------------------------------------------------------------------
 
 
@@ -141,13 +129,6 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
     pinning = choose_pinning()
     if pinning.load_generator:
         os.sched_setaffinity(0, pinning.load_generator)
-    try:
-        import uvloop  # a cheaper client loop leaves more of CPU 0 to the simulator
-
-        run: Callable[[Any], Any] = uvloop.run
-    except ImportError:
-        run = asyncio.run
-    # Outside the event loop, so that Ctrl-C or SIGTERM anywhere unwinds through the cleanup.
     with process_group() as group:
         servers = start_servers(group, pinning, MODEL)
         gateways = access.start_gateways(group, pinning, servers, args.access, MODEL) if args.access else []
@@ -157,8 +138,8 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
         print(f"simulator {servers.simulator_url} (pid {servers.simulator.pid}), "
               f"gateway {servers.gateway_url} (pid {servers.gateway.pid}); CPUs {pinned}", flush=True)
         access.print_gateways(gateways)
-        results = run(run_load(args, servers))
-        access_results = run(access.run_access(args, gateways, MODEL)) if gateways else []
+        results = run_client(run_load(args, servers))
+        access_results = run_client(access.run_access(args, gateways, MODEL)) if gateways else []
         store = access.store_health(gateways)
     load_average_at_end = os.getloadavg()
     comparisons = compare(results)
@@ -173,17 +154,7 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
     print(f"\nload average (1, 5, 15 min): {format_load(load_average)} at start, {format_load(load_average_at_end)} at end "
           f"on {os.cpu_count()} CPUs")
     report = {
-        "environment": {
-            "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-            "cpu_count": os.cpu_count(),
-            "python": platform.python_version(),
-            "platform": platform.platform(),
-            "aiohttp": aiohttp.__version__,
-            "load_average_at_start": load_average,
-            "load_average_at_end": load_average_at_end,
-            "pinning": pinned,
-            "git": git_commit(),
-        },
+        "environment": describe(load_average, load_average_at_end, pinned),
         "settings": {"duration_s": args.duration, "warmup_s": args.warmup, "concurrency": args.concurrency,
                      "max_tokens": args.max_tokens, "model": MODEL, "access": args.access},
         "scenarios": [asdict(r) for r in results],
@@ -220,13 +191,9 @@ def parse_args() -> argparse.Namespace:
     return parser.parse_args()
 
 
-def _interrupt(signum: int, frame: object) -> None:
-    raise KeyboardInterrupt  # SIGTERM unwinds like Ctrl-C, so the servers are stopped either way
-
-
 def main() -> int:
     args = parse_args()
-    signal.signal(signal.SIGTERM, _interrupt)
+    stop_on_sigterm()
     try:
         report = run_benchmark(args)
     except KeyboardInterrupt:

@@ -7,14 +7,16 @@ import asyncio
 import json
 import math
 import time
+from collections.abc import Callable, Coroutine, Iterable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import aiohttp
 from processes import cpu_seconds, own_cpu_seconds
 
 REQUEST_TIMEOUT = aiohttp.ClientTimeout(total=60, connect=5)
 USAGE_KEY = b'"usage"'
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -60,12 +62,26 @@ def redis_cpu_seconds(pids: Pids) -> float:
     return cpu_seconds(pids.redis) if pids.redis is not None else 0.0
 
 
-def request_body(stream: bool, max_tokens: int, model: str, include_usage: bool = True) -> bytes:
+def run_client(main: Coroutine[Any, Any, T]) -> T:
+    """Run the load generator, on uvloop when it is installed: a cheaper client loop leaves more of CPU 0
+    to the simulator. Called outside any event loop, so that Ctrl-C unwinds through the caller's cleanup."""
+    try:
+        import uvloop
+    except ImportError:
+        return asyncio.run(main)
+    return uvloop.run(main)
+
+
+def request_body(
+    stream: bool, max_tokens: int, model: str, include_usage: bool = True, owned_by: str | None = None,
+) -> bytes:
     body: dict[str, Any] = {
         "model": model,
         "messages": [{"role": "user", "content": "Say something"}],
         "max_tokens": max_tokens,
     }
+    if owned_by is not None:
+        body["owned_by"] = owned_by
     if stream:
         body["stream"] = True
         if include_usage:
@@ -75,6 +91,7 @@ def request_body(stream: bool, max_tokens: int, model: str, include_usage: bool 
 
 async def one_request(
     session: aiohttp.ClientSession, url: str, body: bytes, headers: dict[str, str], stream: bool, usage_allowed: bool,
+    on_first_chunk: Callable[[], None] | None = None,
 ) -> Sample:
     started = time.perf_counter()
     first_chunk: float | None = None
@@ -89,6 +106,8 @@ async def one_request(
             async for chunk in response.content.iter_any():
                 if first_chunk is None:
                     first_chunk = time.perf_counter() - started
+                    if on_first_chunk is not None:
+                        on_first_chunk()
                 window = tail + chunk
                 usage_seen = usage_seen or USAGE_KEY in window
                 tail = window[-64:]
@@ -115,6 +134,22 @@ async def run_phase(
     async def worker() -> None:
         while time.perf_counter() < deadline:
             samples.append(await one_request(session, url, body, headers, stream, usage_allowed))
+
+    await asyncio.gather(*(worker() for _ in range(concurrency)))
+    return samples
+
+
+async def run_count(
+    session: aiohttp.ClientSession, url: str, headers: dict[str, str], plan: Iterable[tuple[bytes, bool]],
+    concurrency: int,
+) -> list[Sample]:
+    """Send every (body, stream) of `plan`, `concurrency` at a time, in order; streams may carry usage."""
+    samples: list[Sample] = []
+    requests = iter(plan)
+
+    async def worker() -> None:
+        for body, stream in requests:  # one shared iterator: each request is sent once
+            samples.append(await one_request(session, url, body, headers, stream, usage_allowed=True))
 
     await asyncio.gather(*(worker() for _ in range(concurrency)))
     return samples

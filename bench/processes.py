@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import os
+import re
+import resource
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -53,6 +56,44 @@ def cpu_seconds(pid: int) -> float:
 def own_cpu_seconds() -> float:
     times = os.times()
     return times.user + times.system
+
+
+def memory_kib(pid: int) -> tuple[int, int]:
+    """Resident memory now and at its peak (VmRSS, VmHWM), in KiB, from /proc/<pid>/status."""
+    fields = dict(line.split(":", 1) for line in Path(f"/proc/{pid}/status").read_text().splitlines() if ":" in line)
+    return int(fields["VmRSS"].split()[0]), int(fields["VmHWM"].split()[0])
+
+
+def open_fds(pid: int) -> int:
+    return len(os.listdir(f"/proc/{pid}/fd"))
+
+
+def fd_limit(pid: int) -> int | None:
+    """The soft limit on open files of a process (from /proc/<pid>/limits); None when unlimited."""
+    for line in Path(f"/proc/{pid}/limits").read_text().splitlines():
+        if line.startswith("Max open files"):
+            soft = line.split()[3]
+            return None if soft == "unlimited" else int(soft)
+    return None
+
+
+def raise_fd_limit(wanted: int) -> int:
+    """Raise this process's soft limit on open files to `wanted` (children started later inherit it)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != resource.RLIM_INFINITY and soft < wanted:
+        if hard != resource.RLIM_INFINITY and hard < wanted:
+            raise RuntimeError(f"need {wanted} open files, but the hard limit is {hard} (ulimit -Hn)")
+        resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, hard))
+    return resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+
+
+def stop_on_sigterm() -> None:
+    """SIGTERM unwinds like Ctrl-C, so that the bench stops its processes either way."""
+
+    def interrupt(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, interrupt)
 
 
 def pin_to(cpus: tuple[int, ...]) -> Callable[[], None] | None:
@@ -129,6 +170,25 @@ def http_ok(url: str) -> Callable[[], bool]:
     return probe
 
 
+def scrape(base_url: str) -> str:
+    """The Prometheus text of `<base_url>/metrics`."""
+    with urllib.request.urlopen(f"{base_url}/metrics", timeout=5) as response:
+        return response.read().decode()
+
+
+_SAMPLE = re.compile(r"^([A-Za-z_:][A-Za-z0-9_:]*)(?:\{(.*)\})? (\S+)$", re.MULTILINE)
+_LABEL = re.compile(r'([A-Za-z_][A-Za-z0-9_]*)="((?:[^"\\]|\\.)*)"')
+
+
+def metric_sum(metrics: str, name: str, **labels: str) -> float:
+    """The sum of the samples of `name` whose labels include `labels`; 0 when there are none."""
+    total = 0.0
+    for sample_name, label_text, value in _SAMPLE.findall(metrics):
+        if sample_name == name and labels.items() <= dict(_LABEL.findall(label_text)).items():
+            total += float(value)
+    return total
+
+
 def redis_command(port: int, *words: str) -> bytes:
     """One command in Redis's inline protocol, without a client library; the raw first reply line."""
     with socket.create_connection(("127.0.0.1", port), timeout=1) as sock:
@@ -162,17 +222,26 @@ class Servers:
 
 def start_servers(group: ProcessGroup, pinning: Pinning, model: str) -> Servers:
     """The simulator, then an open gateway (no keys, no limits) in front of it."""
-    sim_port, gw_port = free_port(), free_port()
-    sim_url, gw_url = f"http://127.0.0.1:{sim_port}", f"http://127.0.0.1:{gw_port}"
-    simulator = group.start_gateway_app(
-        "simulator",
-        ["simulate", "--engine", "vllm", "--model", model, "--host", "127.0.0.1", "--port", str(sim_port),
-         "--ttft-ms", "0", "--itl-ms", "0"],
-        pinning.simulator,
-    )
-    group.wait_ready("simulator", simulator, http_ok(f"{sim_url}/health"))
+    simulator, sim_url = start_simulator(group, "simulator", pinning.simulator, model)
+    gw_port = free_port()
     gateway = start_gateway(group, "gateway", pinning, routing_map(model, sim_url), gw_port)
-    return Servers(simulator, sim_url, gateway, gw_url)
+    return Servers(simulator, sim_url, gateway, f"http://127.0.0.1:{gw_port}")
+
+
+def start_simulator(
+    group: ProcessGroup, name: str, cpus: tuple[int, ...], model: str, ttft_ms: float = 0, itl_ms: float = 0,
+) -> tuple[subprocess.Popen[bytes], str]:
+    """A vLLM simulator on a free loopback port, ready when this returns; the process and its base URL."""
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    simulator = group.start_gateway_app(
+        name,
+        ["simulate", "--engine", "vllm", "--model", model, "--host", "127.0.0.1", "--port", str(port),
+         "--ttft-ms", f"{ttft_ms:g}", "--itl-ms", f"{itl_ms:g}"],
+        cpus,
+    )
+    group.wait_ready(name, simulator, http_ok(f"{url}/health"))
+    return simulator, url
 
 
 def routing_map(model: str, simulator_url: str, settings: str = "") -> str:

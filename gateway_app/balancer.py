@@ -2,7 +2,8 @@
 
 - filter: endpoints that are healthy and not ejected (when none is, the one whose ejection ends first,
   so that a fully failing engine is still tried rather than refused outright);
-- score: requests outstanding from this gateway (lower is better);
+- score: requests outstanding from this gateway, weighted by the replica's recent time to first byte
+  (lower is better), so that an idle slow replica does not tie with an idle fast one;
 - pick: with an affinity key, rendezvous hashing over the candidates (the same key keeps its replica
   while that replica stays healthy); otherwise the better of two picked at random ("power of two
   choices"), which avoids the herd that always-least-loaded causes.
@@ -25,15 +26,19 @@ def available(endpoints: Sequence[Endpoint], now: float, exclude: Sequence[Endpo
     return [min(rest, key=lambda e: (not e.healthy, e.ejected_until))] if rest else []
 
 
-def score(endpoint: Endpoint) -> int:
-    return endpoint.outstanding
+def score(endpoint: Endpoint, now: float) -> float:
+    """Expected wait: (requests ahead + this one) x recent time to first byte; plain load when unknown."""
+    latency = endpoint.expected_latency(now)
+    return (endpoint.outstanding + 1) * latency if latency else float(endpoint.outstanding)
 
 
-def pick_least_loaded_of_two(candidates: Sequence[Endpoint], rng: random.Random = random._inst) -> Endpoint:
+def pick_least_loaded_of_two(
+    candidates: Sequence[Endpoint], rng: random.Random = random._inst, now: float = 0.0
+) -> Endpoint:
     if len(candidates) == 1:
         return candidates[0]
     first, second = rng.sample(candidates, 2)
-    return first if score(first) <= score(second) else second
+    return first if score(first, now) <= score(second, now) else second
 
 
 def pick_by_affinity(candidates: Sequence[Endpoint], key: str) -> Endpoint:
@@ -58,4 +63,4 @@ def choose(
         return pick_by_affinity(candidates, affinity_key)
     if policy == "round_robin":
         return pick_in_turn(candidates, pool)
-    return pick_least_loaded_of_two(candidates)
+    return pick_least_loaded_of_two(candidates, now=now)

@@ -23,17 +23,32 @@ log = logging.getLogger("llm_gateway.endpoints")
 class Endpoint:
     """One replica: its URL, requests outstanding on it, and its health."""
 
-    __slots__ = ("url", "outstanding", "failures", "ejected_until", "healthy")
+    __slots__ = ("url", "outstanding", "failures", "ejected_until", "healthy", "latency", "latency_at")
+
+    LATENCY_WEIGHT = 0.2  # of a new sample in the moving average
+    LATENCY_FRESH_SECONDS = 10.0  # older than this, the average says nothing about the replica now
 
     def __init__(self, url: str) -> None:
         self.url = url
         self.outstanding = 0
+        self.latency = 0.0  # moving average of the time to the engine's first byte, seconds
+        self.latency_at = -1e9  # monotonic time of the last sample
         self.failures = 0  # in a row
         self.ejected_until = 0.0  # monotonic time
         self.healthy = True  # the last active check's verdict (optimistic until the first one)
 
     def available(self, now: float) -> bool:
         return self.healthy and now >= self.ejected_until
+
+    def observe_latency(self, seconds: float, now: float) -> None:
+        fresh = now - self.latency_at < self.LATENCY_FRESH_SECONDS
+        self.latency = self.latency + self.LATENCY_WEIGHT * (seconds - self.latency) if fresh else seconds
+        self.latency_at = now
+
+    def expected_latency(self, now: float) -> float:
+        """The recent average, or 0 when there is none: a replica not heard from lately gets a request
+        again, so that a replica that recovered is noticed."""
+        return self.latency if now - self.latency_at < self.LATENCY_FRESH_SECONDS else 0.0
 
     def succeeded(self) -> None:
         self.failures = 0

@@ -317,6 +317,7 @@ class ProxyEndpoint:
         try:
             try:
                 async with asyncio.timeout(timeouts.first_byte):
+                    sent_at = time.perf_counter()
                     response = await self._send_request(engine, endpoint, payload, scope)
                     answered_at = time.perf_counter()
                     if response.status in RETRYABLE_STATUSES:
@@ -325,6 +326,7 @@ class ProxyEndpoint:
                     streaming = response.content_length is None or response.content_type == "text/event-stream"
                     first = await (response.content.readany() if streaming else response.read())
                     progress.first_byte_at = time.perf_counter() if streaming else answered_at
+                    endpoint.observe_latency(progress.first_byte_at - sent_at, time.monotonic())
             except aiohttp.ConnectionTimeoutError:
                 endpoint.failed(health)
                 return "timeout_connect", EngineTimeout(

@@ -71,3 +71,20 @@ def test_round_robin_rotates():
     pool = EndpointPool(tuple(endpoints(3)))
     picks = [choose(pool, 0, policy="round_robin").url for _ in range(6)]
     assert picks[:3] == picks[3:] and len(set(picks)) == 3
+
+
+def test_an_idle_slow_replica_loses_to_an_idle_fast_one():
+    fast, slow = endpoints(2)
+    fast.observe_latency(0.005, now=100)
+    slow.observe_latency(0.200, now=100)
+    assert all(pick_least_loaded_of_two([fast, slow], random.Random(seed), now=101) is fast for seed in range(20))
+    fast.outstanding = 50  # but not when the fast one is swamped
+    assert pick_least_loaded_of_two([fast, slow], random.Random(0), now=101) is slow
+
+
+def test_a_replica_not_heard_from_lately_gets_tried_again():
+    fast, slow = endpoints(2)
+    fast.observe_latency(0.005, now=100)
+    slow.observe_latency(0.200, now=100)
+    fast.observe_latency(0.005, now=200)  # the slow one's average is stale by now
+    assert pick_least_loaded_of_two([fast, slow], random.Random(0), now=201) is slow
