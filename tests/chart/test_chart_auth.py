@@ -197,7 +197,8 @@ def test_auth_and_limits_are_off_by_default(renders: dict[str, Rendered], value_
     rendered = renders[value_set]
     gateway = container(rendered, GATEWAY)
     assert gateway["args"] == ["serve", "--config", "/etc/llm-gateway/routes.yaml", "--host", "0.0.0.0", "--port",
-                               "8000", "--log-level", gateway["args"][-1]]  # fmt: skip
+                               "8000", "--log-level", "info", "--log-format", "json",
+                               "--shutdown-grace-seconds", "110"]  # fmt: skip
     assert not [name for name in env_of(gateway) if name.startswith("LLM_GATEWAY_")]
     assert {v["name"] for v in rendered.get("Deployment", GATEWAY)["spec"]["template"]["spec"]["volumes"]} == {
         "routes",

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import base64
 import json
+import os
 import re
 import shutil
 import socket
@@ -92,6 +93,7 @@ def test_gateway_routes_the_rendered_map(
     helm: Helm, simulators: SimulatorPool, contract_logs: Path, value_set: str
 ) -> None:
     routing = helm.template(VALUE_SETS[value_set]).routing
+    assert [engine for engine in routing["engines"] if "discovery" in engine]  # on by default: kept as rendered
     for engine in routing["engines"]:
         # every engine here is owned_by vllm or sglang: a simulator of that kind stands in for it
         engine["url"] = simulators.url_for(engine["owned_by"], engine["model"])
@@ -118,6 +120,9 @@ def test_gateway_routes_the_rendered_map(
                 assert status == 200, f"{ask}: {answer}\n{gateway.log()}"
                 assert headers.get(ENGINE_HEADER) == engine["name"], f"{ask} went to {headers.get(ENGINE_HEADER)}"
                 assert answer["choices"][0]["message"]["content"]
+        if not (os.environ.get("KUBERNETES_SERVICE_HOST") or os.environ.get("LLM_GATEWAY_KUBE_API")):
+            # outside a pod the discovery blocks are accepted, and each engine's url is used (above)
+            assert "not in a Kubernetes pod" in gateway.log(), gateway.log()
     finally:
         gateway.stop()
 

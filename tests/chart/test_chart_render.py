@@ -12,7 +12,8 @@ import kubernetes_validate
 import pytest
 import yaml
 
-from gateway_app.config import parse_routing_map
+from gateway_app.cli import _build_parser as gateway_cli
+from gateway_app.config import EngineSpec, RoutingMap, parse_routing_map
 from tests.chart.conftest import CHART_DIR, EXAMPLES, NAMESPACE, RELEASE, VALUE_SETS, Helm, HelmError, Rendered
 
 KUBE_VERSIONS = ("1.30.0", kubernetes_validate.latest_version())
@@ -128,7 +129,7 @@ def test_all_features_renders_every_template(renders: dict[str, Rendered]) -> No
     kinds = {doc["kind"] for doc in renders["all-features"].docs}
     assert kinds == {
         "ConfigMap", "Deployment", "Service", "ServiceAccount", "Secret", "Ingress", "HorizontalPodAutoscaler",
-        "PodDisruptionBudget", "NetworkPolicy", "ServiceMonitor", "Pod",
+        "PodDisruptionBudget", "NetworkPolicy", "ServiceMonitor", "Pod", "Role", "RoleBinding",
     }  # fmt: skip
 
 
@@ -153,14 +154,24 @@ def test_routing_map_loads_in_the_gateway(renders: dict[str, Rendered], value_se
         pod = deployments[engine.name]["spec"]["template"]
         assert service["spec"]["selector"].items() <= pod["metadata"]["labels"].items()
         assert {"name": "http", "containerPort": 8000, "protocol": "TCP"} in pod["spec"]["containers"][0]["ports"]
+        # discovery (on by default): this Service's EndpointSlices, which list the pods' port that its
+        # targetPort names
+        assert engine.discovery is not None, engine.name
+        assert (engine.discovery.service, engine.discovery.namespace, engine.discovery.port) == (
+            service["metadata"]["name"], NAMESPACE, 8000
+        )
 
 
 def test_routing_map_renders_only_known_keys(renders: dict[str, Rendered]) -> None:
     routing = renders["all-features"].routing
-    assert set(routing) == {"settings", "engines"}
-    allowed = {"name", "model", "owned_by", "url", "default", "aliases", "headers", "timeouts"}
+    assert set(routing) == set(RoutingMap.model_fields) == {"settings", "engines"}
+    rendered_keys = set()
     for engine in routing["engines"]:
-        assert set(engine) <= allowed
+        assert set(engine) <= set(EngineSpec.model_fields) - {"urls"}, engine["name"]  # one url: the Service
+        rendered_keys |= set(engine)
+    # all-features exercises every key the chart can render
+    assert rendered_keys == {"name", "model", "owned_by", "url", "discovery", "default", "aliases", "headers",
+                             "timeouts", "fallback", "concurrency"}  # fmt: skip
 
 
 def test_routing_map_owned_by_and_served_names(renders: dict[str, Rendered]) -> None:
@@ -343,6 +354,57 @@ def test_gateway_waits_before_sigterm(helm: Helm, renders: dict[str, Rendered]) 
     assert "lifecycle" not in no_hook["spec"]["containers"][0]
 
 
+def shutdown_budget(pod: dict[str, Any]) -> tuple[int, int, float]:
+    """(terminationGracePeriodSeconds, preStop sleep, --shutdown-grace-seconds) of a gateway pod spec."""
+    (container,) = pod["containers"]
+    hook = container.get("lifecycle", {}).get("preStop", {}).get("exec", {}).get("command", ["sleep", "0"])
+    assert hook[0] == "sleep"
+    grace = gateway_cli().parse_args(container["args"]).shutdown_grace_seconds
+    return pod["terminationGracePeriodSeconds"], int(hook[1]), grace
+
+
+# (preStopSleepSeconds, terminationGracePeriodSeconds): the defaults, no hook, a long wait, tight budgets
+SHUTDOWN_BUDGETS = [(5, 120), (0, 30), (15, 60), (60, 3600), (10, 16), (10, 15), (29, 30), (0, 1)]
+
+
+@pytest.mark.parametrize(("pre_stop", "grace_period"), SHUTDOWN_BUDGETS)
+def test_gateway_exits_before_the_kubelet_kills_it(helm: Helm, pre_stop: int, grace_period: int) -> None:
+    """The kubelet runs the preStop hook, sends SIGTERM, and sends SIGKILL terminationGracePeriodSeconds
+    after the start: the gateway's drain must end 5 s before that, so it exits on its own."""
+    values = {"gateway": {"preStopSleepSeconds": pre_stop, "terminationGracePeriodSeconds": grace_period}}
+    total, sleep, drain = shutdown_budget(gateway_pod(helm.template(values=values))["spec"])
+    assert (total, sleep) == (grace_period, pre_stop)
+    assert drain >= 1
+    if grace_period - pre_stop - 5 >= 1:
+        assert sleep + drain + 5 == total  # all the time there is goes to open streams, but 5 s
+    else:
+        assert drain == 1  # a budget too tight for the margin: the shortest drain
+
+
+@pytest.mark.parametrize("value_set", VALUE_SETS)
+def test_every_gateway_keeps_the_shutdown_margin(renders: dict[str, Rendered], value_set: str) -> None:
+    total, sleep, drain = shutdown_budget(gateway_pod(renders[value_set])["spec"])
+    assert sleep + drain + 5 <= total
+
+
+@pytest.mark.parametrize("value_set", VALUE_SETS)
+def test_gateway_log_flags(renders: dict[str, Rendered], value_set: str) -> None:
+    """gateway.log reaches the gateway's own flags; the rendered command line parses with its CLI."""
+    path = VALUE_SETS[value_set]
+    log = {"level": "info", "format": "json", "accessLog": True}
+    log.update(((yaml.safe_load(path.read_text()) if path else {}).get("gateway") or {}).get("log") or {})
+    args = gateway_cli().parse_args(gateway_pod(renders[value_set])["spec"]["containers"][0]["args"])
+    assert (args.log_level, args.log_format, args.access_log) == (log["level"], log["format"], log["accessLog"])
+
+
+def test_access_log_off_and_on(helm: Helm, renders: dict[str, Rendered]) -> None:
+    assert "--no-access-log" not in gateway_pod(renders["defaults"])["spec"]["containers"][0]["args"]
+    quiet = helm.template(values={"gateway": {"log": {"accessLog": False, "level": "warning"}}})
+    args = gateway_pod(quiet)["spec"]["containers"][0]["args"]
+    assert "--no-access-log" in args
+    assert args[args.index("--log-format") + 1] == "json"  # the keys not given keep their defaults
+
+
 # --- Hardening -------------------------------------------------------------------------------------
 
 IMAGE_REF = re.compile(r"^[^:@\s]+(:(?P<tag>[\w][\w.-]{0,127}))?(@sha256:[a-f0-9]{64})?$")
@@ -369,7 +431,8 @@ def is_gpu_engine(rendered: Rendered, owner: str) -> bool:
 def test_pods_are_hardened(renders: dict[str, Rendered], value_set: str) -> None:
     rendered = renders[value_set]
     for owner, pod in rendered.pod_specs().items():
-        assert pod["automountServiceAccountToken"] is False, owner
+        # only the gateway may call the API, and only for discovery (test_chart_discovery.py)
+        assert pod["automountServiceAccountToken"] is (owner == GATEWAY and bool(rendered.of_kind("Role"))), owner
         for container in containers_of(pod):
             where = f"{owner}/{container['name']}"
             context = container["securityContext"]

@@ -5,11 +5,15 @@ Shape errors come from values.schema.json; rules across entries come from templa
 
 from __future__ import annotations
 
+import json
+import typing
 from typing import Any
 
 import pytest
+from pydantic import BaseModel
 
-from tests.chart.conftest import Helm
+from gateway_app.config import Concurrency, ConfigError, Settings, parse_routing_map
+from tests.chart.conftest import CHART_DIR, Helm
 
 
 def engine(name: str = "a", **fields: Any) -> dict[str, Any]:
@@ -28,6 +32,7 @@ def with_keys(*keys: dict[str, Any]) -> dict[str, Any]:
 
 
 SCHEMA_ERROR = "values don't meet the specifications of the schema"
+SCHEMA = json.loads((CHART_DIR / "values.schema.json").read_text())
 
 # values.schema.json: (values, the offending path, words the message must contain). helm 4 writes the
 # path as /engines/0/model, helm 3 as engines.0.model; both are accepted.
@@ -80,6 +85,38 @@ REFUSED_BY_SCHEMA: dict[str, tuple[dict[str, Any], str, list[str]]] = {
     "password in the redis url": ({"redis": {"url": "redis://:hunter2@redis:6379/0"}}, "redis/url", ["pattern"]),
     "redis url of another scheme": ({"redis": {"url": "http://redis:6379"}}, "redis/url", ["pattern"]),
     "misspelt redis key": ({"redis": {"deployed": True}}, "redis", ["deployed", "not allowed"]),
+    # logging and discovery
+    "unknown log level": ({"gateway": {"log": {"level": "trace"}}}, "gateway/log/level", ["debug", "error"]),
+    "unknown log format": ({"gateway": {"log": {"format": "xml"}}}, "gateway/log/format", ["json", "text"]),
+    "access log as a string": ({"gateway": {"log": {"accessLog": "off"}}}, "gateway/log/accessLog", ["boolean"]),
+    "logLevel, renamed to log.level": ({"gateway": {"logLevel": "debug"}}, "gateway", ["logLevel", "not allowed"]),
+    "discovery as a string": ({"gateway": {"discovery": {"enabled": "yes"}}}, "gateway/discovery/enabled", ["boolean"]),
+    "misspelt discovery key": ({"gateway": {"discovery": {"enable": True}}}, "gateway/discovery", ["enable", "not allowed"]),
+    # an engine's fallback and concurrency
+    "fallback that is no engine name": ({"engines": [engine(fallback="Other_Engine")]}, "engines/0/fallback", ["pattern"]),
+    "zero concurrency limit": ({"engines": [engine(concurrency={"limit": 0})]}, "engines/0/concurrency/limit", ["1"]),
+    "negative queue": ({"engines": [engine(concurrency={"queue": -1})]}, "engines/0/concurrency/queue", ["0"]),
+    "zero queue timeout": ({"engines": [engine(concurrency={"queue_timeout": 0})]}, "engines/0/concurrency/queue_timeout", ["0"]),
+    "misspelt concurrency key": ({"engines": [engine(concurrency={"max": 4})]}, "engines/0/concurrency", ["max", "not allowed"]),
+}  # fmt: skip
+
+# gateway.settings is the routing map's settings block: what the schema refuses, the gateway refuses too.
+# (settings, the offending path under gateway/settings, words the message must contain)
+REFUSED_SETTINGS: dict[str, tuple[dict[str, Any], str, list[str]]] = {
+    "unknown balancing": ({"balancing": "least_loaded"}, "balancing", ["power_of_two", "round_robin"]),
+    "no attempt at all": ({"retries": {"max_attempts": 0}}, "retries/max_attempts", ["1"]),
+    "too many attempts": ({"retries": {"max_attempts": 11}}, "retries/max_attempts", ["10"]),
+    "fractional attempts": ({"retries": {"max_attempts": 2.5}}, "retries/max_attempts", ["integer"]),
+    "zero deadline": ({"retries": {"deadline": 0}}, "retries/deadline", ["0"]),
+    "misspelt retries key": ({"retries": {"attempts": 2}}, "retries", ["attempts", "not allowed"]),
+    "zero health interval": ({"health": {"interval": 0}}, "health/interval", ["0"]),
+    "negative health timeout": ({"health": {"timeout": -1}}, "health/timeout", ["0"]),
+    "ejection as text": ({"health": {"ejection_max": "1m"}}, "health/ejection_max", ["number"]),
+    "misspelt health key": ({"health": {"intervall": 5}}, "health", ["intervall", "not allowed"]),
+    "affinity header that is no header name": ({"affinity": {"header": "X Session"}}, "affinity/header", ["pattern"]),
+    "affinity on the body as a string": ({"affinity": {"body_user": "user"}}, "affinity/body_user", ["boolean"]),
+    "misspelt affinity key": ({"affinity": {"cookie": "s"}}, "affinity", ["cookie", "not allowed"]),
+    "readiness flag as a string": ({"ready_requires_engine": "sometimes"}, "ready_requires_engine", ["boolean"]),
 }  # fmt: skip
 
 # templates/_engines.tpl and friends: (values, fragments of the exact message)
@@ -191,6 +228,22 @@ REFUSED_BY_TEMPLATES: dict[str, tuple[dict[str, Any], list[str]]] = {
         {"gateway": {"preStopSleepSeconds": 30, "terminationGracePeriodSeconds": 30}},
         ["gateway.terminationGracePeriodSeconds (30) must be larger than gateway.preStopSleepSeconds (30)"],
     ),
+    "fallback to an unknown engine": (
+        {"engines": [engine("a"), engine("b", engine="sglang", fallback="c")]},
+        ['engines[1] "b": fallback "c" is not the name of any engine'],
+    ),
+    "fallback to itself": (
+        {"engines": [engine("a", fallback="a")]},
+        ['engines[0] "a": fallback names the engine itself'],
+    ),
+    "discovery as the namespace's default account": (
+        {"gateway": {"serviceAccount": {"create": False}}},
+        ["gateway.discovery.enabled: the gateway would read EndpointSlices as the namespace's \"default\" ServiceAccount"],
+    ),
+    "discovery as the default account by name": (
+        {"gateway": {"serviceAccount": {"create": False, "name": "default"}}},
+        ["set gateway.serviceAccount.create: true", "or set gateway.discovery.enabled: false"],
+    ),
 }
 
 
@@ -203,6 +256,56 @@ def test_schema_refuses_bad_values(helm: Helm, case: str) -> None:
         assert f"/{path}'" in message or f"- {path.replace('/', '.')}:" in message, f"{case}: no {path} in:\n{message}"
     for word in words:
         assert word.lower() in message.lower(), f"{case}: {word!r} not in:\n{message}"
+
+
+@pytest.mark.parametrize("case", REFUSED_SETTINGS)
+def test_schema_refuses_bad_settings_like_the_gateway(helm: Helm, case: str) -> None:
+    settings, path, words = REFUSED_SETTINGS[case]
+    message = helm.template_error(values={"gateway": {"settings": settings}})
+    assert SCHEMA_ERROR in message, message
+    path = f"gateway/settings/{path}"
+    assert f"/{path}'" in message or f"- {path.replace('/', '.')}:" in message, f"{case}: no {path} in:\n{message}"
+    for word in words:
+        assert word.lower() in message.lower(), f"{case}: {word!r} not in:\n{message}"
+    route = {"name": "a", "model": "m", "owned_by": "vllm", "url": "http://a:8000"}
+    routing_map = {"settings": settings, "engines": [route]}
+    with pytest.raises(ConfigError):
+        parse_routing_map(json.dumps(routing_map))
+
+
+def _model_shape(model: type[BaseModel]) -> dict[str, Any]:
+    """Field names of a pydantic model, nested models as dicts of their own fields."""
+    shape: dict[str, Any] = {}
+    for name, field in model.model_fields.items():
+        nested = field.annotation
+        shape[name] = _model_shape(nested) if isinstance(nested, type) and issubclass(nested, BaseModel) else None
+    return shape
+
+
+def _resolve(node: dict[str, Any]) -> dict[str, Any]:
+    while "$ref" in node:
+        node = SCHEMA["definitions"][node["$ref"].rsplit("/", 1)[-1]]
+    return node
+
+
+def _schema_shape(node: dict[str, Any]) -> dict[str, Any]:
+    """Property names of a schema object, nested objects as dicts of their own properties."""
+    node = _resolve(node)
+    assert node.get("additionalProperties") is False  # unknown keys are refused at every level
+    return {
+        name: _schema_shape(prop) if _resolve(prop).get("type") == "object" else None
+        for name, prop in node["properties"].items()
+    }
+
+
+def test_settings_schema_has_the_gateways_keys() -> None:
+    """values.schema.json knows exactly the routing map's settings and concurrency keys (gateway_app/config.py),
+    so a key the gateway gains or drops fails here rather than at `helm install`."""
+    definitions = SCHEMA["definitions"]
+    assert _schema_shape(definitions["settings"]) == _model_shape(Settings)
+    assert _schema_shape(definitions["concurrency"]) == _model_shape(Concurrency)
+    balancing = typing.get_args(Settings.model_fields["balancing"].annotation)
+    assert definitions["settings"]["properties"]["balancing"]["enum"] == list(balancing)
 
 
 @pytest.mark.parametrize("case", REFUSED_BY_TEMPLATES)
@@ -223,11 +326,19 @@ def test_a_good_override_is_accepted(helm: Helm) -> None:
                 {"name": "c", "url": "http://h:8000/", "ownedBy": "tgi", "model": "m"},
                 engine("d", engine="simulator", simulate="sglang", model="n", replicas=0),
                 engine("e", model="o", strategy={"type": "RollingUpdate", "rollingUpdate": {"maxSurge": "50%"}}),
+                # a fallback may be a url entry, or another model (the request is re-addressed to it)
+                engine("f", model="p", fallback="c", concurrency={"limit": 1, "queue": 0, "queue_timeout": 0.5}),
             ],
             "gateway": {
                 "preStopSleepSeconds": 29,
                 "terminationGracePeriodSeconds": 30,
-                "settings": {"limits": {"requests_per_minute": 0, "tokens_per_minute": None}},
+                "settings": {
+                    "limits": {"requests_per_minute": 0, "tokens_per_minute": None},
+                    "affinity": {"header": None, "body_user": False},
+                    "retries": {"max_attempts": 10, "deadline": 0.1},
+                },
+                "log": {"level": "error", "format": "text", "accessLog": True},
+                "serviceAccount": {"create": False, "name": "llm-gateway"},
             },
             # ids and aliases, upper-case hex, a limit of 0 (refuse all) and null (unlimited)
             "auth": {
@@ -241,5 +352,7 @@ def test_a_good_override_is_accepted(helm: Helm) -> None:
             "redis": {"url": "rediss://default@r.cache:6380/15", "existingSecret": "r"},
         }
     )
-    assert [r["name"] for r in rendered.routing["engines"]] == ["a", "b", "c", "d", "e"]
+    assert [r["name"] for r in rendered.routing["engines"]] == ["a", "b", "c", "d", "e", "f"]
+    routing = parse_routing_map(rendered.routing_text)
+    assert routing.engines[5].fallback == "c" and routing.engines[5].concurrency.limit == 1
     assert len(rendered.of_kind("Secret")) == 2  # the keys and the engine key; the Redis password is existing

@@ -20,6 +20,16 @@ from tests.chart.conftest import CHART_DIR, VALUE_SETS, Helm, Rendered
 GATEWAY = "my-llm-llm-gateway"
 
 
+def engine_documents(helm: Helm, values: dict[str, Any]) -> dict[str, str]:
+    """Engine name -> the exact text helm renders for its Deployment (same helm, same chart: bytes compare)."""
+    output = helm.run(*helm.template_args(values=values))
+    documents = {}
+    for text in output.split("\n---\n"):
+        if "# Source: llm-gateway/templates/engine-deployment.yaml" in text:
+            documents[yaml.safe_load(text)["metadata"]["name"]] = text
+    return documents
+
+
 def pod_templates(rendered: Rendered) -> dict[str, str]:
     """Deployment name -> its pod template, canonically serialized."""
     return {
@@ -47,6 +57,44 @@ def test_adding_an_engine_leaves_running_pods_alone(helm: Helm, example2_values:
     assert new[GATEWAY] == old[GATEWAY]
     # ... and the existing engine's Service is untouched.
     assert before.get("Service", "vllm-llama-32-1b")["spec"] == after.get("Service", "vllm-llama-32-1b")["spec"]
+
+
+def test_adding_an_engine_keeps_engine_deployments_byte_identical(helm: Helm, example2_values: dict[str, Any]) -> None:
+    """With discovery on (the default) the new engine only adds a discovery line to the routing map: the
+    existing engine's Deployment is the same text, byte for byte."""
+    before_values = copy.deepcopy(example2_values)
+    before_values["engines"] = before_values["engines"][:1]
+    before, after = engine_documents(helm, before_values), engine_documents(helm, example2_values)
+    assert set(after) == {"vllm-llama-32-1b", "sglang-llama-32-1b"}
+    assert after["vllm-llama-32-1b"] == before["vllm-llama-32-1b"]
+
+
+def test_discovery_changes_only_the_map_and_the_gateway(helm: Helm, example2_values: dict[str, Any]) -> None:
+    """Turning discovery on or off touches the routing ConfigMap, the gateway's pods and the RBAC objects;
+    never an engine's Deployment."""
+    off_values = {**example2_values, "gateway": {"discovery": {"enabled": False}}}
+    on, off = helm.template(values=example2_values), helm.template(values=off_values)
+    assert engine_documents(helm, example2_values) == engine_documents(helm, off_values)
+    assert pod_templates(on)[GATEWAY] != pod_templates(off)[GATEWAY]
+    assert on.routing_text != off.routing_text
+    changed = {
+        (doc["kind"], doc["metadata"]["name"])
+        for doc in on.docs + off.docs
+        if doc not in on.docs or doc not in off.docs
+    }
+    assert changed == {
+        ("ConfigMap", f"{GATEWAY}-routes"), ("Deployment", GATEWAY),
+        ("Role", f"{GATEWAY}-discovery"), ("RoleBinding", f"{GATEWAY}-discovery"),
+    }  # fmt: skip
+
+
+def test_fallback_concurrency_and_logging_leave_engines_alone(helm: Helm, example2_values: dict[str, Any]) -> None:
+    changed = copy.deepcopy(example2_values)
+    changed["engines"][1]["fallback"] = changed["engines"][0]["name"]
+    changed["engines"][0]["concurrency"] = {"limit": 4}
+    changed["gateway"] = {"log": {"format": "text", "accessLog": False}, "terminationGracePeriodSeconds": 300,
+                          "settings": {"balancing": "round_robin", "retries": {"max_attempts": 2}}}  # fmt: skip
+    assert engine_documents(helm, changed) == engine_documents(helm, example2_values)
 
 
 def test_rollOnConfigChange_rolls_only_the_gateway(helm: Helm, example2_values: dict[str, Any]) -> None:

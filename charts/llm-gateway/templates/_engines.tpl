@@ -140,6 +140,18 @@ Each resolved entry keeps the user's keys and adds:
 {{- $resolved = append $resolved $e -}}
 {{- end -}}
 
+{{- /* A fallback names another engine of the list (the gateway refuses the map otherwise). */ -}}
+{{- range $i, $e := $resolved -}}
+{{- if $e.fallback -}}
+{{- if not (hasKey $nameAt $e.fallback) -}}
+{{- fail (printf "engines[%d] %q: fallback %q is not the name of any engine; name another entry of engines" $i $e.name $e.fallback) -}}
+{{- end -}}
+{{- if eq $e.fallback $e.name -}}
+{{- fail (printf "engines[%d] %q: fallback names the engine itself; name another entry of engines" $i $e.name) -}}
+{{- end -}}
+{{- end -}}
+{{- end -}}
+
 {{- /* Aliases: never a model id, and one alias names one model. */ -}}
 {{- $aliasOf := dict -}}
 {{- range $i, $e := $resolved -}}
@@ -161,8 +173,14 @@ Each resolved entry keeps the user's keys and adds:
 {{/*
 The routing map's text. Scalars are written with toJson, which YAML reads as double-quoted strings,
 so model ids like "/models/x" or "a: b" survive unchanged. Takes (dict "root" $ "engines" $list).
+
+With discovery, a deployed engine also names its Service: the gateway watches the Service's
+EndpointSlices and balances over the ready pods, and uses `url` (the Service) until the first answer
+from the API and whenever no pod is ready.
 */}}
 {{- define "llm-gateway.routingMap" -}}
+{{- $discovery := include "llm-gateway.discovery" .root -}}
+{{- $namespace := .root.Release.Namespace -}}
 # Rendered by the llm-gateway Helm chart from its values; edit the values, not this ConfigMap.
 {{- with .root.Values.gateway.settings }}
 settings:
@@ -174,6 +192,9 @@ engines:
     model: {{ .servedModel | toJson }}
     owned_by: {{ .owns | toJson }}
     url: {{ .routeUrl | toJson }}
+    {{- if and $discovery .deployed }}
+    discovery: {service: {{ .name | toJson }}, namespace: {{ $namespace | toJson }}, port: 8000}
+    {{- end }}
     {{- if .default }}
     default: true
     {{- end }}
@@ -185,6 +206,12 @@ engines:
     {{- end }}
     {{- with .timeouts }}
     timeouts: {{ toJson . }}
+    {{- end }}
+    {{- with .fallback }}
+    fallback: {{ toJson . }}
+    {{- end }}
+    {{- with .concurrency }}
+    concurrency: {{ toJson . }}
     {{- end }}
 {{- end }}
 {{- end }}

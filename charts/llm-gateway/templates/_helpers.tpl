@@ -69,6 +69,26 @@ app.kubernetes.io/component: engine
 {{- end }}
 {{- end }}
 
+{{/*
+"true" when the gateway discovers engine pods through the Kubernetes API: gateway.discovery.enabled and
+at least one deployed engine (url entries have no Service to watch). It then gets a Role on
+EndpointSlices, bound to its ServiceAccount, and mounts the account's token. Empty otherwise.
+*/}}
+{{- define "llm-gateway.discovery" -}}
+{{- $deployed := false -}}
+{{- range (include "llm-gateway.engines" . | fromJson).engines }}{{ if .deployed }}{{ $deployed = true }}{{ end }}{{ end -}}
+{{- if and .Values.gateway.discovery.enabled $deployed -}}
+{{- if eq (include "llm-gateway.serviceAccountName" .) "default" -}}
+{{- fail "gateway.discovery.enabled: the gateway would read EndpointSlices as the namespace's \"default\" ServiceAccount, and every pod using that account would gain the right too; set gateway.serviceAccount.create: true, name an account of the gateway's own in gateway.serviceAccount.name, or set gateway.discovery.enabled: false" -}}
+{{- end -}}
+true
+{{- end -}}
+{{- end }}
+
+{{- define "llm-gateway.discoveryRoleName" -}}
+{{- printf "%s-discovery" (include "llm-gateway.fullname" .) | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
 {{- define "llm-gateway.routesConfigMapName" -}}
 {{- printf "%s-routes" (include "llm-gateway.fullname" .) | trunc 63 | trimSuffix "-" }}
 {{- end }}
