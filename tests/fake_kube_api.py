@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import asyncio
 import json
-import threading
 
 from aiohttp import web
+
+from tests.background_server import BackgroundServer
 
 
 def endpoint_slice(name: str, service: str, port: int, endpoints: list[tuple[str, bool]]) -> dict:
@@ -67,27 +68,11 @@ class FakeKubeAPI:
         self._loop.call_soon_threadsafe(apply)
 
     def start(self) -> "FakeKubeAPI":
-        ready = threading.Event()
-
-        def run() -> None:
-            self._loop = asyncio.new_event_loop()
-            app = web.Application()
-            app.router.add_get("/apis/discovery.k8s.io/v1/namespaces/{namespace}/endpointslices", self._handle)
-            self._runner = web.AppRunner(app, handler_cancellation=True, shutdown_timeout=1)
-            self._loop.run_until_complete(self._runner.setup())
-            site = web.TCPSite(self._runner, "127.0.0.1", 0)
-            self._loop.run_until_complete(site.start())
-            self.url = f"http://127.0.0.1:{self._runner.addresses[0][1]}"
-            ready.set()
-            self._loop.run_forever()
-
-        self._thread = threading.Thread(target=run, daemon=True)
-        self._thread.start()
-        ready.wait(10)
+        app = web.Application()
+        app.router.add_get("/apis/discovery.k8s.io/v1/namespaces/{namespace}/endpointslices", self._handle)
+        self._server = BackgroundServer(app).start()
+        self._loop, self.url = self._server.loop, self._server.url
         return self
 
     def stop(self) -> None:
-        asyncio.run_coroutine_threadsafe(self._runner.cleanup(), self._loop).result(10)
-        self._loop.call_soon_threadsafe(self._loop.stop)
-        self._thread.join(10)
-        self._loop.close()
+        self._server.stop()

@@ -7,10 +7,11 @@ a thread, and answers with fixed bytes so that the test can compare them with wh
 from __future__ import annotations
 
 import asyncio
-import threading
 from dataclasses import dataclass, field
 
 from aiohttp import web
+
+from tests.background_server import BackgroundServer
 
 FIXED_ANSWER = b'{"id":"x","object":"chat.completion","choices":[],"usage":{"prompt_tokens":3,"completion_tokens":4,"total_tokens":7}}'
 STREAM_EVENTS = [b'data: {"choices":[{"delta":{"content":"a"}}]}\n\n', b'data: {"choices":[{"delta":{"content":"b"}}]}\n\n', b"data: [DONE]\n\n"]
@@ -73,9 +74,6 @@ class RecordingEngine:
     url: str = ""
     received: list[Received] = field(default_factory=list)
     fail_with: int | None = None  # answer every request, /health included, with this status
-    _loop: asyncio.AbstractEventLoop | None = None
-    _runner: web.AppRunner | None = None
-    _thread: threading.Thread | None = None
 
     async def _handle(self, request: web.Request) -> web.StreamResponse:
         body = await request.read()
@@ -98,30 +96,11 @@ class RecordingEngine:
         )
 
     def start(self) -> "RecordingEngine":
-        ready = threading.Event()
-
-        def run() -> None:
-            self._loop = asyncio.new_event_loop()
-            app = web.Application()
-            app.router.add_route("*", "/{tail:.*}", self._handle)
-            # Handlers stop when the gateway hangs up, as an engine stops generating.
-            self._runner = web.AppRunner(app, handler_cancellation=True, shutdown_timeout=1)
-            self._loop.run_until_complete(self._runner.setup())
-            site = web.TCPSite(self._runner, "127.0.0.1", 0)
-            self._loop.run_until_complete(site.start())
-            port = self._runner.addresses[0][1]
-            self.url = f"http://127.0.0.1:{port}"
-            ready.set()
-            self._loop.run_forever()
-
-        self._thread = threading.Thread(target=run, daemon=True)
-        self._thread.start()
-        ready.wait(10)
+        app = web.Application()
+        app.router.add_route("*", "/{tail:.*}", self._handle)
+        self._server = BackgroundServer(app).start()
+        self.url = self._server.url
         return self
 
     def stop(self) -> None:
-        if self._loop and self._runner:
-            asyncio.run_coroutine_threadsafe(self._runner.cleanup(), self._loop).result(10)
-            self._loop.call_soon_threadsafe(self._loop.stop)
-            self._thread.join(10)
-            self._loop.close()
+        self._server.stop()

@@ -62,7 +62,9 @@ def test_gateway_follows_the_ready_pods_of_a_service(pods, log_dir, tmp_path):
         api.push("MODIFIED", endpoint_slice("svc-a", "engine-svc", port, [(PODS[0], True), (PODS[1], True)]))
         wait_for(lambda: available(PODS[1]) == 1, timeout=5, message="second pod ready")
         spread = send(20)
-        assert spread[0] > 0 and spread[1] > 0
+        # The new pod takes requests. (Which of two equal pods serves a sequential client is up to the
+        # latency-weighted choice, so the split itself is not asserted.)
+        assert spread[1] > 0 and sum(spread) == 20
 
         api.push("MODIFIED", endpoint_slice("svc-a", "engine-svc", port, [(PODS[0], False), (PODS[1], True)]))
         wait_for(lambda: available(PODS[0]) == 0 and available(PODS[1]) == 1, timeout=5, message="first pod gone")

@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import asyncio
-import threading
 from collections.abc import Iterator
 
 import pytest
 from aiohttp import web
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
 
+from tests.background_server import BackgroundServer
 from tests.conftest import write_routing_map
 from tests.recording_engine import RecordingEngine
 from tests.support import RunningProcess, start_gateway
@@ -33,30 +32,14 @@ class OtlpCollector:
         return web.Response(body=b"", content_type="application/x-protobuf")
 
     def start(self) -> "OtlpCollector":
-        ready = threading.Event()
-
-        def run() -> None:
-            self._loop = asyncio.new_event_loop()
-            app = web.Application()
-            app.router.add_post("/v1/traces", self._traces)
-            self._runner = web.AppRunner(app)
-            self._loop.run_until_complete(self._runner.setup())
-            site = web.TCPSite(self._runner, "127.0.0.1", 0)
-            self._loop.run_until_complete(site.start())
-            self.url = f"http://127.0.0.1:{self._runner.addresses[0][1]}"
-            ready.set()
-            self._loop.run_forever()
-
-        self._thread = threading.Thread(target=run, daemon=True)
-        self._thread.start()
-        ready.wait(10)
+        app = web.Application()
+        app.router.add_post("/v1/traces", self._traces)
+        self._server = BackgroundServer(app).start()
+        self.url = self._server.url
         return self
 
     def stop(self) -> None:
-        asyncio.run_coroutine_threadsafe(self._runner.cleanup(), self._loop).result(10)
-        self._loop.call_soon_threadsafe(self._loop.stop)
-        self._thread.join(10)
-        self._loop.close()
+        self._server.stop()
 
 
 @pytest.fixture(scope="module")
