@@ -3,14 +3,16 @@
 The gateway's cost is the difference between the two, so both run as real processes on loopback,
 pinned apart (gateway on CPU 1; simulator and this load generator on CPU 0) so that the gateway's CPU
 time per request can be read from /proc without the load generator's work mixed in. Then the same
-gateway is compared with gateways that check API keys and rate limits (bench/access.py).
+gateway is compared with gateways that check API keys and rate limits (bench/access.py), and a gateway
+that writes its access log with one that does not (bench/access_log.py).
 
     .venv/bin/python bench/bench.py [--duration S] [--concurrency 1,16] [--max-tokens 16]
-                                    [--access open,keys+memory,keys+redis|none] [--output PATH]
+                                    [--access open,keys+memory,keys+redis|none] [--no-logging] [--output PATH]
 
 The helpers live next to this script: processes.py (start, pin, measure, stop), load.py (the requests
-and what a scenario measures), access.py (the access-control comparison), environment.py (the machine
-and commit the JSON records). memory.py and balance.py are two more benchmarks built on them.
+and what a scenario measures), access.py and access_log.py (the comparisons), environment.py (the machine
+and commit the JSON records), plot.py (the PNG next to the JSON). memory.py and balance.py are two more
+benchmarks built on them.
 """
 
 from __future__ import annotations
@@ -24,6 +26,8 @@ from pathlib import Path
 from typing import Any
 
 import access
+import access_log
+import plot
 from environment import describe, format_load
 from load import Pids, ScenarioResult, fmt, run_client, run_scenario
 from processes import (
@@ -132,15 +136,19 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
     with process_group() as group:
         servers = start_servers(group, pinning, MODEL)
         gateways = access.start_gateways(group, pinning, servers, args.access, MODEL) if args.access else []
+        logging_gateways = access_log.start_gateways(group, pinning, servers, MODEL) if args.logging else []
         pinned = {"gateway": sorted(os.sched_getaffinity(servers.gateway.pid)),
                   "simulator": sorted(os.sched_getaffinity(servers.simulator.pid)),
                   "load_generator": sorted(os.sched_getaffinity(0))}
         print(f"simulator {servers.simulator_url} (pid {servers.simulator.pid}), "
               f"gateway {servers.gateway_url} (pid {servers.gateway.pid}); CPUs {pinned}", flush=True)
         access.print_gateways(gateways)
+        access_log.print_gateways(logging_gateways)
         results = run_client(run_load(args, servers))
         access_results = run_client(access.run_access(args, gateways, MODEL)) if gateways else []
         store = access.store_health(gateways)
+        logging_turns = run_client(access_log.run_logging(args, logging_gateways, MODEL)) if logging_gateways else []
+        lines_written = access_log.written(logging_gateways)
     load_average_at_end = os.getloadavg()
     comparisons = compare(results)
     goals = targets(results, comparisons, args.max_tokens)
@@ -150,19 +158,26 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
     if access_section is not None:
         access.print_report(access_section)
         goals += access.targets(access_results)
+    logging_section = access_log.report(logging_turns, lines_written, args.duration) if logging_turns else None
+    if logging_section is not None:
+        access_log.print_report(logging_section)
+        goals += access_log.targets(logging_section)
     print_targets(goals)
     print(f"\nload average (1, 5, 15 min): {format_load(load_average)} at start, {format_load(load_average_at_end)} at end "
           f"on {os.cpu_count()} CPUs")
     report = {
         "environment": describe(load_average, load_average_at_end, pinned),
         "settings": {"duration_s": args.duration, "warmup_s": args.warmup, "concurrency": args.concurrency,
-                     "max_tokens": args.max_tokens, "model": MODEL, "access": args.access},
+                     "max_tokens": args.max_tokens, "model": MODEL, "access": args.access,
+                     "logging": args.logging},
         "scenarios": [asdict(r) for r in results],
         "gateway_vs_direct": comparisons,
         "targets": goals,
     }
     if access_section is not None:
         report["access"] = access_section
+    if logging_section is not None:
+        report["access_log"] = logging_section
     return report
 
 
@@ -187,6 +202,11 @@ def parse_args() -> argparse.Namespace:
         help=f"access-control configurations to compare, comma-separated from {','.join(access.CONFIGURATIONS)}, "
         "or none (default: all)",
     )
+    parser.add_argument(
+        "--logging", action=argparse.BooleanOptionalAction, default=True,
+        help="compare a gateway writing its JSON access log with one started with --no-access-log "
+        "(non-streaming; default: on)",
+    )
     parser.add_argument("--output", type=Path, default=REPO_ROOT / "bench" / "results" / "latest.json")
     return parser.parse_args()
 
@@ -205,6 +225,7 @@ def main() -> int:
     args.output.parent.mkdir(parents=True, exist_ok=True)
     args.output.write_text(json.dumps(report, indent=2) + "\n")
     print(f"\nwrote {args.output}")
+    plot.write_png(report, args.output)
     return 0
 
 
