@@ -84,7 +84,54 @@ SERVICE_MONITOR_SCHEMA = {
         },
     },
 }
-CRD_SCHEMAS = {("monitoring.coreos.com/v1", "ServiceMonitor"): SERVICE_MONITOR_SCHEMA}
+PROMETHEUS_RULE_SCHEMA = {
+    "type": "object",
+    "additionalProperties": False,
+    "required": ["apiVersion", "kind", "metadata", "spec"],
+    "properties": {
+        "apiVersion": {"const": "monitoring.coreos.com/v1"},
+        "kind": {"const": "PrometheusRule"},
+        "metadata": SERVICE_MONITOR_SCHEMA["properties"]["metadata"],
+        "spec": {
+            "type": "object",
+            "additionalProperties": False,
+            "required": ["groups"],
+            "properties": {
+                "groups": {
+                    "type": "array",
+                    "items": {
+                        "type": "object",
+                        "additionalProperties": False,
+                        "required": ["name", "rules"],
+                        "properties": {
+                            "name": {"type": "string", "minLength": 1},
+                            "interval": _DURATION,
+                            "rules": {
+                                "type": "array",
+                                "items": {
+                                    "type": "object",
+                                    "additionalProperties": False,
+                                    "required": ["alert", "expr"],
+                                    "properties": {
+                                        "alert": {"type": "string", "pattern": "^[A-Za-z_][A-Za-z0-9_]*$"},
+                                        "expr": {"type": "string", "minLength": 1},
+                                        "for": {"type": "string", "pattern": r"^[0-9]+(ms|s|m|h|d|w|y)$"},
+                                        "labels": _LABELS,
+                                        "annotations": _LABELS,
+                                    },
+                                },
+                            },
+                        },
+                    },
+                },
+            },
+        },
+    },
+}
+CRD_SCHEMAS = {
+    ("monitoring.coreos.com/v1", "ServiceMonitor"): SERVICE_MONITOR_SCHEMA,
+    ("monitoring.coreos.com/v1", "PrometheusRule"): PROMETHEUS_RULE_SCHEMA,
+}
 
 
 def validate_object(doc: dict[str, Any], version: str) -> str:
@@ -110,7 +157,7 @@ def test_every_object_validates_strictly(renders: dict[str, Rendered], value_set
         except (kubernetes_validate.ValidationError, jsonschema.ValidationError) as error:
             pytest.fail(f"{where} is invalid for Kubernetes {version}: {error.message}")
     assert checked["core"] > 0
-    expected_crds = len(renders[value_set].of_kind("ServiceMonitor"))
+    expected_crds = sum(len(renders[value_set].of_kind(kind)) for _, kind in CRD_SCHEMAS)
     assert checked["crd"] == expected_crds
 
 
@@ -123,13 +170,21 @@ def test_crd_check_is_not_a_rubber_stamp() -> None:
     }
     with pytest.raises(jsonschema.ValidationError):
         validate_object(monitor, KUBE_VERSIONS[0])
+    rule = {
+        "apiVersion": "monitoring.coreos.com/v1",
+        "kind": "PrometheusRule",
+        "metadata": {"name": "x", "namespace": "y"},
+        "spec": {"groups": [{"name": "g", "rules": [{"alert": "A", "expr": "up == 0", "for": 5}]}]},
+    }
+    with pytest.raises(jsonschema.ValidationError):
+        validate_object(rule, KUBE_VERSIONS[0])
 
 
 def test_all_features_renders_every_template(renders: dict[str, Rendered]) -> None:
     kinds = {doc["kind"] for doc in renders["all-features"].docs}
     assert kinds == {
         "ConfigMap", "Deployment", "Service", "ServiceAccount", "Secret", "Ingress", "HorizontalPodAutoscaler",
-        "PodDisruptionBudget", "NetworkPolicy", "ServiceMonitor", "Pod", "Role", "RoleBinding",
+        "PodDisruptionBudget", "NetworkPolicy", "ServiceMonitor", "PrometheusRule", "Pod", "Role", "RoleBinding",
     }  # fmt: skip
 
 
@@ -514,7 +569,11 @@ def test_autoscaling_owns_the_replica_count(renders: dict[str, Rendered]) -> Non
 @pytest.mark.parametrize("value_set", ["defaults", *EXAMPLES])
 def test_optional_objects_are_off_by_default(renders: dict[str, Rendered], value_set: str) -> None:
     kinds = {doc["kind"] for doc in renders[value_set].docs}
-    assert not kinds & {"HorizontalPodAutoscaler", "PodDisruptionBudget", "NetworkPolicy", "ServiceMonitor", "Secret"}
+    assert not kinds & {
+        "HorizontalPodAutoscaler", "PodDisruptionBudget", "NetworkPolicy", "ServiceMonitor", "PrometheusRule", "Secret",
+    }  # fmt: skip
+    # the only ConfigMap is the routing map: no dashboard
+    assert [c["metadata"]["name"] for c in renders[value_set].of_kind("ConfigMap")] == [f"{GATEWAY}-routes"]
 
 
 def test_secrets_only_where_asked(renders: dict[str, Rendered]) -> None:
