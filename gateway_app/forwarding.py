@@ -142,9 +142,10 @@ class Forwarder:
                 gate.release()
         labels = (engine.model, engine.name, self.endpoint)
         metrics.requests.labels(*labels, str(status)).inc()
-        metrics.duration.labels(*labels).observe(time.perf_counter() - started)
+        stream = "true" if progress.sse else "false"
+        metrics.duration.labels(*labels, stream).observe(time.perf_counter() - started)
         if progress.first_byte_at is not None:
-            metrics.first_byte.labels(*labels).observe(progress.first_byte_at - started)
+            metrics.first_byte.labels(*labels, stream).observe(progress.first_byte_at - started)
         return status
 
     async def _exchange(

@@ -33,14 +33,26 @@ class GatewayMetrics:
             "llm_gateway_requests", "Requests answered, by the engine that served them and the HTTP status.",
             (*route, "status"), registry=self.registry,
         )
+        # `stream` keeps apart what differs by nature: a non-streaming answer's first byte comes with
+        # the whole generation, a stream's with its first token.
         self.duration = Histogram(
             "llm_gateway_request_duration_seconds", "Time from the request to the last byte of the answer.",
-            route, buckets=DURATION_BUCKETS, registry=self.registry,
+            (*route, "stream"), buckets=DURATION_BUCKETS, registry=self.registry,
         )
         self.first_byte = Histogram(
             "llm_gateway_time_to_first_byte_seconds",
             "Time from the request to the engine's first chunk for streams, to its response headers otherwise.",
-            route, buckets=FIRST_BYTE_BUCKETS, registry=self.registry,
+            (*route, "stream"), buckets=FIRST_BYTE_BUCKETS, registry=self.registry,
+        )
+        self.engine_info = Gauge(
+            "llm_gateway_engine_info", "1 for each engine of the routing map in service: which model it serves.",
+            ("engine", "model", "owned_by"), registry=self.registry,
+        )
+        self.client_requests = Counter(
+            "llm_gateway_client_requests",
+            "Requests by API key name (`anonymous` with authentication off, empty without a valid key) and "
+            "status class: who sends the traffic.",
+            ("client", "status_class"), registry=self.registry,
         )
         self.time_per_output_token = Histogram(
             "llm_gateway_time_per_output_token_seconds",

@@ -24,6 +24,7 @@ from gateway_app.stream_usage import request_usage_chunk
 if TYPE_CHECKING:
     from gateway_app.state import GatewayState
 
+STATUS_CLASSES = {2: "2xx", 3: "3xx", 4: "4xx", 5: "5xx"}
 # Endpoints whose cost includes generated tokens (the others only read their input).
 GENERATING_ENDPOINTS = frozenset({"/v1/chat/completions", "/v1/completions", "/v1/responses"})
 REFUSAL_REASONS: dict[type, str] = {
@@ -106,7 +107,8 @@ class ProxyEndpoint:
         )
 
     def _log(self, scope: Scope, started: float, status: int, client: str, **fields: object) -> None:
-        """One line per request; never the prompt, the completion or a key."""
+        """One line per request (never the prompt, the completion or a key), and who sent it."""
+        self.state.metrics.client_requests.labels(client, STATUS_CLASSES.get(status // 100, "other")).inc()
         self.state.request_log.record({
             "request_id": scope.get("request_id"), "path": self.endpoint, "status": status, "client": client or None,
             "duration_ms": round((time.perf_counter() - started) * 1000, 2), **fields,

@@ -90,7 +90,9 @@ class GatewayState:
         metrics.config_engines.set(len(self.table.engines))
         metrics.config_last_reload.set(time.time())
         metrics.queue_length.clear()
+        metrics.engine_info.clear()
         for engine in self.table.engines:
+            metrics.engine_info.labels(engine.name, engine.model, engine.owned_by).set(1)
             if engine.gate is not None:  # read at scrape time: the hot path pays nothing for it
                 metrics.queue_length.labels(engine.name).set_function(lambda gate=engine.gate: gate.waiting)
         self.refresh_endpoints()

@@ -65,3 +65,20 @@ def test_streams_report_time_per_output_token(gateway):
     post(gateway.url + CHAT, {"model": LLAMA, "messages": HI, "max_tokens": 6, "stream": True})
     after = metric_value(scrape(gateway), "llm_gateway_time_per_output_token_seconds_count", **labels)
     assert after - before == 1  # one observation per stream, not one per token
+
+
+def test_engine_info_and_traffic_by_client(gateway):
+    text = scrape(gateway)
+    assert metric_value(text, "llm_gateway_engine_info", engine="sglang-llama-32-1b", model=LLAMA, owned_by="sglang") == 1
+    before = metric_value(text, "llm_gateway_client_requests_total", client="anonymous", status_class="2xx")
+    post(gateway.url + CHAT, {"model": LLAMA, "messages": HI})
+    after = metric_value(scrape(gateway), "llm_gateway_client_requests_total", client="anonymous", status_class="2xx")
+    assert after - before == 1
+
+
+def test_latency_histograms_keep_streams_apart(gateway):
+    post(gateway.url + CHAT, {"model": LLAMA, "messages": HI, "stream": True})
+    post(gateway.url + CHAT, {"model": LLAMA, "messages": HI})
+    text = scrape(gateway)
+    for stream in ("true", "false"):
+        assert metric_value(text, "llm_gateway_time_to_first_byte_seconds_count", stream=stream) >= 1
