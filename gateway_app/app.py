@@ -16,10 +16,10 @@ import orjson
 from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
-from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
+from starlette.types import ASGIApp
 
 from gateway_app import __version__
 from gateway_app.auth import Unauthorized
@@ -60,7 +60,7 @@ def _error(error: GatewayError, headers: dict[str, str] | None = None) -> Respon
     return Response(error.body(), status_code=error.status, media_type="application/json", headers=headers)
 
 
-def create_app(state: GatewayState, watched: Sequence[WatchedFile] = ()) -> Starlette:
+def create_app(state: GatewayState, watched: Sequence[WatchedFile] = ()) -> ASGIApp:
     """Build the app; the `watched` files (routing map, keys, engine credential) are hot-reloaded."""
 
     async def visible_cards(request: Request) -> list[dict]:
@@ -167,9 +167,8 @@ def create_app(state: GatewayState, watched: Sequence[WatchedFile] = ()) -> Star
         Route("/version", version, methods=["GET"]),
         Route("/metrics", metrics, methods=["GET"]),
     ]
-    return Starlette(
-        routes=routes,
-        lifespan=lifespan,
-        middleware=[Middleware(RequestIdMiddleware)],
-        exception_handlers={HTTPException: http_error, Exception: unexpected_error},
+    app = Starlette(
+        routes=routes, lifespan=lifespan, exception_handlers={HTTPException: http_error, Exception: unexpected_error}
     )
+    # Outermost, so that even the answer of Starlette's last-resort error handler carries the id.
+    return RequestIdMiddleware(app)

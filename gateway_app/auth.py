@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import hashlib
 import secrets
-import hmac
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,7 +16,7 @@ from pathlib import Path
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from gateway_app.config import ConfigError, describe_validation_error
+from gateway_app.config import SAFE_LOADER, ConfigError, describe_validation_error
 from gateway_app.errors import GatewayError
 
 SHA256_HEX = re.compile(r"^[0-9a-f]{64}$")
@@ -95,7 +94,7 @@ class KeyStore:
     """Immutable set of keys; a reload builds a new store and swaps it whole."""
 
     def __init__(self, spec: KeysFile) -> None:
-        self._by_hash: dict[str, tuple[str, Client]] = {}
+        self._by_hash: dict[str, Client] = {}
         for entry in spec.keys:
             client = Client(
                 name=entry.name,
@@ -103,7 +102,7 @@ class KeyStore:
                 requests_per_minute=entry.requests_per_minute,
                 tokens_per_minute=entry.tokens_per_minute,
             )
-            self._by_hash[entry.sha256] = (entry.sha256, client)
+            self._by_hash[entry.sha256] = client
 
     def __len__(self) -> int:
         return len(self._by_hash)
@@ -113,13 +112,12 @@ class KeyStore:
         key = presented_key(headers)
         if key is None:
             raise Unauthorized("A valid API key is required: send `Authorization: Bearer <key>`.")
-        digest = hash_key(key)
-        found = self._by_hash.get(digest)
-        # The lookup is by hash, so its timing says nothing usable about the key; the final comparison
-        # is constant-time anyway so that no code path compares secrets with `==`.
-        if found is None or not hmac.compare_digest(found[0], digest):
+        # Looked up by the sha256 of the presented key: any timing difference of the lookup is about
+        # the hash, which an attacker cannot steer towards a stored one, so no secret is compared.
+        client = self._by_hash.get(hash_key(key))
+        if client is None:
             raise Unauthorized("A valid API key is required: send `Authorization: Bearer <key>`.")
-        return found[1]
+        return client
 
 
 def authorize_model(client: Client, requested: str, model: str) -> None:
@@ -131,7 +129,7 @@ def authorize_model(client: Client, requested: str, model: str) -> None:
 
 def parse_keys_file(text: str, source: str) -> KeyStore:
     try:
-        data = yaml.safe_load(text)
+        data = yaml.load(text, Loader=SAFE_LOADER)
     except yaml.YAMLError as exc:
         raise ConfigError(f"{source}: not valid YAML: {exc}") from None
     if data is None:
@@ -142,14 +140,15 @@ def parse_keys_file(text: str, source: str) -> KeyStore:
         spec = KeysFile.model_validate(data)
     except ValidationError as exc:
         raise ConfigError(f"{source}: {describe_validation_error(exc)}") from None
-    names = [entry.name for entry in spec.keys]
-    for index, name in enumerate(names):
-        if name in names[:index]:
-            raise ConfigError(f"{source}: keys[{index}].name: duplicate key name {name!r}")
-    hashes = [entry.sha256 for entry in spec.keys]
-    for index, digest in enumerate(hashes):
-        if digest in hashes[:index]:
+    names: set[str] = set()
+    hashes: set[str] = set()
+    for index, entry in enumerate(spec.keys):
+        if entry.name in names:
+            raise ConfigError(f"{source}: keys[{index}].name: duplicate key name {entry.name!r}")
+        if entry.sha256 in hashes:
             raise ConfigError(f"{source}: keys[{index}].sha256: the same key is listed twice")
+        names.add(entry.name)
+        hashes.add(entry.sha256)
     return KeyStore(spec)
 
 

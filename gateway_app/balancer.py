@@ -32,9 +32,10 @@ def score(endpoint: Endpoint, now: float) -> float:
     return (endpoint.outstanding + 1) * latency if latency else float(endpoint.outstanding)
 
 
-def pick_least_loaded_of_two(
-    candidates: Sequence[Endpoint], rng: random.Random = random._inst, now: float = 0.0
-) -> Endpoint:
+_RNG = random.Random()
+
+
+def pick_least_loaded_of_two(candidates: Sequence[Endpoint], rng: random.Random = _RNG, now: float = 0.0) -> Endpoint:
     if len(candidates) == 1:
         return candidates[0]
     first, second = rng.sample(candidates, 2)

@@ -44,16 +44,18 @@ class ConcurrencyGate:
         waiter = asyncio.get_running_loop().create_future()
         self._waiters.append(waiter)
         try:
-            await asyncio.wait_for(waiter, timeout=self.queue_timeout)
-        except TimeoutError:
-            raise self._busy(engine_name, f"no place became free within {self.queue_timeout} s") from None
-        except BaseException:
-            if waiter.done() and not waiter.cancelled():
-                self.release()  # we were handed a place but are leaving: pass it on
-            raise
-        finally:
+            async with asyncio.timeout(self.queue_timeout):
+                await waiter
+        except BaseException as exc:
+            # Leaving (timed out, or the client went away): a place handed over in the same instant
+            # must be passed on, never kept and never lost.
             if waiter in self._waiters:
                 self._waiters.remove(waiter)
+            if waiter.done() and not waiter.cancelled():
+                self.release()
+            if isinstance(exc, TimeoutError):
+                raise self._busy(engine_name, f"no place became free within {self.queue_timeout} s") from None
+            raise
         return time.monotonic() - started
 
     def release(self) -> None:

@@ -43,10 +43,13 @@ class WatchedFile(Generic[Loaded]):
         self._refused: bytes | None = None  # so a bad file is reported once, not on every event
         self._stop = asyncio.Event()
 
-    def reload(self) -> bool | None:
-        """Re-read the file: True if the new content went into service, False if refused, None if unchanged."""
+    async def reload(self) -> bool | None:
+        """Re-read the file: True if the new content went into service, False if refused, None if unchanged.
+
+        Reading and validating happen in a thread (a keys file may be large); putting the result into
+        service happens on the event loop, in one step."""
         try:
-            value, raw = self._load(self.path)
+            value, raw = await asyncio.to_thread(self._load, self.path)
         except ConfigError as error:
             try:
                 current = self.path.read_bytes()
@@ -73,7 +76,7 @@ class WatchedFile(Generic[Loaded]):
             async for _changes in watchfiles.awatch(
                 folder, watch_filter=None, stop_event=self._stop, debounce=300, recursive=False
             ):
-                self.reload()
+                await self.reload()
         except Exception:  # e.g. the folder vanished; keep serving what we have
             log.exception("watching %s stopped; changes to the %s will not be picked up", folder, self.what)
 

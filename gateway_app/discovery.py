@@ -113,7 +113,10 @@ class EndpointSliceWatcher:
 
     async def _watch(self, resource_version: str) -> None:
         """Apply watch events until the server ends the watch; return to relist."""
-        url = f"{self.api.base_url}{self._path}&watch=1&allowWatchBookmarks=true&resourceVersion={resource_version}"
+        url = (
+            f"{self.api.base_url}{self._path}&watch=1&allowWatchBookmarks=true&timeoutSeconds=300"
+            f"&resourceVersion={resource_version}"
+        )
         async with self._session().get(
             url, headers=self.api.headers(), ssl=self.api.ssl_context,
             timeout=aiohttp.ClientTimeout(total=None, sock_connect=10, sock_read=330),

@@ -112,7 +112,10 @@ class HealthChecker:
             log.warning("endpoint %s failed its health check", endpoint.url)
         endpoint.healthy = healthy
         if healthy:
-            endpoint.succeeded()  # a passing check ends an ejection at once
+            # A passing check ends an ejection at once, but only a request that succeeds clears the
+            # failure count: a replica whose /health passes while its requests fail stays on a growing
+            # cool-down.
+            endpoint.ejected_until = 0.0
 
     async def run(self) -> None:
         while not self._stop.is_set():

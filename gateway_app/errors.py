@@ -14,6 +14,7 @@ class GatewayError(Exception):
     status: int = 500
     error_type: str = "internal_error"
     code: str | None = None
+    retry_after: int | None = None  # seconds, sent as Retry-After when set
 
     def __init__(self, message: str, *, param: str | None = None, code: str | None = None) -> None:
         super().__init__(message)

@@ -47,7 +47,7 @@ class RequestProgress:
     __slots__ = (
         "response_started", "finished", "disconnected", "first_byte_at", "sse", "at_event_boundary",
         "extra_headers", "strip_usage", "usage", "table", "started", "affinity_key",
-        "error_kind", "bytes_sent", "served_by", "endpoint_url",
+        "error_kind", "bytes_sent", "served_by", "endpoint_url", "served_engine",
     )
 
     def __init__(
@@ -60,6 +60,7 @@ class RequestProgress:
         self.error_kind: str | None = None  # for the request log
         self.bytes_sent = 0
         self.served_by: str | None = None
+        self.served_engine: Engine | None = None  # differs from the routed engine after a fallback
         self.endpoint_url: str | None = None
         self.extra_headers = extra_headers  # e.g. x-ratelimit-*, added to the engine's answer
         self.strip_usage = strip_usage  # the gateway asked for the usage chunk, the client did not
@@ -128,8 +129,7 @@ class Forwarder:
         except EngineBusy as error:
             metrics.rejected.labels("engine_overloaded", "").inc()
             progress.error_kind = "engine_overloaded"
-            await send_error(send, error, [(ENGINE_HEADER, engine.name_header),
-                                           (b"retry-after", str(error.retry_after).encode())])
+            await send_error(send, error, [(ENGINE_HEADER, engine.name_header), *progress.extra_headers])
             status = error.status
         except Exception:  # a bug of ours: log it, answer 500 without details
             log.exception("unexpected error while forwarding to engine %s", engine.name)
@@ -140,7 +140,8 @@ class Forwarder:
             in_flight.dec()
             if admitted:
                 gate.release()
-        labels = (engine.model, engine.name, self.endpoint)
+        served = progress.served_engine or engine  # metrics credit the engine that answered
+        labels = (served.model, served.name, self.endpoint)
         metrics.requests.labels(*labels, str(status)).inc()
         stream = "true" if progress.sse else "false"
         metrics.duration.labels(*labels, stream).observe(time.perf_counter() - started)
@@ -193,7 +194,7 @@ class Forwarder:
         response: aiohttp.ClientResponse | None = None
         complete = False
         endpoint.outstanding += 1
-        progress.served_by, progress.endpoint_url = engine.name, endpoint.url
+        progress.served_by, progress.endpoint_url, progress.served_engine = engine.name, endpoint.url, engine
         try:
             try:
                 async with asyncio.timeout(timeouts.first_byte):
@@ -261,7 +262,7 @@ class Forwarder:
         connection fails before the engine has read it, so sending it again is safe.
         """
         headers = headers_for_engine(scope["headers"], engine.headers + self.state.engine_auth)
-        headers.append(("X-Request-Id", scope["request_id"]))  # vLLM takes it as its own request id
+        headers.append(("X-Request-Id", scope["engine_request_id"]))  # vLLM takes it as its own request id
         traceparent = scope.get("traceparent")
         if traceparent is not None:  # tracing on: the engine's spans become children of ours
             headers = [(n, v) for n, v in headers if n.lower() not in ("traceparent", "tracestate")]
@@ -346,7 +347,7 @@ class Forwarder:
         progress.error_kind = kind
         log.warning("engine %s: %s", engine.name, error.message)
         if not progress.response_started:
-            await send_error(send, error, [(ENGINE_HEADER, engine.name_header)])
+            await send_error(send, error, [(ENGINE_HEADER, engine.name_header), *progress.extra_headers])
             progress.response_started = True
         elif progress.sse:
             event = sse_error_event(error)

@@ -7,13 +7,14 @@ then forward; afterwards, settle the rate-limit estimate, end the trace span, wr
 
 from __future__ import annotations
 
+import logging
 import time
 from typing import TYPE_CHECKING
 
 from starlette.types import Receive, Scope, Send
 
 from gateway_app.auth import ModelForbidden, Unauthorized, authorize_model
-from gateway_app.errors import GatewayError
+from gateway_app.errors import GatewayError, InternalError
 from gateway_app.forwarding import CLIENT_CLOSED, Forwarder, RequestProgress
 from gateway_app.rate_limit import Decision, LimiterUnavailable, RateLimited
 from gateway_app.request_body import RoutingFields, body_for_engine, parse_routing_fields, read_body
@@ -25,6 +26,10 @@ if TYPE_CHECKING:
     from gateway_app.state import GatewayState
 
 STATUS_CLASSES = {2: "2xx", 3: "3xx", 4: "4xx", 5: "5xx"}
+# Endpoints whose streams take `stream_options.include_usage` (the Responses API reports usage anyway).
+STREAM_OPTIONS_ENDPOINTS = frozenset({"/v1/chat/completions", "/v1/completions"})
+log = logging.getLogger("llm_gateway.proxy")
+
 # Endpoints whose cost includes generated tokens (the others only read their input).
 GENERATING_ENDPOINTS = frozenset({"/v1/chat/completions", "/v1/completions", "/v1/responses"})
 REFUSAL_REASONS: dict[type, str] = {
@@ -60,14 +65,20 @@ class ProxyEndpoint:
                 decision = await state.limiter.admit(client.name, limits, estimate)
                 if not decision.allowed:
                     raise decision.error()
-        except GatewayError as error:
+        except ConnectionAbortedError:
+            return
+        except Exception as exc:  # a bug of ours, or a GatewayError: an OpenAI-shaped answer either way
+            error = exc if isinstance(exc, GatewayError) else InternalError("Internal gateway error.")
+            if not isinstance(exc, GatewayError):
+                log.exception("unexpected error while admitting a request")
             await self._refuse(error, client_name, decision, send)
             self._log(scope, started, error.status, client_name, error_kind=error.code or error.error_type)
             return
-        except ConnectionAbortedError:
-            return
         strip_usage = False
-        if decision is not None and limits.tokens_per_minute is not None and fields.document.get("stream") is True:
+        if (
+            decision is not None and limits.tokens_per_minute is not None and self.endpoint in STREAM_OPTIONS_ENDPOINTS
+            and fields.document.get("stream") is True
+        ):
             strip_usage = request_usage_chunk(fields.document)
         payload = body_for_engine(body, fields, engine.model, resolution.via_alias, changed=strip_usage)
 

@@ -153,7 +153,8 @@ class MemoryLimiter:
             token_cost,
         )
         if decision.allowed:
-            if len(self._buckets) > self._max_clients:  # bounded memory: full buckets carry no state
+            if len(self._buckets) > self._max_clients:
+                # Bounded memory over exact limits: past this many clients, start every bucket afresh.
                 self._buckets.clear()
             if limits.requests_per_minute is not None:
                 self._buckets[requests_key] = (decision.requests_left, now)
@@ -214,7 +215,9 @@ redis.call('EXPIRE', KEYS[1], 120)
 return tostring(l)
 """
 
-STORE_ERRORS = (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError, OSError, asyncio.TimeoutError)
+# Any failure of the store (unreachable, read-only replica after a failover, out of memory, busy script):
+# the same answer, fail open or closed, never a 500.
+STORE_ERRORS = (redis.exceptions.RedisError, OSError, asyncio.TimeoutError)
 
 
 class RedisLimiter:
@@ -239,6 +242,7 @@ class RedisLimiter:
         self._on_store_error = on_store_error or (lambda: None)
         self._owed: dict[str, tuple[int, int]] = {}  # client -> (tokens to give back, its tokens per minute)
         self._flush: asyncio.TimerHandle | None = None
+        self._flushing: asyncio.Task | None = None  # kept referenced until done
 
     @staticmethod
     def _keys(client: str) -> list[str]:
@@ -263,7 +267,9 @@ class RedisLimiter:
     def _unavailable(self, limits: Limits) -> Decision:
         if self.fail_open:
             return Decision(True, limits, counted=False)
-        raise LimiterUnavailable("Rate limits cannot be checked right now; try again shortly.")
+        error = LimiterUnavailable("Rate limits cannot be checked right now; try again shortly.")
+        error.retry_after = 1
+        raise error
 
     async def admit(self, client: str, limits: Limits, token_cost: int) -> Decision:
         if time.monotonic() < self._down_until:
@@ -295,7 +301,10 @@ class RedisLimiter:
         self._owed[client] = (self._owed.get(client, (0, 0))[0] + tokens, tpm)
         if self._flush is None:
             loop = asyncio.get_running_loop()
-            self._flush = loop.call_later(self.FLUSH_SECONDS, lambda: loop.create_task(self._flush_owed()))
+            self._flush = loop.call_later(self.FLUSH_SECONDS, self._start_flush)
+
+    def _start_flush(self) -> None:
+        self._flushing = asyncio.get_running_loop().create_task(self._flush_owed())
 
     async def _flush_owed(self) -> None:
         """Settle what no admission took along, for clients that went quiet."""

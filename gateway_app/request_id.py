@@ -2,9 +2,24 @@
 
 from __future__ import annotations
 
+import os
+import re
+
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from gateway_app.request_log import REQUEST_ID_HEADER, request_id_from
+REQUEST_ID_HEADER = b"x-request-id"
+_SAFE_REQUEST_ID = re.compile(rb"^[A-Za-z0-9._:@/+=-]{1,128}$")
+
+
+def request_id_from(headers: list[tuple[bytes, bytes]]) -> tuple[str, bool]:
+    """The client's `x-request-id` when it is short and plain, else a new random one; and which it is."""
+    for name, value in headers:
+        if name == REQUEST_ID_HEADER:
+            if _SAFE_REQUEST_ID.match(value):
+                return value.decode("ascii"), True
+            break
+    return os.urandom(12).hex(), False
+
 
 
 class RequestIdMiddleware:
@@ -17,7 +32,11 @@ class RequestIdMiddleware:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        request_id = scope["request_id"] = request_id_from(scope["headers"])
+        request_id, from_client = request_id_from(scope["headers"])
+        scope["request_id"] = request_id
+        # vLLM keys its running requests by this id and refuses a duplicate: a client's id gets a
+        # random suffix on its way to the engine, so two clients (or retries) never collide.
+        scope["engine_request_id"] = f"{request_id}-{os.urandom(4).hex()}" if from_client else request_id
         header = (REQUEST_ID_HEADER, request_id.encode())
 
         async def send_with_id(message: Message) -> None:

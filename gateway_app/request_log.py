@@ -1,4 +1,4 @@
-"""One structured line per request, written off the hot path, and the request ids that tie it together.
+"""One structured line per request, written off the hot path.
 
 The handler only fills a small dict and appends it to a bounded buffer; a background task serializes
 and writes the buffer a few times a second. Lines never carry a prompt, a completion or a key.
@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import os
-import re
 import sys
 import time
 from datetime import datetime, timezone
@@ -17,20 +15,8 @@ from typing import Any, TextIO
 
 import orjson
 
-REQUEST_ID_HEADER = b"x-request-id"
-_SAFE_REQUEST_ID = re.compile(rb"^[A-Za-z0-9._:@/+=-]{1,128}$")
 FLUSH_SECONDS = 0.2
 MAX_BUFFERED = 10_000  # past this, lines are dropped (and counted) rather than memory growing
-
-
-def request_id_from(headers: list[tuple[bytes, bytes]]) -> str:
-    """The client's `x-request-id` when it is short and plain, else a new random one."""
-    for name, value in headers:
-        if name == REQUEST_ID_HEADER:
-            if _SAFE_REQUEST_ID.match(value):
-                return value.decode("ascii")
-            break
-    return os.urandom(12).hex()
 
 
 class RequestLog:
@@ -63,6 +49,9 @@ class RequestLog:
         return f"{stamp} {entry.get('status')} {entry.get('path')} {fields}"
 
     def flush(self) -> None:
+        if self.dropped:
+            dropped, self.dropped = self.dropped, 0
+            self._stream.write(f"llm-gateway: {dropped} request log lines dropped (the log cannot keep up)\n")
         if not self._buffer:
             return
         lines = []
@@ -77,7 +66,9 @@ class RequestLog:
                 await asyncio.wait_for(self._stop.wait(), timeout=FLUSH_SECONDS)
             except TimeoutError:
                 pass
-            self.flush()
+            if self._buffer:
+                # A slow log pipe must slow the log, never the requests: write from a thread.
+                await asyncio.to_thread(self.flush)
 
     def stop(self) -> None:
         self._stop.set()

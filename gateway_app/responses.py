@@ -24,4 +24,6 @@ async def send_bytes(
 
 async def send_error(send: Send, error: GatewayError, headers: list[tuple[bytes, bytes]] | tuple = ()) -> None:
     """An OpenAI-shaped error answer; never a stack trace."""
+    if error.retry_after is not None:
+        headers = [*headers, (b"retry-after", str(error.retry_after).encode())]
     await send_bytes(send, error.status, error.body(), headers)

@@ -24,6 +24,10 @@ def request_usage_chunk(document: dict[str, Any]) -> bool:
     return True
 
 
+_EVENT_END = re.compile(rb"\r\n\r\n|\n\n|\r\r")  # SSE allows all three line-ending styles
+MAX_PARTIAL = 1 << 20  # an "event" this long is not one: stop filtering rather than hold it
+
+
 class UsageChunkFilter:
     """Passes SSE events through, minus the usage-only event (`"choices": []` with `usage`).
 
@@ -31,27 +35,36 @@ class UsageChunkFilter:
     would do anyway before acting on it.
     """
 
-    __slots__ = ("_partial", "usage")
+    __slots__ = ("_partial", "usage", "_given_up")
 
     def __init__(self) -> None:
         self._partial = b""
         self.usage: tuple[int, int] | None = None
+        self._given_up = False
 
     def feed(self, chunk: bytes) -> bytes:
+        if self._given_up:
+            return chunk
         data = self._partial + chunk if self._partial else chunk
-        cut = data.rfind(b"\n\n")
-        if cut < 0:
+        ends = [m.end() for m in _EVENT_END.finditer(data)]
+        if not ends:
+            if len(data) > MAX_PARTIAL:
+                self._given_up, self._partial = True, b""
+                return data
             self._partial = data
             return b""
-        complete, self._partial = data[: cut + 2], data[cut + 2 :]
+        cut = ends[-1]
+        complete, self._partial = data[:cut], data[cut:]
         if USAGE_KEY not in complete:
             return complete
-        kept = []
-        for event in complete[:-2].split(b"\n\n"):
+        kept, start = [], 0
+        for end in ends:
+            event = complete[start:end]
+            start = end
             if USAGE_KEY in event and _NO_CHOICES.search(event):
                 self.usage = find_usage(event) or self.usage
                 continue
-            kept.append(event + b"\n\n")
+            kept.append(event)
         return b"".join(kept)
 
     def flush(self) -> bytes:

@@ -10,7 +10,9 @@ import re
 
 USAGE_KEY = b'"usage"'
 _WINDOW = 512
-_COUNTS = re.compile(rb'"(prompt_tokens|completion_tokens)"\s*:\s*(\d+)')
+# Chat/completions say prompt/completion tokens; the Responses API says input/output tokens.
+_COUNTS = re.compile(rb'"(prompt_tokens|completion_tokens|input_tokens|output_tokens)"\s*:\s*(\d+)')
+_SYNONYMS = {b"input_tokens": b"prompt_tokens", b"output_tokens": b"completion_tokens"}
 
 
 def find_usage(data: bytes) -> tuple[int, int] | None:
@@ -21,7 +23,7 @@ def find_usage(data: bytes) -> tuple[int, int] | None:
         if window.lstrip(b" \t\r\n:").startswith(b"{"):
             counts: dict[bytes, int] = {}
             for key, value in _COUNTS.findall(window):
-                counts.setdefault(key, int(value))
+                counts.setdefault(_SYNONYMS.get(key, key), int(value))
             if counts:
                 return counts.get(b"prompt_tokens", 0), counts.get(b"completion_tokens", 0)
         start = data.rfind(USAGE_KEY, 0, start)

@@ -73,12 +73,13 @@ SCENARIOS = {
 class RecordingEngine:
     url: str = ""
     received: list[Received] = field(default_factory=list)
-    fail_with: int | None = None  # answer every request, /health included, with this status
+    fail_with: int | None = None  # answer requests with this status ...
+    fail_health: bool = True  # ... /health included, unless this is False
 
     async def _handle(self, request: web.Request) -> web.StreamResponse:
         body = await request.read()
         self.received.append(Received(request.path, dict(request.headers), body))
-        if self.fail_with is not None:
+        if self.fail_with is not None and (self.fail_health or request.path != "/health"):
             return web.json_response({"error": {"message": "failing on purpose"}}, status=self.fail_with)
         scenario = request.headers.get("X-Test-Scenario", "")
         if scenario:

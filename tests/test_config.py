@@ -50,6 +50,11 @@ def test_json_is_accepted_too():
         ("engines:\n  - {name: a, model: m, owned_by: v, url: 'http://x', timeouts: {idle: 0}}", "engines[0].timeouts.idle"),
         ("settings: {timeouts: {conect: 3}}\nengines:\n  - {name: a, model: m, owned_by: v, url: 'http://x'}", "settings.timeouts.conect: unknown field"),
         ("engines: []", "engines"),
+        ("engines:\n  - {name: a, model: m, owned_by: v, url: 'http://user:pw@x'}", "engines[0].url: must not carry a user"),
+        ("engines:\n  - {name: a, model: m, owned_by: v, url: 'http://x', headers: {Authorization: Bearer k}}", "engines[0].headers"),
+        ("engines:\n  - {name: a, model: m, owned_by: v, url: 'http://x/v1'}", "drop the trailing /v1"),
+        ("engines:\n  - {name: a, model: m, owned_by: v, url: 'http://x', urls: ['http://y']}", "engines[0].urls"),
+        ("engines:\n  - {name: a, model: m, owned_by: v, url: 'http://x', fallback: b}", "engines[0].fallback"),
         ("- a\n- b", "expected a mapping"),
     ],
 )

@@ -1,10 +1,11 @@
 """The chart's Grafana dashboard and alert rules against a real Prometheus scraping a real gateway and engines.
 
-Two simulated engines (vLLM and SGLang, the tutorial's Example 2) and a gateway in front of them, plus
-two engines that are down (one with a fallback); a Prometheus scrapes all three processes every second
-and evaluates the chart's rules. Two waves of traffic (streams and not, a 502, a retry with a fallback,
-a 401), so that counters and histograms have moved between scrapes. Then every query of every panel,
-with its template variables matching everything, must return a number, and every rule must evaluate.
+Two simulated engines (vLLM and SGLang, the tutorial's Example 2) and two gateway pods in front of them,
+plus three engines that are down (one with a fallback, one that nobody asks for); a Prometheus scrapes
+the four processes every second and evaluates the chart's rules. Two waves of traffic (streams and not, a
+502, a retry with a fallback, a 401), so that counters and histograms have moved between scrapes. Then
+every query of every panel, with its template variables matching everything, must return a number, and
+every rule must evaluate.
 """
 
 from __future__ import annotations
@@ -34,7 +35,13 @@ MATCH_ALL = ".*"  # the dashboard's allValue
 KEY = "sk-dashboard-test"
 CHAT = "/v1/chat/completions"
 HI = [{"role": "user", "content": "hi"}]
-ENGINES = {"vllm-llama-32-1b", "sglang-llama-32-1b", "vllm-flaky", "vllm-down"}
+# The routing map: engine -> (model, owned_by). vllm-idle's model is never requested.
+ROUTES = {
+    "vllm-llama-32-1b": (LLAMA, "vllm"), "sglang-llama-32-1b": (LLAMA, "sglang"),
+    "vllm-flaky": ("flaky-model", "vllm"), "vllm-down": ("down-model", "vllm"), "vllm-idle": ("idle-model", "vllm"),
+}
+ENGINES = set(ROUTES)
+GATEWAY_PODS = 2
 # Gateway metric families the dashboard does not chart, and why.
 NOT_CHARTED = {"llm_gateway_client_disconnects": "charted as status 499 in 'Answers other than 2xx'"}
 
@@ -47,13 +54,19 @@ def panels(items: list[dict[str, Any]]) -> Iterator[dict[str, Any]]:
             yield item
 
 
-def concrete(expr: str) -> str:
-    """The query Grafana would send with every variable at "All"."""
+def concrete(expr: str, **chosen: str) -> str:
+    """The query Grafana would send with every variable at "All", but those `chosen`."""
     names = {v["name"] for v in DASHBOARD["templating"]["list"]}
     expr = expr.replace("$__rate_interval", RATE_INTERVAL)
-    expr = re.sub(r"\$\{?(\w+)\}?", lambda m: MATCH_ALL if m.group(1) in names else m.group(0), expr)
+    expr = re.sub(r"\$\{?(\w+)\}?", lambda m: chosen.get(m.group(1), MATCH_ALL) if m.group(1) in names else m.group(0),
+                  expr)
     assert "$" not in expr, f"unknown variable in {expr}"
     return expr
+
+
+def targets_of(title: str) -> list[dict[str, Any]]:
+    (panel,) = [p for p in panels(DASHBOARD["panels"]) if p["title"] == title]
+    return panel["targets"]
 
 
 def has_number(result: list[dict[str, Any]]) -> bool:
@@ -71,21 +84,30 @@ def prometheus(tmp_path_factory: pytest.TempPathFactory, log_dir: Path) -> Itera
         sglang = start_simulator("sglang", LLAMA, log_dir, ttft_ms=20, itl_ms=5)
         started.append(sglang)
         nothing_there = f"http://127.0.0.1:{free_port()}"
-        routes = write_routing_map(work / "routes.yaml", [
+        engines = [
             {"name": "vllm-llama-32-1b", "model": LLAMA, "owned_by": "vllm", "url": vllm.url, "default": True},
             {"name": "sglang-llama-32-1b", "model": LLAMA, "owned_by": "sglang", "url": sglang.url,
              "concurrency": {"limit": 4}},
             {"name": "vllm-flaky", "model": "flaky-model", "owned_by": "vllm", "url": nothing_there,
              "fallback": "vllm-llama-32-1b"},
             {"name": "vllm-down", "model": "down-model", "owned_by": "vllm", "url": nothing_there},
-        ])
+            {"name": "vllm-idle", "model": "idle-model", "owned_by": "vllm", "url": f"http://127.0.0.1:{free_port()}"},
+        ]
+        assert {e["name"]: (e["model"], e["owned_by"]) for e in engines} == ROUTES
+        routes = write_routing_map(work / "routes.yaml", engines)
         keys = work / "keys.yaml"
         keys.write_text(json.dumps({"keys": [{"name": "team-a", "sha256": hashlib.sha256(KEY.encode()).hexdigest()}]}))
-        gateway = start_gateway(routes, log_dir, extra_args=["--keys-file", str(keys)])
-        started.append(gateway)
+        # Two gateway pods, as the chart runs them; the traffic goes to the first one. Queries that join the
+        # series labelled by engine with llm_gateway_engine_info must keep the pods apart (no many-to-many).
+        gateways = []
+        for _ in range(GATEWAY_PODS):
+            gateways.append(start_gateway(routes, log_dir, extra_args=["--keys-file", str(keys)]))
+            started.append(gateways[-1])
+        gateway = gateways[0]
         # Engines' jobs named as the chart's engine ServiceMonitor names them: after the engine's Service.
         server = PrometheusServer(
-            work, {"gateway": [gateway.url], "vllm-llama-32-1b": [vllm.url], "sglang-llama-32-1b": [sglang.url]},
+            work,
+            {"gateway": [g.url for g in gateways], "vllm-llama-32-1b": [vllm.url], "sglang-llama-32-1b": [sglang.url]},
             rule_files=[RULES],
         ).start()
         wait_for(server.targets_up, timeout=10, interval=0.2, message="every target scraped")
@@ -120,7 +142,7 @@ def send_traffic(gateway: str) -> None:
 def scraped_after(server: PrometheusServer, moment: float) -> bool:
     """Every target's latest scrape started after `moment` (so it saw everything sent before)."""
     times = server.query("timestamp(up)")
-    return len(times) == 3 and all(float(t["value"][1]) > moment for t in times)
+    return len(times) == GATEWAY_PODS + 2 and all(float(t["value"][1]) > moment for t in times)
 
 
 def test_every_panel_query_returns_data(prometheus: PrometheusServer) -> None:
@@ -147,7 +169,34 @@ def test_every_variable_lists_the_routing_maps_names(prometheus: PrometheusServe
         selector, label = re.fullmatch(r"label_values\((.+),\s*(\w+)\)", variable["query"]).groups()
         result = prometheus.query(f"group by ({label}) ({concrete(selector)})")
         values[variable["name"]] = {series["metric"][label] for series in result}
-    assert values == {"model": {LLAMA, "flaky-model", "down-model"}, "engine": ENGINES}
+    # from the routing map in service: idle-model too, which nobody asked for
+    assert values == {"model": {model for model, _ in ROUTES.values()}, "engine": ENGINES}
+
+
+def test_engine_labelled_panels_follow_the_model_variable(prometheus: PrometheusServer) -> None:
+    """Series labelled by engine only get their model from llm_gateway_engine_info: with one model chosen,
+    only that model's engines show, each with its model."""
+    joined = [t for panel in panels(DASHBOARD["panels"]) for t in panel["targets"]
+              if "group_left (model)" in t["expr"] and "llm_gateway_engine_info" in t["expr"]]
+    assert len(joined) >= 6
+    shown = set()
+    for model in {model for model, _ in ROUTES.values()}:
+        for target in joined:
+            for series in prometheus.query(concrete(target["expr"], model=model)):
+                labels = series["metric"]
+                assert labels["model"] == model and ROUTES[labels["engine"]][0] == model, (target["expr"], labels)
+                shown.add(labels["engine"])
+    assert shown == ENGINES  # every engine shows in one of them (its endpoint availability at least)
+
+
+def test_engines_in_service_and_requests_by_api_key(prometheus: PrometheusServer) -> None:
+    (engines,) = targets_of("Engines in service")
+    rows = {(s["metric"]["engine"], s["metric"]["model"], s["metric"]["owned_by"]): s["value"][1]
+            for s in prometheus.query(concrete(engines["expr"]))}
+    assert rows == {(engine, model, owned_by): str(GATEWAY_PODS) for engine, (model, owned_by) in ROUTES.items()}
+    (keys,) = targets_of("Requests by API key")
+    seen = {(s["metric"]["client"], s["metric"]["status_class"]) for s in prometheus.query(concrete(keys["expr"]))}
+    assert seen == {("team-a", "2xx"), ("team-a", "5xx"), ("(no valid key)", "4xx")}
 
 
 def test_every_gateway_metric_is_charted(prometheus: PrometheusServer) -> None:
@@ -189,9 +238,10 @@ def test_alert_rules_evaluate_on_real_metrics(prometheus: PrometheusServer) -> N
         return {a["labels"].get("model", "") for a in prometheus.api("alerts")["data"]["alerts"]
                 if a["labels"]["alertname"] == alert}
 
-    # the flaky model is served by its fallback, but none of its own engines is ready
-    wait_for(lambda: active("LLMGatewayNoReadyEngine") == {"down-model", "flaky-model"}, timeout=10, interval=0.2,
-             message="no-ready-engine alerts for the down models")
+    # the flaky model is served by its fallback, but none of its own engines is ready; nobody asked for the
+    # idle model, its engine is known from llm_gateway_engine_info
+    wait_for(lambda: active("LLMGatewayNoReadyEngine") == {"down-model", "flaky-model", "idle-model"}, timeout=10,
+             interval=0.2, message="no-ready-engine alerts for the down models")
     wait_for(lambda: active("LLMGatewayHighErrorRatio") == {"down-model"}, timeout=10, interval=0.2,
              message="an error-ratio alert for the model that answered 502")
     assert not active("LLMGatewaySlowTimeToFirstByte") and not active("LLMGatewayRestarted")

@@ -178,13 +178,13 @@ def test_session_affinity_keeps_a_session_on_one_replica(log_dir, tmp_path):
 
 
 def test_sigterm_lets_50_open_streams_finish(log_dir, tmp_path):
-    sim = start_simulator("vllm", "m", log_dir, itl_ms=50)
+    sim = start_simulator("vllm", "m", log_dir, itl_ms=100)
     config = write_routing_map(tmp_path / "routes.yaml", [{"name": "e", "model": "m", "owned_by": "vllm", "url": sim.url}])
     gateway = start_gateway(config, log_dir)
     try:
-        with ThreadPoolExecutor(50) as pool:
+        with ThreadPoolExecutor(50) as pool:  # 60 tokens at 100 ms: 6 s streams, ample time to open all 50
             futures = [pool.submit(post, gateway.url + CHAT,
-                                   {"model": "m", "messages": HI, "max_tokens": 40, "stream": True}, timeout=60)
+                                   {"model": "m", "messages": HI, "max_tokens": 60, "stream": True}, timeout=60)
                        for _ in range(50)]
             wait_for(lambda: metric_value(get(gateway.url + "/metrics").body.decode(),
                                           "llm_gateway_requests_in_flight") == 50, timeout=20, message="50 streams open")
@@ -193,7 +193,7 @@ def test_sigterm_lets_50_open_streams_finish(log_dir, tmp_path):
         for answer in answers:
             events = sse_events(answer.body)
             assert events[-1] == "[DONE]"
-            assert sum(1 for e in events[:-1] for c in json.loads(e)["choices"] if c["delta"].get("content")) == 40
+            assert sum(1 for e in events[:-1] for c in json.loads(e)["choices"] if c["delta"].get("content")) == 60
         assert gateway.process.wait(timeout=30) == 0
     finally:
         gateway.stop()
@@ -233,3 +233,24 @@ def test_readyz_can_require_a_reachable_engine(log_dir, tmp_path):
     finally:
         gateway.stop()
         engine.stop()
+
+
+def test_passive_ejection_alone_keeps_a_failing_replica_out(log_dir, tmp_path):
+    """/health passes, real requests fail with 500: only what requests experience can eject it."""
+    flaky, steady = RecordingEngine().start(), RecordingEngine().start()
+    flaky.fail_with, flaky.fail_health = 500, False
+    config = write_routing_map(
+        tmp_path / "routes.yaml",
+        [{"name": "e", "model": "m", "owned_by": "vllm", "urls": [flaky.url, steady.url]}],
+        settings={"health": {"interval": 60, "ejection_base": 60}},
+    )
+    gateway = start_gateway(config, log_dir)
+    try:
+        statuses = [post(gateway.url + CHAT, {"model": "m"}).status for _ in range(20)]
+        chat_requests = [r for r in flaky.received if r.path == CHAT]
+        assert len(chat_requests) == 1  # one failure, then ejected for the rest
+        assert statuses.count(500) == 1 and statuses.count(200) == 19
+    finally:
+        gateway.stop()
+        flaky.stop()
+        steady.stop()

@@ -6,7 +6,9 @@ promtool on them).
 
 Every aggregation keeps `namespace` and `job` (with a ServiceMonitor: the gateway's Service), so that two
 releases scraped by one Prometheus alert apart. The gateway labels endpoints and upstream errors by engine
-only; the engine -> model map comes from llm_gateway_requests_total, which carries both.
+only; which model an engine serves comes from llm_gateway_engine_info (1 per engine of the routing map each
+gateway pod serves) for the no-ready-engine alert, and from llm_gateway_requests_total (which carries both,
+for models that had requests) for the error ratio.
 Prometheus' own {{ $labels }} / {{ $value }} templates are written as Helm raw strings.
 */}}
 {{- define "llm-gateway.alertGroups" -}}
@@ -41,13 +43,15 @@ groups:
           description: {{ printf "%s%s%s" `{{ $value | humanizePercentage }} of the requests for model {{ $labels.model }} through gateway {{ $labels.job }} failed over the last ` .window ` (5xx answers and streams cut after they started). The dashboard's error panels show the status and the upstream error kind.` | quote }}
 {{- end }}{{ end }}
 {{- with $rule.noReadyEngine }}{{ if .enabled }}
-      # A model is down when the best endpoint of each of its engines, as seen by any gateway pod, is 0.
+      # A model is down when no gateway pod sees a ready endpoint of any of its engines. Each pod's
+      # endpoints get their model from that pod's own routing map (llm_gateway_engine_info): a model
+      # nobody has asked for yet is covered, and after a reload the alert follows the new map.
       - alert: LLMGatewayNoReadyEngine
         expr: |-
           max by (namespace, job, model) (
-              group by (namespace, job, engine, model) (llm_gateway_requests_total{model!=""})
-            * on (namespace, job, engine) group_left ()
-              max by (namespace, job, engine) (llm_gateway_endpoint_available)
+              llm_gateway_endpoint_available
+            * on (namespace, job, instance, engine) group_left (model)
+              llm_gateway_engine_info
           ) == 0
         for: {{ .for }}
         labels:
@@ -60,10 +64,12 @@ groups:
           description: {{ `Every endpoint of every engine of model {{ $labels.model }} is failing its health checks or ejected in gateway {{ $labels.job }}: its requests fail, or go to a fallback engine if one is set. Check the engines' pods and the dashboard's Endpoint availability panel.` | quote }}
 {{- end }}{{ end }}
 {{- with $rule.timeToFirstByte }}{{ if .enabled }}
+      # Streams only: their first byte is the first token, what users wait for. A non-streaming answer's
+      # first byte comes with the whole generation (the dashboard shows it apart).
       - alert: LLMGatewaySlowTimeToFirstByte
         expr: |-
           histogram_quantile(0.95,
-            sum by (namespace, job, model, engine, le) (rate(llm_gateway_time_to_first_byte_seconds_bucket{model!=""}[{{ .window }}]))
+            sum by (namespace, job, model, engine, le) (rate(llm_gateway_time_to_first_byte_seconds_bucket{model!="", stream="true"}[{{ .window }}]))
           ) > {{ .thresholdSeconds }}
         for: {{ .for }}
         labels:
@@ -72,8 +78,8 @@ groups:
           {{- toYaml . | nindent 10 }}
           {{- end }}
         annotations:
-          summary: {{ `Slow first byte for {{ $labels.model }} on {{ $labels.engine }} (p95 {{ $value | humanizeDuration }})` | quote }}
-          description: {{ printf "%s%v%s" `The 95th percentile of the time to first byte of model {{ $labels.model }} on engine {{ $labels.engine }} is {{ $value | humanizeDuration }} (threshold ` .thresholdSeconds ` s). Compare the engine's own time to first token and queue on the dashboard: a long engine queue means too little capacity.` | quote }}
+          summary: {{ `Slow first byte of streams for {{ $labels.model }} on {{ $labels.engine }} (p95 {{ $value | humanizeDuration }})` | quote }}
+          description: {{ printf "%s%v%s" `The 95th percentile of the time to first byte of streams (the time to first token clients see) of model {{ $labels.model }} on engine {{ $labels.engine }} is {{ $value | humanizeDuration }} (threshold ` .thresholdSeconds ` s). Compare the engine's own time to first token and queue on the dashboard: a long engine queue means too little capacity.` | quote }}
 {{- end }}{{ end }}
 {{- with $rule.gatewayRestarts }}{{ if .enabled }}
       # process_start_time_seconds changes when a container restarts in place; the gateway's own
