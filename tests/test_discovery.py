@@ -69,6 +69,11 @@ def test_gateway_follows_the_ready_pods_of_a_service(pods, log_dir, tmp_path):
         api.push("MODIFIED", endpoint_slice("svc-a", "engine-svc", port, [(PODS[0], False), (PODS[1], True)]))
         wait_for(lambda: available(PODS[0]) == 0 and available(PODS[1]) == 1, timeout=5, message="first pod gone")
         assert send(6) == [0, 6]
+
+        api.push("DELETED", endpoint_slice("svc-a", "engine-svc", port, []))  # the Service has no pod left
+        wait_for(lambda: available(PODS[1]) == 0, timeout=5, message="pods gone")
+        answer = post(gateway.url + CHAT, {"model": "m", "messages": HI})
+        assert answer.status == 502  # back on the configured URL (the Service), where nothing answers here
     finally:
         gateway.stop()
         api.stop()
