@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import os
 import sys
 import time
@@ -28,6 +27,7 @@ import aiohttp
 from environment import describe, format_load
 from load import REQUEST_TIMEOUT, fmt, percentile, request_body, run_client, run_phase
 from processes import (
+    run_and_report,
     REPO_ROOT,
     choose_pinning,
     cpu_seconds,
@@ -38,7 +38,6 @@ from processes import (
     scrape,
     start_gateway,
     start_simulator,
-    stop_on_sigterm,
 )
 
 MODEL = "m"
@@ -231,18 +230,9 @@ def parse_args() -> argparse.Namespace:
 
 def main() -> int:
     args = parse_args()
-    stop_on_sigterm()
-    try:
-        report = run_benchmark(args)
-    except KeyboardInterrupt:
-        print("\nbalance: interrupted; servers stopped", file=sys.stderr)
-        return 130
-    except RuntimeError as error:
-        print(f"balance: {error}", file=sys.stderr)
-        return 1
-    args.output.parent.mkdir(parents=True, exist_ok=True)
-    args.output.write_text(json.dumps(report, indent=2) + "\n")
-    print(f"\nwrote {args.output}")
+    report, code = run_and_report("balance", lambda: run_benchmark(args), args.output)
+    if report is None:
+        return code
     return 0
 
 

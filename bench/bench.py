@@ -18,7 +18,6 @@ benchmarks built on them.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 from dataclasses import asdict
@@ -31,12 +30,12 @@ import plot
 from environment import describe, format_load
 from load import Pids, ScenarioResult, fmt, run_client, run_scenario
 from processes import (
+    run_and_report,
     REPO_ROOT,
     Servers,
     choose_pinning,
     process_group,
     start_servers,
-    stop_on_sigterm,
 )
 
 MODEL = "bench-model"
@@ -213,18 +212,9 @@ def parse_args() -> argparse.Namespace:
 
 def main() -> int:
     args = parse_args()
-    stop_on_sigterm()
-    try:
-        report = run_benchmark(args)
-    except KeyboardInterrupt:
-        print("\nbench: interrupted; servers stopped", file=sys.stderr)
-        return 130
-    except RuntimeError as error:
-        print(f"bench: {error}", file=sys.stderr)
-        return 1
-    args.output.parent.mkdir(parents=True, exist_ok=True)
-    args.output.write_text(json.dumps(report, indent=2) + "\n")
-    print(f"\nwrote {args.output}")
+    report, code = run_and_report("bench", lambda: run_benchmark(args), args.output)
+    if report is None:
+        return code
     plot.write_png(report, args.output)
     return 0
 

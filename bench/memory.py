@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import itertools
-import json
 import os
 import sys
 import time
@@ -42,6 +41,7 @@ from load import (
     run_count,
 )
 from processes import (
+    run_and_report,
     REPO_ROOT,
     choose_pinning,
     fd_limit,
@@ -53,7 +53,6 @@ from processes import (
     raise_fd_limit,
     start_gateway,
     start_simulator,
-    stop_on_sigterm,
 )
 
 MODEL = "m"
@@ -302,18 +301,9 @@ def parse_args() -> argparse.Namespace:
 
 def main() -> int:
     args = parse_args()
-    stop_on_sigterm()
-    try:
-        report = run_benchmark(args)
-    except KeyboardInterrupt:
-        print("\nmemory: interrupted; servers stopped", file=sys.stderr)
-        return 130
-    except RuntimeError as error:
-        print(f"memory: {error}", file=sys.stderr)
-        return 1
-    args.output.parent.mkdir(parents=True, exist_ok=True)
-    args.output.write_text(json.dumps(report, indent=2) + "\n")
-    print(f"\nwrote {args.output}")
+    report, code = run_and_report("memory", lambda: run_benchmark(args), args.output)
+    if report is None:
+        return code
     return 0
 
 

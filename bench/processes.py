@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import resource
@@ -278,3 +279,22 @@ def start_redis(group: ProcessGroup, cpus: tuple[int, ...], port: int) -> subpro
     )
     group.wait_ready("redis", redis, redis_ok(port))
     return redis
+
+
+def run_and_report(name: str, run: Callable[[], dict], output: Path) -> tuple[dict | None, int]:
+    """Run a benchmark with its processes stopped however it ends, and write its JSON report.
+
+    Returns the report and the exit code: (None, 130) after Ctrl-C or SIGTERM, (None, 1) after a failure."""
+    stop_on_sigterm()
+    try:
+        report = run()
+    except KeyboardInterrupt:
+        print(f"\n{name}: interrupted; servers stopped", file=sys.stderr)
+        return None, 130
+    except RuntimeError as error:
+        print(f"{name}: {error}", file=sys.stderr)
+        return None, 1
+    output.parent.mkdir(parents=True, exist_ok=True)
+    output.write_text(json.dumps(report, indent=2) + "\n")
+    print(f"\nwrote {output}")
+    return report, 0
