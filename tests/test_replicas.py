@@ -20,6 +20,18 @@ CHAT = "/v1/chat/completions"
 HI = [{"role": "user", "content": "hi"}]
 
 
+def accepts_connections(url: str) -> bool:
+    import socket
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(url)
+    try:
+        socket.create_connection((parts.hostname, parts.port), timeout=1).close()
+        return True
+    except OSError:
+        return False
+
+
 def served_by(sim: RunningProcess) -> float:
     """Requests a simulator has finished, from its own metrics."""
     return metric_value(get(sim.url + "/metrics").body.decode(), "vllm:e2e_request_latency_seconds_count")
@@ -162,7 +174,7 @@ def test_session_affinity_keeps_a_session_on_one_replica(log_dir, tmp_path):
     engines = [RecordingEngine().start() for _ in range(3)]
     config = write_routing_map(
         tmp_path / "routes.yaml", [{"name": "e", "model": "m", "owned_by": "vllm", "urls": [e.url for e in engines]}],
-        settings={"affinity": {"header": "x-session-id"}},
+        settings={"affinity": {"header": "x-session-id", "body_user": True}},
     )
     gateway = start_gateway(config, log_dir)
     try:
@@ -171,6 +183,11 @@ def test_session_affinity_keeps_a_session_on_one_replica(log_dir, tmp_path):
                 post(gateway.url + CHAT, {"model": "m"}, headers={"X-Session-Id": session})
             got = [sum(1 for r in e.received if r.path == CHAT and r.headers.get("x-session-id") == session) for e in engines]
             assert sorted(got) == [0, 0, 5], (session, got)
+        for user in ("user-1", "user-2"):  # the OpenAI `user` field works the same way
+            for _ in range(4):
+                post(gateway.url + CHAT, {"model": "m", "user": user})
+            got = [sum(1 for r in e.received if r.path == CHAT and f'"user": "{user}"'.encode() in r.body) for e in engines]
+            assert sorted(got) == [0, 0, 4], (user, got)
     finally:
         gateway.stop()
         for engine in engines:
@@ -189,6 +206,9 @@ def test_sigterm_lets_50_open_streams_finish(log_dir, tmp_path):
             wait_for(lambda: metric_value(get(gateway.url + "/metrics").body.decode(),
                                           "llm_gateway_requests_in_flight") == 50, timeout=20, message="50 streams open")
             gateway.process.send_signal(signal.SIGTERM)
+            # At once: no new connection is accepted (so readiness fails), while the 50 streams go on.
+            wait_for(lambda: not accepts_connections(gateway.url), timeout=5, message="listener closed")
+            assert not all(future.done() for future in futures)
             answers = [future.result() for future in futures]
         for answer in answers:
             events = sse_events(answer.body)
