@@ -25,7 +25,7 @@ groups:
           sum by (namespace, job, model) (
               rate(llm_gateway_requests_total{model!="", status=~"5.."}[{{ .window }}])
             or
-              group by (namespace, job, engine, model) (llm_gateway_requests_total{model!=""})
+              group by (namespace, job, engine, model) (llm_gateway_engine_info)
             * on (namespace, job, engine) group_left ()
               sum by (namespace, job, engine) (rate(llm_gateway_upstream_errors_total{kind=~"broken_stream|timeout_idle"}[{{ .window }}]))
           )
