@@ -161,25 +161,33 @@ class Forwarder:
         deadline = progress.started + retries.deadline
         current, tried, visited = engine, [], {engine.name}
         last: tuple[str, GatewayError] | _EngineAnswer | None = None
-        for attempt in range(retries.max_attempts):
-            endpoint = choose(current.pool, time.monotonic(), progress.affinity_key, tried, table.settings.balancing)
-            while endpoint is None:  # every replica of this engine was tried: on to its fallback
-                fallback = table.engine_named(current.fallback) if current.fallback else None
-                if fallback is None or fallback.name in visited:
+        held: list = []  # the fallback engines' concurrency gates entered on the way
+        try:
+            for attempt in range(retries.max_attempts):
+                endpoint = choose(current.pool, time.monotonic(), progress.affinity_key, tried, table.settings.balancing)
+                while endpoint is None:  # every replica of this engine was tried: on to its fallback
+                    fallback = table.engine_named(current.fallback) if current.fallback else None
+                    if fallback is None or fallback.name in visited:
+                        break
+                    if fallback.gate is not None:  # a fallback is bound by its own limit (EngineBusy: 429)
+                        await fallback.gate.acquire(fallback.name)
+                        held.append(fallback.gate)
+                    current, tried = fallback, []
+                    visited.add(fallback.name)
+                    self.state.metrics.fallbacks.labels(engine.name, fallback.name).inc()
+                    endpoint = choose(current.pool, time.monotonic(), progress.affinity_key, (), table.settings.balancing)
+                if endpoint is None or (attempt and time.perf_counter() > deadline):
                     break
-                current, tried = fallback, []
-                visited.add(fallback.name)
-                self.state.metrics.fallbacks.labels(engine.name, fallback.name).inc()
-                endpoint = choose(current.pool, time.monotonic(), progress.affinity_key, (), table.settings.balancing)
-            if endpoint is None or (attempt and time.perf_counter() > deadline):
-                break
-            if attempt:
-                self.state.metrics.retries.labels(engine.name).inc()
-            tried.append(endpoint)
-            outcome = await self._attempt(current, endpoint, payload_for(current), scope, send, progress)
-            if isinstance(outcome, int):
-                return outcome
-            last = outcome
+                if attempt:
+                    self.state.metrics.retries.labels(engine.name).inc()
+                tried.append(endpoint)
+                outcome = await self._attempt(current, endpoint, payload_for(current), scope, send, progress)
+                if isinstance(outcome, int):
+                    return outcome
+                last = outcome
+        finally:
+            for gate in held:
+                gate.release()
         if isinstance(last, _EngineAnswer):  # the engine's own 502/503, relayed as it said it
             return await last.relay(send, progress)
         kind, error = last or ("connect", EngineUnreachable(f"The engine `{engine.name}` has no endpoint to try."))

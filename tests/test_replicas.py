@@ -274,3 +274,22 @@ def test_passive_ejection_alone_keeps_a_failing_replica_out(log_dir, tmp_path):
         gateway.stop()
         flaky.stop()
         steady.stop()
+
+
+def test_a_fallback_engine_keeps_its_own_concurrency_limit(log_dir, tmp_path):
+    backup = start_simulator("vllm", "m", log_dir, ttft_ms=1500)
+    config = write_routing_map(tmp_path / "routes.yaml", [
+        {"name": "primary", "model": "m", "owned_by": "vllm", "url": "http://127.0.0.1:9", "fallback": "backup"},
+        {"name": "backup", "model": "m", "owned_by": "backup", "url": backup.url,
+         "concurrency": {"limit": 1, "queue": 0}},
+    ])
+    gateway = start_gateway(config, log_dir)
+    try:
+        with ThreadPoolExecutor(2) as pool:
+            answers = list(pool.map(lambda _: post(gateway.url + CHAT, {"model": "m", "messages": HI}), range(2)))
+        assert sorted(a.status for a in answers) == [200, 429]
+        refused = next(a for a in answers if a.status == 429)
+        assert refused.json()["error"]["code"] == "engine_overloaded"
+    finally:
+        gateway.stop()
+        backup.stop()
