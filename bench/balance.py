@@ -25,7 +25,7 @@ from typing import Any
 
 import aiohttp
 from environment import describe, format_load
-from load import REQUEST_TIMEOUT, fmt, percentile, request_body, run_client, run_phase
+from load import REQUEST_TIMEOUT, fmt, summarize, request_body, run_client, run_phase
 from processes import (
     run_and_report,
     REPO_ROOT,
@@ -100,18 +100,10 @@ async def run_policy(
         cpu0 = own_cpu_seconds() + sum(cpu_seconds(r.pid) for r in replicas) - cpu[1]
         await asyncio.sleep(SETTLE_S)
         served = [after - then for after, then in zip(served_counts(replicas), before, strict=True)]
-    good = [s for s in samples if s.ok]
-    latencies = sorted(s.latency_s for s in good)
     total = sum(served) or 1
     return PolicyResult(
         policy=policy,
-        requests=len(good),
-        errors=len(samples) - len(good),
-        seconds=round(seconds, 3),
-        requests_per_s=len(good) / seconds,
-        p50_ms=percentile(latencies, 50),
-        p90_ms=percentile(latencies, 90),
-        p99_ms=percentile(latencies, 99),
+        **summarize(samples, seconds),
         served=served,
         share_percent=[100 * n / total for n in served],
         gateway_busy_percent=gateway_cpu * 100 / seconds,

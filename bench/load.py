@@ -163,6 +163,21 @@ def percentile(sorted_values: list[float], q: float) -> float | None:
     return sorted_values[rank - 1] * 1000
 
 
+def summarize(samples: list, seconds: float) -> dict[str, Any]:
+    """Counts, rate and latency percentiles of one measured phase: the fields every result shares."""
+    good = [s for s in samples if s.ok]
+    latencies = sorted(s.latency_s for s in good)
+    return {
+        "requests": len(good),
+        "errors": len(samples) - len(good),
+        "seconds": round(seconds, 3),
+        "requests_per_s": len(good) / seconds,
+        "p50_ms": percentile(latencies, 50),
+        "p90_ms": percentile(latencies, 90),
+        "p99_ms": percentile(latencies, 99),
+    }
+
+
 def fmt(value: float | None, digits: int = 2, sign: bool = False) -> str:
     """A number as the tables print it; `-` for none."""
     return "-" if value is None else f"{value:{'+' if sign else ''}.{digits}f}"
@@ -193,21 +208,13 @@ async def run_scenario(
         redis_cpu = redis_cpu_seconds(pids) - redis_cpu
         client_cpu = own_cpu_seconds() - client_cpu
 
-    good = [s for s in samples if s.ok]
-    latencies = sorted(s.latency_s for s in good)
-    first_chunks = sorted(s.first_chunk_s for s in good if s.first_chunk_s is not None)
+    first_chunks = sorted(s.first_chunk_s for s in samples if s.ok and s.first_chunk_s is not None)
     completed = len(samples) or 1  # CPU is spent on failed requests too
     return ScenarioResult(
         target=target,
         mode="stream" if stream else "non-stream",
         concurrency=concurrency,
-        requests=len(good),
-        errors=len(samples) - len(good),
-        seconds=round(seconds, 3),
-        requests_per_s=len(good) / seconds,
-        p50_ms=percentile(latencies, 50),
-        p90_ms=percentile(latencies, 90),
-        p99_ms=percentile(latencies, 99),
+        **summarize(samples, seconds),
         first_chunk_p50_ms=percentile(first_chunks, 50) if stream else None,
         gateway_cpu_ms_per_request=gw_cpu * 1000 / completed if target == "gateway" else None,
         gateway_busy_percent=gw_cpu * 100 / seconds,
