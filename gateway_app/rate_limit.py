@@ -3,21 +3,25 @@
 A bucket holds up to `limit` units and refills at `limit` per minute. A request needs one unit of the
 requests bucket and an estimate of its tokens (prompt size plus `max_tokens`) from the tokens bucket;
 when it ends, the estimate is settled against the `usage` the engine reported. Buckets live in process
-memory, or in Redis so that several gateway replicas enforce one limit together. When Redis cannot be
-reached the gateway keeps serving (fail open) or refuses (fail closed), and tries Redis again shortly.
+memory, or in Redis so that several gateway replicas enforce one limit together. When a call to Redis
+fails, that request is served uncounted (fail open) or refused (fail closed); the next one tries again.
 """
 
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 import redis.asyncio as aioredis
 import redis.exceptions
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
 
 from gateway_app.errors import GatewayError
 
@@ -174,46 +178,183 @@ class MemoryLimiter:
         return None
 
 
-# KEYS: requests bucket, tokens bucket. ARGV: rpm, tpm (-1 = unlimited), token cost, and the tokens
-# still to give back (or take) from this client's earlier requests, settled here rather than in a call
-# of their own. Returns {allowed, requests left, tokens left}; the clock is Redis's, shared by all replicas.
-_ADMIT = """
+class LuaScript:
+    """A script Redis runs by its SHA1 (EVALSHA): the source crosses the network only to load it."""
+
+    def __init__(self, source: str) -> None:
+        self.source = source
+        self.sha = hashlib.sha1(source.encode(), usedforsecurity=False).hexdigest()
+
+
+@dataclass(slots=True)
+class _ScriptCall:
+    script: LuaScript
+    keys: list[str]
+    args: list[int | float]
+    answer: asyncio.Future  # the caller awaits it
+
+
+class ResponsiveDeadline:
+    """`async with`: TimeoutError after `seconds` of ticks of the event loop, not of the wall clock.
+
+    A wall-clock timeout mistakes a busy loop for a dead store: during a burst the loop can spend over a
+    second on other requests while the reply sits unread in the socket. The deadline is a number of
+    TICKs, each counted when its timer runs, however late; so a busy loop stretches the deadline, and an
+    idle one keeps it to `seconds`.
+    """
+
+    TICK = 0.1
+
+    def __init__(self, seconds: float) -> None:
+        self._ticks_left = max(1, round(seconds / self.TICK))
+        self._timeout = asyncio.timeout(None)
+
+    async def __aenter__(self) -> None:
+        await self._timeout.__aenter__()
+        self._next_tick = asyncio.get_running_loop().call_later(self.TICK, self._tick)
+
+    async def __aexit__(self, *exc_info: Any) -> bool | None:
+        self._next_tick.cancel()
+        return await self._timeout.__aexit__(*exc_info)
+
+    def _tick(self) -> None:
+        self._ticks_left -= 1
+        loop = asyncio.get_running_loop()
+        if self._ticks_left == 0:
+            self._timeout.reschedule(loop.time())
+        else:
+            self._next_tick = loop.call_later(self.TICK, self._tick)
+
+
+class ScriptPipeline:
+    """Script calls from every request, queued in memory and sent to Redis in batches.
+
+    A batch is a pipeline without MULTI: one write and one round trip for every call that queued while
+    the batches before it were out, each call still one atomic EVALSHA with its own reply or error. At
+    most `in_flight` batches are out at once, each on one connection, so a burst of hundreds of
+    admissions costs a few round trips and never more connections than that. A batch that Redis keeps
+    waiting `timeout` seconds (connecting, sending, reading; see `ResponsiveDeadline`) fails with
+    TimeoutError, and so does every call in it.
+    """
+
+    def __init__(self, redis: aioredis.Redis, in_flight: int, timeout: float) -> None:
+        self._redis = redis
+        self._in_flight = in_flight
+        self._timeout = timeout
+        self._queue: list[_ScriptCall] = []
+        self._senders: set[asyncio.Task] = set()
+        self._sending = 0  # senders between start and finish; a set's size would lag behind by a callback
+
+    async def call(self, script: LuaScript, keys: list[str], args: list[int | float]) -> Any:
+        """The script's reply; raises the store's error if this call failed."""
+        loop = asyncio.get_running_loop()
+        answer = loop.create_future()
+        self._queue.append(_ScriptCall(script, keys, args, answer))
+        if self._sending < self._in_flight:
+            self._sending += 1
+            sender = loop.create_task(self._send_queued())
+            self._senders.add(sender)
+            sender.add_done_callback(self._senders.discard)
+        return await answer
+
+    async def _send_queued(self) -> None:
+        try:
+            while self._queue:
+                batch, self._queue = self._queue, []
+                await self._send(batch)
+        finally:
+            self._sending -= 1
+
+    async def _send(self, batch: list[_ScriptCall]) -> None:
+        batch = [call for call in batch if not call.answer.done()]  # a request cancelled while queued
+        if not batch:
+            return
+        try:
+            async with ResponsiveDeadline(self._timeout):
+                replies = await self._replies(batch)
+        except TimeoutError:
+            replies = [redis.exceptions.TimeoutError(f"no answer from Redis within {self._timeout:g}s")] * len(batch)
+        except Exception as error:  # the batch as a whole failed: every call in it did
+            replies = [error] * len(batch)
+        except BaseException:
+            for call in batch:
+                call.answer.cancel()
+            raise
+        for call, reply in zip(batch, replies):
+            if call.answer.done():
+                continue
+            if isinstance(reply, Exception):
+                call.answer.set_exception(reply)
+            else:
+                call.answer.set_result(reply)
+
+    async def _replies(self, batch: list[_ScriptCall]) -> list[Any]:
+        replies = await self._execute(batch)
+        missing = [index for index, reply in enumerate(replies) if isinstance(reply, redis.exceptions.NoScriptError)]
+        if missing:
+            # Redis lost its scripts (restarted, SCRIPT FLUSH): those calls did not run; load, send them again.
+            for script in {batch[index].script for index in missing}:
+                await self._redis.script_load(script.source)
+            for index, reply in zip(missing, await self._execute([batch[index] for index in missing])):
+                replies[index] = reply
+        return replies
+
+    async def _execute(self, calls: list[_ScriptCall]) -> list[Any]:
+        """One pipeline; a call's error (ResponseError) is its reply, a broken connection raises."""
+        async with self._redis.pipeline(transaction=False) as pipe:
+            for call in calls:
+                pipe.execute_command("EVALSHA", call.script.sha, len(call.keys), *call.keys, *call.args)
+            return await pipe.execute(raise_on_error=False)
+
+    async def close(self) -> None:
+        """Wait for the batches in flight; their callers get their replies."""
+        while self._senders:
+            await asyncio.gather(*self._senders, return_exceptions=True)
+
+
+# KEYS: requests bucket, tokens bucket. ARGV: rpm, tpm (-1 = unlimited), token cost, the tokens still to
+# give back (or take) from this client's earlier requests, settled here rather than in a call of their own,
+# and the window in seconds. Returns {allowed, requests left, tokens left}; the clock is Redis's, shared
+# by all replicas. A bucket left alone for a window is full again, so it expires after two.
+_ADMIT = LuaScript("""
 local t = redis.call('TIME')
 local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
+local rpm, tpm, cost, owed = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4])
+local window = tonumber(ARGV[5])
+local ttl = math.ceil(2 * window)
 local function level(key, limit)
   if limit < 0 then return 0 end
   local v = redis.call('HMGET', key, 'l', 't')
   if not v[1] then return limit end
-  return math.min(limit, tonumber(v[1]) + (now - tonumber(v[2])) * limit / 60)
+  return math.min(limit, tonumber(v[1]) + (now - tonumber(v[2])) * limit / window)
 end
-local rpm, tpm, cost, owed = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4])
 local r, k = level(KEYS[1], rpm), level(KEYS[2], tpm)
 if tpm >= 0 and owed ~= 0 then
   k = math.min(tpm, k + owed)
-  redis.call('HSET', KEYS[2], 'l', k, 't', now); redis.call('EXPIRE', KEYS[2], 120)
+  redis.call('HSET', KEYS[2], 'l', k, 't', now); redis.call('EXPIRE', KEYS[2], ttl)
 end
 if tpm >= 0 and cost > tpm then cost = tpm end
 if (rpm >= 0 and r < 1) or (tpm >= 0 and k < cost) then
   return {0, tostring(r), tostring(k)}
 end
-if rpm >= 0 then r = r - 1; redis.call('HSET', KEYS[1], 'l', r, 't', now); redis.call('EXPIRE', KEYS[1], 120) end
-if tpm >= 0 then k = k - cost; redis.call('HSET', KEYS[2], 'l', k, 't', now); redis.call('EXPIRE', KEYS[2], 120) end
+if rpm >= 0 then r = r - 1; redis.call('HSET', KEYS[1], 'l', r, 't', now); redis.call('EXPIRE', KEYS[1], ttl) end
+if tpm >= 0 then k = k - cost; redis.call('HSET', KEYS[2], 'l', k, 't', now); redis.call('EXPIRE', KEYS[2], ttl) end
 return {1, tostring(r), tostring(k)}
-"""
+""")
 
-# KEYS: tokens bucket. ARGV: tpm, tokens to give back (negative: to take).
-_SETTLE = """
+# KEYS: tokens bucket. ARGV: tpm, tokens to give back (negative: to take), the window in seconds.
+_SETTLE = LuaScript("""
 local t = redis.call('TIME')
 local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
-local limit, delta = tonumber(ARGV[1]), tonumber(ARGV[2])
+local limit, delta, window = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
 local v = redis.call('HMGET', KEYS[1], 'l', 't')
 local l = limit
-if v[1] then l = math.min(limit, tonumber(v[1]) + (now - tonumber(v[2])) * limit / 60) end
+if v[1] then l = math.min(limit, tonumber(v[1]) + (now - tonumber(v[2])) * limit / window) end
 l = math.min(limit, l + delta)
 redis.call('HSET', KEYS[1], 'l', l, 't', now)
-redis.call('EXPIRE', KEYS[1], 120)
+redis.call('EXPIRE', KEYS[1], math.ceil(2 * window))
 return tostring(l)
-"""
+""")
 
 # Any failure of the store (unreachable, read-only replica after a failover, out of memory, busy script):
 # the same answer, fail open or closed, never a 500.
@@ -223,22 +364,34 @@ STORE_ERRORS = (redis.exceptions.RedisError, OSError, asyncio.TimeoutError)
 class RedisLimiter:
     """Buckets in Redis, shared by all replicas; one atomic script call per admission.
 
-    Settling a request's estimate against its real usage is not a call of its own: the difference waits
-    in memory and rides along with the client's next admission, or is flushed within a second.
+    The calls of all requests go to Redis in batches over a couple of connections (`ScriptPipeline`).
+    When a call fails, that admission alone is let through uncounted (fail open) or refused (fail closed);
+    the next one tries Redis again. Settling a request's estimate against its real usage is not a call
+    of its own: the difference waits in memory and rides along with the client's next admission, or is
+    flushed within a second.
     """
 
-    RETRY_AFTER_FAILURE = 1.0  # seconds before Redis is tried again after it failed
+    PIPELINES = 2  # batches in flight at once, hence connections to Redis
+    # Seconds Redis may keep a batch waiting (connecting included) before its calls count as failed: an
+    # unreachable Redis is noticed within about this long; a busy gateway's own delays are not counted
+    # (3,000 requests at once on each of two gateways, 2 CPUs: batches took up to 2 s, 0.5 s of ticks).
+    STORE_TIMEOUT = 1.0
     FLUSH_SECONDS = 1.0
 
-    def __init__(self, url: str, password: str | None, fail_open: bool, on_store_error=None) -> None:
-        self._redis = aioredis.Redis.from_url(
-            url, password=password, socket_timeout=0.25, socket_connect_timeout=0.25, health_check_interval=0,
+    def __init__(
+        self, url: str, password: str | None, fail_open: bool, on_store_error: Callable[[], None] | None = None,
+    ) -> None:
+        pool = aioredis.BlockingConnectionPool.from_url(
+            # No socket timeouts: the batch's deadline is the one timeout (ScriptPipeline).
+            url, password=password, max_connections=self.PIPELINES, timeout=None,
+            socket_connect_timeout=None, socket_timeout=None, health_check_interval=0,
+            # Never sent twice: an admission that Redis ran before the connection broke would count twice.
+            retry=Retry(NoBackoff(), retries=0),
         )
-        self._admit = self._redis.register_script(_ADMIT)
-        self._settle = self._redis.register_script(_SETTLE)
-        self.fail_open = fail_open
-        self._down_until = 0.0
-        self._down = False
+        self._redis = aioredis.Redis.from_pool(pool)
+        self._scripts = ScriptPipeline(self._redis, self.PIPELINES, self.STORE_TIMEOUT)
+        self.fail_open = fail_open  # set again on each reload
+        self._down = False  # only to log the store going down and coming back once each
         self._on_store_error = on_store_error or (lambda: None)
         self._owed: dict[str, tuple[int, int]] = {}  # client -> (tokens to give back, its tokens per minute)
         self._flush: asyncio.TimerHandle | None = None
@@ -251,12 +404,11 @@ class RedisLimiter:
 
     def _store_failed(self, error: BaseException) -> None:
         self._on_store_error()
-        self._down_until = time.monotonic() + self.RETRY_AFTER_FAILURE
         if not self._down:
             self._down = True
             log.error(
-                "rate-limit store unreachable (%s); %s until it is back", error or type(error).__name__,
-                "serving without limits" if self.fail_open else "refusing requests",
+                "rate-limit store unreachable (%s); requests it cannot count are %s",
+                str(error) or type(error).__name__, "served without limits" if self.fail_open else "refused",
             )
 
     def _store_ok(self) -> None:
@@ -272,13 +424,13 @@ class RedisLimiter:
         raise error
 
     async def admit(self, client: str, limits: Limits, token_cost: int) -> Decision:
-        if time.monotonic() < self._down_until:
-            return self._unavailable(limits)
         rpm = limits.requests_per_minute if limits.requests_per_minute is not None else -1
         tpm = limits.tokens_per_minute if limits.tokens_per_minute is not None else -1
         owed = self._owed.pop(client, (0, 0))[0]
         try:
-            allowed, requests, tokens = await self._admit(keys=self._keys(client), args=[rpm, tpm, token_cost, owed])
+            allowed, requests, tokens = await self._scripts.call(
+                _ADMIT, self._keys(client), [rpm, tpm, token_cost, owed, WINDOW_SECONDS],
+            )
         except STORE_ERRORS as error:
             self._owe(client, owed, tpm)
             self._store_failed(error)
@@ -310,26 +462,28 @@ class RedisLimiter:
         """Settle what no admission took along, for clients that went quiet."""
         self._flush = None
         owed, self._owed = self._owed, {}
-        if not owed or time.monotonic() < self._down_until:
-            for client, (tokens, tpm) in owed.items():
-                self._owe(client, tokens, tpm)
-            return
-        try:
-            async with self._redis.pipeline(transaction=False) as pipe:
-                for client, (tokens, tpm) in owed.items():
-                    await self._settle(keys=self._keys(client)[1:], args=[tpm, tokens], client=pipe)
-                await pipe.execute()
-        except STORE_ERRORS as error:
-            self._store_failed(error)
-            for client, (tokens, tpm) in owed.items():
-                self._owe(client, tokens, tpm)
+        outcomes = await asyncio.gather(
+            *(self._scripts.call(_SETTLE, self._keys(client)[1:], [tpm, tokens, WINDOW_SECONDS])
+              for client, (tokens, tpm) in owed.items()),
+            return_exceptions=True,
+        )
+        for (client, (tokens, tpm)), outcome in zip(owed.items(), outcomes):
+            if isinstance(outcome, STORE_ERRORS):
+                self._store_failed(outcome)
+                self._owe(client, tokens, tpm)  # tried again in a second
+            elif isinstance(outcome, BaseException):
+                log.error("settling rate-limit tokens failed", exc_info=outcome)
+            else:
+                self._store_ok()
 
     async def close(self) -> None:
         if self._flush is not None:
             self._flush.cancel()
+        if self._flushing is not None:
+            await self._flushing
         if self._owed:
-            self._flush = None
-            await self._flush_owed()
-            if self._flush is not None:
-                self._flush.cancel()
+            await self._flush_owed()  # the last chance: what fails now is not counted
+        if self._flush is not None:
+            self._flush.cancel()
+        await self._scripts.close()
         await self._redis.aclose()
