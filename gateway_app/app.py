@@ -19,10 +19,10 @@ from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
-from starlette.types import ASGIApp
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from gateway_app import __version__
-from gateway_app.auth import Unauthorized
+from gateway_app.auth import Unauthorized, may_use
 from gateway_app.config_watcher import WatchedFile
 from gateway_app.discovery import KubernetesAPI
 from gateway_app.endpoints import HealthChecker
@@ -60,8 +60,29 @@ def _error(error: GatewayError, headers: dict[str, str] | None = None) -> Respon
     return Response(error.body(), status_code=error.status, media_type="application/json", headers=headers)
 
 
-def create_app(state: GatewayState, watched: Sequence[WatchedFile] = ()) -> ASGIApp:
-    """Build the app; the `watched` files (routing map, keys, engine credential) are hot-reloaded."""
+class MetricsPortDispatch:
+    """Requests that arrive on the metrics port see only `/metrics`; everything else sees the API.
+
+    One server and one event loop serve both ports: a separate port is what lets a NetworkPolicy and the
+    Ingress keep `/metrics` (key names, traffic, engine URLs) away from API clients.
+    """
+
+    def __init__(self, api: ASGIApp, metrics: ASGIApp, metrics_port: int) -> None:
+        self.api, self.metrics, self.metrics_port = api, metrics, metrics_port
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        server = scope.get("server")
+        if scope["type"] == "http" and server is not None and server[1] == self.metrics_port:
+            await self.metrics(scope, receive, send)
+        else:
+            await self.api(scope, receive, send)
+
+
+def create_app(state: GatewayState, watched: Sequence[WatchedFile] = (), metrics_port: int | None = None) -> ASGIApp:
+    """Build the app; the `watched` files (routing map, keys, engine credential) are hot-reloaded.
+
+    With `metrics_port`, `/metrics` is served on that port only, and the API port answers it with 404.
+    """
 
     async def visible_cards(request: Request) -> list[dict]:
         """The cards this client may use (all of them with authentication off)."""
@@ -71,7 +92,7 @@ def create_app(state: GatewayState, watched: Sequence[WatchedFile] = ()) -> ASGI
         if allowed is None:
             return cards
         aliases = state.table.aliases
-        return [card for card in cards if card["id"] in allowed or aliases.get(card["id"]) in allowed]
+        return [card for card in cards if may_use(allowed, card["id"], aliases.get(card["id"], card["id"]))]
 
     async def list_models(request: Request) -> Response:
         try:
@@ -165,10 +186,17 @@ def create_app(state: GatewayState, watched: Sequence[WatchedFile] = ()) -> ASGI
         Route("/health", healthz, methods=["GET"]),
         Route("/readyz", readyz, methods=["GET"]),
         Route("/version", version, methods=["GET"]),
-        Route("/metrics", metrics, methods=["GET"]),
     ]
-    app = Starlette(
-        routes=routes, lifespan=lifespan, exception_handlers={HTTPException: http_error, Exception: unexpected_error}
-    )
+    metrics_route = Route("/metrics", metrics, methods=["GET"])
+    handlers = {HTTPException: http_error, Exception: unexpected_error}
+    api = Starlette(routes=routes if metrics_port else [*routes, metrics_route], lifespan=lifespan, exception_handlers=handlers)
+    # A trailing slash gets a 404 like any unknown path: Starlette's redirect would send the client to a
+    # URL built from its own Host header, before any authentication.
+    api.router.redirect_slashes = False
+    app: ASGIApp = api
+    if metrics_port:
+        metrics_only = Starlette(routes=[metrics_route], exception_handlers=handlers)
+        metrics_only.router.redirect_slashes = False
+        app = MetricsPortDispatch(api, metrics_only, metrics_port)
     # Outermost, so that even the answer of Starlette's last-resort error handler carries the id.
     return RequestIdMiddleware(app)

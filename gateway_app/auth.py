@@ -29,12 +29,6 @@ class Unauthorized(GatewayError):
     code = "invalid_api_key"
 
 
-class ModelForbidden(GatewayError):
-    status = 403
-    error_type = "permission_error"
-    code = "model_not_allowed"
-
-
 class KeySpec(BaseModel):
     """One client key in the keys file."""
 
@@ -120,11 +114,13 @@ class KeyStore:
         return client
 
 
-def authorize_model(client: Client, requested: str, model: str) -> None:
-    """403 unless the client may use the model (by its id or by the alias it asked for)."""
-    allowed = client.allowed_models
-    if allowed is not None and requested not in allowed and model not in allowed:
-        raise ModelForbidden(f"This API key may not use the model `{requested}`.", param="model")
+def may_use(allowed: frozenset[str] | None, name: str, model: str) -> bool:
+    """Whether a client with this access list may use `name` (a model id, or an alias of `model`).
+
+    A key that lists a model id may use it under its aliases too; a key that lists only an alias may use
+    that alias, not the model id behind it.
+    """
+    return allowed is None or name in allowed or model in allowed
 
 
 def parse_keys_file(text: str, source: str) -> KeyStore:

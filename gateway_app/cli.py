@@ -1,4 +1,4 @@
-"""The `llm-gateway` command: `serve`, `simulate` and `demo`.
+"""The `llm-gateway` command: `serve`, `simulate`, `hash-key` and `demo`.
 
 These names and flags are a contract: the chart, the docs and the benchmark call them.
 """
@@ -9,74 +9,113 @@ import argparse
 import os
 import sys
 
+from gateway_app import __version__
+
 ENGINE_KINDS = ("vllm", "sglang")
+LOG_LEVELS = ("debug", "info", "warning", "error")
+
+
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows "(default: ...)" after an option's help, except where there is nothing to show.
+
+    A default of None (the option is off unless given) or a flag's True/False says nothing to a reader,
+    so those are left out; an option whose default depends on something else says so in its own help.
+    """
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        if action.default is None or isinstance(action.default, bool):
+            return action.help
+        return super()._get_help_string(action)
+
+
+def _env(name: str) -> str | None:
+    return os.environ.get(name) or None
 
 
 def _build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="llm-gateway", description=__doc__.splitlines()[0])
-    commands = parser.add_subparsers(dest="command", required=True)
+    parser = argparse.ArgumentParser(
+        prog="llm-gateway", description=__doc__.splitlines()[0], formatter_class=_HelpFormatter,
+        epilog="`llm-gateway COMMAND --help` lists the options of a command.",
+    )
+    parser.add_argument("--version", action="version", version=f"llm-gateway {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    serve = commands.add_parser("serve", help="run the gateway")
-    serve.add_argument("--config", required=True, help="path of the routing map (YAML or JSON)")
-    serve.add_argument("--host", default="0.0.0.0")
-    serve.add_argument("--port", type=int, default=8000)
-    serve.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
+    def command(name: str, summary: str) -> argparse.ArgumentParser:
+        return commands.add_parser(name, help=summary, description=summary, formatter_class=_HelpFormatter)
+
+    serve = command("serve", "run the gateway")
+    serve.add_argument("--config", required=True, metavar="PATH", help="path of the routing map (YAML or JSON)")
+    serve.add_argument("--host", default="0.0.0.0", help="address to listen on")
+    serve.add_argument("--port", type=int, default=8000, help="port to listen on")
     serve.add_argument(
-        "--log-format", choices=("json", "text"), default=os.environ.get("LLM_GATEWAY_LOG_FORMAT") or None,
-        help="json (one object per line) or text; default: text on a terminal, json otherwise",
+        "--metrics-port", type=int, default=_env("LLM_GATEWAY_METRICS_PORT"), metavar="PORT",
+        help="serve /metrics on this port only (and no longer on the API port), for a ServiceMonitor and a "
+        "NetworkPolicy that keep it internal; default: /metrics on the API port (env LLM_GATEWAY_METRICS_PORT)",
+    )
+    serve.add_argument("--log-level", default="info", choices=LOG_LEVELS, help="the least severe level logged")
+    serve.add_argument(
+        "--log-format", choices=("json", "text"), default=_env("LLM_GATEWAY_LOG_FORMAT"),
+        help="json (one object per line) or text; default: text on a terminal, json otherwise "
+        "(env LLM_GATEWAY_LOG_FORMAT)",
     )
     serve.add_argument(
-        "--otlp-endpoint", default=os.environ.get("LLM_GATEWAY_OTLP_ENDPOINT") or None,
+        "--otlp-endpoint", default=_env("LLM_GATEWAY_OTLP_ENDPOINT"), metavar="URL",
         help="send OpenTelemetry traces (OTLP over HTTP) to this collector, e.g. http://otel-collector:4318; "
-        "off by default; needs `pip install 'llm-gateway[tracing]'` (env LLM_GATEWAY_OTLP_ENDPOINT)",
+        "off by default; needs the tracing extra, installed from the checkout: "
+        "`.venv/bin/pip install -e '.[tracing]'` (env LLM_GATEWAY_OTLP_ENDPOINT)",
     )
     serve.add_argument(
         "--no-access-log", dest="access_log", action="store_false",
         help="do not write the one line per request (errors and warnings are still logged)",
     )
     serve.add_argument(
-        "--shutdown-grace-seconds", type=float, default=110.0,
+        "--shutdown-grace-seconds", type=float, default=110.0, metavar="SECONDS",
         help="on SIGTERM, stop accepting at once and give requests and streams in flight this long to finish "
         "(keep it below the pod's terminationGracePeriodSeconds minus its preStop wait)",
     )
     serve.add_argument(
-        "--keys-file", default=os.environ.get("LLM_GATEWAY_KEYS_FILE"),
-        help="YAML file of client API keys (sha256 hashes), mounted from a Secret; turns authentication on "
-        "(env LLM_GATEWAY_KEYS_FILE)",
+        "--keys-file", default=_env("LLM_GATEWAY_KEYS_FILE"), metavar="PATH",
+        help="YAML file of client API keys (sha256 hashes), mounted from a Secret; turns authentication on; "
+        "default: no keys, the gateway is open (env LLM_GATEWAY_KEYS_FILE)",
     )
     serve.add_argument(
-        "--engine-api-key-file", default=os.environ.get("LLM_GATEWAY_ENGINE_API_KEY_FILE"),
+        "--engine-api-key-file", default=_env("LLM_GATEWAY_ENGINE_API_KEY_FILE"), metavar="PATH",
         help="file holding the key the gateway sends to engines started with --api-key "
         "(env LLM_GATEWAY_ENGINE_API_KEY_FILE)",
     )
     serve.add_argument(
-        "--redis-url", default=os.environ.get("LLM_GATEWAY_REDIS_URL"),
+        "--redis-url", default=_env("LLM_GATEWAY_REDIS_URL"), metavar="URL",
         help="redis://host:6379/0 to share rate-limit counters between replicas; the password comes from "
-        "env LLM_GATEWAY_REDIS_PASSWORD (env LLM_GATEWAY_REDIS_URL)",
+        "env LLM_GATEWAY_REDIS_PASSWORD; default: counters in this process's memory (env LLM_GATEWAY_REDIS_URL)",
     )
 
-    simulate = commands.add_parser("simulate", help="run an engine simulator (vLLM or SGLang look-alike)")
-    simulate.add_argument("--engine", required=True, choices=ENGINE_KINDS)
-    simulate.add_argument("--model", required=True, help="the model id the simulated engine serves")
-    simulate.add_argument("--host", default="0.0.0.0")
-    simulate.add_argument("--port", type=int, default=8000)
-    simulate.add_argument("--ttft-ms", type=float, default=0.0, help="delay before the first token")
-    simulate.add_argument("--itl-ms", type=float, default=0.0, help="delay between two tokens")
-    simulate.add_argument("--log-level", default="warning", choices=("debug", "info", "warning", "error"))
+    simulate = command("simulate", "run an engine simulator (vLLM or SGLang look-alike)")
+    simulate.add_argument("--engine", required=True, choices=ENGINE_KINDS, help="the engine to answer like")
+    simulate.add_argument("--model", required=True, metavar="ID", help="the model id the simulated engine serves")
+    simulate.add_argument("--host", default="0.0.0.0", help="address to listen on")
+    simulate.add_argument("--port", type=int, default=8000, help="port to listen on; 0 picks a free one")
+    simulate.add_argument("--ttft-ms", type=float, default=0.0, metavar="MS", help="delay before the first token")
+    simulate.add_argument("--itl-ms", type=float, default=0.0, metavar="MS", help="delay between two tokens")
+    simulate.add_argument("--log-level", default="warning", choices=LOG_LEVELS, help="the least severe level logged")
     simulate.add_argument(
-        "--api-key", default=os.environ.get("LLM_GATEWAY_SIMULATOR_API_KEY") or None,
-        help="require this key on /v1 routes, like vLLM's and SGLang's --api-key (env LLM_GATEWAY_SIMULATOR_API_KEY)",
+        "--api-key", metavar="KEY",  # no default from the environment here: --help must not print a secret
+        help="require this key on /v1 routes, like vLLM's and SGLang's --api-key; default: no key "
+        "(env LLM_GATEWAY_SIMULATOR_API_KEY)",
     )
 
-    hash_key = commands.add_parser("hash-key", help="print the sha256 of an API key, for the keys file")
+    hash_key = command("hash-key", "print the sha256 of an API key, for the keys file")
     hash_key.add_argument("key", nargs="?", help="the key (read from standard input when left out)")
     hash_key.add_argument("--generate", action="store_true", help="make a new random key and print it too")
 
-    demo = commands.add_parser("demo", help="the tutorial's topology on simulated engines, gateway on :8000")
-    demo.add_argument("--host", default="127.0.0.1", help="where the gateway listens")
-    demo.add_argument("--port", type=int, default=8000)
-    demo.add_argument("--ttft-ms", type=float, default=50.0)
-    demo.add_argument("--itl-ms", type=float, default=20.0)
+    demo = command("demo", "the tutorial's topology on simulated engines, gateway on :8000")
+    demo.add_argument(
+        "--host", default=_env("LLM_GATEWAY_DEMO_HOST") or "127.0.0.1",
+        help="where the gateway listens; 0.0.0.0 to reach it from other machines, as the container image does "
+        "(env LLM_GATEWAY_DEMO_HOST)",
+    )
+    demo.add_argument("--port", type=int, default=8000, help="the gateway's port")
+    demo.add_argument("--ttft-ms", type=float, default=50.0, metavar="MS", help="the engines' time to first token")
+    demo.add_argument("--itl-ms", type=float, default=20.0, metavar="MS", help="the engines' delay between tokens")
     return parser
 
 
@@ -89,7 +128,7 @@ def main(argv: list[str] | None = None) -> int:
             args.config, host=args.host, port=args.port, log_level=args.log_level, keys_file=args.keys_file,
             engine_key_file=args.engine_api_key_file, redis_url=args.redis_url,
             shutdown_grace=args.shutdown_grace_seconds, log_format=args.log_format, access_log=args.access_log,
-            otlp_endpoint=args.otlp_endpoint,
+            otlp_endpoint=args.otlp_endpoint, metrics_port=args.metrics_port,
         )
     if args.command == "hash-key":
         from gateway_app.auth import generate_key, hash_key
@@ -115,7 +154,7 @@ def main(argv: list[str] | None = None) -> int:
             ttft_ms=args.ttft_ms,
             itl_ms=args.itl_ms,
             log_level=args.log_level,
-            api_key=args.api_key,
+            api_key=args.api_key or _env("LLM_GATEWAY_SIMULATOR_API_KEY"),
         )
     from gateway_app.demo import run_demo
 

@@ -111,10 +111,34 @@ class Discovery(_Strict):
     port: int = Field(default=8000, ge=1, le=65535)  # the pods' port (the Service's targetPort)
 
 
+class ClientLimits(_Strict):
+    """What one client, or all of them together, may make the gateway hold: the front door's bounds.
+
+    Past a bound the client gets an OpenAI-shaped error (431, 408, 503) and the connection is closed;
+    nothing past a bound is parsed, buffered or forwarded.
+    """
+
+    # The whole request head (request line and headers). No OpenAI client comes near these.
+    max_header_bytes: int = Field(default=64 * 1024, ge=1024, le=16 * 1024 * 1024)
+    max_headers: int = Field(default=100, ge=10, le=10_000)
+    # Seconds to receive a whole request head, counted from the connection's start or from the first
+    # byte of the next request on a kept-alive connection.
+    head_timeout: float = Field(default=10.0, gt=0)
+    # Longest pause between two chunks of a request body.
+    body_timeout: float = Field(default=30.0, gt=0)
+    # Client connections at once; None: sized from the open-file limit, keeping one descriptor per
+    # client connection for its engine connection and some for files, Redis and the Kubernetes API.
+    # At the limit, a connection that has not sent a complete request head makes room for a new one.
+    max_connections: int | None = Field(default=None, ge=1)
+    # Bytes of request bodies held at once, all requests together; past it, 503 with Retry-After.
+    max_body_memory: int = Field(default=128 * 1024 * 1024, ge=1024 * 1024)
+
+
 class Settings(_Strict):
     """Map-wide gateway settings, all optional with safe defaults."""
 
     max_body_bytes: int = Field(default=16 * 1024 * 1024, ge=1024)
+    client_limits: ClientLimits = ClientLimits()
     list_aliases: bool = True
     models_cache_ttl: float = Field(default=5.0, ge=0)
     models_timeout: float = Field(default=2.0, gt=0)
@@ -128,6 +152,15 @@ class Settings(_Strict):
     # /readyz fails while no endpoint of any engine is healthy. Off by default: with every gateway pod
     # unready, clients get refused connections instead of an explanatory 502.
     ready_requires_engine: bool = False
+
+    @model_validator(mode="after")
+    def _one_body_fits_the_budget(self) -> "Settings":
+        if self.client_limits.max_body_memory < self.max_body_bytes:
+            raise ValueError(
+                f"@client_limits.max_body_memory: must be at least max_body_bytes ({self.max_body_bytes}), "
+                "or no request of the largest allowed size could ever be read"
+            )
+        return self
 
 
 class EngineSpec(_Strict):

@@ -10,16 +10,19 @@ import asyncio
 import contextlib
 import signal
 import socket
+import sys
 from collections.abc import Iterator
 
 import uvicorn
 import yaml
 
 from gateway_app.app import create_app
+from gateway_app.client_connections import ConnectionGuard, raise_fd_limit
 from gateway_app.config import parse_routing_map
+from gateway_app.listener import bind_listener
 from gateway_app.log_setup import configure_logging
 from gateway_app.request_log import RequestLog
-from gateway_app.server import KEEP_ALIVE_SECONDS
+from gateway_app.server import KEEP_ALIVE_SECONDS, uvicorn_config
 from gateway_app.simulator import build_simulator_app
 from gateway_app.state import GatewayState
 
@@ -39,13 +42,6 @@ class _InProcessServer(uvicorn.Server):
     @contextlib.contextmanager
     def capture_signals(self) -> Iterator[None]:
         yield
-
-
-def _listen(host: str, port: int) -> socket.socket:
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind((host, port))
-    return sock
 
 
 def _server(app: object) -> _InProcessServer:
@@ -71,17 +67,18 @@ def _curl_examples(base: str) -> str:
 
 
 async def _run(host: str, port: int, ttft_ms: float, itl_ms: float) -> None:
-    gateway_socket = _listen(host, port)  # first, so a busy port fails before anything starts
+    gateway_socket = bind_listener(host, port)  # first, so a busy port fails before anything starts
     servers: list[tuple[_InProcessServer, socket.socket]] = []
     engines = []
     for name, kind, model, default in DEMO_ENGINES:
-        sock = _listen("127.0.0.1", 0)
+        sock = bind_listener("127.0.0.1", 0)
         servers.append((_server(build_simulator_app(kind, model, ttft_ms=ttft_ms, itl_ms=itl_ms)), sock))
         url = f"http://127.0.0.1:{sock.getsockname()[1]}"
         engines.append({"name": name, "model": model, "owned_by": kind, "url": url, "default": default})
     routing_yaml = yaml.safe_dump({"engines": engines}, sort_keys=False)
     state = GatewayState(parse_routing_map(routing_yaml), request_log=RequestLog(fmt="text"))
-    gateway = _server(create_app(state))
+    guard = ConnectionGuard(lambda: state.table.settings.client_limits, state.metrics, raise_fd_limit())
+    gateway = _InProcessServer(uvicorn_config(create_app(state), guard, "warning", shutdown_grace=5.0, loop="none"))
     servers.append((gateway, gateway_socket))
 
     loop = asyncio.get_running_loop()
@@ -97,7 +94,7 @@ async def _run(host: str, port: int, ttft_ms: float, itl_ms: float) -> None:
         if any(task.done() for task in tasks):
             break
         await asyncio.sleep(0.05)
-    shown_host = "localhost" if host in ("0.0.0.0", "127.0.0.1") else host
+    shown_host = "localhost" if host in ("0.0.0.0", "127.0.0.1", "::", "::1") else host  # what a browser can open
     print(f"llm-gateway demo: gateway on http://{shown_host}:{port}", flush=True)
     for name, kind, model, default in DEMO_ENGINES:
         print(f"  engine {name}: simulated {kind} serving {model}{' (default)' if default else ''}")
@@ -112,7 +109,7 @@ def run_demo(host: str = "127.0.0.1", port: int = 8000, ttft_ms: float = 50.0, i
 
         uvloop.run(_run(host, port, ttft_ms, itl_ms))
     except OSError as error:
-        print(f"llm-gateway demo: cannot listen on {host}:{port}: {error.strerror or error}")
+        print(f"llm-gateway demo: cannot listen on {host}:{port}: {error.strerror or error}", file=sys.stderr)
         return 1
     print("llm-gateway demo: stopped.")
     return 0

@@ -16,12 +16,16 @@ class GatewayError(Exception):
     code: str | None = None
     retry_after: int | None = None  # seconds, sent as Retry-After when set
 
-    def __init__(self, message: str, *, param: str | None = None, code: str | None = None) -> None:
+    def __init__(
+        self, message: str, *, param: str | None = None, code: str | None = None, retry_after: int | None = None
+    ) -> None:
         super().__init__(message)
         self.message = message
         self.param = param
         if code is not None:
             self.code = code
+        if retry_after is not None:
+            self.retry_after = retry_after
 
     def body(self) -> bytes:
         return orjson.dumps(
@@ -55,10 +59,38 @@ class PayloadTooLarge(GatewayError):
     code = "request_too_large"
 
 
+class RequestTimeout(GatewayError):
+    status = 408
+    error_type = "invalid_request_error"
+    code = "request_timeout"
+
+
+class RequestHeaderTooLarge(GatewayError):
+    status = 431
+    error_type = "invalid_request_error"
+    code = "request_header_too_large"
+
+
+class GatewayOverloaded(GatewayError):
+    """The gateway itself (not an engine) has no room: connections or request-body memory."""
+
+    status = 503
+    error_type = "server_error"
+    code = "gateway_overloaded"
+
+
 class EngineUnreachable(GatewayError):
     status = 502
     error_type = "upstream_error"
     code = "engine_unreachable"
+
+
+class EngineBadAnswer(GatewayError):
+    """An engine answer the gateway will not relay (an error body past the size it reads)."""
+
+    status = 502
+    error_type = "upstream_error"
+    code = "engine_bad_answer"
 
 
 class EngineTimeout(GatewayError):

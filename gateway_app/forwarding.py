@@ -21,11 +21,13 @@ from starlette.types import Receive, Scope, Send
 from gateway_app.balancer import choose
 from gateway_app.concurrency import EngineBusy
 from gateway_app.endpoints import Endpoint
-from gateway_app.errors import EngineTimeout, EngineUnreachable, GatewayError, InternalError, sse_error_event
+from gateway_app.errors import (
+    EngineBadAnswer, EngineTimeout, EngineUnreachable, GatewayError, InternalError, sse_error_event,
+)
 from gateway_app.responses import send_error
 from gateway_app.route_table import Engine, RouteTable
 from gateway_app.stream_usage import UsageChunkFilter
-from gateway_app.upstream import headers_for_client, headers_for_engine
+from gateway_app.upstream import headers_for_client, headers_for_engine, read_capped
 from gateway_app.usage import USAGE_KEY, find_usage
 
 if TYPE_CHECKING:
@@ -34,8 +36,8 @@ if TYPE_CHECKING:
 log = logging.getLogger("llm_gateway.forwarding")
 
 ENGINE_HEADER = b"x-gateway-engine"
-# Stop proxies and ingress controllers from buffering a stream.
-STREAM_HEADERS = [(b"cache-control", b"no-cache"), (b"x-accel-buffering", b"no")]
+# An engine's 502/503 is read (to be relayed if no retry does better) up to this many bytes.
+RETRYABLE_ANSWER_CAP = 64 * 1024
 CLIENT_CLOSED = 499  # nginx's status for "client closed the request", used in metrics only
 # Answers that mean "this replica cannot take it now": the request may go to another one.
 RETRYABLE_STATUSES = frozenset({502, 503})
@@ -211,9 +213,10 @@ class Forwarder:
                     answered_at = time.perf_counter()
                     if response.status in RETRYABLE_STATUSES:
                         endpoint.failed(health)
-                        return _EngineAnswer(engine, response.status, response.raw_headers, await response.read())
-                    streaming = response.content_length is None or response.content_type == "text/event-stream"
-                    first = await (response.content.readany() if streaming else response.read())
+                        return await self._retryable_answer(engine, response)
+                    sse = response.content_type == "text/event-stream"
+                    streaming = response.content_length is None or sse
+                    first = await response.content.readany()
                     progress.first_byte_at = time.perf_counter() if streaming else answered_at
                     endpoint.observe_latency(progress.first_byte_at - sent_at, time.monotonic())
             except aiohttp.ConnectionTimeoutError:
@@ -236,23 +239,16 @@ class Forwarder:
             headers = headers_for_client(response.raw_headers)
             headers.append((ENGINE_HEADER, engine.name_header))
             headers.extend(progress.extra_headers)
-            if not streaming:
-                headers.append((b"content-length", str(len(first)).encode()))
-                await send({"type": "http.response.start", "status": status, "headers": headers})
-                progress.response_started = True
-                await send({"type": "http.response.body", "body": first})
-                progress.bytes_sent = len(first)
-                complete = True
-                if status == 200 and USAGE_KEY in first:
-                    self._count_tokens(engine, find_usage(first), progress)
-            else:
-                progress.sse = response.content_type == "text/event-stream"
-                headers.extend(STREAM_HEADERS)
-                await send({"type": "http.response.start", "status": status, "headers": headers})
-                progress.response_started = True
-                complete = await self._relay_stream(engine, response, first, send, progress)
-                if not complete:
-                    endpoint.failed(health)
+            if streaming:
+                headers = _with_stream_headers(headers)
+            else:  # relayed as it arrives all the same: never held whole, whatever its size
+                headers.append((b"content-length", str(response.content_length).encode()))
+            progress.sse = sse
+            await send({"type": "http.response.start", "status": status, "headers": headers})
+            progress.response_started = True
+            complete = await self._relay(engine, response, first, send, progress, streaming, status)
+            if not complete:
+                endpoint.failed(health)
             return status
         finally:
             endpoint.outstanding -= 1
@@ -283,10 +279,25 @@ class Forwarder:
                 raise  # a fresh connection failed: the engine is down, not a stale pool entry
             return await self.state.session.post(url, data=payload, headers=headers, timeout=engine.client_timeout)
 
-    async def _relay_stream(
-        self, engine: Engine, response: aiohttp.ClientResponse, chunk: bytes, send: Send, progress: RequestProgress
+    async def _retryable_answer(
+        self, engine: Engine, response: aiohttp.ClientResponse
+    ) -> "_EngineAnswer | tuple[str, GatewayError]":
+        """A 502/503 is read to be relayed if no other replica can do better, but only up to a small
+        size: an engine that sends an endless error body costs the gateway at most that much."""
+        body = await read_capped(response, RETRYABLE_ANSWER_CAP)
+        if body is None:
+            return "bad_answer", EngineBadAnswer(
+                f"The engine `{engine.name}` answered {response.status} with an error body of more than "
+                f"{RETRYABLE_ANSWER_CAP} bytes."
+            )
+        return _EngineAnswer(engine, response.status, response.raw_headers, body)
+
+    async def _relay(
+        self, engine: Engine, response: aiohttp.ClientResponse, chunk: bytes, send: Send, progress: RequestProgress,
+        streaming: bool, status: int,
     ) -> bool:
-        """Chunks go out as they come in; only the last two are kept to find the usage chunk.
+        """Chunks go out as they come in, streams and whole answers alike; only the last two are kept, to
+        find the usage (it closes a stream, and ends a JSON answer).
 
         Returns True when the engine's answer was relayed to its end. The idle timer runs only while
         waiting for the engine, never while a slow client takes its time to read.
@@ -294,8 +305,9 @@ class Forwarder:
         idle = engine.timeouts.idle
         loop = asyncio.get_running_loop()
         older = previous = b""
+        sse = progress.sse
         events = 0  # SSE events relayed: a token count when the engine reports no usage
-        usage_filter = UsageChunkFilter() if progress.strip_usage else None
+        usage_filter = UsageChunkFilter() if progress.strip_usage and streaming else None
         try:
             async with asyncio.timeout(None) as idle_deadline:
                 while chunk:
@@ -304,8 +316,9 @@ class Forwarder:
                     if chunk:
                         await send({"type": "http.response.body", "body": chunk, "more_body": True})
                         progress.bytes_sent += len(chunk)
-                        events += chunk.count(b"data:")
-                        progress.at_event_boundary = chunk.endswith(b"\n\n")
+                        if sse:
+                            events += chunk.count(b"data:")
+                            progress.at_event_boundary = chunk.endswith(b"\n\n")
                     older, previous = previous, chunk
                     if idle is not None:
                         idle_deadline.reschedule(loop.time() + idle)
@@ -316,14 +329,14 @@ class Forwarder:
         except TimeoutError:
             await self._fail(
                 engine, send, progress, "timeout_idle",
-                EngineTimeout(f"The engine `{engine.name}` sent nothing for {idle} s in the middle of the stream."),
+                EngineTimeout(f"The engine `{engine.name}` sent nothing for {idle} s in the middle of its answer."),
             )
             return False
         except aiohttp.ClientError as exc:
-            log.warning("engine %s: stream broke: %s", engine.name, _reason(exc))
+            log.warning("engine %s: answer broke off: %s", engine.name, _reason(exc))
             await self._fail(
                 engine, send, progress, "broken_stream",
-                EngineUnreachable(f"The stream from the engine `{engine.name}` broke."),
+                EngineUnreachable(f"The answer from the engine `{engine.name}` broke off."),
             )
             return False
         if usage_filter is not None:
@@ -332,9 +345,10 @@ class Forwarder:
         else:
             await send({"type": "http.response.body", "body": b"", "more_body": False})
             tail = older + previous
-            if USAGE_KEY in tail:
+            if (sse or status == 200) and USAGE_KEY in tail:
                 self._count_tokens(engine, find_usage(tail), progress)
-        self._observe_token_pace(engine, progress, events)
+        if sse:
+            self._observe_token_pace(engine, progress, events)
         return True
 
     def _observe_token_pace(self, engine: Engine, progress: RequestProgress, events: int) -> None:
@@ -388,6 +402,16 @@ class _EngineAnswer:
         progress.response_started = True
         await send({"type": "http.response.body", "body": self.body})
         return self.status
+
+
+def _with_stream_headers(headers: list[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:
+    """Stop proxies and ingress controllers from buffering a stream: `X-Accel-Buffering: no` (nginx),
+    and `Cache-Control: no-cache` unless the engine sent a Cache-Control of its own (once, not twice)."""
+    headers = [(name, value) for name, value in headers if name != b"x-accel-buffering"]
+    if not any(name == b"cache-control" for name, _ in headers):
+        headers.append((b"cache-control", b"no-cache"))
+    headers.append((b"x-accel-buffering", b"no"))
+    return headers
 
 
 def _reason(exc: BaseException) -> str:

@@ -18,6 +18,9 @@ from prometheus_client import (
 )
 
 DURATION_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)
+CONNECTION_CLOSE_REASONS = (
+    "head_too_large", "too_many_headers", "head_timeout", "idle", "bad_request", "evicted", "over_capacity",
+)
 FIRST_BYTE_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
 
 
@@ -120,6 +123,25 @@ class GatewayMetrics:
             "Failed calls to the shared rate-limit store (Redis); while it fails, limits fail open or closed.",
             registry=self.registry,
         )
+        self.client_connections = Gauge(
+            "llm_gateway_client_connections", "Client connections open now.", registry=self.registry,
+        )
+        self.client_connections_limit = Gauge(
+            "llm_gateway_client_connections_limit",
+            "Most client connections at once (settings.client_limits.max_connections, or sized from the open-file limit).",
+            registry=self.registry,
+        )
+        self.client_connections_closed = Counter(
+            "llm_gateway_client_connections_closed",
+            "Client connections closed by the gateway's bounds, by reason (head_too_large, too_many_headers, "
+            "head_timeout, idle, bad_request, evicted, over_capacity).",
+            ("reason",), registry=self.registry,
+        )
+        self.request_body_bytes = Gauge(
+            "llm_gateway_request_body_bytes",
+            "Bytes of request bodies held now, all requests together (bounded by client_limits.max_body_memory).",
+            registry=self.registry,
+        )
         self.config_engines = Gauge(
             "llm_gateway_config_engines", "Engines in the routing map being served.", registry=self.registry,
         )
@@ -129,6 +151,8 @@ class GatewayMetrics:
         )
         for result in ("success", "failure"):
             self.config_reloads.labels("routing_map", result)
+        for reason in CONNECTION_CLOSE_REASONS:  # zero from the start, so that rates and alerts see them
+            self.client_connections_closed.labels(reason)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

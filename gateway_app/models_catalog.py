@@ -16,11 +16,16 @@ import orjson
 
 from gateway_app.balancer import choose
 from gateway_app.route_table import Engine, RouteTable
+from gateway_app.upstream import read_capped
 
 if TYPE_CHECKING:
     from gateway_app.state import GatewayState
 
 log = logging.getLogger("llm_gateway.models")
+
+
+# An engine's model list is read up to this size (thousands of LoRA adapters fit); past it, left out.
+MAX_LIST_BYTES = 8 * 1024 * 1024
 
 
 class ModelCatalog:
@@ -30,6 +35,9 @@ class ModelCatalog:
         self._cached_for: RouteTable | None = None
         self._cards: list[dict[str, Any]] = []
         self._expires_at = 0.0
+        # Why each engine's list was last left out; a failure is logged when it starts or changes, and
+        # its end once, not on every call (with 1,000 engines, one down, that would be 999 lines a call).
+        self._failing: dict[str, str] = {}
 
     async def cards(self) -> list[dict[str, Any]]:
         """The current list, fetched at most once per TTL however many clients ask at once."""
@@ -47,36 +55,51 @@ class ModelCatalog:
     async def _collect(self, table: RouteTable) -> list[dict[str, Any]]:
         answers = await asyncio.gather(*(self._engine_cards(engine, table) for engine in table.engines))
         cards: list[dict[str, Any]] = []
+        failing: dict[str, str] = {}
         for engine, engine_cards in zip(table.engines, answers):
-            if engine_cards is None:
+            if isinstance(engine_cards, str):
+                failing[engine.name] = engine_cards
                 continue
             card = next((c for c in engine_cards if isinstance(c, dict) and c.get("id") == engine.model), None)
             if card is None:
-                log.warning("engine %s answers /v1/models without the model %r it is mapped to", engine.name, engine.model)
+                failing[engine.name] = f"its /v1/models does not list the model {engine.model!r} it is mapped to"
                 continue
             cards.append(_card(card, engine.model, engine.owned_by))
             if table.settings.list_aliases:
                 cards.extend(_card(card, alias, engine.owned_by) for alias in table.aliases_of(engine.model))
+        self._log_changes(failing)
         return cards
 
-    async def _engine_cards(self, engine: Engine, table: RouteTable) -> list[Any] | None:
+    def _log_changes(self, failing: dict[str, str]) -> None:
+        for name, reason in failing.items():
+            if self._failing.get(name) != reason:
+                log.warning("engine %s left out of /v1/models: %s", name, reason)
+        for name in self._failing.keys() - failing.keys():
+            log.info("engine %s lists its models again", name)
+        self._failing = failing
+
+    async def _engine_cards(self, engine: Engine, table: RouteTable) -> list[Any] | str:
+        """The engine's own cards, or why there are none."""
         timeout = aiohttp.ClientTimeout(total=table.settings.models_timeout)
         endpoint = choose(engine.pool, time.monotonic())
         if endpoint is None:
-            return None
+            return "no endpoint"
         try:
             async with self._state.session.get(
                 endpoint.url + "/v1/models", headers=dict(engine.headers + self._state.engine_auth), timeout=timeout
             ) as response:
                 if response.status != 200:
-                    log.warning("engine %s answered /v1/models with %s", engine.name, response.status)
-                    return None
-                data = orjson.loads(await response.read())
-        except (aiohttp.ClientError, TimeoutError, orjson.JSONDecodeError) as exc:
-            log.warning("engine %s did not list its models: %s", engine.name, str(exc) or type(exc).__name__)
-            return None
+                    return f"its /v1/models answered {response.status}"
+                raw = await read_capped(response, MAX_LIST_BYTES)
+                if raw is None:
+                    return f"its /v1/models answer is larger than {MAX_LIST_BYTES} bytes"
+                data = orjson.loads(raw)
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            return f"it did not answer /v1/models ({str(exc) or type(exc).__name__})"
+        except orjson.JSONDecodeError:
+            return "its /v1/models answer is not JSON"
         listed = data.get("data") if isinstance(data, dict) else None
-        return listed if isinstance(listed, list) else None
+        return listed if isinstance(listed, list) else "its /v1/models answer has no `data` list"
 
 
 def _card(engine_card: dict[str, Any], model_id: str, owned_by: str) -> dict[str, Any]:

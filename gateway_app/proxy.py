@@ -13,13 +13,14 @@ from typing import TYPE_CHECKING
 
 from starlette.types import Receive, Scope, Send
 
-from gateway_app.auth import ModelForbidden, Unauthorized, authorize_model
+from gateway_app.auth import Client, Unauthorized
 from gateway_app.errors import GatewayError, InternalError
 from gateway_app.forwarding import CLIENT_CLOSED, Forwarder, RequestProgress
-from gateway_app.rate_limit import Decision, LimiterUnavailable, RateLimited
-from gateway_app.request_body import RoutingFields, body_for_engine, parse_routing_fields, read_body
+from gateway_app.errors import GatewayOverloaded
+from gateway_app.rate_limit import Decision, LimiterUnavailable, Limits, RateLimited
+from gateway_app.request_body import Body, RoutingFields, body_for_engine, parse_routing_fields, read_body
 from gateway_app.responses import send_error
-from gateway_app.route_table import Engine, RouteTable
+from gateway_app.route_table import Engine, ForbiddenModel, Resolution, RouteTable
 from gateway_app.stream_usage import request_usage_chunk
 
 if TYPE_CHECKING:
@@ -33,7 +34,8 @@ log = logging.getLogger("llm_gateway.proxy")
 # Endpoints whose cost includes generated tokens (the others only read their input).
 GENERATING_ENDPOINTS = frozenset({"/v1/chat/completions", "/v1/completions", "/v1/responses"})
 REFUSAL_REASONS: dict[type, str] = {
-    Unauthorized: "auth", ModelForbidden: "forbidden_model", LimiterUnavailable: "limiter_unavailable",
+    Unauthorized: "auth", ForbiddenModel: "forbidden_model", LimiterUnavailable: "limiter_unavailable",
+    GatewayOverloaded: "body_memory",
 }
 
 
@@ -51,42 +53,64 @@ class ProxyEndpoint:
         started = time.perf_counter()
         client_name = ""
         decision: Decision | None = None
+        body: Body | None = None
         try:
             client = state.authenticate(scope["headers"])
             client_name = client.name
-            body = await read_body(scope, receive, table.settings.max_body_bytes)
-            fields = parse_routing_fields(body)
-            resolution = table.resolve(fields.model, fields.owned_by)
+            settings = table.settings
+            body = await read_body(
+                scope, receive, settings.max_body_bytes, state.body_budget, settings.client_limits.body_timeout
+            )
+            fields = parse_routing_fields(body.data)
+            # What a key may not use does not exist for it: same answer as an unknown model.
+            resolution = table.resolve(fields.model, fields.owned_by, client.allowed_models)
             engine = resolution.engine
-            authorize_model(client, fields.model, engine.model)
             limits = state.limits_for(client)
             if limits.active:
-                estimate = self._token_estimate(body, fields, table.settings.limits.completion_tokens_estimate)
+                estimate = self._token_estimate(body.data, fields, settings.limits.completion_tokens_estimate)
                 decision = await state.limiter.admit(client.name, limits, estimate)
                 if not decision.allowed:
                     raise decision.error()
         except ConnectionAbortedError:
+            if body is not None:
+                body.release()
             return
         except Exception as exc:  # a bug of ours, or a GatewayError: an OpenAI-shaped answer either way
             error = exc if isinstance(exc, GatewayError) else InternalError("Internal gateway error.")
             if not isinstance(exc, GatewayError):
                 log.exception("unexpected error while admitting a request")
-            await self._refuse(error, client_name, decision, send)
+            if body is not None:
+                body.release()
+            await self._refuse(error, client_name, decision, send, body_read=body is not None)
             self._log(scope, started, error.status, client_name, error_kind=error.code or error.error_type)
             return
+        try:
+            await self._forward(scope, receive, send, table, started, client, body, fields, resolution, limits, decision)
+        finally:
+            body.release()
+
+    async def _forward(
+        self, scope: Scope, receive: Receive, send: Send, table: RouteTable, started: float, client: Client,
+        body: Body, fields: RoutingFields, resolution: Resolution, limits: Limits, decision: Decision | None,
+    ) -> None:
+        """Forward an admitted request and account for it: settle its rate-limit estimate, end its span,
+        write its log line."""
+        state = self.state
+        engine = resolution.engine
+        client_name = client.name
         strip_usage = False
         if (
             decision is not None and limits.tokens_per_minute is not None and self.endpoint in STREAM_OPTIONS_ENDPOINTS
             and fields.document.get("stream") is True
         ):
             strip_usage = request_usage_chunk(fields.document)
-        payload = body_for_engine(body, fields, engine.model, resolution.via_alias, changed=strip_usage)
+        payload = body_for_engine(body.data, fields, engine.model, resolution.via_alias, changed=strip_usage)
 
-        def payload_for(target: Engine) -> bytes:
+        def payload_for(target: Engine) -> bytes | bytearray:
             """The body for the resolved engine, or re-addressed to a fallback engine's model."""
             if target.model == engine.model:
                 return payload
-            return body_for_engine(body, fields, target.model, True, changed=True)
+            return body_for_engine(body.data, fields, target.model, True, changed=True)
 
         progress = RequestProgress(
             table, started, self._affinity_key(scope, fields, table),
@@ -139,7 +163,7 @@ class ProxyEndpoint:
                 return user
         return None
 
-    def _token_estimate(self, body: bytes, fields: RoutingFields, completion_default: int) -> int:
+    def _token_estimate(self, body: bytes | bytearray, fields: RoutingFields, completion_default: int) -> int:
         """What admission charges before the engine says: about 4 bytes of JSON per prompt token, plus
         the completion the client allows (or a default) on the endpoints that generate."""
         prompt = len(body) // 4
@@ -149,7 +173,9 @@ class ProxyEndpoint:
         completion = document.get("max_completion_tokens") or document.get("max_tokens") or document.get("max_output_tokens")
         return prompt + (completion if isinstance(completion, int) and completion > 0 else completion_default)
 
-    async def _refuse(self, error: GatewayError, client: str, decision: Decision | None, send: Send) -> None:
+    async def _refuse(
+        self, error: GatewayError, client: str, decision: Decision | None, send: Send, body_read: bool
+    ) -> None:
         metrics = self.state.metrics
         metrics.requests.labels("", "", self.endpoint, str(error.status)).inc()
         reason = REFUSAL_REASONS.get(type(error)) or (error.code if isinstance(error, RateLimited) else None)
@@ -158,6 +184,8 @@ class ProxyEndpoint:
         headers = decision.headers() if decision is not None else []
         if isinstance(error, Unauthorized):
             headers.append((b"www-authenticate", b"Bearer"))
+        if not body_read:  # the rest of the body is not wanted: the connection closes after this answer
+            headers.append((b"connection", b"close"))
         await send_error(send, error, headers)
 
 

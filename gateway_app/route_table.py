@@ -13,9 +13,14 @@ import aiohttp
 from gateway_app.concurrency import ConcurrencyGate
 from gateway_app.config import RoutingMap, Settings, Timeouts
 from gateway_app.endpoints import EndpointPool, EndpointRegistry
+from gateway_app.auth import may_use
 from gateway_app.errors import ModelNotFound
 
 MAX_NAMES_IN_MESSAGE = 50
+
+
+class ForbiddenModel(ModelNotFound):
+    """A model the client's key may not use: answered exactly as an unknown one, counted apart."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -156,20 +161,27 @@ class RouteTable:
         """Alias → model id."""
         return {alias: route.model for alias, route in self._aliases.items()}
 
-    def resolve(self, model: str, owned_by: str | None) -> Resolution:
-        """Pick the engine for a request, or raise ModelNotFound with what the client could use instead."""
+    def resolve(self, model: str, owned_by: str | None, allowed: frozenset[str] | None = None) -> Resolution:
+        """Pick the engine for a request, or raise ModelNotFound with what the client could use instead.
+
+        `allowed` is the client's model access list (None: everything). A model the client may not use
+        gets the answer an unknown one gets, and lists only what the client may use: authorization
+        before disclosure.
+        """
         route = self._routes.get(model)
         via_alias = False
         if route is None:
             route = self._aliases.get(model)
-            if route is None:
-                raise ModelNotFound(
-                    f"The model `{model}` does not exist. Available models: {_listing(self.models)}"
-                    + (f"; aliases: {_listing(list(self._aliases))}" if self._aliases else "")
-                    + ".",
-                    param="model",
-                )
             via_alias = True
+        if route is None or not may_use(allowed, model, route.model):
+            error_type = ModelNotFound if route is None else ForbiddenModel
+            models, aliases = self.names_visible_to(allowed)
+            raise error_type(
+                f"The model `{model}` does not exist. Available models: {_listing(models) or 'none'}"
+                + (f"; aliases: {_listing(aliases)}" if aliases else "")
+                + ".",
+                param="model",
+            )
         if owned_by is None:
             return Resolution(route.default, via_alias)
         engine = route.by_owner.get(owned_by)
@@ -181,3 +193,9 @@ class RouteTable:
                 code="engine_not_found",
             )
         return Resolution(engine, via_alias)
+
+    def names_visible_to(self, allowed: frozenset[str] | None) -> tuple[list[str], list[str]]:
+        """The model ids and aliases a client with this access list may use."""
+        models = [model for model in self._routes if may_use(allowed, model, model)]
+        aliases = [alias for alias, route in self._aliases.items() if may_use(allowed, alias, route.model)]
+        return models, aliases

@@ -2,17 +2,23 @@
 
 from __future__ import annotations
 
+import ctypes
+import functools
 import logging
 import os
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import uvicorn
+from starlette.types import ASGIApp
 
 from gateway_app.app import create_app
 from gateway_app.auth import load_engine_key, load_keys_file
+from gateway_app.client_connections import ConnectionGuard, GuardedHttpProtocol, raise_fd_limit
 from gateway_app.config import ConfigError, load_routing_map
 from gateway_app.config_watcher import WatchedFile
+from gateway_app.listener import bind_listener
 from gateway_app.log_setup import configure_logging
 from gateway_app.request_log import RequestLog
 from gateway_app.shutdown import quiet_after_shutdown
@@ -21,7 +27,11 @@ from gateway_app.state import GatewayState
 # Longer than the idle timeout of common load balancers and ingress controllers (60 s), so that the
 # gateway never closes a kept-alive connection that a proxy in front is about to reuse.
 KEEP_ALIVE_SECONDS = 75
+M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter number
 log = logging.getLogger("llm_gateway")
+
+if TYPE_CHECKING:
+    from gateway_app.tracing import RequestTracer
 
 
 def build_state(
@@ -52,21 +62,58 @@ def build_state(
     return state, watched
 
 
-def _tracer(endpoint: str):
+def _tracer(endpoint: str) -> "RequestTracer":
     try:
         from gateway_app.tracing import RequestTracer
 
         return RequestTracer(endpoint)
     except ImportError:
         raise ConfigError(
-            "--otlp-endpoint needs the OpenTelemetry packages: pip install 'llm-gateway[tracing]'"
+            "--otlp-endpoint needs the OpenTelemetry packages: install the gateway with its `tracing` extra "
+            "from this repository's checkout, e.g. `.venv/bin/pip install -e '.[tracing]'`"
         ) from None
+
+
+def give_large_buffers_back() -> None:
+    """Have glibc return freed large buffers (request bodies) to the system at once.
+
+    By default glibc raises its mmap threshold after the first large buffer is freed, so the next ones
+    come from the heap, which it rarely shrinks: after a burst of big bodies the process would keep its
+    peak size for good. A fixed threshold keeps every buffer over 128 KiB in its own mapping.
+    """
+    try:
+        ctypes.CDLL("libc.so.6").mallopt(M_MMAP_THRESHOLD, 128 * 1024)
+    except (OSError, AttributeError):  # not glibc: its allocator has its own policy
+        pass
+
+
+def uvicorn_config(
+    app: ASGIApp, guard: ConnectionGuard, log_level: str, shutdown_grace: float, loop: str = "uvloop"
+) -> uvicorn.Config:
+    """How every gateway listener runs (`serve` and `demo`): the guarded httptools protocol, our logging."""
+    return uvicorn.Config(
+        app,
+        loop=loop,
+        http=functools.partial(GuardedHttpProtocol, guard=guard),  # type: ignore[arg-type]
+        ws="none",
+        lifespan="on",
+        access_log=False,
+        log_level=log_level,
+        log_config=None,  # keep the logging set up above (JSON or text) for uvicorn's own lines too
+        server_header=False,
+        proxy_headers=False,  # the client address is not used; skip parsing X-Forwarded-For per request
+        timeout_keep_alive=KEEP_ALIVE_SECONDS,
+        # On SIGTERM uvicorn closes the listening socket at once (so readiness fails and no new
+        # connection is accepted) and lets requests in flight, streams included, run this long.
+        timeout_graceful_shutdown=shutdown_grace,
+    )
 
 
 def serve_gateway(
     config: str, host: str, port: int, log_level: str = "info", keys_file: str | None = None,
     engine_key_file: str | None = None, redis_url: str | None = None, shutdown_grace: float = 110.0,
     log_format: str | None = None, access_log: bool = True, otlp_endpoint: str | None = None,
+    metrics_port: int | None = None,
 ) -> int:
     log_format = configure_logging(log_level, log_format)
     try:
@@ -77,33 +124,34 @@ def serve_gateway(
     except ConfigError as error:
         print(f"llm-gateway: refusing to start: {error}", file=sys.stderr)
         return 2
+    if metrics_port is not None and metrics_port == port:
+        print(f"llm-gateway: --metrics-port must differ from --port ({port})", file=sys.stderr)
+        return 2
+    sockets = []
+    for listen_port in (port, metrics_port):
+        if listen_port is None:
+            continue
+        try:
+            sockets.append(bind_listener(host, listen_port))
+        except OSError as error:
+            print(f"llm-gateway: cannot listen on {host}:{listen_port}: {error.strerror or error}", file=sys.stderr)
+            for sock in sockets:
+                sock.close()
+            return 1
+    fd_limit = raise_fd_limit()
+    give_large_buffers_back()
+    guard = ConnectionGuard(lambda: state.table.settings.client_limits, state.metrics, fd_limit)
     log.info(
-        "serving %d engines for %d models from %s; API keys %s; rate limits in %s",
-        len(state.table.engines), len(state.table.models), config,
+        "serving %d engines for %d models from %s on %s:%d%s; API keys %s; rate limits in %s; "
+        "at most %d client connections (open-file limit %d)",
+        len(state.table.engines), len(state.table.models), config, host, port,
+        f" (metrics on port {metrics_port})" if metrics_port else "",
         f"on ({len(state.keys)} keys)" if state.keys is not None else "off",
-        "Redis" if redis_url else "process memory",
+        "Redis" if redis_url else "process memory", guard.max_connections, fd_limit,
     )
     if state.keys is not None and len(state.keys) == 0:
         log.warning("the keys file %s lists no keys: every request will be refused with 401", keys_file)
-    server = uvicorn.Server(
-        uvicorn.Config(
-            create_app(state, watched),
-            host=host,
-            port=port,
-            loop="uvloop",
-            http="httptools",
-            lifespan="on",
-            access_log=False,
-            log_level=log_level,
-            log_config=None,  # keep the logging set up above (JSON or text) for uvicorn's own lines too
-            server_header=False,
-            proxy_headers=False,  # the client address is not used; skip parsing X-Forwarded-For per request
-            timeout_keep_alive=KEEP_ALIVE_SECONDS,
-            # On SIGTERM uvicorn closes the listening socket at once (so readiness fails and no new
-            # connection is accepted) and lets requests in flight, streams included, run this long.
-            timeout_graceful_shutdown=shutdown_grace,
-        )
-    )
+    server = uvicorn.Server(uvicorn_config(create_app(state, watched, metrics_port), guard, log_level, shutdown_grace))
     with quiet_after_shutdown():  # exit 0 after a clean shutdown on SIGTERM, as Kubernetes expects
-        server.run()
+        server.run(sockets=sockets)
     return 0

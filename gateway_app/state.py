@@ -15,6 +15,7 @@ from gateway_app.endpoints import EndpointRegistry
 from gateway_app.metrics import GatewayMetrics
 from gateway_app.models_catalog import ModelCatalog
 from gateway_app.rate_limit import Limiter, Limits, MemoryLimiter, RedisLimiter
+from gateway_app.request_body import BodyMemoryBudget
 from gateway_app.request_log import RequestLog
 from gateway_app.route_table import RouteTable
 
@@ -53,6 +54,8 @@ class GatewayState:
         )
         self._record_load()
         self.catalog = ModelCatalog(self)
+        self.body_budget = BodyMemoryBudget(lambda: self.table.settings.client_limits.max_body_memory)
+        self.metrics.request_body_bytes.set_function(lambda: self.body_budget.held)
 
     def swap_table(self, routing_map: RoutingMap) -> None:
         """Replace the whole table in one assignment: requests in flight keep the one they took."""

@@ -1,7 +1,7 @@
 """Optional OpenTelemetry tracing: one span per proxied request, with the GenAI semantic conventions.
 
 Off by default, and then nothing here is even imported on the request path. On (`--otlp-endpoint`,
-`pip install 'llm-gateway[tracing]'`), spans go out in batches from the SDK's exporter thread, and
+the `tracing` extra installed from this repository), spans go out in batches from the SDK's exporter thread, and
 the W3C `traceparent` of each span is sent to the engine so that its own spans join the trace.
 """
 

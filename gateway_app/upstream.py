@@ -64,3 +64,22 @@ def headers_for_client(engine_headers: tuple[tuple[bytes, bytes], ...]) -> list[
         if name.lower() == b"connection":
             skip = skip | {token.strip().lower() for token in value.split(b",")}
     return [(name.lower(), value) for name, value in engine_headers if name.lower() not in skip]
+
+
+async def read_capped(response: aiohttp.ClientResponse, cap: int) -> bytes | None:
+    """The whole body if it has at most `cap` bytes, else None (having read no more than `cap` + 1).
+
+    For the answers the gateway must look inside: an engine that announces or sends more costs the
+    gateway at most `cap` bytes, never the whole of what it sends.
+    """
+    if response.content_length is not None and response.content_length > cap:
+        return None
+    chunks: list[bytes] = []
+    size = 0
+    while size <= cap:
+        chunk = await response.content.read(cap + 1 - size)
+        if not chunk:
+            return b"".join(chunks)
+        chunks.append(chunk)
+        size += len(chunk)
+    return None

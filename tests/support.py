@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import resource
 import shutil
 import signal
 import socket
@@ -68,9 +69,11 @@ def wait_until_ready(running: RunningProcess, path: str, timeout: float = 20.0) 
 
 def start_cli(
     args: list[str], port: int, ready_path: str, log_dir: Path, name: str, env: dict[str, str] | None = None,
-    host: str = "127.0.0.1",
+    host: str = "127.0.0.1", fd_limit: int | None = None,
 ) -> RunningProcess:
-    """Start `python -m gateway_app ARGS` and wait until `ready_path` answers 200."""
+    """Start `python -m gateway_app ARGS` and wait until `ready_path` answers 200.
+
+    `fd_limit` caps the child's open files (soft and hard), as a container's limit would."""
     log_path = log_dir / f"{name}-{port}.log"
     log_file = open(log_path, "wb")
     env = dict(os.environ, PYTHONUNBUFFERED="1", **(env or {}))
@@ -80,6 +83,7 @@ def start_cli(
         stderr=subprocess.STDOUT,
         cwd=REPO_ROOT,
         env=env,
+        preexec_fn=(lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (fd_limit, fd_limit))) if fd_limit else None,
     )
     log_file.close()
     running = RunningProcess(process=process, url=f"http://{host}:{port}", log_path=log_path, args=args)
@@ -98,11 +102,11 @@ def start_simulator(
 
 def start_gateway(
     config_path: Path, log_dir: Path, port: int | None = None, extra_args: list[str] | None = None,
-    env: dict[str, str] | None = None,
+    env: dict[str, str] | None = None, fd_limit: int | None = None,
 ) -> RunningProcess:
     port = port or free_port()
     args = ["serve", "--config", str(config_path), "--host", "127.0.0.1", "--port", str(port), *(extra_args or [])]
-    return start_cli(args, port, "/readyz", log_dir, "gateway", env)
+    return start_cli(args, port, "/readyz", log_dir, "gateway", env, fd_limit=fd_limit)
 
 
 class ConfigMapVolume:

@@ -85,9 +85,13 @@ def test_keys_work_as_bearer_and_as_x_api_key(auth_gateway):
     assert post(auth_gateway.url + CHAT, {"model": LLAMA, "messages": HI}, headers={"X-API-Key": KEY_A}).status == 200
 
 
-def test_a_key_limited_to_some_models_gets_403_elsewhere(auth_gateway):
-    answer = post(auth_gateway.url + CHAT, {"model": LLAMA, "messages": HI}, headers=bearer(KEY_B))
-    assert answer.status == 403 and answer.json()["error"]["param"] == "model"
+def test_a_key_limited_to_some_models_is_told_of_no_other(auth_gateway):
+    forbidden = post(auth_gateway.url + CHAT, {"model": LLAMA, "messages": HI}, headers=bearer(KEY_B))
+    unknown = post(auth_gateway.url + CHAT, {"model": "no-such-model", "messages": HI}, headers=bearer(KEY_B))
+    assert forbidden.status == unknown.status == 404
+    assert forbidden.json()["error"]["code"] == unknown.json()["error"]["code"] == "model_not_found"
+    assert forbidden.json()["error"]["message"] == unknown.json()["error"]["message"].replace("no-such-model", LLAMA)
+    assert LLAMA not in unknown.json()["error"]["message"] and PHI in unknown.json()["error"]["message"]
     assert post(auth_gateway.url + CHAT, {"model": PHI, "messages": HI}, headers=bearer(KEY_B)).status == 200
     listed = {card["id"] for card in get(auth_gateway.url + "/v1/models", headers=bearer(KEY_B)).json()["data"]}
     assert listed == {PHI}

@@ -1,13 +1,20 @@
-"""The command line: a bad routing map stops `serve` with a message naming the field; `demo` runs and stops."""
+"""The command line: a bad routing map stops `serve` with a message naming the field; `demo` runs and stops;
+`--version`, help with defaults, the simulator's start line, and one clear line for a busy port."""
 
 from __future__ import annotations
 
+import os
+import re
+import select
 import signal
+import socket
 import subprocess
 import sys
 
 import pytest
 
+from gateway_app import __version__
+from gateway_app.cli import _build_parser, main
 from tests.support import REPO_ROOT, RunningProcess, free_port, wait_until_ready
 from tests.web import get, post
 
@@ -72,3 +79,103 @@ def test_demo_serves_the_tutorial_topology_and_stops_on_ctrl_c(tmp_path):
         assert "curl" in demo.log()
     finally:
         demo.stop()
+
+
+def run_cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "gateway_app", *args], capture_output=True, text=True, timeout=30, cwd=REPO_ROOT,
+        env=dict(os.environ, **(env or {})),
+    )
+
+
+def test_version_prints_the_package_version():
+    result = run_cli("--version")
+    assert result.returncode == 0
+    assert result.stdout == f"llm-gateway {__version__}\n"
+
+
+def help_text(capsys: pytest.CaptureFixture[str], *args: str) -> str:
+    with pytest.raises(SystemExit) as exited:
+        main([*args, "--help"])
+    assert exited.value.code == 0
+    return capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    ("command", "shown"),
+    [
+        ("serve", ["--host HOST  address to listen on (default: 0.0.0.0)", "(default: 8000)", "(default: info)",
+                   "(default: 110.0)", "--metrics-port PORT  serve /metrics on this port only"]),
+        ("simulate", ["(default: 0.0.0.0)", "(default: 8000)", "(default: warning)", "--ttft-ms MS"]),
+        ("demo", ["(default: 127.0.0.1)", "(default: 8000)", "(default: 50.0)", "(default: 20.0)"]),
+        ("hash-key", ["--generate", "read from standard input"]),
+    ],
+)
+def test_every_command_help_shows_its_defaults(capsys, monkeypatch, command, shown):
+    monkeypatch.setenv("COLUMNS", "250")  # one line per option, so that the checks do not depend on wrapping
+    for name in ("LLM_GATEWAY_DEMO_HOST", "LLM_GATEWAY_METRICS_PORT", "LLM_GATEWAY_LOG_FORMAT"):
+        monkeypatch.delenv(name, raising=False)
+    text = help_text(capsys, command)
+    for expected in shown:
+        assert re.sub(r" {2,}", "  ", expected) in re.sub(r" {2,}", "  ", text), text
+    # Options that are off by default, and flags, show no "(default: None)" or "(default: False)".
+    assert "(default: None)" not in text and "(default: False)" not in text and "(default: True)" not in text
+
+
+def test_metrics_port_and_demo_host_come_from_the_environment(monkeypatch):
+    monkeypatch.setenv("LLM_GATEWAY_METRICS_PORT", "9090")
+    monkeypatch.setenv("LLM_GATEWAY_DEMO_HOST", "0.0.0.0")  # what the container image sets
+    parser = _build_parser()
+    assert parser.parse_args(["serve", "--config", "x"]).metrics_port == 9090
+    assert parser.parse_args(["serve", "--config", "x", "--metrics-port", "9100"]).metrics_port == 9100
+    assert parser.parse_args(["demo"]).host == "0.0.0.0"
+    monkeypatch.delenv("LLM_GATEWAY_METRICS_PORT")
+    monkeypatch.delenv("LLM_GATEWAY_DEMO_HOST")
+    assert _build_parser().parse_args(["serve", "--config", "x"]).metrics_port is None
+    assert _build_parser().parse_args(["demo"]).host == "127.0.0.1"
+
+
+def first_line(process: subprocess.Popen, timeout: float = 20.0) -> str:
+    """The first line the process prints, waiting at most `timeout` seconds for it."""
+    readable, _, _ = select.select([process.stdout], [], [], timeout)
+    assert readable, f"nothing printed within {timeout}s"
+    return process.stdout.readline()
+
+
+def test_simulate_prints_one_line_once_it_serves(tmp_path, capsys, monkeypatch):
+    key = "sk-simulator-test"
+    monkeypatch.setenv("LLM_GATEWAY_SIMULATOR_API_KEY", key)  # for the process below and for --help here
+    process = subprocess.Popen(
+        [sys.executable, "-m", "gateway_app", "simulate", "--engine", "sglang", "--model", "m", "--host", "127.0.0.1",
+         "--port", "0"],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=REPO_ROOT,
+    )
+    sim = RunningProcess(process=process, url="", log_path=tmp_path / "unused.log")
+    try:
+        line = first_line(process)
+        match = re.fullmatch(r"llm-gateway simulate: simulated sglang engine serving m on (http://127\.0\.0\.1:\d+)\n",
+                             line)
+        assert match, line
+        url = match[1]
+        # The line is printed once the socket accepts: the first request needs no retry.
+        assert get(url + "/health").status == 200
+        # The key still comes from the environment, and --help does not show it.
+        assert get(url + "/v1/models").status == 401
+        assert get(url + "/v1/models", headers={"Authorization": f"Bearer {key}"}).status == 200
+        assert key not in help_text(capsys, "simulate")
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=15) == 0
+    finally:
+        sim.stop()
+
+
+@pytest.mark.parametrize("command", [["simulate", "--engine", "vllm", "--model", "m"], ["demo"]])
+def test_a_busy_port_is_one_clear_line_and_exit_code_1(command):
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        result = run_cli(*command, "--host", "127.0.0.1", "--port", str(port))
+    assert result.returncode == 1
+    assert result.stderr == f"llm-gateway {command[0]}: cannot listen on 127.0.0.1:{port}: Address already in use\n"
+    assert result.stdout == ""

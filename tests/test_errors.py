@@ -171,3 +171,24 @@ def test_upstream_errors_are_counted_by_kind(error_gateway):
     metrics = get(error_gateway.url + "/metrics").body.decode()
     assert metric_value(metrics, "llm_gateway_upstream_errors_total", engine="down", kind="connect") >= 1
     assert metric_value(metrics, "llm_gateway_upstream_errors_total", engine="slow", kind="timeout_first_byte") >= 1
+
+
+def test_an_engine_left_out_of_the_model_list_is_logged_once_not_per_call(
+    tutorial_engines, unused_sockets, log_dir, tmp_path
+):
+    config = write_routing_map(
+        tmp_path / "routes.yaml",
+        [
+            {"name": "vllm-llama-32-1b", "model": LLAMA, "owned_by": "vllm", "url": tutorial_engines["vllm-llama-32-1b"].url},
+            {"name": "down", "model": "down-model", "owned_by": "vllm", "url": url_of(unused_sockets["refusing"])},
+        ],
+        settings={"models_cache_ttl": 0, "models_timeout": 0.5},
+    )
+    gateway = start_gateway(config, log_dir)
+    try:
+        for _ in range(5):
+            assert {card["id"] for card in get(gateway.url + "/v1/models").json()["data"]} == {LLAMA}
+    finally:
+        gateway.stop()
+    lines = [line for line in gateway.log().splitlines() if "left out of /v1/models" in line]
+    assert len(lines) == 1 and "engine down" in lines[0], lines

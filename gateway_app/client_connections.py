@@ -1,0 +1,352 @@
+"""The front door's bounds on client connections: request heads, their time, and how many connections.
+
+uvicorn's httptools protocol parses whatever arrives, for as long as it takes: a 100 MB header line is
+accumulated and parsed (seconds of CPU, everyone else waits), a connection that sends half a head is
+kept forever, and connections are accepted until file descriptors run out. This protocol adds the
+bounds a public endpoint needs, before any parsing or application code runs:
+
+- a request head larger than `max_header_bytes`, or with more than `max_headers` headers, gets 431 and
+  the connection is closed; the size is checked on the raw bytes before they reach the parser;
+- a head that is not complete within `head_timeout` seconds gets 408 (or a silent close when nothing
+  was sent at all);
+- at most `max_connections` client connections: at the limit, the connection that has waited longest
+  without sending a complete request head makes room (a kept-alive idle connection, or a slow head),
+  then the one whose request body has been silent longest; with none of those, the new one gets 503.
+  Behind an Ingress every client shares the controller's few addresses, so the choice is by state,
+  never by address;
+- a response that completes before its request body was read closes the connection (after a short,
+  bounded drain), so a client cannot keep feeding a body nobody reads.
+
+Refusals are counted in metrics and logged at most once a minute per reason: an attacker must not be
+able to fill the logs either.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import http
+import logging
+import resource
+import time
+from collections.abc import Callable
+from typing import Any
+
+import httptools
+from uvicorn.config import Config
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+from uvicorn.server import ServerState
+
+from gateway_app.config import ClientLimits
+from gateway_app.errors import GatewayError, GatewayOverloaded, InvalidRequest, RequestHeaderTooLarge, RequestTimeout
+from gateway_app.metrics import GatewayMetrics
+
+log = logging.getLogger("llm_gateway.clients")
+
+HEAD_END = b"\r\n\r\n"
+# Descriptors kept for everything but client connections: the listening sockets, watched files and
+# their reloads, Redis, the Kubernetes API, the log, a margin.
+RESERVED_DESCRIPTORS = 64
+# Each client connection may need one engine connection at the same time.
+DESCRIPTORS_PER_CONNECTION = 2
+# A default that a small pod's memory can hold (tens of KiB per connection) whatever the open-file limit.
+MAX_CONNECTIONS_CEILING = 10_000
+# After a refusal, what the client still sends is read and dropped for this long (or this many bytes),
+# so that it sees the answer rather than a reset.
+DRAIN_SECONDS = 2.0
+DRAIN_BYTES = 1 << 20
+WARN_EVERY_SECONDS = 60.0
+
+
+def connections_for_fd_limit(soft_limit: int) -> int:
+    """How many client connections an open-file limit allows, keeping room for engines and files."""
+    return max(16, min(MAX_CONNECTIONS_CEILING, (soft_limit - RESERVED_DESCRIPTORS) // DESCRIPTORS_PER_CONNECTION))
+
+
+def raise_fd_limit() -> int:
+    """Raise the soft open-file limit to the hard one (as Go and nginx do) and return it.
+
+    Containers often start with a soft limit of 1,024 and a far higher hard one.
+    """
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY or hard > soft:
+        wanted = hard if hard != resource.RLIM_INFINITY else max(soft, 1 << 20)
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, hard))
+            soft = wanted
+        except (ValueError, OSError):
+            pass
+    return soft
+
+
+def raw_error_response(error: GatewayError) -> bytes:
+    """An OpenAI-shaped error as HTTP/1.1 bytes, for answers given before any request reached the app."""
+    body = error.body()
+    head = [
+        f"HTTP/1.1 {error.status} {http.HTTPStatus(error.status).phrase}",
+        "content-type: application/json",
+        f"content-length: {len(body)}",
+        "connection: close",
+    ]
+    if error.retry_after is not None:
+        head.append(f"retry-after: {error.retry_after}")
+    return ("\r\n".join(head) + "\r\n\r\n").encode() + body
+
+
+class ThrottledWarning:
+    """One log line per reason at most every minute, with how many were not logged."""
+
+    def __init__(self, interval: float = WARN_EVERY_SECONDS) -> None:
+        self._interval = interval
+        self._last: dict[str, float] = {}
+        self._quiet: dict[str, int] = {}
+
+    def warn(self, reason: str, message: str) -> None:
+        now = time.monotonic()
+        if now - self._last.get(reason, -self._interval) < self._interval:
+            self._quiet[reason] = self._quiet.get(reason, 0) + 1
+            return
+        self._last[reason] = now
+        quiet = self._quiet.pop(reason, 0)
+        log.warning("%s%s", message, f" ({quiet} more since the last such line)" if quiet else "")
+
+
+class ConnectionGuard:
+    """What all client connections share: the limits in service, the count, and who may be evicted.
+
+    Two ordered sets, oldest first: connections waiting for a request head (idle kept-alive ones and
+    slow heads), and connections whose request body is still arriving (least recently active first).
+    A connection with a whole request in hand is in neither: it is never evicted.
+    """
+
+    def __init__(self, limits: Callable[[], ClientLimits], metrics: GatewayMetrics, fd_limit: int) -> None:
+        self.limits = limits
+        self.metrics = metrics
+        self.auto_max_connections = connections_for_fd_limit(fd_limit)
+        self.open = 0
+        self.waiting_for_head: dict[GuardedHttpProtocol, None] = {}
+        self.reading_body: dict[GuardedHttpProtocol, None] = {}
+        self.warnings = ThrottledWarning()
+        metrics.client_connections.set_function(lambda: self.open)
+        metrics.client_connections_limit.set_function(lambda: self.max_connections)
+
+    @property
+    def max_connections(self) -> int:
+        return self.limits().max_connections or self.auto_max_connections
+
+    def opened(self) -> bool:
+        """Count a new connection; make room by evicting one if at the limit. False: no room at all."""
+        self.open += 1
+        if self.open <= self.max_connections:
+            return True
+        victim = next(iter(self.waiting_for_head), None) or next(iter(self.reading_body), None)
+        self.warnings.warn(
+            "budget", f"client connection limit ({self.max_connections}) reached: closing connections "
+            "that have not sent a whole request",
+        )
+        if victim is None:
+            return False
+        victim.evict()
+        return True
+
+    def closed(self, connection: GuardedHttpProtocol) -> None:
+        self.open -= 1
+        self.waiting_for_head.pop(connection, None)
+        self.reading_body.pop(connection, None)
+
+    def refused(self, reason: str, message: str) -> None:
+        self.metrics.client_connections_closed.labels(reason).inc()
+        self.warnings.warn(reason, message)
+
+
+class GuardedHttpProtocol(HttpToolsProtocol):
+    """uvicorn's httptools protocol with the front door's bounds (see the module docstring)."""
+
+    def __init__(
+        self, config: Config, server_state: ServerState, app_state: dict[str, Any],
+        _loop: asyncio.AbstractEventLoop | None = None, *, guard: ConnectionGuard,
+    ) -> None:
+        super().__init__(config, server_state, app_state, _loop)
+        self.guard = guard
+        self.client_limits = guard.limits()
+        self.awaiting_head = True  # no complete request head yet since the connection or the last request
+        self.head_bytes = 0  # bytes of the current head received so far
+        self.head_tail = b""  # its last bytes, to find a head end split between two reads
+        self.head_measured = False  # the raw check saw where this head ends (not so for a second pipelined head)
+        self.head_timer: asyncio.TimerHandle | None = None
+        self.message_complete = True  # the last request's body was received to its end
+        self.closing_reason: str | None = None  # set once the connection is being refused or evicted
+        self.drained = 0
+
+    # Connection life
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        if not self.guard.opened():
+            self.refuse("over_capacity", GatewayOverloaded(
+                "The gateway has no room for another connection right now; retry shortly.", retry_after=1,
+            ), drain=False)
+            return
+        self.guard.waiting_for_head[self] = None
+        self.head_timer = self.loop.call_later(self.client_limits.head_timeout, self.head_timed_out)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.guard.closed(self)
+        self.cancel_head_timer()
+        super().connection_lost(exc)
+
+    def evict(self) -> None:
+        """Make room for a new connection: this one has not sent a whole request."""
+        self.guard.metrics.client_connections_closed.labels("evicted").inc()
+        self.guard.waiting_for_head.pop(self, None)
+        self.guard.reading_body.pop(self, None)
+        self.closing_reason = "evicted"
+        self.transport.close()
+
+    # Bytes in
+
+    def data_received(self, data: bytes) -> None:
+        if self.closing_reason is not None:
+            self.drain(data)
+            return
+        if self.awaiting_head:
+            if self.head_timer is None:  # the first byte of the next request on a kept-alive connection
+                self.head_timer = self.loop.call_later(self.client_limits.head_timeout, self.head_timed_out)
+            if not self.head_fits(data):
+                self.refuse("head_too_large", RequestHeaderTooLarge(
+                    f"The request head is larger than the limit of {self.client_limits.max_header_bytes} bytes."
+                ))
+                return
+        elif not self.message_complete:
+            self.guard.reading_body.pop(self, None)
+            self.guard.reading_body[self] = None  # most recently active last
+        self._unset_keepalive_if_required()
+        try:
+            self.parser.feed_data(data)
+        except httptools.HttpParserUpgrade:
+            pass  # no upgrades here: the request is served as a plain one
+        except httptools.HttpParserError:
+            if self.closing_reason is None:  # not one of ours, raised from a callback below
+                self.refuse("bad_request", InvalidRequest("The request is not valid HTTP/1.1."))
+
+    def head_fits(self, data: bytes) -> bool:
+        """Whether the head being received stays within the limit, judged on raw bytes before parsing."""
+        limit = self.client_limits.max_header_bytes
+        in_this_read = -1
+        if self.head_tail:  # the end of the head may straddle two reads
+            joined = self.head_tail + data[:3]
+            split = joined.find(HEAD_END)
+            if split >= 0:
+                in_this_read = split + 4 - len(self.head_tail)
+        if in_this_read < 0:
+            found = data.find(HEAD_END)
+            in_this_read = found + 4 if found >= 0 else -1
+        if in_this_read >= 0:
+            self.head_measured = True
+            return self.head_bytes + in_this_read <= limit
+        self.head_bytes += len(data)
+        self.head_tail = data[-3:] if len(data) >= 3 else (self.head_tail + data)[-3:]
+        return self.head_bytes <= limit
+
+    # Parser callbacks
+
+    def on_message_begin(self) -> None:
+        super().on_message_begin()
+        self.message_complete = False
+
+    def on_headers_complete(self) -> None:
+        self.cancel_head_timer()
+        self.awaiting_head = False
+        measured, self.head_measured = self.head_measured, False
+        self.head_bytes, self.head_tail = 0, b""
+        self.guard.waiting_for_head.pop(self, None)
+        limits = self.client_limits
+        if len(self.headers) > limits.max_headers:
+            self.refuse("too_many_headers", RequestHeaderTooLarge(
+                f"The request has {len(self.headers)} headers; the limit is {limits.max_headers}."
+            ))
+            raise _Refused  # stops the parser: nothing of this request reaches the app
+        if not measured and (
+            len(self.url) + sum(len(name) + len(value) + 4 for name, value in self.headers) > limits.max_header_bytes
+        ):
+            # A second pipelined head in the same read: the raw check saw only the first.
+            self.refuse("head_too_large", RequestHeaderTooLarge(
+                f"The request head is larger than the limit of {limits.max_header_bytes} bytes."
+            ))
+            raise _Refused
+        self.guard.reading_body[self] = None
+        super().on_headers_complete()
+
+    def on_message_complete(self) -> None:
+        self.message_complete = True
+        self.awaiting_head = True  # what follows on this connection is the next request's head
+        self.guard.reading_body.pop(self, None)
+        super().on_message_complete()
+
+    def on_response_complete(self) -> None:
+        super().on_response_complete()
+        if self.transport.is_closing():
+            return
+        if not self.message_complete:
+            # Answered before its body was read (401, 413, 404 ...): nobody will read the rest.
+            self.closing_reason = "unread_body"
+            self.stop_reading_soon()
+            return
+        if not self.pipeline and self.awaiting_head:
+            self.client_limits = self.guard.limits()  # a reload applies from the next request on
+            self.guard.waiting_for_head[self] = None  # idle or a slow next head: evictable, oldest first
+
+    # Refusing
+
+    def head_timed_out(self) -> None:
+        self.head_timer = None
+        if self.closing_reason is not None or not self.awaiting_head:
+            return
+        if self.head_bytes == 0:
+            self.guard.metrics.client_connections_closed.labels("idle").inc()
+            self.closing_reason = "idle"
+            self.transport.close()  # nothing was sent: nobody to answer
+            return
+        self.refuse("head_timeout", RequestTimeout(
+            f"The request head was not received within {self.client_limits.head_timeout} s."
+        ), drain=False)
+
+    def refuse(self, reason: str, error: GatewayError, drain: bool = True) -> None:
+        """Answer with an error and close, without parsing anything more of this connection."""
+        self.closing_reason = reason
+        self.cancel_head_timer()
+        self.guard.waiting_for_head.pop(self, None)
+        self.guard.reading_body.pop(self, None)
+        self.guard.refused(reason, f"refused a client connection: {error.message}")
+        cycle = self.cycle
+        if cycle is not None and not cycle.response_complete:
+            cycle.disconnected = True  # the app, if it has a request of this connection, stops there
+            cycle.message_event.set()
+            if cycle.response_started:  # an answer is under way: another one cannot be written into it
+                self.transport.close()
+                return
+        self.transport.write(raw_error_response(error))
+        if drain:
+            self.stop_reading_soon()
+        else:
+            self.transport.close()
+
+    def stop_reading_soon(self) -> None:
+        """Send what is queued and a FIN, read and drop what the client still sends for a moment (so it
+        sees the answer instead of a reset), then close."""
+        if self.transport.can_write_eof():
+            self.transport.write_eof()
+        self.loop.call_later(DRAIN_SECONDS, self.transport.close)
+
+    def drain(self, data: bytes) -> None:
+        self.drained += len(data)
+        if self.drained > DRAIN_BYTES:
+            self.transport.close()
+
+    def cancel_head_timer(self) -> None:
+        if self.head_timer is not None:
+            self.head_timer.cancel()
+            self.head_timer = None
+
+
+class _Refused(Exception):
+    """Raised from a parser callback to stop parsing a request that was refused."""
