@@ -197,7 +197,7 @@ def test_auth_and_limits_are_off_by_default(renders: dict[str, Rendered], value_
     rendered = renders[value_set]
     gateway = container(rendered, GATEWAY)
     assert gateway["args"] == ["serve", "--config", "/etc/llm-gateway/routes.yaml", "--host", "0.0.0.0", "--port",
-                               "8000", "--log-level", "info", "--log-format", "json",
+                               "8000", "--metrics-port", "9090", "--log-level", "info", "--log-format", "json",
                                "--shutdown-grace-seconds", "110"]  # fmt: skip
     assert not [name for name in env_of(gateway) if name.startswith("LLM_GATEWAY_")]
     assert {v["name"] for v in rendered.get("Deployment", GATEWAY)["spec"]["template"]["spec"]["volumes"]} == {
@@ -309,17 +309,51 @@ def test_only_the_gateway_reaches_the_charts_redis(renders: dict[str, Rendered])
     assert not [p for p in renders["secured"].of_kind("NetworkPolicy") if p["metadata"]["name"] == REDIS]
 
 
+def gateway_ports(rendered: Rendered) -> dict[str, int]:
+    """The gateway container's named ports: {"http": 8000, "metrics": gateway.metricsPort}."""
+    return {port["name"]: port["containerPort"] for port in container(rendered, GATEWAY)["ports"]}
+
+
 @pytest.mark.parametrize("value_set", ["all-features", "secured"])
 def test_gateway_policy_admits_the_listed_peers_and_the_test(renders: dict[str, Rendered], value_set: str) -> None:
+    """The API port admits gatewayIngressFrom and the test pod; the metrics port admits metricsFrom, nothing else."""
     rendered = renders[value_set]
     policy = rendered.get("NetworkPolicy", f"{GATEWAY}-gateway")
     assert pods_selected(rendered, policy["spec"]["podSelector"]["matchLabels"]) == {GATEWAY}
-    (rule,) = policy["spec"]["ingress"]
+    api_rule, metrics_rule = policy["spec"]["ingress"]
     listed = values_of(value_set)["networkPolicy"]["gatewayIngressFrom"]
-    assert rule["from"][: len(listed)] == listed
-    (test_peer,) = rule["from"][len(listed) :]
+    assert api_rule["from"][: len(listed)] == listed
+    (test_peer,) = api_rule["from"][len(listed) :]
     assert pods_selected(rendered, test_peer["podSelector"]["matchLabels"]) == {f"{GATEWAY}-test-models"}
-    assert rule["ports"] == [{"protocol": "TCP", "port": 8000}]
+    ports = gateway_ports(rendered)
+    assert api_rule["ports"] == [{"protocol": "TCP", "port": ports["http"]}] == [{"protocol": "TCP", "port": 8000}]
+    assert metrics_rule == {
+        "from": values_of(value_set)["networkPolicy"]["metricsFrom"],
+        "ports": [{"protocol": "TCP", "port": ports["metrics"]}],
+    }
+    assert ports["metrics"] != ports["http"]
+
+
+def test_metrics_port_admits_prometheus_by_default(helm: Helm) -> None:
+    """Without metricsFrom in the values, the metrics port admits the Prometheus pods of any namespace, by the
+    label the Prometheus Operator (kube-prometheus-stack) and the prometheus chart give them."""
+    ingress_nginx = {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "ingress-nginx"}}}
+    rendered = helm.template(values={"networkPolicy": {"enabled": True, "gatewayIngressFrom": [ingress_nginx]}})
+    api_rule, metrics_rule = rendered.get("NetworkPolicy", f"{GATEWAY}-gateway")["spec"]["ingress"]
+    assert api_rule["from"][0] == ingress_nginx and api_rule["ports"] == [{"protocol": "TCP", "port": 8000}]
+    assert metrics_rule == {
+        "from": [{"namespaceSelector": {}, "podSelector": {"matchLabels": {"app.kubernetes.io/name": "prometheus"}}}],
+        "ports": [{"protocol": "TCP", "port": 9090}],
+    }
+
+
+def test_metrics_port_closed_with_no_metrics_peers(helm: Helm) -> None:
+    """metricsFrom: [] renders no rule for the port (a rule with an empty `from` would admit every pod)."""
+    rendered = helm.template(
+        values={"networkPolicy": {"enabled": True, "gatewayIngressFrom": [{"namespaceSelector": {}}], "metricsFrom": []}}
+    )
+    (api_rule,) = rendered.get("NetworkPolicy", f"{GATEWAY}-gateway")["spec"]["ingress"]
+    assert api_rule["ports"] == [{"protocol": "TCP", "port": 8000}]
 
 
 def test_no_gateway_policy_unless_peers_are_listed(helm: Helm) -> None:
@@ -348,7 +382,7 @@ def test_notes_tell_how_to_call_with_a_key(helm: Helm) -> None:
     assert "API keys are on" in notes and "llm-gateway hash-key --generate" in notes
     assert 'curl -s $LLM_GATEWAY/v1/models -H "Authorization: Bearer $LLM_GATEWAY_KEY"' in notes
     assert 'item "clients.yaml" of Secret llm-gateway-keys' in notes
-    assert "/metrics (which needs no key) is public" not in notes  # ingress.path: /v1
+    assert "/metrics" not in notes  # never public through the Ingress: nothing to warn about
     assert "no Redis" not in notes  # redis.url is set
     assert "API keys are on" not in rendered_notes(helm)
 
@@ -358,7 +392,8 @@ def test_notes_warn_about_public_metrics_and_per_pod_limits(helm: Helm) -> None:
             "--set", "gateway.settings.limits.requests_per_minute=60"]  # fmt: skip
     notes = rendered_notes(helm, *args)
     assert "WARNING: auth.keys is empty, so every request is refused with 401." in notes
-    assert "/metrics (which needs no key) is public at\n  http://llm.localhost/metrics" in notes
+    # ingress.path "/": the Ingress routes the API port only, and /metrics is on the metrics port
+    assert "/metrics" not in notes
     assert "each gateway pod counts on its own" in notes and "a key gets up to 3 times its limit" in notes
     shared = rendered_notes(helm, *args, "--set", "redis.deploy=true")
     assert "each gateway pod counts on its own" not in shared

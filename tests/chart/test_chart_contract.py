@@ -234,9 +234,10 @@ def start_engines(rendered: Rendered, log_dir: Path) -> dict[str, RunningProcess
 
 def start_rendered_gateway(
     rendered: Rendered, engines: dict[str, RunningProcess], redis_port: int, root: Path, log_dir: Path
-) -> RunningProcess:
+) -> tuple[RunningProcess, str]:
     """The gateway from its Deployment: its files from the mounted volumes (the routing map pointed at the
-    simulators), the chart's Redis at the Service's address (mapped to loopback), its variables."""
+    simulators), the chart's Redis at the Service's address (mapped to loopback), its variables. Returns the
+    process (its url: the API port) and the URL of its metrics port."""
     pod = rendered.get("Deployment", GATEWAY)["spec"]["template"]["spec"]
     spec = pod["containers"][0]
 
@@ -246,8 +247,8 @@ def start_rendered_gateway(
             engine["url"] = engines[engine["name"]].url
         return yaml.safe_dump(routing, sort_keys=False)
 
-    port = free_port()
-    args = command_line(spec, {}, {"--host": "127.0.0.1", "--port": str(port)})
+    port, metrics_port = free_port(), free_port()
+    args = command_line(spec, {}, {"--host": "127.0.0.1", "--port": str(port), "--metrics-port": str(metrics_port)})
     for mount_path, local in mount_volumes(rendered, pod, root, {"routes": to_simulators}).items():
         args = [local + arg.removeprefix(mount_path) if arg.startswith(mount_path + "/") else arg for arg in args]
     assert not [arg for arg in args if arg.startswith(("/etc/", "/var/"))], f"a file that is not mounted: {args}"
@@ -256,7 +257,8 @@ def start_rendered_gateway(
     service_port = rendered.get("Service", f"{GATEWAY}-redis")["spec"]["ports"][0]["port"]
     assert (redis_url.hostname, redis_url.port) == (f"{GATEWAY}-redis.{NAMESPACE}.svc.cluster.local", service_port)
     args[at] = redis_url._replace(netloc=f"127.0.0.1:{redis_port}").geturl()
-    return start_cli(args, port, "/readyz", log_dir, "keyed-gateway", container_env(rendered, spec))
+    gateway = start_cli(args, port, "/readyz", log_dir, "keyed-gateway", container_env(rendered, spec))
+    return gateway, f"http://127.0.0.1:{metrics_port}"
 
 
 def run_helm_test_script(rendered: Rendered, models_url: str, api_key: str | None) -> str:
@@ -280,7 +282,7 @@ def test_gateway_enforces_the_rendered_keys_and_engine_credential(
     redis_process, redis_port = start_redis(rendered, tmp_path)
     try:
         engines = start_engines(rendered, contract_logs)
-        gateway = start_rendered_gateway(rendered, engines, redis_port, tmp_path / "volumes", contract_logs)
+        gateway, metrics_url = start_rendered_gateway(rendered, engines, redis_port, tmp_path / "volumes", contract_logs)
         routes = rendered.routing["engines"]
         body = {"model": routes[0]["model"], "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
         chat = gateway.url + "/v1/chat/completions"
@@ -290,13 +292,16 @@ def test_gateway_enforces_the_rendered_keys_and_engine_credential(
         assert call(engine_chat, body)[0] == 401
         assert call(engine_chat, body, key=ENGINE_KEY)[0] == 200
 
-        # no key or a wrong one: 401; probes and metrics stay open
+        # no key or a wrong one: 401; probes and metrics stay open, /metrics on the metrics port only
         for key in (None, "sk-wrong"):
             assert call(gateway.url + "/v1/models", key=key)[0] == 401
             assert call(chat, body, key=key)[0] == 401
         assert call(gateway.url + "/readyz")[0] == 200
-        with urllib.request.urlopen(gateway.url + "/metrics", timeout=5) as response:
-            assert response.status == 200
+        with urllib.request.urlopen(metrics_url + "/metrics", timeout=5) as response:
+            assert response.status == 200 and b"llm_gateway_config_engines" in response.read()
+        status, headers, answer = call(gateway.url + "/metrics")
+        assert status == 404 and headers["content-type"].startswith("application/json"), answer
+        assert json.loads(answer)["error"], answer  # the OpenAI error shape
 
         # a right key: every (model, owned_by) and every default, through the engine the chart named
         status, _, listing = call(gateway.url + "/v1/models", key=CLIENT_KEYS["team-a"])

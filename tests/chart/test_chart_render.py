@@ -13,7 +13,7 @@ import pytest
 import yaml
 
 from gateway_app.cli import _build_parser as gateway_cli
-from gateway_app.config import EngineSpec, RoutingMap, parse_routing_map
+from gateway_app.config import ClientLimits, EngineSpec, RoutingMap, parse_routing_map
 from tests.chart.conftest import CHART_DIR, EXAMPLES, NAMESPACE, RELEASE, VALUE_SETS, Helm, HelmError, Rendered
 
 KUBE_VERSIONS = ("1.30.0", kubernetes_validate.latest_version())
@@ -543,6 +543,39 @@ def test_gateway_runs_the_cli_contract(renders: dict[str, Rendered]) -> None:
     assert pod["spec"]["securityContext"]["runAsUser"] == 10001
 
 
+def arg_after(args: list[str], flag: str) -> str:
+    return args[args.index(flag) + 1]
+
+
+@pytest.mark.parametrize(("value_set", "port"), [("defaults", 9090), ("all-features", 9464)])
+def test_gateway_serves_metrics_on_a_port_of_its_own(renders: dict[str, Rendered], value_set: str, port: int) -> None:
+    """--metrics-port, the container port "metrics" and the Service port "metrics" are one port, apart from the
+    API's; the gateway's own parser takes the flag as rendered."""
+    rendered = renders[value_set]
+    container = gateway_pod(rendered)["spec"]["containers"][0]
+    assert arg_after(container["args"], "--metrics-port") == str(port)
+    ports = {p["name"]: p for p in container["ports"]}
+    assert ports["metrics"] == {"name": "metrics", "containerPort": port, "protocol": "TCP"}
+    assert ports["http"]["containerPort"] == int(arg_after(container["args"], "--port")) == 8000
+    service_ports = {p["name"]: p for p in rendered.get("Service", GATEWAY)["spec"]["ports"]}
+    assert service_ports["metrics"] == {"name": "metrics", "port": port, "targetPort": "metrics", "protocol": "TCP"}
+    assert service_ports["http"]["targetPort"] == "http"  # the API port as before
+    # probes stay on the API port: readiness is about the port clients call
+    for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
+        assert container[probe]["httpGet"]["port"] == "http", probe
+    parsed = gateway_cli().parse_args(container["args"])
+    assert (parsed.port, parsed.metrics_port) == (8000, port)
+
+
+def test_metrics_port_must_differ_from_the_api_port(helm: Helm) -> None:
+    message = helm.template_error(values={"gateway": {"metricsPort": 8000}})
+    assert "gateway.metricsPort (8000) must differ from the gateway's API port 8000" in message
+    # `helm upgrade --reuse-values` from a chart version without the key: refused by name, not rendered as 0
+    assert "gateway.metricsPort is not set" in helm.template_error(values={"gateway": {"metricsPort": None}})
+    for port in (80, 1023, 65536):  # non-root without capabilities: no port below 1024
+        assert "gateway/metricsPort" in helm.template_error(values={"gateway": {"metricsPort": port}}).replace(".", "/")
+
+
 def test_routing_map_is_mounted_as_a_directory(renders: dict[str, Rendered]) -> None:
     """subPath mounts never see ConfigMap updates; hot reload needs the directory mount."""
     pod = gateway_pod(renders["defaults"])["spec"]
@@ -615,16 +648,40 @@ def test_network_policy_admits_only_the_gateway(renders: dict[str, Rendered]) ->
 def test_service_monitors_select_their_services(renders: dict[str, Rendered]) -> None:
     rendered = renders["all-features"]
     services = rendered.of_kind("Service")
-    selected = {}
+    selected, scraped = {}, {}
     for monitor in rendered.of_kind("ServiceMonitor"):
         match = monitor["spec"]["selector"]["matchLabels"]
         names = {s["metadata"]["name"] for s in services if match.items() <= s["metadata"]["labels"].items()}
-        selected[monitor["metadata"]["name"]] = names
+        name = monitor["metadata"]["name"]
+        selected[name] = names
         assert monitor["metadata"]["labels"]["release"] == "kube-prometheus-stack"
+        (endpoint,) = monitor["spec"]["endpoints"]
+        scraped[name] = endpoint["port"]
         for service in services:
             if service["metadata"]["name"] in names:
-                assert "http" in {p["name"] for p in service["spec"]["ports"]}
+                assert endpoint["port"] in {p["name"] for p in service["spec"]["ports"]}
     assert selected == {GATEWAY: {GATEWAY}, f"{GATEWAY}-engines": {"vllm-llama-32-1b", "sglang-llama-32-1b", "sim-phi"}}
+    # the gateway on its metrics port (its API port answers /metrics with a 404); the engines on their only port
+    assert scraped == {GATEWAY: "metrics", f"{GATEWAY}-engines": "http"}
+
+
+def test_service_monitor_reaches_the_port_the_gateway_serves_metrics_on(renders: dict[str, Rendered]) -> None:
+    """ServiceMonitor port name -> Service port -> targetPort -> container port -> --metrics-port: one chain."""
+    rendered = renders["all-features"]
+    (endpoint,) = rendered.get("ServiceMonitor", GATEWAY)["spec"]["endpoints"]
+    assert endpoint["path"] == "/metrics"
+    (service_port,) = [p for p in rendered.get("Service", GATEWAY)["spec"]["ports"] if p["name"] == endpoint["port"]]
+    container = gateway_pod(rendered)["spec"]["containers"][0]
+    (container_port,) = [p for p in container["ports"] if p["name"] == service_port["targetPort"]]
+    assert str(container_port["containerPort"]) == arg_after(container["args"], "--metrics-port")
+
+
+def test_ingress_never_routes_the_metrics_port(renders: dict[str, Rendered]) -> None:
+    for value_set in (*EXAMPLES, "all-features", "secured"):
+        for ingress in renders[value_set].of_kind("Ingress"):
+            for rule in ingress["spec"]["rules"]:
+                for path in rule["http"]["paths"]:
+                    assert path["backend"]["service"]["port"] == {"name": "http"}, value_set
 
 
 # --- Ingress, NOTES.txt, helm test -----------------------------------------------------------------
@@ -675,7 +732,10 @@ def test_ingress_body_size_follows_the_gateway_limit(helm: Helm, max_body_bytes:
     """nginx must not refuse a body the gateway accepts: one value, max_body_bytes, sets both limits."""
     values: dict[str, Any] = {"ingress": {"enabled": True}}
     if max_body_bytes is not None:
-        values["gateway"] = {"settings": {"max_body_bytes": max_body_bytes}}
+        # the gateway's body budget must hold one body of the largest size (test_chart_schema.py)
+        budget = max(max_body_bytes, ClientLimits().max_body_memory)
+        settings = {"max_body_bytes": max_body_bytes, "client_limits": {"max_body_memory": budget}}
+        values["gateway"] = {"settings": settings}
     rendered = helm.template(values=values)
     assert rendered.get("Ingress", GATEWAY)["metadata"]["annotations"][BODY_SIZE] == annotation
     assert nginx_size(gateway_body_limit(rendered)) == annotation  # None: the gateway's own default
@@ -715,12 +775,38 @@ def rendered_notes(helm: Helm, *args: str) -> str:
 @pytest.mark.parametrize("example", EXAMPLES)
 def test_notes_print_the_next_commands(helm: Helm, example: str) -> None:
     notes = rendered_notes(helm, "-f", str(VALUE_SETS[example]))
-    host = yaml.safe_load(VALUE_SETS[example].read_text())["ingress"]["host"]
-    assert f"export LLM_GATEWAY=http://{host}" in notes
+    ingress = yaml.safe_load(VALUE_SETS[example].read_text())["ingress"]
+    port = f":{ingress['clientPort']}" if ingress.get("clientPort") else ""
+    assert f"export LLM_GATEWAY=http://{ingress['host']}{port}\n" in notes
     assert "curl -s $LLM_GATEWAY/v1/models" in notes and "/v1/chat/completions" in notes
     assert f"helm test {RELEASE} -n {NAMESPACE}" in notes
     for route in helm.template(VALUE_SETS[example]).routing["engines"]:
         assert f"{route['model']}  owned_by={route['owned_by']}  -> {route['name']}" in notes
+
+
+def test_notes_print_the_url_of_the_k3d_recipe(helm: Helm) -> None:
+    """The README's k3d recipe maps host port 8080 to the load balancer's 80; values-cpu.yaml says so, and
+    NOTES.txt prints the URL that works there, the one the README curls."""
+    readme = (CHART_DIR / "README.md").read_text()
+    assert 'k3d cluster create llm -p "8080:80@loadbalancer"' in readme
+    assert "curl -s http://llm.localhost:8080/v1/models" in readme
+    notes = rendered_notes(helm, "-f", str(VALUE_SETS["cpu"]))
+    assert "export LLM_GATEWAY=http://llm.localhost:8080\n" in notes
+
+
+@pytest.mark.parametrize(
+    ("ingress", "url"),
+    [
+        ({}, "http://llm.example.com"),
+        ({"clientPort": 80}, "http://llm.example.com"),
+        ({"clientPort": 443}, "http://llm.example.com:443"),
+        ({"clientPort": 443, "tls": {"enabled": True}}, "https://llm.example.com"),
+        ({"clientPort": 8443, "tls": {"enabled": True}}, "https://llm.example.com:8443"),
+    ],
+)
+def test_notes_print_the_client_port_unless_it_is_the_schemes(helm: Helm, ingress: dict[str, Any], url: str) -> None:
+    values = helm.values_file({"ingress": {"enabled": True, **ingress}})
+    assert f"export LLM_GATEWAY={url}\n" in rendered_notes(helm, "-f", str(values))
 
 
 def test_notes_without_ingress_port_forward(helm: Helm) -> None:

@@ -12,8 +12,8 @@ from typing import Any
 import pytest
 from pydantic import BaseModel
 
-from gateway_app.config import Concurrency, ConfigError, Settings, parse_routing_map
-from tests.chart.conftest import CHART_DIR, Helm
+from gateway_app.config import ClientLimits, Concurrency, ConfigError, Settings, parse_routing_map
+from tests.chart.conftest import CHART_DIR, Helm, HelmError
 
 
 def engine(name: str = "a", **fields: Any) -> dict[str, Any]:
@@ -117,6 +117,17 @@ REFUSED_SETTINGS: dict[str, tuple[dict[str, Any], str, list[str]]] = {
     "affinity on the body as a string": ({"affinity": {"body_user": "user"}}, "affinity/body_user", ["boolean"]),
     "misspelt affinity key": ({"affinity": {"cookie": "s"}}, "affinity", ["cookie", "not allowed"]),
     "readiness flag as a string": ({"ready_requires_engine": "sometimes"}, "ready_requires_engine", ["boolean"]),
+    # the front door's bounds (gateway_app/config.py ClientLimits)
+    "misspelt client_limits key": ({"client_limits": {"max_header_size": 8192}}, "client_limits", ["max_header_size", "not allowed"]),
+    "head bound below 1 KiB": ({"client_limits": {"max_header_bytes": 512}}, "client_limits/max_header_bytes", ["minimum"]),
+    "head bound above 16 MiB": ({"client_limits": {"max_header_bytes": 16777217}}, "client_limits/max_header_bytes", ["maximum"]),
+    "too few header lines": ({"client_limits": {"max_headers": 5}}, "client_limits/max_headers", ["minimum"]),
+    "too many header lines": ({"client_limits": {"max_headers": 10001}}, "client_limits/max_headers", ["maximum"]),
+    "zero head timeout": ({"client_limits": {"head_timeout": 0}}, "client_limits/head_timeout", ["0"]),
+    "body timeout as text": ({"client_limits": {"body_timeout": "30s"}}, "client_limits/body_timeout", ["number"]),
+    "zero connections": ({"client_limits": {"max_connections": 0}}, "client_limits/max_connections", ["1"]),
+    "body budget below 1 MiB": ({"client_limits": {"max_body_memory": 1000000}}, "client_limits/max_body_memory", ["minimum"]),
+    "body budget as a quantity": ({"client_limits": {"max_body_memory": "128Mi"}}, "client_limits/max_body_memory", ["integer"]),
 }  # fmt: skip
 
 # templates/_engines.tpl and friends: (values, fragments of the exact message)
@@ -240,6 +251,16 @@ REFUSED_BY_TEMPLATES: dict[str, tuple[dict[str, Any], list[str]]] = {
         {"gateway": {"serviceAccount": {"create": False}}},
         ["gateway.discovery.enabled: the gateway would read EndpointSlices as the namespace's \"default\" ServiceAccount"],
     ),
+    # the gateway holds at most max_body_memory bytes of bodies at once: one body of the largest size must fit
+    "body budget below the body limit": (
+        {"gateway": {"settings": {"max_body_bytes": 33554432, "client_limits": {"max_body_memory": 16777216}}}},
+        ["gateway.settings.client_limits.max_body_memory (16777216) must be at least gateway.settings.max_body_bytes (33554432)"],
+    ),
+    "body limit above the default budget": (
+        {"gateway": {"settings": {"max_body_bytes": 268435456}}},
+        ["gateway.settings.client_limits.max_body_memory (134217728, the gateway's default) must be at least",
+         "gateway.settings.max_body_bytes (268435456)", "raise max_body_memory"],
+    ),
     "discovery as the default account by name": (
         {"gateway": {"serviceAccount": {"create": False, "name": "default"}}},
         ["set gateway.serviceAccount.create: true", "or set gateway.discovery.enabled: false"],
@@ -308,6 +329,38 @@ def test_settings_schema_has_the_gateways_keys() -> None:
     assert definitions["settings"]["properties"]["balancing"]["enum"] == list(balancing)
 
 
+MIB = 1024 * 1024
+BUDGET = ClientLimits().max_body_memory  # the gateway's default
+
+
+@pytest.mark.parametrize(
+    "settings",
+    [
+        {"max_body_bytes": BUDGET},
+        {"max_body_bytes": BUDGET + 1},
+        {"max_body_bytes": 2 * MIB, "client_limits": {"max_body_memory": 2 * MIB}},
+        {"max_body_bytes": 2 * MIB + 1, "client_limits": {"max_body_memory": 2 * MIB}},
+        {"client_limits": {"max_body_memory": MIB}},  # below the default body limit (16 MiB)
+    ],
+)
+def test_body_budget_rule_is_the_gateways(helm: Helm, settings: dict[str, Any]) -> None:
+    """The chart refuses exactly the settings the gateway refuses for max_body_memory < max_body_bytes, the
+    gateway's defaults included (a chart default that drifted from gateway_app/config.py fails here)."""
+    route = {"name": "a", "model": "m", "owned_by": "vllm", "url": "http://a:8000"}
+    try:
+        parse_routing_map(json.dumps({"settings": settings, "engines": [route]}))
+        gateway_accepts = True
+    except ConfigError:
+        gateway_accepts = False
+    try:
+        helm.run(*helm.template_args(values={"gateway": {"settings": settings}}))
+        chart_accepts = True
+    except HelmError as error:
+        assert "must be at least gateway.settings.max_body_bytes" in str(error), error
+        chart_accepts = False
+    assert chart_accepts == gateway_accepts
+
+
 @pytest.mark.parametrize("case", REFUSED_BY_TEMPLATES)
 def test_templates_refuse_what_a_schema_cannot_express(helm: Helm, case: str) -> None:
     values, fragments = REFUSED_BY_TEMPLATES[case]
@@ -333,6 +386,9 @@ def test_a_good_override_is_accepted(helm: Helm) -> None:
                 "preStopSleepSeconds": 29,
                 "terminationGracePeriodSeconds": 30,
                 "settings": {
+                    # a body budget equal to the largest body; connections sized by the gateway
+                    "max_body_bytes": 2 * MIB,
+                    "client_limits": {"max_body_memory": 2 * MIB, "max_connections": None, "head_timeout": 0.5},
                     "limits": {"requests_per_minute": 0, "tokens_per_minute": None},
                     "affinity": {"header": None, "body_user": False},
                     "retries": {"max_attempts": 10, "deadline": 0.1},
@@ -355,4 +411,6 @@ def test_a_good_override_is_accepted(helm: Helm) -> None:
     assert [r["name"] for r in rendered.routing["engines"]] == ["a", "b", "c", "d", "e", "f"]
     routing = parse_routing_map(rendered.routing_text)
     assert routing.engines[5].fallback == "c" and routing.engines[5].concurrency.limit == 1
+    limits = routing.settings.client_limits
+    assert (limits.max_body_memory, limits.max_connections, limits.head_timeout) == (2 * MIB, None, 0.5)
     assert len(rendered.of_kind("Secret")) == 2  # the keys and the engine key; the Redis password is existing

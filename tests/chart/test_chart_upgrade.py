@@ -97,6 +97,18 @@ def test_fallback_concurrency_and_logging_leave_engines_alone(helm: Helm, exampl
     assert engine_documents(helm, changed) == engine_documents(helm, example2_values)
 
 
+def test_metrics_port_and_client_limits_leave_engines_alone(helm: Helm, example2_values: dict[str, Any]) -> None:
+    """The metrics port, who may reach it, and the gateway's client limits are the gateway's alone."""
+    changed = {
+        **example2_values,
+        "gateway": {"metricsPort": 9464, "settings": {"client_limits": {"max_headers": 50, "max_body_memory": 2**28}}},
+        "networkPolicy": {"enabled": True, "gatewayIngressFrom": [{"namespaceSelector": {}}], "metricsFrom": []},
+    }
+    assert engine_documents(helm, changed) == engine_documents(helm, example2_values)
+    old, new = pod_templates(helm.template(values=example2_values)), pod_templates(helm.template(values=changed))
+    assert new[GATEWAY] != old[GATEWAY]  # --metrics-port 9464
+
+
 def test_rollOnConfigChange_rolls_only_the_gateway(helm: Helm, example2_values: dict[str, Any]) -> None:
     before_values = copy.deepcopy(example2_values)
     before_values["engines"] = before_values["engines"][:1]

@@ -59,6 +59,15 @@ def test_models_through_the_gateway_service(kube_cluster: Cluster, installed: st
     assert {(LLAMA, "vllm"), (LLAMA, "sglang")} <= {(c["id"], c["owned_by"]) for c in listing["data"]}
 
 
+def test_metrics_only_on_the_metrics_port(kube_cluster: Cluster, installed: str) -> None:
+    """/metrics answers on the Service's port "metrics" (what the ServiceMonitor scrapes), not on the API port."""
+    client = kube_cluster.kube_client
+    response = client.get(url=f"services/{GATEWAY}:metrics/proxy/metrics", namespace=installed)
+    response.raise_for_status()
+    assert "llm_gateway_config_engines" in response.text
+    assert client.get(url=f"services/{GATEWAY}:http/proxy/metrics", namespace=installed).status_code == 404
+
+
 def test_chat_routes_by_owned_by(kube_cluster: Cluster, installed: str) -> None:
     for owned_by, engine in (("vllm", "vllm-llama-32-1b"), ("sglang", "sglang-llama-32-1b")):
         body = {"model": LLAMA, "owned_by": owned_by, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}

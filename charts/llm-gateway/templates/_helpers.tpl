@@ -127,6 +127,16 @@ The gateway's request body limit: gateway.settings.max_body_bytes, else the gate
 {{- $settings.max_body_bytes | default 16777216 | int64 -}}
 {{- end }}
 
+{{/*
+The gateway's budget for request bodies held at once: gateway.settings.client_limits.max_body_memory,
+else the gateway's own default (gateway_app/config.py ClientLimits.max_body_memory, 128 MiB; tests/chart
+checks that the two agree).
+*/}}
+{{- define "llm-gateway.maxBodyMemory" -}}
+{{- $limits := (.Values.gateway.settings | default dict).client_limits | default dict -}}
+{{- $limits.max_body_memory | default 134217728 | int64 -}}
+{{- end }}
+
 {{/* maxBodyBytes as an nginx size (client_max_body_size): whole MiB as "m", whole KiB as "k", else bytes. */}}
 {{- define "llm-gateway.nginxBodySize" -}}
 {{- $bytes := include "llm-gateway.maxBodyBytes" . | int64 -}}
