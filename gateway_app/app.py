@@ -189,12 +189,15 @@ def create_app(state: GatewayState, watched: Sequence[WatchedFile] = (), metrics
     ]
     metrics_route = Route("/metrics", metrics, methods=["GET"])
     handlers = {HTTPException: http_error, Exception: unexpected_error}
-    api = Starlette(routes=routes if metrics_port else [*routes, metrics_route], lifespan=lifespan, exception_handlers=handlers)
+    api = Starlette(
+        routes=routes if metrics_port is not None else [*routes, metrics_route], lifespan=lifespan,
+        exception_handlers=handlers,
+    )
     # A trailing slash gets a 404 like any unknown path: Starlette's redirect would send the client to a
     # URL built from its own Host header, before any authentication.
     api.router.redirect_slashes = False
     app: ASGIApp = api
-    if metrics_port:
+    if metrics_port is not None:
         metrics_only = Starlette(routes=[metrics_route], exception_handlers=handlers)
         metrics_only.router.redirect_slashes = False
         app = MetricsPortDispatch(api, metrics_only, metrics_port)

@@ -124,8 +124,12 @@ class ClientLimits(_Strict):
     # Seconds to receive a whole request head, counted from the connection's start or from the first
     # byte of the next request on a kept-alive connection.
     head_timeout: float = Field(default=10.0, gt=0)
-    # Longest pause between two chunks of a request body.
+    # Longest pause between two chunks of a request body; and past that first stretch, a body must keep
+    # coming at `body_min_rate` bytes a second on average, so that a trickle cannot hold memory for hours.
     body_timeout: float = Field(default=30.0, gt=0)
+    body_min_rate: int = Field(default=32 * 1024, ge=1)
+    # Longest time an answer may wait for a client that does not read it; then the connection is closed.
+    send_timeout: float = Field(default=60.0, gt=0)
     # Client connections at once; None: sized from the open-file limit, keeping one descriptor per
     # client connection for its engine connection and some for files, Redis and the Kubernetes API.
     # At the limit, a connection that has not sent a complete request head makes room for a new one.

@@ -78,7 +78,9 @@ async def _run(host: str, port: int, ttft_ms: float, itl_ms: float) -> None:
     routing_yaml = yaml.safe_dump({"engines": engines}, sort_keys=False)
     state = GatewayState(parse_routing_map(routing_yaml), request_log=RequestLog(fmt="text"))
     guard = ConnectionGuard(lambda: state.table.settings.client_limits, state.metrics, raise_fd_limit())
-    gateway = _InProcessServer(uvicorn_config(create_app(state), guard, "warning", shutdown_grace=5.0, loop="none"))
+    gateway = _InProcessServer(
+        uvicorn_config(create_app(state), lambda port: guard, "warning", shutdown_grace=5.0, loop="none")
+    )
     servers.append((gateway, gateway_socket))
 
     loop = asyncio.get_running_loop()

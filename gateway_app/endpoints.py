@@ -16,8 +16,10 @@ from collections.abc import Callable, Iterable
 import aiohttp
 
 from gateway_app.config import HealthSettings
+from gateway_app.log_setup import ThrottledWarning
 
 log = logging.getLogger("llm_gateway.endpoints")
+EJECTION_WARNINGS = ThrottledWarning(log)  # a replica failing every request: a line a minute, not one per request
 
 
 class Endpoint:
@@ -57,10 +59,12 @@ class Endpoint:
     def failed(self, settings: HealthSettings) -> None:
         """Eject for a cool-down that grows while the endpoint keeps failing."""
         self.failures += 1
-        cool_down = min(settings.ejection_base * 2 ** (self.failures - 1), settings.ejection_max)
+        # The exponent is capped: thousands of failures in a row must not overflow a float.
+        cool_down = min(settings.ejection_base * 2.0 ** min(self.failures - 1, 64), settings.ejection_max)
         self.ejected_until = time.monotonic() + cool_down
-        if self.failures == 1 or self.failures % 10 == 0:
-            log.warning("endpoint %s ejected for %.1f s after %d failure(s)", self.url, cool_down, self.failures)
+        EJECTION_WARNINGS.warn(
+            self.url, "endpoint %s ejected for %.1f s after %d failure(s) in a row", self.url, cool_down, self.failures
+        )
 
 
 class EndpointRegistry:

@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 import aiohttp
@@ -24,6 +23,8 @@ from gateway_app.endpoints import Endpoint
 from gateway_app.errors import (
     EngineBadAnswer, EngineTimeout, EngineUnreachable, GatewayError, InternalError, sse_error_event,
 )
+from gateway_app.log_setup import ThrottledWarning
+from gateway_app.request_body import EnginePayload
 from gateway_app.responses import send_error
 from gateway_app.route_table import Engine, RouteTable
 from gateway_app.stream_usage import UsageChunkFilter
@@ -34,6 +35,9 @@ if TYPE_CHECKING:
     from gateway_app.state import GatewayState
 
 log = logging.getLogger("llm_gateway.forwarding")
+# A failing engine fails every request sent to it: once a minute per engine and kind of failure is enough
+# to tell (every request still has its line in the request log, and the metrics count them all).
+ENGINE_WARNINGS = ThrottledWarning(log)
 
 ENGINE_HEADER = b"x-gateway-engine"
 # An engine's 502/503 is read (to be relayed if no retry does better) up to this many bytes.
@@ -92,7 +96,7 @@ class Forwarder:
         self.endpoint = endpoint
 
     async def forward(
-        self, engine: Engine, payload_for: Callable[[Engine], bytes], scope: Scope, receive: Receive, send: Send,
+        self, engine: Engine, payload: EnginePayload, scope: Scope, receive: Receive, send: Send,
         progress: RequestProgress,
     ) -> int:
         metrics = self.state.metrics
@@ -111,11 +115,11 @@ class Forwarder:
                 admitted = True
                 metrics.queue_wait.labels(engine.name).observe(waited)
             if engine.timeouts.total is None:
-                status = await self._exchange(engine, payload_for, scope, send, progress)
+                status = await self._exchange(engine, payload, scope, send, progress)
             else:
                 try:
                     async with asyncio.timeout(engine.timeouts.total):
-                        status = await self._exchange(engine, payload_for, scope, send, progress)
+                        status = await self._exchange(engine, payload, scope, send, progress)
                 except TimeoutError:
                     status = await self._fail(
                         engine, send, progress, "timeout_total",
@@ -152,7 +156,7 @@ class Forwarder:
         return status
 
     async def _exchange(
-        self, engine: Engine, payload_for: Callable[[Engine], bytes], scope: Scope, send: Send, progress: RequestProgress
+        self, engine: Engine, payload: EnginePayload, scope: Scope, send: Send, progress: RequestProgress
     ) -> int:
         """Try the engine's replicas, then its fallback engine, until one takes the request; relay its answer.
 
@@ -183,7 +187,7 @@ class Forwarder:
                 if attempt:
                     self.state.metrics.retries.labels(engine.name).inc()
                 tried.append(endpoint)
-                outcome = await self._attempt(current, endpoint, payload_for(current), scope, send, progress)
+                outcome = await self._attempt(current, endpoint, payload, scope, send, progress)
                 if isinstance(outcome, int):
                     return outcome
                 last = outcome
@@ -196,7 +200,8 @@ class Forwarder:
         return await self._fail(current, send, progress, kind, error)
 
     async def _attempt(
-        self, engine: Engine, endpoint: Endpoint, payload: bytes, scope: Scope, send: Send, progress: RequestProgress
+        self, engine: Engine, endpoint: Endpoint, payload: EnginePayload, scope: Scope, send: Send,
+        progress: RequestProgress,
     ) -> "int | tuple[str, GatewayError] | _EngineAnswer":
         """One try on one replica: a status once answered, or what went wrong when it may be retried."""
         timeouts = engine.timeouts
@@ -232,7 +237,9 @@ class Forwarder:
                 )
             except aiohttp.ClientError as exc:
                 endpoint.failed(health)
-                log.warning("engine %s at %s: request failed: %s", engine.name, endpoint.url, _reason(exc))
+                ENGINE_WARNINGS.warn(
+                    f"{engine.name}:connect", "engine %s at %s: request failed: %s", engine.name, endpoint.url, _reason(exc)
+                )
                 return "connect", EngineUnreachable(f"The engine `{engine.name}` is unreachable.")
             status = response.status
             endpoint.failed(health) if status >= 500 else endpoint.succeeded()
@@ -246,6 +253,7 @@ class Forwarder:
             progress.sse = sse
             await send({"type": "http.response.start", "status": status, "headers": headers})
             progress.response_started = True
+            payload.release()  # no retry from here on: the body need not outlive a long answer
             complete = await self._relay(engine, response, first, send, progress, streaming, status)
             if not complete:
                 endpoint.failed(health)
@@ -258,7 +266,7 @@ class Forwarder:
                 response.release() if complete else response.close()
 
     async def _send_request(
-        self, engine: Engine, endpoint: Endpoint, payload: bytes, scope: Scope
+        self, engine: Engine, endpoint: Endpoint, payload: EnginePayload, scope: Scope
     ) -> aiohttp.ClientResponse:
         """POST to the engine, once more on a fresh connection if a pooled one turned out to be closed.
 
@@ -273,11 +281,15 @@ class Forwarder:
             headers.append(("traceparent", traceparent))
         url = endpoint.url + scope["path"]
         try:
-            return await self.state.session.post(url, data=payload, headers=headers, timeout=engine.client_timeout)
+            return await self.state.session.post(
+                url, data=payload.for_model(engine.model), headers=headers, timeout=engine.client_timeout
+            )
         except (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError) as exc:
             if isinstance(exc, aiohttp.ClientConnectorError):
                 raise  # a fresh connection failed: the engine is down, not a stale pool entry
-            return await self.state.session.post(url, data=payload, headers=headers, timeout=engine.client_timeout)
+            return await self.state.session.post(
+                url, data=payload.for_model(engine.model), headers=headers, timeout=engine.client_timeout
+            )
 
     async def _retryable_answer(
         self, engine: Engine, response: aiohttp.ClientResponse
@@ -333,7 +345,7 @@ class Forwarder:
             )
             return False
         except aiohttp.ClientError as exc:
-            log.warning("engine %s: answer broke off: %s", engine.name, _reason(exc))
+            ENGINE_WARNINGS.warn(f"{engine.name}:broke", "engine %s: answer broke off: %s", engine.name, _reason(exc))
             await self._fail(
                 engine, send, progress, "broken_stream",
                 EngineUnreachable(f"The answer from the engine `{engine.name}` broke off."),
@@ -367,7 +379,7 @@ class Forwarder:
         """
         self.state.metrics.upstream_errors.labels(engine.name, kind).inc()
         progress.error_kind = kind
-        log.warning("engine %s: %s", engine.name, error.message)
+        ENGINE_WARNINGS.warn(f"{engine.name}:{kind}", "engine %s: %s", engine.name, error.message)
         if not progress.response_started:
             await send_error(send, error, [(ENGINE_HEADER, engine.name_header), *progress.extra_headers])
             progress.response_started = True

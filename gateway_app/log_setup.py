@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import sys
+import time
 from datetime import datetime, timezone
 
 import orjson
@@ -42,3 +43,27 @@ def configure_logging(level: str, fmt: str | None = None) -> str:
     # watchfiles logs every file event at INFO; the reload itself is logged by the watcher.
     logging.getLogger("watchfiles").setLevel(logging.WARNING)
     return fmt
+
+
+class ThrottledWarning:
+    """One log line per key at most every `interval` seconds, with how many were left out since.
+
+    For events that clients or engines can repeat at will (refused connections, a failing engine): the
+    log must say it happens, not become a resource anyone can exhaust. Keys must come from a bounded set
+    (reasons, engine names), never from what a client sends.
+    """
+
+    def __init__(self, logger: logging.Logger, interval: float = 60.0) -> None:
+        self._log = logger
+        self._interval = interval
+        self._last: dict[str, float] = {}
+        self._quiet: dict[str, int] = {}
+
+    def warn(self, key: str, message: str, *args: object) -> None:
+        now = time.monotonic()
+        if now - self._last.get(key, -self._interval) < self._interval:
+            self._quiet[key] = self._quiet.get(key, 0) + 1
+            return
+        self._last[key] = now
+        quiet = self._quiet.pop(key, 0)
+        self._log.warning(message + (f" ({quiet} more like it since the last such line)" if quiet else ""), *args)

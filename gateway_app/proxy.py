@@ -18,9 +18,11 @@ from gateway_app.errors import GatewayError, InternalError
 from gateway_app.forwarding import CLIENT_CLOSED, Forwarder, RequestProgress
 from gateway_app.errors import GatewayOverloaded
 from gateway_app.rate_limit import Decision, LimiterUnavailable, Limits, RateLimited
-from gateway_app.request_body import Body, RoutingFields, body_for_engine, parse_routing_fields, read_body
+from gateway_app.request_body import (
+    Body, EnginePayload, RoutingFields, body_for_engine, parse_routing_fields, read_body,
+)
 from gateway_app.responses import send_error
-from gateway_app.route_table import Engine, ForbiddenModel, Resolution, RouteTable
+from gateway_app.route_table import ForbiddenModel, Resolution, RouteTable
 from gateway_app.stream_usage import request_usage_chunk
 
 if TYPE_CHECKING:
@@ -58,9 +60,7 @@ class ProxyEndpoint:
             client = state.authenticate(scope["headers"])
             client_name = client.name
             settings = table.settings
-            body = await read_body(
-                scope, receive, settings.max_body_bytes, state.body_budget, settings.client_limits.body_timeout
-            )
+            body = await read_body(scope, receive, settings.max_body_bytes, state.body_budget, settings.client_limits)
             fields = parse_routing_fields(body.data)
             # What a key may not use does not exist for it: same answer as an unknown model.
             resolution = table.resolve(fields.model, fields.owned_by, client.allowed_models)
@@ -104,23 +104,20 @@ class ProxyEndpoint:
             and fields.document.get("stream") is True
         ):
             strip_usage = request_usage_chunk(fields.document)
-        payload = body_for_engine(body.data, fields, engine.model, resolution.via_alias, changed=strip_usage)
-
-        def payload_for(target: Engine) -> bytes | bytearray:
-            """The body for the resolved engine, or re-addressed to a fallback engine's model."""
-            if target.model == engine.model:
-                return payload
-            return body_for_engine(body.data, fields, target.model, True, changed=True)
-
+        stream = fields.document.get("stream") is True
         progress = RequestProgress(
             table, started, self._affinity_key(scope, fields, table),
             decision.headers() if decision is not None else [], strip_usage,
+        )
+        payload = EnginePayload(
+            body, fields, engine.model,
+            body_for_engine(body.data, fields, engine.model, resolution.via_alias, changed=strip_usage),
         )
         tracer, span = state.tracer, None
         if tracer is not None:
             span = tracer.start(self.endpoint, fields.model, scope["headers"])
             scope["traceparent"] = tracer.traceparent(span)
-        status = await self.forwarder.forward(engine, payload_for, scope, receive, send, progress)
+        status = await self.forwarder.forward(engine, payload, scope, receive, send, progress)
         if decision is not None and decision.counted:
             await state.limiter.settle(client.name, limits, decision.tokens_charged, _tokens_used(status, decision, progress))
         usage = progress.usage
@@ -135,7 +132,7 @@ class ProxyEndpoint:
         self._log(
             scope, started, status, client_name, model=engine.model, owned_by=engine.owned_by,
             engine=progress.served_by or engine.name, endpoint=progress.endpoint_url,
-            stream=fields.document.get("stream") is True,
+            stream=stream,
             ttfb_ms=round((progress.first_byte_at - started) * 1000, 2) if progress.first_byte_at else None,
             prompt_tokens=usage[0] if usage else None, completion_tokens=usage[1] if usage else None,
             bytes=progress.bytes_sent, error_kind=progress.error_kind,

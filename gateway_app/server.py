@@ -7,6 +7,7 @@ import functools
 import logging
 import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -16,7 +17,7 @@ from starlette.types import ASGIApp
 from gateway_app.app import create_app
 from gateway_app.auth import load_engine_key, load_keys_file
 from gateway_app.client_connections import ConnectionGuard, GuardedHttpProtocol, raise_fd_limit
-from gateway_app.config import ConfigError, load_routing_map
+from gateway_app.config import ClientLimits, ConfigError, load_routing_map
 from gateway_app.config_watcher import WatchedFile
 from gateway_app.listener import bind_listener
 from gateway_app.log_setup import configure_logging
@@ -28,6 +29,7 @@ from gateway_app.state import GatewayState
 # gateway never closes a kept-alive connection that a proxy in front is about to reuse.
 KEEP_ALIVE_SECONDS = 75
 M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter number
+METRICS_LISTENER_LIMITS = ClientLimits(max_connections=32)
 log = logging.getLogger("llm_gateway")
 
 if TYPE_CHECKING:
@@ -88,13 +90,16 @@ def give_large_buffers_back() -> None:
 
 
 def uvicorn_config(
-    app: ASGIApp, guard: ConnectionGuard, log_level: str, shutdown_grace: float, loop: str = "uvloop"
+    app: ASGIApp, guard_for: Callable[[int | None], ConnectionGuard], log_level: str, shutdown_grace: float,
+    loop: str = "uvloop",
 ) -> uvicorn.Config:
-    """How every gateway listener runs (`serve` and `demo`): the guarded httptools protocol, our logging."""
+    """How every gateway listener runs (`serve` and `demo`): the guarded httptools protocol, our logging.
+
+    `guard_for(port)` is the connection guard of the listener on that port."""
     return uvicorn.Config(
         app,
         loop=loop,
-        http=functools.partial(GuardedHttpProtocol, guard=guard),  # type: ignore[arg-type]
+        http=functools.partial(GuardedHttpProtocol, guard_for=guard_for),  # type: ignore[arg-type]
         ws="none",
         lifespan="on",
         access_log=False,
@@ -124,8 +129,8 @@ def serve_gateway(
     except ConfigError as error:
         print(f"llm-gateway: refusing to start: {error}", file=sys.stderr)
         return 2
-    if metrics_port is not None and metrics_port == port:
-        print(f"llm-gateway: --metrics-port must differ from --port ({port})", file=sys.stderr)
+    if metrics_port is not None and (metrics_port == port or not 1 <= metrics_port <= 65535):
+        print(f"llm-gateway: --metrics-port must be a port from 1 to 65535 other than --port ({port})", file=sys.stderr)
         return 2
     sockets = []
     for listen_port in (port, metrics_port):
@@ -141,6 +146,8 @@ def serve_gateway(
     fd_limit = raise_fd_limit()
     give_large_buffers_back()
     guard = ConnectionGuard(lambda: state.table.settings.client_limits, state.metrics, fd_limit)
+    # The metrics port keeps a small budget of its own: a flood on the API port never locks out Prometheus.
+    metrics_guard = ConnectionGuard(lambda: METRICS_LISTENER_LIMITS, state.metrics, fd_limit, report=False)
     log.info(
         "serving %d engines for %d models from %s on %s:%d%s; API keys %s; rate limits in %s; "
         "at most %d client connections (open-file limit %d)",
@@ -151,7 +158,10 @@ def serve_gateway(
     )
     if state.keys is not None and len(state.keys) == 0:
         log.warning("the keys file %s lists no keys: every request will be refused with 401", keys_file)
-    server = uvicorn.Server(uvicorn_config(create_app(state, watched, metrics_port), guard, log_level, shutdown_grace))
+    server = uvicorn.Server(uvicorn_config(
+        create_app(state, watched, metrics_port),
+        lambda local_port: metrics_guard if local_port == metrics_port else guard, log_level, shutdown_grace,
+    ))
     with quiet_after_shutdown():  # exit 0 after a clean shutdown on SIGTERM, as Kubernetes expects
         server.run(sockets=sockets)
     return 0

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+import time
 from collections import Counter
 
 from gateway_app.balancer import available, choose, pick_by_affinity, pick_least_loaded_of_two
@@ -88,3 +89,13 @@ def test_a_replica_not_heard_from_lately_gets_tried_again():
     slow.observe_latency(0.200, now=100)
     fast.observe_latency(0.005, now=200)  # the slow one's average is stale by now
     assert pick_least_loaded_of_two([fast, slow], random.Random(0), now=201) is slow
+
+
+def test_thousands_of_failures_in_a_row_keep_the_longest_cool_down():
+    """2 ** 1100 does not fit in a float: the ejection must still be computed (it was an OverflowError,
+    a 500 for every request to an engine that had failed that often)."""
+    endpoint = Endpoint("http://replica:8000")
+    settings = HealthSettings(ejection_base=1, ejection_max=60)
+    for _ in range(5000):
+        endpoint.failed(settings)
+    assert 0 < endpoint.ejected_until - time.monotonic() <= 60

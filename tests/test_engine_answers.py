@@ -4,6 +4,7 @@ answers read to decide a retry are read up to a small cap. A careless engine cos
 from __future__ import annotations
 
 import asyncio
+import socket
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -15,7 +16,7 @@ from tests.background_server import BackgroundServer
 from tests.conftest import write_routing_map
 from tests.raw_http import RawConnection, request_head
 from tests.support import RunningProcess, start_gateway
-from tests.web import get, metric_value, post
+from tests.web import get, metric_value, post, wait_for
 
 CHUNK = b"x" * (1 << 20)
 
@@ -147,3 +148,30 @@ def test_a_stream_says_cache_control_once(gateway):
     assert answer.status == 200 and b"[DONE]" in answer.body
     assert [value for name, value in answer.headers if name == "cache-control"] == ["no-cache"]
     assert [value for name, value in answer.headers if name == "x-accel-buffering"] == ["no"]
+
+
+def test_clients_that_stop_reading_their_answers_lose_their_place(engine, log_dir, tmp_path):
+    """A 4 GB answer to clients that never read it: the gateway holds each for at most send_timeout,
+    and meanwhile such connections give way to new clients, so they cannot hold the connection budget."""
+    config = write_routing_map(
+        tmp_path / "routes.yaml", [{"name": "careless", "model": "m", "owned_by": "vllm", "url": engine.url}],
+        settings={"client_limits": {"max_connections": 3, "send_timeout": 2}},
+    )
+    gateway = start_gateway(config, log_dir)
+    not_reading = [RawConnection(gateway.url) for _ in range(3)]
+    try:
+        for connection in not_reading:
+            connection.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+            connection.send(request_head(body_length=len(BODY), headers={"X-Mode": "huge-json"}) + BODY)
+
+        def closed(metrics: str) -> float:
+            return sum(metric_value(metrics, "llm_gateway_client_connections_closed_total", reason=reason)
+                       for reason in ("send_timeout", "evicted"))
+
+        wait_for(lambda: get(gateway.url + "/healthz").status == 200, message="a new client is served")
+        wait_for(lambda: closed(get(gateway.url + "/metrics").body.decode()) >= 3, message="all three dropped")
+        assert all(connection.closed_by_peer(within=5) for connection in not_reading)
+    finally:
+        for connection in not_reading:
+            connection.close()
+        gateway.stop()

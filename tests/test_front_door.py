@@ -18,7 +18,7 @@ from tests.web import get, metric_value, post, wait_for
 CHAT = "/v1/chat/completions"
 BODY = b'{"model": "m", "messages": [{"role": "user", "content": "hi"}]}'
 LIMITS = {
-    "max_header_bytes": 4096, "max_headers": 30, "head_timeout": 1.0, "body_timeout": 1.0,
+    "max_header_bytes": 4096, "max_headers": 30, "head_timeout": 1.0, "body_timeout": 1.0, "body_min_rate": 2048,
     "max_connections": 40, "max_body_memory": 1024 * 1024,
 }
 
@@ -293,3 +293,58 @@ def test_1100_half_open_connections_under_a_1024_file_limit(log_dir, tmp_path):
         gateway.stop()
         engine.stop()
     assert "Too many open files" not in gateway.log()
+
+
+@pytest.mark.parametrize("split", [False, True], ids=["one-segment", "body-apart"])
+@pytest.mark.parametrize("upgrade", ["h2c", "websocket"])
+def test_an_upgrade_offer_is_ignored_and_the_body_read_as_plain_http(gateway, engine, upgrade, split):
+    """Java's RestClient and Ktor offer h2c on ordinary POSTs. llhttp ends such a request at its head;
+    the gateway must still read its body, and read what follows as the next request, never as part of it."""
+    head = request_head(body_length=len(BODY), headers={
+        "Connection": "Upgrade, HTTP2-Settings", "Upgrade": upgrade, "HTTP2-Settings": "AAMAAABkAAQCAAAAAAIAAAAA",
+    })
+    before = requests_seen(engine)
+    with RawConnection(gateway.url) as connection:
+        if split:
+            connection.send(head)
+            connection.send(BODY)
+        else:
+            connection.send(head + BODY)
+        assert connection.read_answer().status == 200
+        assert engine.received[-1].body == BODY
+        assert "upgrade" not in {name.lower() for name in engine.received[-1].headers}
+        connection.send(request_head(path="/version", method="GET"))  # the connection goes on as HTTP/1.1
+        answer = connection.read_answer()
+        assert answer.status == 200 and answer.json()["version"]
+    assert requests_seen(engine) == before + 1
+
+
+def test_pipelined_requests_are_answered_in_order(gateway):
+    with RawConnection(gateway.url) as connection:
+        connection.send(
+            request_head(body_length=len(BODY)) + BODY + request_head(path="/version", method="GET")
+            + request_head(body_length=len(BODY)) + BODY[:10]
+        )
+        assert connection.read_answer().status == 200
+        assert connection.read_answer().json()["version"]
+        connection.send(BODY[10:])
+        assert connection.read_answer().status == 200
+
+
+def test_a_body_that_trickles_in_is_cut_off(gateway):
+    """Each chunk comes within body_timeout, but far slower than body_min_rate: 408, and the memory
+    it held is given back."""
+    with RawConnection(gateway.url) as connection:
+        connection.send(request_head(body_length=100_000) + b'{"model": "m", "pad": "')
+        answer = None
+        for _ in range(100):
+            if not connection.send(b"x"):
+                break
+            connection.sock.settimeout(0.5)
+            try:
+                answer = connection.read_answer()
+                break
+            except TimeoutError:
+                continue
+        error = assert_openai_error(answer, 408, "request_timeout")
+        assert "slower than" in error["message"]
