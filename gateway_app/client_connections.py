@@ -8,7 +8,10 @@ bounds a public endpoint needs, before any parsing or application code runs:
 - a request head larger than `max_header_bytes`, or with more than `max_headers` headers, gets 431 and
   the connection is closed; the size is checked on the raw bytes before they reach the parser;
 - a head that is not complete within `head_timeout` seconds gets 408 (or a silent close when nothing
-  was sent at all); an answer the client does not read for `send_timeout` seconds is abandoned;
+  was sent at all), and so does a body that pauses longer than `body_timeout` or, past that, comes
+  slower than `body_min_rate`; an answer the client does not read for `send_timeout` seconds is
+  abandoned. Timers start only when a head or a body does not arrive whole in one read, so the usual
+  request costs none;
 - at most `max_connections` client connections: at the limit, the connection that has waited longest
   without sending a complete request head makes room (a kept-alive idle connection, or a slow head),
   then the one whose request body has been silent longest, then one whose client stopped reading its
@@ -175,6 +178,9 @@ class GuardedHttpProtocol(HttpToolsProtocol):
         self.head_tail = b""  # its last bytes, to find a head end split between two reads
         self.head_measured = False  # the raw check saw where this head ends (not so for a second pipelined head)
         self.head_timer: asyncio.TimerHandle | None = None
+        self.body_timer: asyncio.TimerHandle | None = None
+        self.body_started = self.body_last_read = 0.0  # loop time: the body's clock, once it is on one
+        self.body_bytes = 0  # received since its clock started
         self.send_timer: asyncio.TimerHandle | None = None
         self.replaying_head = False  # parsing a head again without its Upgrade: its callbacks are not news
         self.closing_reason: str | None = None  # set once the connection is being refused or abandoned
@@ -218,10 +224,6 @@ class GuardedHttpProtocol(HttpToolsProtocol):
             self.drain(data)
             return
         if self.awaiting_head:
-            if self.head_timer is None and not self.request_in_progress():
-                # The first byte of the next request on a kept-alive connection (a byte that comes while
-                # an answer is under way waits for it to end: see on_response_done).
-                self.head_timer = self.loop.call_later(self.client_limits.head_timeout, self.head_timed_out)
             if not self.head_fits(data):
                 self.refuse("head_too_large", RequestHeaderTooLarge(
                     f"The request head is larger than the limit of {self.client_limits.max_header_bytes} bytes."
@@ -230,8 +232,34 @@ class GuardedHttpProtocol(HttpToolsProtocol):
         elif self in self.guard.reading_body:
             self.guard.reading_body.pop(self, None)
             self.guard.reading_body[self] = None  # most recently active last
+            self.body_bytes += len(data)
+            self.body_last_read = self.loop.time()
         self._unset_keepalive_if_required()
         self.feed(data)
+        self.start_clocks()
+
+    def start_clocks(self) -> None:
+        """After a read: a head or a body left incomplete goes on the clock (once)."""
+        if self.closing_reason is not None:
+            return
+        if self.awaiting_head:
+            # Part of the next head on a kept-alive connection (one that comes while an answer is under
+            # way waits for it to end: see on_response_done).
+            if self.head_bytes and self.head_timer is None and not self.request_in_progress():
+                self.head_timer = self.loop.call_later(self.client_limits.head_timeout, self.head_timed_out)
+        elif self.body_timer is None and self in self.guard.reading_body:
+            self.body_started = self.body_last_read = self.loop.time()
+            self.body_bytes = 0
+            self.body_timer = self.loop.call_at(self.body_deadline(), self.body_timed_out)
+
+    def body_deadline(self) -> float:
+        """When the body is late: silent for body_timeout, or, after that first stretch, slower than
+        body_min_rate on average."""
+        limits = self.client_limits
+        return min(
+            self.body_last_read + limits.body_timeout,
+            self.body_started + limits.body_timeout + self.body_bytes / limits.body_min_rate,
+        )
 
     def feed(self, data: bytes) -> None:
         try:
@@ -337,6 +365,9 @@ class GuardedHttpProtocol(HttpToolsProtocol):
     def on_message_complete(self) -> None:
         self.awaiting_head = True  # what follows on this connection is the next request's head
         self.guard.reading_body.pop(self, None)
+        if self.body_timer is not None:
+            self.body_timer.cancel()
+            self.body_timer = None
         super().on_message_complete()
 
     def on_response_done(self, cycle: RequestResponseCycle) -> None:
@@ -374,6 +405,21 @@ class GuardedHttpProtocol(HttpToolsProtocol):
         self.guard.not_reading.pop(self, None)
 
     # Refusing
+
+    def body_timed_out(self) -> None:
+        self.body_timer = None
+        if self.closing_reason is not None or self not in self.guard.reading_body:
+            return
+        deadline = self.body_deadline()
+        if self.loop.time() < deadline:  # bytes came meanwhile: the clock moves on
+            self.body_timer = self.loop.call_at(deadline, self.body_timed_out)
+            return
+        limits = self.client_limits
+        silent = self.body_last_read + limits.body_timeout <= deadline
+        self.refuse("body_timeout", RequestTimeout(
+            f"No part of the request body arrived for {limits.body_timeout} s." if silent
+            else f"The request body arrives slower than {limits.body_min_rate} bytes a second."
+        ))
 
     def head_timed_out(self) -> None:
         self.head_timer = None
@@ -432,9 +478,10 @@ class GuardedHttpProtocol(HttpToolsProtocol):
 
     def cancel_timers(self) -> None:
         self.cancel_head_timer()
-        if self.send_timer is not None:
-            self.send_timer.cancel()
-            self.send_timer = None
+        for timer in (self.body_timer, self.send_timer):
+            if timer is not None:
+                timer.cancel()
+        self.body_timer = self.send_timer = None
 
 
 def reset(transport: asyncio.Transport) -> None:

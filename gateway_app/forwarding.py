@@ -314,6 +314,12 @@ class Forwarder:
         Returns True when the engine's answer was relayed to its end. The idle timer runs only while
         waiting for the engine, never while a slow client takes its time to read.
         """
+        if not streaming and len(chunk) == response.content_length:  # the usual JSON answer: all in one read
+            await send({"type": "http.response.body", "body": chunk})
+            progress.bytes_sent = len(chunk)
+            if status == 200 and USAGE_KEY in chunk:
+                self._count_tokens(engine, find_usage(chunk), progress)
+            return True
         idle = engine.timeouts.idle
         loop = asyncio.get_running_loop()
         older = previous = b""

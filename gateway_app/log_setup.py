@@ -4,10 +4,16 @@ from __future__ import annotations
 
 import logging
 import sys
+import threading
 import time
 from datetime import datetime, timezone
 
 import orjson
+
+
+# Held while a line (or a batch of them) goes to stderr, by the log handler and by the request log:
+# lines written from two threads never mix.
+OUTPUT_LOCK = threading.RLock()
 
 
 class JsonFormatter(logging.Formatter):
@@ -31,6 +37,7 @@ def default_format() -> str:
 def configure_logging(level: str, fmt: str | None = None) -> str:
     fmt = fmt or default_format()
     handler = logging.StreamHandler(sys.stderr)
+    handler.lock = OUTPUT_LOCK  # shared with the request log, which writes from a thread of its own
     handler.setFormatter(
         JsonFormatter() if fmt == "json" else logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s")
     )

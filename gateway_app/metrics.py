@@ -20,7 +20,7 @@ from prometheus_client import (
 DURATION_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)
 CONNECTION_CLOSE_REASONS = (
     "head_too_large", "too_many_headers", "head_timeout", "idle", "bad_request", "evicted", "over_capacity",
-    "send_timeout",
+    "body_timeout", "send_timeout",
 )
 FIRST_BYTE_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
 
@@ -135,7 +135,7 @@ class GatewayMetrics:
         self.client_connections_closed = Counter(
             "llm_gateway_client_connections_closed",
             "Client connections closed by the gateway's bounds, by reason (head_too_large, too_many_headers, "
-            "head_timeout, idle, bad_request, evicted, over_capacity, send_timeout).",
+            "head_timeout, body_timeout, idle, bad_request, evicted, over_capacity, send_timeout).",
             ("reason",), registry=self.registry,
         )
         self.request_body_bytes = Gauge(

@@ -60,7 +60,7 @@ class ProxyEndpoint:
             client = state.authenticate(scope["headers"])
             client_name = client.name
             settings = table.settings
-            body = await read_body(scope, receive, settings.max_body_bytes, state.body_budget, settings.client_limits)
+            body = await read_body(scope, receive, settings.max_body_bytes, state.body_budget)
             fields = parse_routing_fields(body.data)
             # What a key may not use does not exist for it: same answer as an unknown model.
             resolution = table.resolve(fields.model, fields.owned_by, client.allowed_models)

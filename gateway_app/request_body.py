@@ -6,7 +6,6 @@ The body is re-encoded only when it must change (an alias to replace, `owned_by`
 
 from __future__ import annotations
 
-import asyncio
 import json
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -15,7 +14,6 @@ from typing import Any
 import orjson
 from starlette.types import Receive, Scope
 
-from gateway_app.config import ClientLimits
 from gateway_app.errors import GatewayOverloaded, InvalidRequest, PayloadTooLarge, RequestTimeout
 
 
@@ -95,43 +93,28 @@ def parsed_size_estimate(data: bytes | bytearray) -> int:
     return len(data) + PARSED_BYTES_PER_CONTAINER * containers + PARSED_BYTES_PER_ELEMENT * data.count(b",")
 
 
-async def read_body(
-    scope: Scope, receive: Receive, max_bytes: int, budget: BodyMemoryBudget, limits: ClientLimits
-) -> Body:
+async def read_body(scope: Scope, receive: Receive, max_bytes: int, budget: BodyMemoryBudget) -> Body:
     """The whole request body, refusing early (413) once it is known to exceed `max_bytes`.
 
     Memory is reserved from the budget as bytes arrive (a slow client holds only what it sent), then for
-    parsing; past the budget, 503. A body that pauses longer than `body_timeout`, or that after that
-    first stretch arrives slower than `body_min_rate` bytes a second on average, gets 408.
+    parsing; past the budget, 503. How long a body may take is the connection's business
+    (client_connections.py): a late one ends here as a disconnect.
     """
     declared = _declared_length(scope)
     if declared is not None and declared > max_bytes:
         raise PayloadTooLarge(f"The request body is {declared} bytes; the limit is {max_bytes} bytes.")
     if declared is not None and not budget.could_hold(declared):
         raise _overloaded()  # refused before its bytes are read, not after: reading them costs CPU too
-    loop = asyncio.get_running_loop()
-    started = last_arrival = loop.time()
     body = Body(b"", budget, 0)
     received: bytearray | None = None
     size = 0
     try:
         while True:
-            idle_deadline = last_arrival + limits.body_timeout
-            rate_deadline = started + limits.body_timeout + size / limits.body_min_rate
-            try:
-                async with asyncio.timeout_at(min(idle_deadline, rate_deadline)):
-                    message = await receive()
-            except TimeoutError:
-                too_slow = rate_deadline < idle_deadline
-                raise RequestTimeout(
-                    f"The request body arrives slower than {limits.body_min_rate} bytes a second." if too_slow
-                    else f"No part of the request body arrived for {limits.body_timeout} s."
-                ) from None
+            message = await receive()
             if message["type"] == "http.disconnect":
                 raise ConnectionAbortedError("client went away while sending the body")
             chunk = message.get("body", b"")
             size += len(chunk)
-            last_arrival = loop.time()
             if size > max_bytes:
                 raise PayloadTooLarge(f"The request body is larger than the limit of {max_bytes} bytes.")
             _reserve(body, len(chunk))

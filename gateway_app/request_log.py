@@ -15,6 +15,8 @@ from typing import Any, TextIO
 
 import orjson
 
+from gateway_app.log_setup import OUTPUT_LOCK
+
 FLUSH_SECONDS = 0.2
 MAX_BUFFERED = 10_000  # past this, lines are dropped (and counted) rather than memory growing
 
@@ -51,14 +53,16 @@ class RequestLog:
     def flush(self) -> None:
         if self.dropped:
             dropped, self.dropped = self.dropped, 0
-            self._stream.write(f"llm-gateway: {dropped} request log lines dropped (the log cannot keep up)\n")
+            with OUTPUT_LOCK:
+                self._stream.write(f"llm-gateway: {dropped} request log lines dropped (the log cannot keep up)\n")
         if not self._buffer:
             return
         lines = []
         while self._buffer:
             lines.append(self._render(self._buffer.popleft()))
-        self._stream.write("\n".join(lines) + "\n")
-        self._stream.flush()
+        with OUTPUT_LOCK:
+            self._stream.write("\n".join(lines) + "\n")
+            self._stream.flush()
 
     async def run(self) -> None:
         while not self._stop.is_set():

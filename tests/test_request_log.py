@@ -40,8 +40,9 @@ def log_line(gateway: RunningProcess, request_id: str) -> dict:
     found: list[dict] = []
 
     def present() -> bool:
-        for line in gateway.log().splitlines():
-            if line.startswith("{") and f'"request_id":"{request_id}"' in line:
+        for line in gateway.log().splitlines(keepends=True):
+            # Only whole lines: the file may be read while the gateway is in the middle of writing one.
+            if line.startswith("{") and line.endswith("\n") and f'"request_id":"{request_id}"' in line:
                 found.append(json.loads(line))
                 return True
         return False
