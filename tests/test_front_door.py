@@ -348,3 +348,14 @@ def test_a_body_that_trickles_in_is_cut_off(gateway):
                 continue
         error = assert_openai_error(answer, 408, "request_timeout")
         assert "slower than" in error["message"]
+
+
+def test_a_body_that_would_swell_when_parsed_is_refused_before_parsing(gateway):
+    """500 KB of `{}` elements would take about 17 MB as Python objects: its estimate passes the 1 MiB
+    budget, so it is refused before it is parsed; a body as large made of one string is served."""
+    bomb = b'{"model": "m", "pad": [' + b"{}," * 160_000 + b'{}]}'
+    plain = b'{"model": "m", "pad": "' + b"x" * (len(bomb) - 26) + b'"}'
+    assert len(bomb) < 512 * 1024 and abs(len(plain) - len(bomb)) < 8
+    answer = post(gateway.url + CHAT, bomb)
+    assert answer.status == 503 and answer.json()["error"]["code"] == "gateway_overloaded"
+    assert post(gateway.url + CHAT, plain).status == 200
