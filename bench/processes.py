@@ -97,9 +97,23 @@ def stop_on_sigterm() -> None:
     signal.signal(signal.SIGTERM, interrupt)
 
 
-def pin_to(cpus: tuple[int, ...]) -> Callable[[], None] | None:
-    # Runs in the child between fork and exec, so the pinning holds from the first instruction.
-    return (lambda: os.sched_setaffinity(0, cpus)) if cpus else None
+def pin_to(
+    cpus: tuple[int, ...], open_files: int | None = None, niceness: int = 0,
+) -> Callable[[], None] | None:
+    """What the child runs between fork and exec, so that its pinning (and an open-file limit, soft and
+    hard, and a lower priority, when given) hold from its first instruction."""
+    if not cpus and open_files is None and not niceness:
+        return None
+
+    def prepare() -> None:
+        if cpus:
+            os.sched_setaffinity(0, cpus)
+        if open_files is not None:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (open_files, open_files))
+        if niceness:
+            os.nice(niceness)
+
+    return prepare
 
 
 class ProcessGroup:
@@ -109,19 +123,23 @@ class ProcessGroup:
         self.log_dir = log_dir
         self._procs: list[subprocess.Popen[bytes]] = []
 
-    def start(self, name: str, argv: list[str], cpus: tuple[int, ...]) -> subprocess.Popen[bytes]:
+    def start(
+        self, name: str, argv: list[str], cpus: tuple[int, ...], *, open_files: int | None = None, niceness: int = 0,
+    ) -> subprocess.Popen[bytes]:
         with (self.log_dir / f"{name}.log").open("wb") as log:
             # A new session keeps Ctrl-C away from the children: the bench stops them itself, in order.
             proc = subprocess.Popen(
-                argv, cwd=REPO_ROOT, stdout=log, stderr=subprocess.STDOUT, preexec_fn=pin_to(cpus),
-                start_new_session=True,
+                argv, cwd=REPO_ROOT, stdout=log, stderr=subprocess.STDOUT,
+                preexec_fn=pin_to(cpus, open_files, niceness), start_new_session=True,
             )
         self._procs.append(proc)
         return proc
 
-    def start_gateway_app(self, name: str, args: list[str], cpus: tuple[int, ...]) -> subprocess.Popen[bytes]:
+    def start_gateway_app(
+        self, name: str, args: list[str], cpus: tuple[int, ...], *, open_files: int | None = None,
+    ) -> subprocess.Popen[bytes]:
         """`python -m gateway_app <args>` with this interpreter."""
-        return self.start(name, [sys.executable, "-m", "gateway_app", *args], cpus)
+        return self.start(name, [sys.executable, "-m", "gateway_app", *args], cpus, open_files=open_files)
 
     def wait_ready(self, name: str, proc: subprocess.Popen[bytes], probe: Callable[[], bool]) -> None:
         """Call `probe` until it returns True; fail early, with the process's log, if the process dies."""
@@ -179,6 +197,15 @@ def scrape(base_url: str) -> str:
 
 _SAMPLE = re.compile(r"^([A-Za-z_:][A-Za-z0-9_:]*)(?:\{(.*)\})? (\S+)$", re.MULTILINE)
 _LABEL = re.compile(r'([A-Za-z_][A-Za-z0-9_]*)="((?:[^"\\]|\\.)*)"')
+
+
+def metric_samples(metrics: str, name: str) -> list[tuple[dict[str, str], float]]:
+    """Every sample of `name`: its labels and its value."""
+    return [
+        (dict(_LABEL.findall(label_text)), float(value))
+        for sample_name, label_text, value in _SAMPLE.findall(metrics)
+        if sample_name == name
+    ]
 
 
 def metric_sum(metrics: str, name: str, **labels: str) -> float:
