@@ -14,9 +14,8 @@ from typing import TYPE_CHECKING
 from starlette.types import Receive, Scope, Send
 
 from gateway_app.auth import Client, Unauthorized
-from gateway_app.errors import GatewayError, InternalError
+from gateway_app.errors import GatewayError, GatewayOverloaded, InternalError
 from gateway_app.forwarding import CLIENT_CLOSED, Forwarder, RequestProgress
-from gateway_app.errors import GatewayOverloaded
 from gateway_app.rate_limit import Decision, LimiterUnavailable, Limits, RateLimited
 from gateway_app.request_body import (
     Body, EnginePayload, RoutingFields, body_for_engine, parse_routing_fields, read_body,

@@ -139,7 +139,7 @@ def serve_gateway(
         try:
             sockets.append(bind_listener(host, listen_port))
         except OSError as error:
-            print(f"llm-gateway: cannot listen on {host}:{listen_port}: {error.strerror or error}", file=sys.stderr)
+            print(f"llm-gateway serve: cannot listen on {host}:{listen_port}: {error.strerror or error}", file=sys.stderr)
             for sock in sockets:
                 sock.close()
             return 1

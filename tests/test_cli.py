@@ -179,3 +179,16 @@ def test_a_busy_port_is_one_clear_line_and_exit_code_1(command):
     assert result.returncode == 1
     assert result.stderr == f"llm-gateway {command[0]}: cannot listen on 127.0.0.1:{port}: Address already in use\n"
     assert result.stdout == ""
+
+
+def test_serve_on_a_busy_port_is_one_clear_line_and_exit_code_1(tmp_path):
+    config = tmp_path / "routes.yaml"
+    config.write_text("engines: [{name: e, model: m, owned_by: vllm, url: 'http://127.0.0.1:9'}]\n")
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        result = run_cli("serve", "--config", str(config), "--host", "127.0.0.1", "--port", str(port))
+    assert result.returncode == 1
+    assert result.stderr == f"llm-gateway serve: cannot listen on 127.0.0.1:{port}: Address already in use\n"
+    assert result.stdout == ""
