@@ -57,7 +57,11 @@ class AccessGateway:
 
 
 def start_gateways(
-    group: ProcessGroup, pinning: Pinning, servers: Servers, names: list[str], model: str,
+    group: ProcessGroup,
+    pinning: Pinning,
+    servers: Servers,
+    names: list[str],
+    model: str,
 ) -> list[AccessGateway]:
     """One gateway per configuration; `open` is the one already in front of the simulator."""
     api_key = "sk-bench-" + secrets.token_urlsafe(24)
@@ -68,7 +72,9 @@ def start_gateways(
     gateways = []
     for name in names:
         if name == "open":
-            gateways.append(AccessGateway(name, servers.gateway_url, Pids(servers.gateway.pid, servers.simulator.pid), None))
+            gateways.append(
+                AccessGateway(name, servers.gateway_url, Pids(servers.gateway.pid, servers.simulator.pid), None)
+            )
             continue
         extra_args = ["--keys-file", str(keys_file)]
         redis_port = redis_pid = None
@@ -77,10 +83,18 @@ def start_gateways(
             redis_pid = start_redis(group, pinning.simulator, redis_port).pid
             extra_args += ["--redis-url", f"redis://127.0.0.1:{redis_port}/0"]
         port = free_port()
-        gateway = start_gateway(group, f"gateway-{name.replace('+', '-')}", pinning, limited_map, port, tuple(extra_args))
-        gateways.append(AccessGateway(
-            name, f"http://127.0.0.1:{port}", Pids(gateway.pid, servers.simulator.pid, redis_pid), api_key, redis_port,
-        ))
+        gateway = start_gateway(
+            group, f"gateway-{name.replace('+', '-')}", pinning, limited_map, port, tuple(extra_args)
+        )
+        gateways.append(
+            AccessGateway(
+                name,
+                f"http://127.0.0.1:{port}",
+                Pids(gateway.pid, servers.simulator.pid, redis_pid),
+                api_key,
+                redis_port,
+            )
+        )
     for gateway in gateways:
         check_access_control(gateway, model)
     return gateways
@@ -119,7 +133,9 @@ def print_gateways(gateways: list[AccessGateway]) -> None:
             print(f"{gateway.name} gateway {gateway.url} (pid {gateway.pids.gateway}){redis}", flush=True)
 
 
-async def run_access(args: argparse.Namespace, gateways: list[AccessGateway], model: str) -> list[tuple[str, ScenarioResult]]:
+async def run_access(
+    args: argparse.Namespace, gateways: list[AccessGateway], model: str
+) -> list[tuple[str, ScenarioResult]]:
     print("access control:", flush=True)
     results = []
     plan = [(False, gateways)] + [(True, [g for g in gateways if g.name in STREAM_CONFIGURATIONS])]
@@ -127,12 +143,22 @@ async def run_access(args: argparse.Namespace, gateways: list[AccessGateway], mo
         for concurrency in args.concurrency:
             for gateway in taking_turns:
                 result = await run_scenario(
-                    "gateway", gateway.url, stream, concurrency, args, gateway.pids,
-                    model=model, api_key=gateway.api_key, include_usage=not stream,
+                    "gateway",
+                    gateway.url,
+                    stream,
+                    concurrency,
+                    args,
+                    gateway.pids,
+                    model=model,
+                    api_key=gateway.api_key,
+                    include_usage=not stream,
                 )
-                print(f"  {gateway.name:<12} {result.mode:<10} c={concurrency:<3} {result.requests_per_s:8.0f} req/s, "
-                      f"p50 {fmt(result.p50_ms)} ms, gw cpu {fmt(result.gateway_cpu_ms_per_request, 3)} ms/req, "
-                      f"{result.errors} errors", flush=True)
+                print(
+                    f"  {gateway.name:<12} {result.mode:<10} c={concurrency:<3} {result.requests_per_s:8.0f} req/s, "
+                    f"p50 {fmt(result.p50_ms)} ms, gw cpu {fmt(result.gateway_cpu_ms_per_request, 3)} ms/req, "
+                    f"{result.errors} errors",
+                    flush=True,
+                )
                 results.append((gateway.name, result))
     return results
 
@@ -159,14 +185,18 @@ def versus_open(results: list[tuple[str, ScenarioResult]]) -> list[dict[str, Any
         open_ = baseline.get((r.mode, r.concurrency))
         if name == "open" or open_ is None:
             continue
-        rows.append({
-            "access": name,
-            "mode": r.mode,
-            "concurrency": r.concurrency,
-            "added_gateway_cpu_ms_per_request": difference(r.gateway_cpu_ms_per_request, open_.gateway_cpu_ms_per_request),
-            "added_p50_ms": difference(r.p50_ms, open_.p50_ms),
-            "throughput_ratio": r.requests_per_s / open_.requests_per_s if open_.requests_per_s else None,
-        })
+        rows.append(
+            {
+                "access": name,
+                "mode": r.mode,
+                "concurrency": r.concurrency,
+                "added_gateway_cpu_ms_per_request": difference(
+                    r.gateway_cpu_ms_per_request, open_.gateway_cpu_ms_per_request
+                ),
+                "added_p50_ms": difference(r.p50_ms, open_.p50_ms),
+                "throughput_ratio": r.requests_per_s / open_.requests_per_s if open_.requests_per_s else None,
+            }
+        )
     return rows
 
 
@@ -175,9 +205,14 @@ def targets(results: list[tuple[str, ScenarioResult]]) -> list[dict[str, Any]]:
     for name, r in results:
         if name == "open" or r.mode != "non-stream" or r.gateway_cpu_ms_per_request is None:
             continue
-        rows.append({"target": f"gateway CPU per non-streaming request with limits ({name}), c={r.concurrency}",
-                     "limit_ms": TARGET_CPU_MS_NON_STREAM_WITH_LIMITS, "value_ms": r.gateway_cpu_ms_per_request,
-                     "met": r.gateway_cpu_ms_per_request <= TARGET_CPU_MS_NON_STREAM_WITH_LIMITS})
+        rows.append(
+            {
+                "target": f"gateway CPU per non-streaming request with limits ({name}), c={r.concurrency}",
+                "limit_ms": TARGET_CPU_MS_NON_STREAM_WITH_LIMITS,
+                "value_ms": r.gateway_cpu_ms_per_request,
+                "met": r.gateway_cpu_ms_per_request <= TARGET_CPU_MS_NON_STREAM_WITH_LIMITS,
+            }
+        )
     return rows
 
 
@@ -186,7 +221,7 @@ def report(results: list[tuple[str, ScenarioResult]], store: dict[str, Any] | No
     return {
         "configurations": {name: DESCRIPTIONS[name] for name in dict.fromkeys(name for name, _ in results)},
         "streams": f"{max_tokens} tokens, without stream_options: with a token limit the gateway asks the engine "
-                   "for the usage chunk and strips it from the client's stream",
+        "for the usage chunk and strips it from the client's stream",
         "scenarios": [{"access": name, **asdict(r)} for name, r in results],
         "vs_open": versus_open(results),
         "redis": store,
@@ -196,21 +231,27 @@ def report(results: list[tuple[str, ScenarioResult]], store: dict[str, Any] | No
 def print_report(section: dict[str, Any]) -> None:
     print("\naccess control: the gateway's cost per request by configuration")
     added = {(row["access"], row["mode"], row["concurrency"]): row for row in section["vs_open"]}
-    header = f"{'access':<12} {'mode':<10} {'conc':>4} {'req/s':>8} {'p50 ms':>7} {'errors':>6} {'gw cpu/req':>10} " \
-             f"{'+cpu/req':>8} {'+p50 ms':>7} {'redis cpu/req':>13} {'gw busy':>7} {'cpu0 busy':>9}"
+    header = (
+        f"{'access':<12} {'mode':<10} {'conc':>4} {'req/s':>8} {'p50 ms':>7} {'errors':>6} {'gw cpu/req':>10} "
+        f"{'+cpu/req':>8} {'+p50 ms':>7} {'redis cpu/req':>13} {'gw busy':>7} {'cpu0 busy':>9}"
+    )
     print(header)
     print("-" * len(header))
     for r in section["scenarios"]:
         row = added.get((r["access"], r["mode"], r["concurrency"]), {})
-        print(f"{r['access']:<12} {r['mode']:<10} {r['concurrency']:>4} {r['requests_per_s']:>8.0f} "
-              f"{fmt(r['p50_ms']):>7} {r['errors']:>6} {fmt(r['gateway_cpu_ms_per_request'], 3):>10} "
-              f"{fmt(row.get('added_gateway_cpu_ms_per_request'), 3, sign=True):>8} "
-              f"{fmt(row.get('added_p50_ms'), 3, sign=True):>7} {fmt(r['redis_cpu_ms_per_request'], 3):>13} "
-              f"{r['gateway_busy_percent']:>6.0f}% {r['cpu0_busy_percent']:>8.0f}%")
+        print(
+            f"{r['access']:<12} {r['mode']:<10} {r['concurrency']:>4} {r['requests_per_s']:>8.0f} "
+            f"{fmt(r['p50_ms']):>7} {r['errors']:>6} {fmt(r['gateway_cpu_ms_per_request'], 3):>10} "
+            f"{fmt(row.get('added_gateway_cpu_ms_per_request'), 3, sign=True):>8} "
+            f"{fmt(row.get('added_p50_ms'), 3, sign=True):>7} {fmt(r['redis_cpu_ms_per_request'], 3):>13} "
+            f"{r['gateway_busy_percent']:>6.0f}% {r['cpu0_busy_percent']:>8.0f}%"
+        )
     print(f"  +cpu/req, +p50 ms: against open at the same mode and concurrency; streams: {section['streams']}")
     if section["redis"] is not None:
         store = section["redis"]
-        print(f"  redis after the run: {store['redis_keys']} keys; gateway store errors: {fmt(store['gateway_store_errors'], 0)}")
+        print(
+            f"  redis after the run: {store['redis_keys']} keys; gateway store errors: {fmt(store['gateway_store_errors'], 0)}"
+        )
         if store["gateway_store_errors"]:
             print("  WARNING: the keys+redis gateway could not always reach Redis; some requests went uncounted")
     for r in section["scenarios"]:
@@ -229,5 +270,7 @@ def configuration_list(text: str) -> list[str]:
     names = [part.strip() for part in text.split(",") if part.strip()]
     unknown = [name for name in names if name not in CONFIGURATIONS]
     if unknown:
-        raise argparse.ArgumentTypeError(f"unknown {', '.join(unknown)}; choose from {', '.join(CONFIGURATIONS)} or none")
+        raise argparse.ArgumentTypeError(
+            f"unknown {', '.join(unknown)}; choose from {', '.join(CONFIGURATIONS)} or none"
+        )
     return [name for name in CONFIGURATIONS if name in names]  # always in this order: open first

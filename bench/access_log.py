@@ -52,10 +52,14 @@ def start_gateways(group: ProcessGroup, pinning: Pinning, servers: Servers, mode
         port = free_port()
         process_name = f"gateway-log-{name}"
         gateway = start_gateway(group, process_name, pinning, routes, port, extra_args)
-        gateways.append(LoggingGateway(
-            name, f"http://127.0.0.1:{port}", Pids(gateway.pid, servers.simulator.pid),
-            group.log_dir / f"{process_name}.log",
-        ))
+        gateways.append(
+            LoggingGateway(
+                name,
+                f"http://127.0.0.1:{port}",
+                Pids(gateway.pid, servers.simulator.pid),
+                group.log_dir / f"{process_name}.log",
+            )
+        )
     check_logging(gateways, model)
     return gateways
 
@@ -73,7 +77,8 @@ def check_logging(gateways: list[LoggingGateway], model: str) -> None:
     for gateway in gateways:
         request_ids[gateway.name] = "bench-log-check-" + secrets.token_hex(8)
         request = urllib.request.Request(
-            f"{gateway.url}/v1/chat/completions", data=body,
+            f"{gateway.url}/v1/chat/completions",
+            data=body,
             headers={"Content-Type": "application/json", "x-request-id": request_ids[gateway.name]},
         )
         try:
@@ -91,7 +96,9 @@ def check_logging(gateways: list[LoggingGateway], model: str) -> None:
             try:
                 json.loads(lines[0])
             except ValueError:
-                raise RuntimeError(f"the gateway started with --log-format json wrote a line that is not JSON: {lines[0]}") from None
+                raise RuntimeError(
+                    f"the gateway started with --log-format json wrote a line that is not JSON: {lines[0]}"
+                ) from None
 
 
 def print_gateways(gateways: list[LoggingGateway]) -> None:
@@ -108,10 +115,15 @@ async def run_logging(args: argparse.Namespace, gateways: list[LoggingGateway], 
     for concurrency in args.concurrency:
         for turn, name in enumerate(TURN_ORDER, start=1):
             gateway = by_name[name]
-            result = await run_scenario("gateway", gateway.url, False, concurrency, turn_args, gateway.pids, model=model)
-            print(f"  {name:<4} c={concurrency:<3} turn {turn} {result.requests_per_s:8.0f} req/s, "
-                  f"p50 {fmt(result.p50_ms)} ms, gw cpu {fmt(result.gateway_cpu_ms_per_request, 3)} ms/req, "
-                  f"{result.errors} errors", flush=True)
+            result = await run_scenario(
+                "gateway", gateway.url, False, concurrency, turn_args, gateway.pids, model=model
+            )
+            print(
+                f"  {name:<4} c={concurrency:<3} turn {turn} {result.requests_per_s:8.0f} req/s, "
+                f"p50 {fmt(result.p50_ms)} ms, gw cpu {fmt(result.gateway_cpu_ms_per_request, 3)} ms/req, "
+                f"{result.errors} errors",
+                flush=True,
+            )
             turns.append({"log": name, "turn": turn, **asdict(result)})
     return turns
 
@@ -141,18 +153,20 @@ def pooled(turns: list[dict[str, Any]]) -> list[dict[str, Any]]:
         cpu_ms = sum(t["gateway_cpu_ms_per_request"] * (t["requests"] + t["errors"] or 1) for t in mine)
         seconds = sum(t["seconds"] for t in mine)
         p50s = [t["p50_ms"] for t in mine if t["p50_ms"] is not None]
-        rows.append({
-            "log": key[0],
-            "concurrency": key[1],
-            "requests": sum(t["requests"] for t in mine),
-            "errors": sum(t["errors"] for t in mine),
-            "seconds": round(seconds, 3),
-            "requests_per_s": sum(t["requests"] for t in mine) / seconds,
-            "mean_p50_ms": sum(p50s) / len(p50s) if p50s else None,
-            "gateway_cpu_ms_per_request": cpu_ms / (completed or 1),
-            "gateway_busy_percent": sum(t["gateway_busy_percent"] * t["seconds"] for t in mine) / seconds,
-            "cpu0_busy_percent": sum(t["cpu0_busy_percent"] * t["seconds"] for t in mine) / seconds,
-        })
+        rows.append(
+            {
+                "log": key[0],
+                "concurrency": key[1],
+                "requests": sum(t["requests"] for t in mine),
+                "errors": sum(t["errors"] for t in mine),
+                "seconds": round(seconds, 3),
+                "requests_per_s": sum(t["requests"] for t in mine) / seconds,
+                "mean_p50_ms": sum(p50s) / len(p50s) if p50s else None,
+                "gateway_cpu_ms_per_request": cpu_ms / (completed or 1),
+                "gateway_busy_percent": sum(t["gateway_busy_percent"] * t["seconds"] for t in mine) / seconds,
+                "cpu0_busy_percent": sum(t["cpu0_busy_percent"] * t["seconds"] for t in mine) / seconds,
+            }
+        )
     return rows
 
 
@@ -163,16 +177,22 @@ def costs(turns: list[dict[str, Any]], totals: list[dict[str, Any]]) -> list[dic
     for concurrency in dict.fromkeys(row["concurrency"] for row in totals):
         json_, off = total[("json", concurrency)], total[("off", concurrency)]
         cpu = {(t["log"], t["turn"]): t["gateway_cpu_ms_per_request"] for t in turns if t["concurrency"] == concurrency}
-        rows.append({
-            "concurrency": concurrency,
-            "json_cpu_ms_per_request": json_["gateway_cpu_ms_per_request"],
-            "off_cpu_ms_per_request": off["gateway_cpu_ms_per_request"],
-            "added_cpu_ms_per_request": json_["gateway_cpu_ms_per_request"] - off["gateway_cpu_ms_per_request"],
-            # turns 1-2 and 3-4 of TURN_ORDER: json then off, off then json
-            "added_cpu_ms_per_request_by_half": [cpu[("json", 1)] - cpu[("off", 2)], cpu[("json", 4)] - cpu[("off", 3)]],
-            "added_p50_ms": None if json_["mean_p50_ms"] is None or off["mean_p50_ms"] is None
-            else json_["mean_p50_ms"] - off["mean_p50_ms"],
-        })
+        rows.append(
+            {
+                "concurrency": concurrency,
+                "json_cpu_ms_per_request": json_["gateway_cpu_ms_per_request"],
+                "off_cpu_ms_per_request": off["gateway_cpu_ms_per_request"],
+                "added_cpu_ms_per_request": json_["gateway_cpu_ms_per_request"] - off["gateway_cpu_ms_per_request"],
+                # turns 1-2 and 3-4 of TURN_ORDER: json then off, off then json
+                "added_cpu_ms_per_request_by_half": [
+                    cpu[("json", 1)] - cpu[("off", 2)],
+                    cpu[("json", 4)] - cpu[("off", 3)],
+                ],
+                "added_p50_ms": None
+                if json_["mean_p50_ms"] is None or off["mean_p50_ms"] is None
+                else json_["mean_p50_ms"] - off["mean_p50_ms"],
+            }
+        )
     return rows
 
 
@@ -182,7 +202,7 @@ def report(turns: list[dict[str, Any]], lines: dict[str, dict[str, int]], durati
     return {
         "configurations": DESCRIPTIONS,
         "turns": f"non-streaming; at each concurrency {', '.join(TURN_ORDER)}, "
-                 f"{duration / (len(TURN_ORDER) // len(LOG_ARGS)):g} s each",
+        f"{duration / (len(TURN_ORDER) // len(LOG_ARGS)):g} s each",
         "scenarios": turns,
         "pooled": totals,
         "json_minus_off": costs(turns, totals),
@@ -191,41 +211,59 @@ def report(turns: list[dict[str, Any]], lines: dict[str, dict[str, int]], durati
 
 
 def targets(section: dict[str, Any]) -> list[dict[str, Any]]:
-    return [{"target": f"access log (JSON) CPU per non-streaming request, c={row['concurrency']}",
-             "limit_ms": TARGET_CPU_MS_PER_REQUEST, "value_ms": row["added_cpu_ms_per_request"],
-             "met": row["added_cpu_ms_per_request"] < TARGET_CPU_MS_PER_REQUEST}
-            for row in section["json_minus_off"]]
+    return [
+        {
+            "target": f"access log (JSON) CPU per non-streaming request, c={row['concurrency']}",
+            "limit_ms": TARGET_CPU_MS_PER_REQUEST,
+            "value_ms": row["added_cpu_ms_per_request"],
+            "met": row["added_cpu_ms_per_request"] < TARGET_CPU_MS_PER_REQUEST,
+        }
+        for row in section["json_minus_off"]
+    ]
 
 
 def print_report(section: dict[str, Any]) -> None:
     print(f"\naccess log: the gateway's CPU per request with and without it ({section['turns']})")
-    header = f"{'log':<5} {'conc':>4} {'req/s':>8} {'p50 ms':>7} {'errors':>6} {'gw cpu/req':>10} " \
-             f"{'gw busy':>7} {'cpu0 busy':>9}"
+    header = (
+        f"{'log':<5} {'conc':>4} {'req/s':>8} {'p50 ms':>7} {'errors':>6} {'gw cpu/req':>10} "
+        f"{'gw busy':>7} {'cpu0 busy':>9}"
+    )
     print(header)
     print("-" * len(header))
     for r in section["pooled"]:
-        print(f"{r['log']:<5} {r['concurrency']:>4} {r['requests_per_s']:>8.0f} {fmt(r['mean_p50_ms']):>7} "
-              f"{r['errors']:>6} {fmt(r['gateway_cpu_ms_per_request'], 3):>10} {r['gateway_busy_percent']:>6.0f}% "
-              f"{r['cpu0_busy_percent']:>8.0f}%")
+        print(
+            f"{r['log']:<5} {r['concurrency']:>4} {r['requests_per_s']:>8.0f} {fmt(r['mean_p50_ms']):>7} "
+            f"{r['errors']:>6} {fmt(r['gateway_cpu_ms_per_request'], 3):>10} {r['gateway_busy_percent']:>6.0f}% "
+            f"{r['cpu0_busy_percent']:>8.0f}%"
+        )
     print("  pooled over each gateway's two turns (p50: the mean of the two)")
-    print(f"\n{'conc':>4} {'json cpu/req':>12} {'off cpu/req':>11} {'+cpu/req':>8} {'by half (1-2, 3-4)':>18} {'+p50 ms':>7}")
+    print(
+        f"\n{'conc':>4} {'json cpu/req':>12} {'off cpu/req':>11} {'+cpu/req':>8} {'by half (1-2, 3-4)':>18} {'+p50 ms':>7}"
+    )
     for c in section["json_minus_off"]:
         halves = ", ".join(fmt(value, 3, sign=True) for value in c["added_cpu_ms_per_request_by_half"])
-        print(f"{c['concurrency']:>4} {c['json_cpu_ms_per_request']:>12.3f} {c['off_cpu_ms_per_request']:>11.3f} "
-              f"{fmt(c['added_cpu_ms_per_request'], 3, sign=True):>8} {halves:>18} {fmt(c['added_p50_ms'], 3, sign=True):>7}")
+        print(
+            f"{c['concurrency']:>4} {c['json_cpu_ms_per_request']:>12.3f} {c['off_cpu_ms_per_request']:>11.3f} "
+            f"{fmt(c['added_cpu_ms_per_request'], 3, sign=True):>8} {halves:>18} {fmt(c['added_p50_ms'], 3, sign=True):>7}"
+        )
     for c in section["json_minus_off"]:
         first, second = c["added_cpu_ms_per_request_by_half"]
         if abs(first - second) > TARGET_CPU_MS_PER_REQUEST:
-            print(f"  note: at c={c['concurrency']} the two halves differ by {abs(first - second):.3f} ms, more than the "
-                  f"{TARGET_CPU_MS_PER_REQUEST} ms target: noise; measure longer (--duration) on a quieter machine")
+            print(
+                f"  note: at c={c['concurrency']} the two halves differ by {abs(first - second):.3f} ms, more than the "
+                f"{TARGET_CPU_MS_PER_REQUEST} ms target: noise; measure longer (--duration) on a quieter machine"
+            )
     for name, count in section["lines_written"].items():
         per_line = f", {count['bytes'] / count['lines']:.0f} bytes a line" if count["lines"] else ""
-        print(f"  {name} gateway: {count['lines']:,} access-log lines for {count['requests_answered']:,} requests "
-              f"answered{per_line}")
+        print(
+            f"  {name} gateway: {count['lines']:,} access-log lines for {count['requests_answered']:,} requests "
+            f"answered{per_line}"
+        )
     json_count = section["lines_written"].get("json")
     if json_count and json_count["lines"] != json_count["requests_answered"]:
-        print("  WARNING: the json gateway's lines and requests differ (lines dropped past its buffer, or not yet written)")
+        print(
+            "  WARNING: the json gateway's lines and requests differ (lines dropped past its buffer, or not yet written)"
+        )
     for r in section["scenarios"]:
         if r["error_examples"]:
             print(f"  errors in {r['log']}/c={r['concurrency']}/turn {r['turn']}: {'; '.join(r['error_examples'])}")
-

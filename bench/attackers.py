@@ -51,8 +51,11 @@ class Target:
 
 def chat_body(model: str, size: int | None = None) -> bytes:
     """A valid chat request; with `size`, its one message is padded so that the body is `size` bytes."""
-    document: dict[str, Any] = {"model": model, "messages": [{"role": "user", "content": "Say something"}],
-                                "max_tokens": 1}
+    document: dict[str, Any] = {
+        "model": model,
+        "messages": [{"role": "user", "content": "Say something"}],
+        "max_tokens": 1,
+    }
     body = json.dumps(document).encode()
     if size is not None and size > len(body):
         document["messages"][0]["content"] += "a" * (size - len(body))  # one byte of JSON per "a"
@@ -61,13 +64,21 @@ def chat_body(model: str, size: int | None = None) -> bytes:
 
 
 def request_head(
-    target: Target, body_length: int, extra: bytes = b"", path: str = "/v1/chat/completions", host: str = "gateway",
+    target: Target,
+    body_length: int,
+    extra: bytes = b"",
+    path: str = "/v1/chat/completions",
+    host: str = "gateway",
 ) -> bytes:
     """A POST head with the target's key; `extra` is header lines (each ending in CRLF) to add."""
     return (
-        f"POST {path} HTTP/1.1\r\nHost: {host}\r\nAuthorization: Bearer {target.key}\r\n"
-        f"Content-Type: application/json\r\nContent-Length: {body_length}\r\n"
-    ).encode() + extra + b"\r\n"
+        (
+            f"POST {path} HTTP/1.1\r\nHost: {host}\r\nAuthorization: Bearer {target.key}\r\n"
+            f"Content-Type: application/json\r\nContent-Length: {body_length}\r\n"
+        ).encode()
+        + extra
+        + b"\r\n"
+    )
 
 
 def error_name(error: BaseException) -> str:
@@ -214,8 +225,11 @@ class Tally:
     def report(self) -> dict[str, Any]:
         ordered = sorted(self.seconds)
         now = time.perf_counter()
-        waiting = [{"sent": r.sent, "seconds": round(now - r.started, 2), "status_line": r.status_line}
-                   for r in self.pending if now - r.started >= WAITING_S]
+        waiting = [
+            {"sent": r.sent, "seconds": round(now - r.started, 2), "status_line": r.status_line}
+            for r in self.pending
+            if now - r.started >= WAITING_S
+        ]
         waiting.sort(key=lambda w: -w["seconds"])
         outcomes = dict(self.outcomes.most_common())
         if waiting:
@@ -330,8 +344,9 @@ class HoldOpen(Attack):
     async def hold_one(self) -> None:
         while True:
             try:
-                reader, writer = await asyncio.wait_for(asyncio.open_connection(HOST, self.target.port),
-                                                        self.CONNECT_TIMEOUT_S)
+                reader, writer = await asyncio.wait_for(
+                    asyncio.open_connection(HOST, self.target.port), self.CONNECT_TIMEOUT_S
+                )
             except (OSError, TimeoutError) as error:
                 self.connect_errors[error_name(error)] += 1
                 await asyncio.sleep(self.REOPEN_PAUSE_S)
@@ -357,9 +372,14 @@ class HoldOpen(Attack):
 
     def report(self) -> dict[str, Any]:
         return {
-            "connections": self.COUNT, "payload_bytes": len(self.payload), "open_at_stop": self.open_now,
-            "max_open": self.max_open, "max_open_at_s": self.max_open_at_s, "opened": self.opened,
-            "closed_by_gateway": dict(self.closed.most_common()), "first_close_at_s": self.first_close_at_s,
+            "connections": self.COUNT,
+            "payload_bytes": len(self.payload),
+            "open_at_stop": self.open_now,
+            "max_open": self.max_open,
+            "max_open_at_s": self.max_open_at_s,
+            "opened": self.opened,
+            "closed_by_gateway": dict(self.closed.most_common()),
+            "first_close_at_s": self.first_close_at_s,
             "connect_errors": dict(self.connect_errors.most_common()),
         }
 
@@ -455,9 +475,14 @@ async def attack_until_stopped(name: str, target: Target, ready: Path | None) ->
     with contextlib.suppress(asyncio.CancelledError, Exception):
         await running
     return {
-        "attack": name, "pid": os.getpid(), "cpus": sorted(os.sched_getaffinity(0)), "niceness": os.nice(0),
-        "seconds": round(time.perf_counter() - started, 2), "cpu_seconds": round(own_cpu_seconds() - cpu, 2),
-        "failure": failure, **report,
+        "attack": name,
+        "pid": os.getpid(),
+        "cpus": sorted(os.sched_getaffinity(0)),
+        "niceness": os.nice(0),
+        "seconds": round(time.perf_counter() - started, 2),
+        "cpu_seconds": round(own_cpu_seconds() - cpu, 2),
+        "failure": failure,
+        **report,
     }
 
 

@@ -109,7 +109,9 @@ class KeysFile:
         self._write({"victim": self.victim_key, "added": self.added_key})
 
     def _write(self, keys: dict[str, str]) -> None:
-        lines = [f"  - {{name: {name}, sha256: {hashlib.sha256(key.encode()).hexdigest()}}}" for name, key in keys.items()]
+        lines = [
+            f"  - {{name: {name}, sha256: {hashlib.sha256(key.encode()).hexdigest()}}}" for name, key in keys.items()
+        ]
         temporary = self.path.with_suffix(".tmp")
         temporary.write_text("keys:\n" + "\n".join(lines) + "\n")
         os.replace(temporary, self.path)  # whole, as a Secret volume update is
@@ -120,8 +122,9 @@ class ResourceWatch(threading.Thread):
     descriptors every 0.1 s. When either RSS passes the cap, stops the attack (once); past the cap plus
     1 GiB, kills that process. A thread, so that a busy event loop cannot delay it."""
 
-    def __init__(self, pids: dict[str, int], cap_kib: int, stop_attack: Callable[[], None],
-                 kill: Callable[[str], None]) -> None:
+    def __init__(
+        self, pids: dict[str, int], cap_kib: int, stop_attack: Callable[[], None], kill: Callable[[str], None]
+    ) -> None:
         super().__init__(name="resource-watch", daemon=True)
         self.pids = pids
         self.cap_kib = cap_kib
@@ -142,8 +145,11 @@ class ResourceWatch(threading.Thread):
                     continue
                 self.peak_kib[who] = max(self.peak_kib[who], rss)
                 if rss > self.cap_kib and self.capped is None:
-                    self.capped = {"process": who, "rss_gib": round(rss / 2**20, 2),
-                                   "at_s": round(time.perf_counter() - self.started, 2)}
+                    self.capped = {
+                        "process": who,
+                        "rss_gib": round(rss / 2**20, 2),
+                        "at_s": round(time.perf_counter() - self.started, 2),
+                    }
                     self.stop_attack()
                 if rss > self.cap_kib + HARD_MARGIN_KIB and who not in self.killed:
                     self.killed.append(who)
@@ -192,18 +198,29 @@ def stop_in_order(processes: list[subprocess.Popen[bytes]]) -> None:
 
 
 def serve_flags() -> str:
-    return subprocess.run([sys.executable, "-m", "gateway_app", "serve", "--help"], cwd=REPO_ROOT,
-                          capture_output=True, text=True, timeout=60).stdout
+    return subprocess.run(
+        [sys.executable, "-m", "gateway_app", "serve", "--help"],
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    ).stdout
 
 
 def routes(simulator_url: str, flood_urls: dict[str, str]) -> str:
     engines = [f'  - {{name: {ENGINE}, model: {MODEL}, owned_by: vllm, url: "{simulator_url}"}}']
-    engines += [f'  - {{name: {model}, model: {model}, owned_by: vllm, url: "{url}"}}' for model, url in flood_urls.items()]
+    engines += [
+        f'  - {{name: {model}, model: {model}, owned_by: vllm, url: "{url}"}}' for model, url in flood_urls.items()
+    ]
     return "engines:\n" + "\n".join(engines) + "\n"
 
 
 def start_servers(
-    group: ProcessGroup, attack: str, pinning: Pinning, keys: KeysFile, metrics_port_flag: bool,
+    group: ProcessGroup,
+    attack: str,
+    pinning: Pinning,
+    keys: KeysFile,
+    metrics_port_flag: bool,
 ) -> Servers:
     """The simulator, the flood engine when the attack needs it, then the gateway in front of them."""
     simulator, simulator_url = start_simulator(group, "simulator", pinning.simulator, MODEL)
@@ -212,19 +229,41 @@ def start_servers(
         ports = free_port(), free_port()
         flood = group.start(
             "flood-engine",
-            [sys.executable, str(HERE / "flood_engine.py"), "--length-port", str(ports[0]),
-             "--unavailable-port", str(ports[1]), "--stats", str(group.log_dir / "flood.json")],
-            pinning.simulator, niceness=ATTACKER_NICENESS,
+            [
+                sys.executable,
+                str(HERE / "flood_engine.py"),
+                "--length-port",
+                str(ports[0]),
+                "--unavailable-port",
+                str(ports[1]),
+                "--stats",
+                str(group.log_dir / "flood.json"),
+            ],
+            pinning.simulator,
+            niceness=ATTACKER_NICENESS,
         )
-        flood_urls = {model: f"http://127.0.0.1:{port}" for model, port in zip(FLOOD_MODELS, ports)}
+        flood_urls = {model: f"http://127.0.0.1:{port}" for model, port in zip(FLOOD_MODELS, ports, strict=False)}
         for url in flood_urls.values():
             group.wait_ready("flood-engine", flood, http_ok(f"{url}/health"))
     config = group.log_dir / "config"  # a folder of its own: the gateway watches it, the logs go elsewhere
     config.mkdir()
     (config / "routes.yaml").write_text(routes(simulator_url, flood_urls))
     port = free_port()
-    args = ["serve", "--config", str(config / "routes.yaml"), "--host", "127.0.0.1", "--port", str(port),
-            "--log-level", "warning", "--keys-file", str(keys.path), "--shutdown-grace-seconds", "1"]
+    args = [
+        "serve",
+        "--config",
+        str(config / "routes.yaml"),
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--log-level",
+        "warning",
+        "--keys-file",
+        str(keys.path),
+        "--shutdown-grace-seconds",
+        "1",
+    ]
     metrics_url = f"http://127.0.0.1:{port}/metrics"
     if metrics_port_flag:
         metrics_port = free_port()
@@ -243,9 +282,23 @@ def start_attacker(group: ProcessGroup, attack: str, pinning: Pinning, port: int
     ready = group.log_dir / "attacker.ready"
     proc = group.start(
         "attacker",
-        [sys.executable, str(HERE / "attackers.py"), attack, "--port", str(port), "--key", key, "--model", MODEL,
-         "--result", str(group.log_dir / "attacker.json"), "--ready", str(ready)],
-        pinning.load_generator, niceness=ATTACKER_NICENESS,
+        [
+            sys.executable,
+            str(HERE / "attackers.py"),
+            attack,
+            "--port",
+            str(port),
+            "--key",
+            key,
+            "--model",
+            MODEL,
+            "--result",
+            str(group.log_dir / "attacker.json"),
+            "--ready",
+            str(ready),
+        ],
+        pinning.load_generator,
+        niceness=ATTACKER_NICENESS,
     )
     group.wait_ready("attacker", proc, ready.exists)
     return proc
@@ -262,8 +315,15 @@ def read_json(path: Path, log: Path) -> dict[str, Any]:
 # --- the victims, the endpoint scrapes and the key check: one event loop in this process ---
 
 
-async def victim(session: aiohttp.ClientSession, base_url: str, key: str, first: int, pause_s: float,
-                 deadline: float, samples: dict[str, list[Sample]]) -> None:
+async def victim(
+    session: aiohttp.ClientSession,
+    base_url: str,
+    key: str,
+    first: int,
+    pause_s: float,
+    deadline: float,
+    samples: dict[str, list[Sample]],
+) -> None:
     chat = request_body(False, MAX_TOKENS, MODEL)
     headers = {"Authorization": f"Bearer {key}", "Content-Type": "application/json"}
     for kind in itertools.islice(itertools.cycle(KINDS), first, None):
@@ -298,8 +358,9 @@ def describe_error(exc: BaseException) -> str:
     return type(exc).__name__
 
 
-async def check_new_key(session: aiohttp.ClientSession, base_url: str, keys: KeysFile, change_at_s: float,
-                        deadline: float) -> dict[str, Any]:
+async def check_new_key(
+    session: aiohttp.ClientSession, base_url: str, keys: KeysFile, change_at_s: float, deadline: float
+) -> dict[str, Any]:
     """Add a key to the keys file, then try it every 0.2 s until it is accepted or the phase ends."""
     await asyncio.sleep(change_at_s)
     keys.add_key()
@@ -313,14 +374,22 @@ async def check_new_key(session: aiohttp.ClientSession, base_url: str, keys: Key
             async with session.post(f"{base_url}/v1/chat/completions", data=body, headers=headers) as response:
                 await response.read()
             if response.status == 200:
-                return {"accepted": True, "after_s": round(time.perf_counter() - changed, 2), "attempts": attempts,
-                        "answers_before": dict(outcomes)}
+                return {
+                    "accepted": True,
+                    "after_s": round(time.perf_counter() - changed, 2),
+                    "attempts": attempts,
+                    "answers_before": dict(outcomes),
+                }
             outcomes[f"HTTP {response.status}"] += 1
         except (TimeoutError, aiohttp.ClientError) as exc:
             outcomes[describe_error(exc)] += 1
         await asyncio.sleep(KEY_PROBE_EVERY_S)
-    return {"accepted": False, "waited_s": round(time.perf_counter() - changed, 2), "attempts": attempts,
-            "answers_before": dict(outcomes)}
+    return {
+        "accepted": False,
+        "waited_s": round(time.perf_counter() - changed, 2),
+        "attempts": attempts,
+        "answers_before": dict(outcomes),
+    }
 
 
 async def watch_endpoints(metrics_url: str, deadline: float) -> dict[str, Any]:
@@ -346,12 +415,17 @@ async def watch_endpoints(metrics_url: str, deadline: float) -> dict[str, Any]:
             except (TimeoutError, aiohttp.ClientError) as exc:
                 failures[describe_error(exc)] += 1
             await asyncio.sleep(SCRAPE_EVERY_S)
-    return {"scrapes": scrapes, "failed_scrapes": dict(failures), "scrapes_with_engine_unavailable": dict(unavailable),
-            "first_unavailable_at_s": first_seen}
+    return {
+        "scrapes": scrapes,
+        "failed_scrapes": dict(failures),
+        "scrapes_with_engine_unavailable": dict(unavailable),
+        "first_unavailable_at_s": first_seen,
+    }
 
 
-async def run_victims(args: argparse.Namespace, port: int, keys: KeysFile, seconds: float,
-                      metrics_url: str | None = None) -> tuple[dict[str, list[Sample]], dict[str, Any]]:
+async def run_victims(
+    args: argparse.Namespace, port: int, keys: KeysFile, seconds: float, metrics_url: str | None = None
+) -> tuple[dict[str, list[Sample]], dict[str, Any]]:
     """The victims for `seconds`; with `metrics_url`, the endpoint scrapes and the key check too."""
     base_url = f"http://127.0.0.1:{port}"
     deadline = time.perf_counter() + seconds
@@ -359,13 +433,18 @@ async def run_victims(args: argparse.Namespace, port: int, keys: KeysFile, secon
     connector = aiohttp.TCPConnector(limit=0, force_close=not args.keep_alive)
     timeout = aiohttp.ClientTimeout(total=args.victim_timeout)
     async with aiohttp.ClientSession(connector=connector, timeout=timeout) as session:
-        clients = asyncio.gather(*(victim(session, base_url, keys.victim_key, number % 2, args.pause_ms / 1000,
-                                          deadline, samples) for number in range(args.concurrency)))
+        clients = asyncio.gather(
+            *(
+                victim(session, base_url, keys.victim_key, number % 2, args.pause_ms / 1000, deadline, samples)
+                for number in range(args.concurrency)
+            )
+        )
         if metrics_url is None:
             await clients
             return samples, {}
         _, key_check, endpoints = await asyncio.gather(
-            clients, check_new_key(session, base_url, keys, key_change_at(seconds), deadline),
+            clients,
+            check_new_key(session, base_url, keys, key_change_at(seconds), deadline),
             watch_endpoints(metrics_url, deadline),
         )
     return samples, {"key_reload": key_check, "endpoints": endpoints}
@@ -376,8 +455,13 @@ async def probe_trailing_slash(port: int, key: str) -> dict[str, Any]:
     body = chat_body(MODEL)
     head = request_head(Target(port, key, MODEL), len(body), path="/v1/chat/completions/", host="evil.example")
     reply = await exchange(port, [head + body])
-    return {"status": reply.status, "status_line": reply.status_line, "location": reply.headers.get("location"),
-            "body_start": reply.body_start, "ended": reply.ended}
+    return {
+        "status": reply.status,
+        "status_line": reply.status_line,
+        "location": reply.headers.get("location"),
+        "body_start": reply.body_start,
+        "ended": reply.ended,
+    }
 
 
 # --- one phase ---
@@ -408,8 +492,9 @@ def log_highlights(path: Path, top: int = 4) -> list[dict[str, Any]]:
     return [{"message": message, "count": count} for message, count in counts.most_common(top)]
 
 
-def run_phase(attack: str, args: argparse.Namespace, pinning: Pinning, metrics_port_flag: bool,
-              probes: tuple[str, ...]) -> tuple[dict[str, Any], dict[str, list[Sample]]]:
+def run_phase(
+    attack: str, args: argparse.Namespace, pinning: Pinning, metrics_port_flag: bool, probes: tuple[str, ...]
+) -> tuple[dict[str, Any], dict[str, list[Sample]]]:
     """One phase on its own simulator and gateway, all stopped when it ends; its report and victim samples."""
     print(f"\n== {attack}", flush=True)
     with process_group() as group:
@@ -427,8 +512,12 @@ def run_phase(attack: str, args: argparse.Namespace, pinning: Pinning, metrics_p
                 proc.kill()
             (gateway if who == "gateway" else servers.simulator).kill()
 
-        watch = ResourceWatch({"gateway": gateway.pid, "simulator": servers.simulator.pid},
-                              int(args.rss_cap * 2**20), lambda: stop_in_order(attack_processes), kill)
+        watch = ResourceWatch(
+            {"gateway": gateway.pid, "simulator": servers.simulator.pid},
+            int(args.rss_cap * 2**20),
+            lambda: stop_in_order(attack_processes),
+            kill,
+        )
         cpu_before = cpu_seconds(gateway.pid)
         watch.start()
         try:
@@ -461,11 +550,16 @@ def run_phase(attack: str, args: argparse.Namespace, pinning: Pinning, metrics_p
         report = {
             "attack": attack,
             "gateway": {
-                "pid": gateway.pid, "open_file_limit": fd_limit(gateway.pid) if gateway.poll() is None else None,
-                "exit_code": gateway.poll(), "rss_before_mib": before["rss_mib"],
-                "rss_peak_mib": round(watch.peak_kib["gateway"] / 1024, 1), "rss_after_mib": after["rss_mib"],
+                "pid": gateway.pid,
+                "open_file_limit": fd_limit(gateway.pid) if gateway.poll() is None else None,
+                "exit_code": gateway.poll(),
+                "rss_before_mib": before["rss_mib"],
+                "rss_peak_mib": round(watch.peak_kib["gateway"] / 1024, 1),
+                "rss_after_mib": after["rss_mib"],
                 "rss_10s_after_mib": settled["rss_mib"] if settled else None,
-                "fds_before": before["fds"], "fds_peak": watch.peak_fds, "fds_after": after["fds"],
+                "fds_before": before["fds"],
+                "fds_peak": watch.peak_fds,
+                "fds_after": after["fds"],
                 "cpu_seconds": round(cpu, 2) if cpu is not None else None,
                 "log_highlights": log_highlights(group.log_dir / "gateway.log"),
             },
@@ -515,9 +609,12 @@ def key_verdict(phase: dict[str, Any]) -> str:
 
 def print_phase(phase: dict[str, Any]) -> None:
     gateway, victims = phase["gateway"], phase["victims"]
-    print(f"  victims: healthz p50 {short(victims['healthz']['p50_ms'])} ms, chat p50 {short(victims['chat']['p50_ms'])} ms, "
-          f"errors {victims['healthz']['errors'] + victims['chat']['errors']}; gateway RSS peak "
-          f"{gateway['rss_peak_mib']} MiB, fds peak {gateway['fds_peak']}", flush=True)
+    print(
+        f"  victims: healthz p50 {short(victims['healthz']['p50_ms'])} ms, chat p50 {short(victims['chat']['p50_ms'])} ms, "
+        f"errors {victims['healthz']['errors'] + victims['chat']['errors']}; gateway RSS peak "
+        f"{gateway['rss_peak_mib']} MiB, fds peak {gateway['fds_peak']}",
+        flush=True,
+    )
     if phase["stopped_at_rss_cap"]:
         cap = phase["stopped_at_rss_cap"]
         print(f"  attack stopped at {cap['rss_gib']} GiB ({cap['process']} RSS, {cap['at_s']} s in)", flush=True)
@@ -535,8 +632,10 @@ def attacker_lines(phase: dict[str, Any]) -> list[str]:
         """Counts by status, how soon answers came, and the oldest exchange still waiting."""
         text = ", ".join(f"{name} ×{count}" for name, count in tally["outcomes"].items()) or "nothing"
         if tally["seconds_to_answer_max"] is not None:
-            text += (f" (answered after p50 {short(tally['seconds_to_answer_p50'])} s, "
-                     f"max {short(tally['seconds_to_answer_max'])} s)")
+            text += (
+                f" (answered after p50 {short(tally['seconds_to_answer_p50'])} s, "
+                f"max {short(tally['seconds_to_answer_max'])} s)"
+            )
         if tally["pending"]:
             oldest = tally["pending"][0]
             text += f"; still waiting when stopped: {oldest['seconds']} s, {oldest['sent']:,} bytes sent"
@@ -546,27 +645,34 @@ def attacker_lines(phase: dict[str, Any]) -> list[str]:
         example = next((e for e in tally["examples"] if e["status"] is not None), None)
         return f"; first answer: {example['status_line']!r} {example['body_start'][:90]!r}" if example else ""
 
-    lines = [f"attacker: pid {report['pid']}, CPU {report['cpus']}, nice {report['niceness']}, "
-             f"{report['cpu_seconds']} s CPU in {report['seconds']} s"]
+    lines = [
+        f"attacker: pid {report['pid']}, CPU {report['cpus']}, nice {report['niceness']}, "
+        f"{report['cpu_seconds']} s CPU in {report['seconds']} s"
+    ]
     if attack == "huge-head":
         lines.append(f"{report['exchanges']} connection(s) ended: {outcomes(report)}")
         for example in report["examples"]:
             sent = example["sent_at_reply"] if example["sent_at_reply"] is not None else example["sent"]
             seconds = example["seconds_to_reply"] if example["seconds_to_reply"] is not None else example["seconds"]
-            lines.append(f"  got {example['status_line'] or example['ended']!r} after {sent:,} bytes sent, "
-                         f"{short(seconds)} s")
+            lines.append(
+                f"  got {example['status_line'] or example['ended']!r} after {sent:,} bytes sent, {short(seconds)} s"
+            )
     elif attack in ("many-headers", "engine-flood"):
         for kind in ("10,000 headers", "1 MiB header value", *FLOOD_MODELS):
             if kind in report:
                 lines.append(f"{kind}: {outcomes(report[kind])}{first_answer(report[kind])}")
     elif attack in ("slow-heads", "slow-bodies"):
-        lines.append(f"{report['connections']:,} connections of {report['payload_bytes']:,} bytes: at most "
-                     f"{report['max_open']:,} open at once ({report['open_at_stop']:,} when stopped), "
-                     f"{report['opened']:,} opened; closed by the gateway: {report['closed_by_gateway'] or 'none'}; "
-                     f"connect errors: {report['connect_errors'] or 'none'}")
+        lines.append(
+            f"{report['connections']:,} connections of {report['payload_bytes']:,} bytes: at most "
+            f"{report['max_open']:,} open at once ({report['open_at_stop']:,} when stopped), "
+            f"{report['opened']:,} opened; closed by the gateway: {report['closed_by_gateway'] or 'none'}; "
+            f"connect errors: {report['connect_errors'] or 'none'}"
+        )
     elif attack == "big-bodies":
-        lines.append(f"{report['clients']} clients, {report['body_bytes']:,}-byte bodies: "
-                     f"{outcomes(report)}{first_answer(report)}")
+        lines.append(
+            f"{report['clients']} clients, {report['body_bytes']:,}-byte bodies: "
+            f"{outcomes(report)}{first_answer(report)}"
+        )
     if report.get("failure"):
         lines.append(f"attacker failure: {report['failure'][:300]}")
     return lines
@@ -577,7 +683,9 @@ def phase_details(phase: dict[str, Any]) -> list[str]:
     details = attacker_lines(phase)
     victims, gateway = phase["victims"], phase["gateway"]
     if victims["healthz"]["errors"] or victims["chat"]["errors"]:
-        details.append(f"victim errors: healthz {victims['healthz']['error_kinds']}, chat {victims['chat']['error_kinds']}")
+        details.append(
+            f"victim errors: healthz {victims['healthz']['error_kinds']}, chat {victims['chat']['error_kinds']}"
+        )
     if phase["stopped_at_rss_cap"]:
         cap = phase["stopped_at_rss_cap"]
         details.append(f"stopped at {cap['rss_gib']} GiB ({cap['process']}, {cap['at_s']} s in)")
@@ -586,8 +694,10 @@ def phase_details(phase: dict[str, Any]) -> list[str]:
     if gateway["exit_code"] is not None:
         details.append(f"the gateway exited during the phase with code {gateway['exit_code']}")
     if gateway["rss_10s_after_mib"] is not None:
-        details.append(f"gateway RSS: {gateway['rss_before_mib']} MiB before, {gateway['rss_peak_mib']} peak, "
-                       f"{gateway['rss_10s_after_mib']} 10 s after; simulator peak {phase['simulator_rss_peak_mib']} MiB")
+        details.append(
+            f"gateway RSS: {gateway['rss_before_mib']} MiB before, {gateway['rss_peak_mib']} peak, "
+            f"{gateway['rss_10s_after_mib']} 10 s after; simulator peak {phase['simulator_rss_peak_mib']} MiB"
+        )
     endpoints = phase.get("endpoints") or {}
     if endpoints.get("failed_scrapes"):
         details.append(f"metrics scrapes: {endpoints['scrapes']} ok, failed {endpoints['failed_scrapes']}")
@@ -596,31 +706,42 @@ def phase_details(phase: dict[str, Any]) -> list[str]:
         details.append(f"other engines unavailable in scrapes: {others}")
     check = phase.get("key_reload") or {}
     if check and not check["accepted"]:
-        details.append(f"new key not accepted in {check['waited_s']} s "
-                       f"({check['attempts']} tries: {check['answers_before']})")
+        details.append(
+            f"new key not accepted in {check['waited_s']} s ({check['attempts']} tries: {check['answers_before']})"
+        )
     if phase["flood_engine"]:
-        sent = [f"{mode} {figures['requests']} requests, {figures['bytes'] / 2**30:.2f} GiB"
-                for mode, figures in phase["flood_engine"].items() if mode in ("length", "503")]
+        sent = [
+            f"{mode} {figures['requests']} requests, {figures['bytes'] / 2**30:.2f} GiB"
+            for mode, figures in phase["flood_engine"].items()
+            if mode in ("length", "503")
+        ]
         details.append("flood engine sent: " + ", ".join(sent))
     if phase["attack"] == "slow-heads":
         details.append(f"gateway open-file limit {gateway['open_file_limit']}")
     if gateway["log_highlights"] and phase["attack"] != "none":
-        details.append("gateway log: " + "; ".join(f"{h['message'][:160]!r} ×{h['count']}"
-                                                   for h in gateway["log_highlights"][:3]))
+        details.append(
+            "gateway log: " + "; ".join(f"{h['message'][:160]!r} ×{h['count']}" for h in gateway["log_highlights"][:3])
+        )
     if "trailing-slash" in phase["probes"]:
         probe = phase["probes"]["trailing-slash"]
-        details.append(f"trailing-slash probe (POST /v1/chat/completions/, Host: evil.example): "
-                       f"{probe['status_line'] or probe['ended']}, Location: {probe['location']}")
+        details.append(
+            f"trailing-slash probe (POST /v1/chat/completions/, Host: evil.example): "
+            f"{probe['status_line'] or probe['ended']}, Location: {probe['location']}"
+        )
     return details
 
 
 def print_report(phases: list[dict[str, Any]], baseline: dict[str, dict[str, Any]], args: argparse.Namespace) -> None:
     connection = "keep-alive connections" if args.keep_alive else "a new connection per request"
-    print(f"\nvictims: {args.concurrency} clients, healthz and non-streaming chat in turn, {args.pause_ms:g} ms apart, "
-          f"{connection}; latency in ms of successful requests; × = ratio to none (pooled)")
-    header = (f"{'attack':<14}{'hz p50':>8}{'p99':>7}{'max':>7}{'×p50':>6}{'×p99':>6}"
-              f"{'chat p50':>10}{'p99':>7}{'max':>7}{'×p50':>6}{'×p99':>6}{'ok':>6}{'errors':>7}{'unavail':>8}"
-              f"{'RSS peak':>10}{'after':>7}{'fds':>6}{'CPU s':>7}{'new key':>10}")
+    print(
+        f"\nvictims: {args.concurrency} clients, healthz and non-streaming chat in turn, {args.pause_ms:g} ms apart, "
+        f"{connection}; latency in ms of successful requests; × = ratio to none (pooled)"
+    )
+    header = (
+        f"{'attack':<14}{'hz p50':>8}{'p99':>7}{'max':>7}{'×p50':>6}{'×p99':>6}"
+        f"{'chat p50':>10}{'p99':>7}{'max':>7}{'×p50':>6}{'×p99':>6}{'ok':>6}{'errors':>7}{'unavail':>8}"
+        f"{'RSS peak':>10}{'after':>7}{'fds':>6}{'CPU s':>7}{'new key':>10}"
+    )
     print(header)
     print("-" * len(header))
     rows: list[tuple[str, dict[str, Any], dict[str, Any] | None]] = [("none (pooled)", baseline, None)]
@@ -629,20 +750,26 @@ def print_report(phases: list[dict[str, Any]], baseline: dict[str, dict[str, Any
         cells = f"{name:<14}"
         for kind, width in (("healthz", 8), ("chat", 10)):
             figures, base = victims[kind], baseline[kind]
-            cells += (f"{short(figures['p50_ms']):>{width}}{short(figures['p99_ms']):>7}{short(figures['max_ms']):>7}"
-                      f"{short(ratio(figures['p50_ms'], base['p50_ms'])):>6}"
-                      f"{short(ratio(figures['p99_ms'], base['p99_ms'])):>6}")
+            cells += (
+                f"{short(figures['p50_ms']):>{width}}{short(figures['p99_ms']):>7}{short(figures['max_ms']):>7}"
+                f"{short(ratio(figures['p50_ms'], base['p50_ms'])):>6}"
+                f"{short(ratio(figures['p99_ms'], base['p99_ms'])):>6}"
+            )
         cells += f"{victims['healthz']['requests'] + victims['chat']['requests']:>6}"
         cells += f"{victims['healthz']['errors'] + victims['chat']['errors']:>7}"
         if phase is not None:
             gateway = phase["gateway"]
             peak = f"{gateway['rss_peak_mib']:.0f}{'*' if phase['stopped_at_rss_cap'] else ''}"
-            cells += (f"{endpoint_verdict(phase):>8}{peak:>10}{short(gateway['rss_after_mib'], 0):>7}"
-                      f"{gateway['fds_peak']:>6}{short(gateway['cpu_seconds']):>7}{key_verdict(phase):>10}")
+            cells += (
+                f"{endpoint_verdict(phase):>8}{peak:>10}{short(gateway['rss_after_mib'], 0):>7}"
+                f"{gateway['fds_peak']:>6}{short(gateway['cpu_seconds']):>7}{key_verdict(phase):>10}"
+            )
         print(cells)
-    print("RSS in MiB (peak sampled every 20 ms, after: 1 s after the attack stopped); * the attack was stopped at the "
-          f"RSS cap ({args.rss_cap:g} GiB); unavail: the victims' engine marked unavailable in a scrape; "
-          f"new key: a key added to the keys file {key_change_at(args.duration):.1f} s in, accepted after")
+    print(
+        "RSS in MiB (peak sampled every 20 ms, after: 1 s after the attack stopped); * the attack was stopped at the "
+        f"RSS cap ({args.rss_cap:g} GiB); unavail: the victims' engine marked unavailable in a scrape; "
+        f"new key: a key added to the keys file {key_change_at(args.duration):.1f} s in, accepted after"
+    )
     for phase in phases:
         details = phase_details(phase)
         if details:
@@ -667,11 +794,14 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
         "simulator": f"CPU {cpus(pinning.simulator)}",
         "victims": f"this process (pid {os.getpid()}), CPU {cpus(pinning.load_generator)}",
         "attackers": f"a child process per phase (attackers.py; and flood_engine.py for engine-flood), "
-                     f"CPU {cpus(pinning.load_generator)}, nice {ATTACKER_NICENESS}",
+        f"CPU {cpus(pinning.load_generator)}, nice {ATTACKER_NICENESS}",
     }
     print("where: " + "; ".join(f"{who}: {where}" for who, where in placement.items()))
-    print(f"metrics scraped from {'--metrics-port' if metrics_port_flag else 'the API port (serve has no --metrics-port)'}; "
-          f"RSS cap {args.rss_cap:g} GiB", flush=True)
+    print(
+        f"metrics scraped from {'--metrics-port' if metrics_port_flag else 'the API port (serve has no --metrics-port)'}; "
+        f"RSS cap {args.rss_cap:g} GiB",
+        flush=True,
+    )
     plan = ["none", *args.attacks, "none"]
     phases, pooled = [], {kind: [] for kind in KINDS}
     for number, attack in enumerate(plan):
@@ -683,20 +813,36 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
                 pooled[kind] += samples[kind]
     baseline = {kind: victim_figures(pooled[kind], 2 * args.duration) for kind in KINDS}
     for phase in phases:
-        phase["ratio_to_none"] = {kind: {q: ratio(phase["victims"][kind][f"{q}_ms"], baseline[kind][f"{q}_ms"])
-                                         for q in ("p50", "p99")} for kind in KINDS}
+        phase["ratio_to_none"] = {
+            kind: {q: ratio(phase["victims"][kind][f"{q}_ms"], baseline[kind][f"{q}_ms"]) for q in ("p50", "p99")}
+            for kind in KINDS
+        }
     load_average_at_end = os.getloadavg()
     print_report(phases, baseline, args)
-    print(f"\nload average (1, 5, 15 min): {format_load(load_average)} at start, {format_load(load_average_at_end)} "
-          f"at end on {os.cpu_count()} CPUs")
-    pinned = {"gateway": list(pinning.gateway), "simulator": list(pinning.simulator),
-              "load_generator": list(pinning.load_generator)}
+    print(
+        f"\nload average (1, 5, 15 min): {format_load(load_average)} at start, {format_load(load_average_at_end)} "
+        f"at end on {os.cpu_count()} CPUs"
+    )
+    pinned = {
+        "gateway": list(pinning.gateway),
+        "simulator": list(pinning.simulator),
+        "load_generator": list(pinning.load_generator),
+    }
     return {
         "environment": describe(load_average, load_average_at_end, pinned),
-        "settings": {"duration": args.duration, "attacks": args.attacks, "probes": list(args.probes),
-                     "concurrency": args.concurrency, "pause_ms": args.pause_ms, "keep_alive": args.keep_alive,
-                     "victim_timeout": args.victim_timeout, "warmup": args.warmup, "rss_cap_gib": args.rss_cap,
-                     "metrics_port": metrics_port_flag, "slow_heads_open_files": SLOW_HEADS_OPEN_FILES},
+        "settings": {
+            "duration": args.duration,
+            "attacks": args.attacks,
+            "probes": list(args.probes),
+            "concurrency": args.concurrency,
+            "pause_ms": args.pause_ms,
+            "keep_alive": args.keep_alive,
+            "victim_timeout": args.victim_timeout,
+            "warmup": args.warmup,
+            "rss_cap_gib": args.rss_cap,
+            "metrics_port": metrics_port_flag,
+            "slow_heads_open_files": SLOW_HEADS_OPEN_FILES,
+        },
         "placement": placement,
         "baseline": baseline,
         "phases": phases,
@@ -713,7 +859,9 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--keep-alive", action="store_true", help="victims reuse connections (default: a new one each)")
     parser.add_argument("--victim-timeout", type=float, default=5.0, help="seconds before a victim request fails")
     parser.add_argument("--warmup", type=float, default=0.5, help="seconds of victim traffic before each phase")
-    parser.add_argument("--rss-cap", type=float, default=3.0, help="GiB of gateway (or simulator) RSS that stops an attack")
+    parser.add_argument(
+        "--rss-cap", type=float, default=3.0, help="GiB of gateway (or simulator) RSS that stops an attack"
+    )
     parser.add_argument("--output", type=Path, default=REPO_ROOT / "bench" / "results" / "attacks.json")
     args = parser.parse_args()
     chosen = [name.strip() for name in args.attacks.split(",") if name.strip()]

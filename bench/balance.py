@@ -25,9 +25,8 @@ from typing import Any
 
 import aiohttp
 from environment import describe, format_load
-from load import REQUEST_TIMEOUT, fmt, summarize, request_body, run_client, run_phase
+from load import REQUEST_TIMEOUT, fmt, request_body, run_client, run_phase, summarize
 from processes import (
-    run_and_report,
     REPO_ROOT,
     choose_pinning,
     cpu_seconds,
@@ -35,6 +34,7 @@ from processes import (
     metric_sum,
     own_cpu_seconds,
     process_group,
+    run_and_report,
     scrape,
     start_gateway,
     start_simulator,
@@ -82,7 +82,11 @@ def served_counts(replicas: list[Replica]) -> list[int]:
 
 
 async def run_policy(
-    args: argparse.Namespace, policy: str, gateway_url: str, gateway_pid: int, replicas: list[Replica],
+    args: argparse.Namespace,
+    policy: str,
+    gateway_url: str,
+    gateway_pid: int,
+    replicas: list[Replica],
 ) -> PolicyResult:
     url = f"{gateway_url}/v1/chat/completions"
     body = request_body(False, args.max_tokens, MODEL)
@@ -113,14 +117,19 @@ async def run_policy(
 
 
 async def run_policies(
-    args: argparse.Namespace, gateways: dict[str, tuple[str, int]], replicas: list[Replica],
+    args: argparse.Namespace,
+    gateways: dict[str, tuple[str, int]],
+    replicas: list[Replica],
 ) -> list[PolicyResult]:
     results = []
     for policy in POLICIES:
         url, pid = gateways[policy]
         result = await run_policy(args, policy, url, pid, replicas)
-        print(f"  {policy:<13} {result.requests_per_s:6.0f} req/s, p50 {fmt(result.p50_ms)} ms, "
-              f"p99 {fmt(result.p99_ms)} ms, slow replica {result.share_percent[-1]:.1f} %", flush=True)
+        print(
+            f"  {policy:<13} {result.requests_per_s:6.0f} req/s, p50 {fmt(result.p50_ms)} ms, "
+            f"p99 {fmt(result.p99_ms)} ms, slow replica {result.share_percent[-1]:.1f} %",
+            flush=True,
+        )
         results.append(result)
     return results
 
@@ -144,19 +153,25 @@ def comparison(results: list[PolicyResult]) -> dict[str, Any]:
 
 def print_report(results: list[PolicyResult], gain: dict[str, Any], replicas: list[Replica]) -> None:
     replica_columns = " ".join(f"{f'r{i} {r.ttft_ms:g}ms':>9}" for i, r in enumerate(replicas, 1))
-    header = (f"{'policy':<13} {'req/s':>7} {'p50 ms':>7} {'p90 ms':>7} {'p99 ms':>7} {'errors':>6} "
-              f"{replica_columns} {'gw busy':>7} {'cpu0 busy':>9}")
+    header = (
+        f"{'policy':<13} {'req/s':>7} {'p50 ms':>7} {'p90 ms':>7} {'p99 ms':>7} {'errors':>6} "
+        f"{replica_columns} {'gw busy':>7} {'cpu0 busy':>9}"
+    )
     print(f"\nshare of requests per replica (r1-r{len(replicas)}, by time to first token)")
     print(header)
     print("-" * len(header))
     for r in results:
         shares = " ".join(f"{share:>8.1f}%" for share in r.share_percent)
-        print(f"{r.policy:<13} {r.requests_per_s:>7.0f} {fmt(r.p50_ms):>7} {fmt(r.p90_ms):>7} {fmt(r.p99_ms):>7} "
-              f"{r.errors:>6} {shares} {r.gateway_busy_percent:>6.0f}% {r.cpu0_busy_percent:>8.0f}%")
-    print(f"\nround-robin / balanced: p50 {fmt(gain['p50_ratio_round_robin_over_balanced'])}x, "
-          f"p90 {fmt(gain['p90_ratio_round_robin_over_balanced'])}x, "
-          f"p99 {fmt(gain['p99_ratio_round_robin_over_balanced'])}x; "
-          f"req/s balanced / round-robin {fmt(gain['throughput_ratio_balanced_over_round_robin'])}x")
+        print(
+            f"{r.policy:<13} {r.requests_per_s:>7.0f} {fmt(r.p50_ms):>7} {fmt(r.p90_ms):>7} {fmt(r.p99_ms):>7} "
+            f"{r.errors:>6} {shares} {r.gateway_busy_percent:>6.0f}% {r.cpu0_busy_percent:>8.0f}%"
+        )
+    print(
+        f"\nround-robin / balanced: p50 {fmt(gain['p50_ratio_round_robin_over_balanced'])}x, "
+        f"p90 {fmt(gain['p90_ratio_round_robin_over_balanced'])}x, "
+        f"p99 {fmt(gain['p99_ratio_round_robin_over_balanced'])}x; "
+        f"req/s balanced / round-robin {fmt(gain['throughput_ratio_balanced_over_round_robin'])}x"
+    )
     shares = gain["slow_replica_share_percent"]
     print("slow replica's share: " + ", ".join(f"{policy} {share:.1f} %" for policy, share in shares.items()))
     for r in results:
@@ -187,21 +202,34 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
             port = free_port()
             gateway = start_gateway(group, f"gateway-{policy}", pinning, routes(replicas, policy), port)
             gateways[policy] = (f"http://127.0.0.1:{port}", gateway.pid)
-        pinned = {"gateways": sorted(os.sched_getaffinity(gateways[POLICIES[0]][1])),
-                  "simulators": sorted(os.sched_getaffinity(replicas[0].pid)),
-                  "load_generator": sorted(os.sched_getaffinity(0))}
-        print(f"replicas {', '.join(f'{r.url} (ttft {r.ttft_ms:g} ms)' for r in replicas)}; "
-              f"gateways {', '.join(f'{p} {u}' for p, (u, _) in gateways.items())}; CPUs {pinned}", flush=True)
+        pinned = {
+            "gateways": sorted(os.sched_getaffinity(gateways[POLICIES[0]][1])),
+            "simulators": sorted(os.sched_getaffinity(replicas[0].pid)),
+            "load_generator": sorted(os.sched_getaffinity(0)),
+        }
+        print(
+            f"replicas {', '.join(f'{r.url} (ttft {r.ttft_ms:g} ms)' for r in replicas)}; "
+            f"gateways {', '.join(f'{p} {u}' for p, (u, _) in gateways.items())}; CPUs {pinned}",
+            flush=True,
+        )
         results = run_client(run_policies(args, gateways, replicas))
     load_average_at_end = os.getloadavg()
     gain = comparison(results)
     print_report(results, gain, replicas)
-    print(f"\nload average (1, 5, 15 min): {format_load(load_average)} at start, {format_load(load_average_at_end)} at end "
-          f"on {os.cpu_count()} CPUs")
+    print(
+        f"\nload average (1, 5, 15 min): {format_load(load_average)} at start, {format_load(load_average_at_end)} at end "
+        f"on {os.cpu_count()} CPUs"
+    )
     return {
         "environment": describe(load_average, load_average_at_end, pinned),
-        "settings": {"duration_s": args.duration, "warmup_s": args.warmup, "concurrency": args.concurrency,
-                     "max_tokens": args.max_tokens, "model": MODEL, "replica_ttft_ms": list(REPLICA_TTFT_MS)},
+        "settings": {
+            "duration_s": args.duration,
+            "warmup_s": args.warmup,
+            "concurrency": args.concurrency,
+            "max_tokens": args.max_tokens,
+            "model": MODEL,
+            "replica_ttft_ms": list(REPLICA_TTFT_MS),
+        },
         "policies": [asdict(r) for r in results],
         "comparison": gain,
     }

@@ -30,11 +30,11 @@ import plot
 from environment import describe, format_load
 from load import Pids, ScenarioResult, fmt, run_client, run_scenario
 from processes import (
-    run_and_report,
     REPO_ROOT,
     Servers,
     choose_pinning,
     process_group,
+    run_and_report,
     start_servers,
 )
 
@@ -56,13 +56,15 @@ def compare(results: list[ScenarioResult]) -> list[dict[str, Any]]:
         direct = by_key.get(("direct", r.mode, r.concurrency))
         if r.target != "gateway" or direct is None or r.p50_ms is None or direct.p50_ms is None:
             continue
-        rows.append({
-            "mode": r.mode,
-            "concurrency": r.concurrency,
-            "added_p50_ms": r.p50_ms - direct.p50_ms,
-            "throughput_ratio": r.requests_per_s / direct.requests_per_s if direct.requests_per_s else None,
-            "p50_ratio": r.p50_ms / direct.p50_ms,
-        })
+        rows.append(
+            {
+                "mode": r.mode,
+                "concurrency": r.concurrency,
+                "added_p50_ms": r.p50_ms - direct.p50_ms,
+                "throughput_ratio": r.requests_per_s / direct.requests_per_s if direct.requests_per_s else None,
+                "p50_ratio": r.p50_ms / direct.p50_ms,
+            }
+        )
     return rows
 
 
@@ -75,30 +77,48 @@ def targets(results: list[ScenarioResult], comparisons: list[dict[str, Any]], ma
         what = "non-streaming request" if r.mode == "non-stream" else f"{max_tokens}-token stream"
         if r.mode == "stream" and max_tokens != 16:
             what += " (the limit is set for 16 tokens)"
-        rows.append({"target": f"gateway CPU per {what}, c={r.concurrency}", "limit_ms": limit,
-                     "value_ms": r.gateway_cpu_ms_per_request, "met": r.gateway_cpu_ms_per_request <= limit})
+        rows.append(
+            {
+                "target": f"gateway CPU per {what}, c={r.concurrency}",
+                "limit_ms": limit,
+                "value_ms": r.gateway_cpu_ms_per_request,
+                "met": r.gateway_cpu_ms_per_request <= limit,
+            }
+        )
     for c in comparisons:
         if c["concurrency"] == 1:
-            rows.append({"target": f"added p50 latency, {c['mode']}, c=1", "limit_ms": TARGET_ADDED_P50_MS_C1,
-                         "value_ms": c["added_p50_ms"], "met": c["added_p50_ms"] < TARGET_ADDED_P50_MS_C1})
+            rows.append(
+                {
+                    "target": f"added p50 latency, {c['mode']}, c=1",
+                    "limit_ms": TARGET_ADDED_P50_MS_C1,
+                    "value_ms": c["added_p50_ms"],
+                    "met": c["added_p50_ms"] < TARGET_ADDED_P50_MS_C1,
+                }
+            )
     return rows
 
 
 def print_report(results: list[ScenarioResult], comparisons: list[dict[str, Any]]) -> None:
-    header = f"{'target':<8} {'mode':<10} {'conc':>4} {'req/s':>8} {'p50 ms':>7} {'p90 ms':>7} {'p99 ms':>7} " \
-             f"{'ttfc50':>7} {'errors':>6} {'gw cpu/req':>10} {'gw busy':>7} {'sim cpu/req':>11} {'cpu0 busy':>9}"
+    header = (
+        f"{'target':<8} {'mode':<10} {'conc':>4} {'req/s':>8} {'p50 ms':>7} {'p90 ms':>7} {'p99 ms':>7} "
+        f"{'ttfc50':>7} {'errors':>6} {'gw cpu/req':>10} {'gw busy':>7} {'sim cpu/req':>11} {'cpu0 busy':>9}"
+    )
     print(header)
     print("-" * len(header))
     for r in results:
-        print(f"{r.target:<8} {r.mode:<10} {r.concurrency:>4} {r.requests_per_s:>8.0f} {fmt(r.p50_ms):>7} "
-              f"{fmt(r.p90_ms):>7} {fmt(r.p99_ms):>7} {fmt(r.first_chunk_p50_ms):>7} {r.errors:>6} "
-              f"{fmt(r.gateway_cpu_ms_per_request, 3):>10} {r.gateway_busy_percent:>6.0f}% "
-              f"{fmt(r.simulator_cpu_ms_per_request, 3):>11} {r.cpu0_busy_percent:>8.0f}%")
+        print(
+            f"{r.target:<8} {r.mode:<10} {r.concurrency:>4} {r.requests_per_s:>8.0f} {fmt(r.p50_ms):>7} "
+            f"{fmt(r.p90_ms):>7} {fmt(r.p99_ms):>7} {fmt(r.first_chunk_p50_ms):>7} {r.errors:>6} "
+            f"{fmt(r.gateway_cpu_ms_per_request, 3):>10} {r.gateway_busy_percent:>6.0f}% "
+            f"{fmt(r.simulator_cpu_ms_per_request, 3):>11} {r.cpu0_busy_percent:>8.0f}%"
+        )
     print("\ngateway vs direct")
     print(f"{'mode':<10} {'conc':>4} {'added p50 ms':>12} {'req/s ratio':>11} {'p50 ratio':>9}")
     for c in comparisons:
-        print(f"{c['mode']:<10} {c['concurrency']:>4} {c['added_p50_ms']:>12.3f} "
-              f"{fmt(c['throughput_ratio']):>11} {c['p50_ratio']:>9.2f}")
+        print(
+            f"{c['mode']:<10} {c['concurrency']:>4} {c['added_p50_ms']:>12.3f} "
+            f"{fmt(c['throughput_ratio']):>11} {c['p50_ratio']:>9.2f}"
+        )
     for r in results:
         if r.error_examples:
             print(f"  errors in {r.target}/{r.mode}/c={r.concurrency}: {'; '.join(r.error_examples)}")
@@ -107,7 +127,9 @@ def print_report(results: list[ScenarioResult], comparisons: list[dict[str, Any]
 def print_targets(goals: list[dict[str, Any]]) -> None:
     print("\ntargets (reported, not asserted)")
     for g in goals:
-        print(f"  {'met   ' if g['met'] else 'MISSED'} {g['target']}: {g['value_ms']:.3f} ms (limit {g['limit_ms']} ms)")
+        print(
+            f"  {'met   ' if g['met'] else 'MISSED'} {g['target']}: {g['value_ms']:.3f} ms (limit {g['limit_ms']} ms)"
+        )
 
 
 # --- main ------------------------------------------------------------------------------------------
@@ -121,8 +143,11 @@ async def run_load(args: argparse.Namespace, servers: Servers) -> list[ScenarioR
         for stream in (False, True):
             for target, url in (("direct", servers.simulator_url), ("gateway", servers.gateway_url)):
                 result = await run_scenario(target, url, stream, concurrency, args, pids, model=MODEL)
-                print(f"  {target:<8} {result.mode:<10} c={concurrency:<3} {result.requests_per_s:8.0f} req/s, "
-                      f"p50 {fmt(result.p50_ms)} ms, {result.errors} errors", flush=True)
+                print(
+                    f"  {target:<8} {result.mode:<10} c={concurrency:<3} {result.requests_per_s:8.0f} req/s, "
+                    f"p50 {fmt(result.p50_ms)} ms, {result.errors} errors",
+                    flush=True,
+                )
                 results.append(result)
     return results
 
@@ -136,11 +161,16 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
         servers = start_servers(group, pinning, MODEL)
         gateways = access.start_gateways(group, pinning, servers, args.access, MODEL) if args.access else []
         logging_gateways = access_log.start_gateways(group, pinning, servers, MODEL) if args.logging else []
-        pinned = {"gateway": sorted(os.sched_getaffinity(servers.gateway.pid)),
-                  "simulator": sorted(os.sched_getaffinity(servers.simulator.pid)),
-                  "load_generator": sorted(os.sched_getaffinity(0))}
-        print(f"simulator {servers.simulator_url} (pid {servers.simulator.pid}), "
-              f"gateway {servers.gateway_url} (pid {servers.gateway.pid}); CPUs {pinned}", flush=True)
+        pinned = {
+            "gateway": sorted(os.sched_getaffinity(servers.gateway.pid)),
+            "simulator": sorted(os.sched_getaffinity(servers.simulator.pid)),
+            "load_generator": sorted(os.sched_getaffinity(0)),
+        }
+        print(
+            f"simulator {servers.simulator_url} (pid {servers.simulator.pid}), "
+            f"gateway {servers.gateway_url} (pid {servers.gateway.pid}); CPUs {pinned}",
+            flush=True,
+        )
         access.print_gateways(gateways)
         access_log.print_gateways(logging_gateways)
         results = run_client(run_load(args, servers))
@@ -162,13 +192,21 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
         access_log.print_report(logging_section)
         goals += access_log.targets(logging_section)
     print_targets(goals)
-    print(f"\nload average (1, 5, 15 min): {format_load(load_average)} at start, {format_load(load_average_at_end)} at end "
-          f"on {os.cpu_count()} CPUs")
+    print(
+        f"\nload average (1, 5, 15 min): {format_load(load_average)} at start, {format_load(load_average_at_end)} at end "
+        f"on {os.cpu_count()} CPUs"
+    )
     report = {
         "environment": describe(load_average, load_average_at_end, pinned),
-        "settings": {"duration_s": args.duration, "warmup_s": args.warmup, "concurrency": args.concurrency,
-                     "max_tokens": args.max_tokens, "model": MODEL, "access": args.access,
-                     "logging": args.logging},
+        "settings": {
+            "duration_s": args.duration,
+            "warmup_s": args.warmup,
+            "concurrency": args.concurrency,
+            "max_tokens": args.max_tokens,
+            "model": MODEL,
+            "access": args.access,
+            "logging": args.logging,
+        },
         "scenarios": [asdict(r) for r in results],
         "gateway_vs_direct": comparisons,
         "targets": goals,
@@ -197,12 +235,16 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--concurrency", type=concurrency_list, default=[1, 16], help="comma-separated, e.g. 1,16")
     parser.add_argument("--max-tokens", type=int, default=16)
     parser.add_argument(
-        "--access", type=access.configuration_list, default=list(access.CONFIGURATIONS),
+        "--access",
+        type=access.configuration_list,
+        default=list(access.CONFIGURATIONS),
         help=f"access-control configurations to compare, comma-separated from {','.join(access.CONFIGURATIONS)}, "
         "or none (default: all)",
     )
     parser.add_argument(
-        "--logging", action=argparse.BooleanOptionalAction, default=True,
+        "--logging",
+        action=argparse.BooleanOptionalAction,
+        default=True,
         help="compare a gateway writing its JSON access log with one started with --no-access-log "
         "(non-streaming; default: on)",
     )

@@ -13,7 +13,8 @@ from processes import REPO_ROOT
 
 
 def describe(
-    load_average_at_start: tuple[float, float, float], load_average_at_end: tuple[float, float, float],
+    load_average_at_start: tuple[float, float, float],
+    load_average_at_end: tuple[float, float, float],
     pinning: dict[str, list[int]],
 ) -> dict[str, Any]:
     return {

@@ -40,8 +40,9 @@ class Flood:
         await request.read()
         counts = self.stats[mode]
         counts["requests"] += 1
-        response = web.StreamResponse(status=200 if mode == "length" else 503,
-                                      headers={"Content-Type": "application/json"})
+        response = web.StreamResponse(
+            status=200 if mode == "length" else 503, headers={"Content-Type": "application/json"}
+        )
         if mode == "length":
             response.content_length = DECLARED_LENGTH
         else:
@@ -66,8 +67,9 @@ class Flood:
             return web.json_response({})
 
         async def models(request: web.Request) -> web.Response:
-            return web.json_response({"object": "list", "data": [{"id": f"flood-{mode}", "object": "model",
-                                                                   "owned_by": "vllm"}]})
+            return web.json_response(
+                {"object": "list", "data": [{"id": f"flood-{mode}", "object": "model", "owned_by": "vllm"}]}
+            )
 
         app = web.Application()
         app.router.add_get("/health", health)
@@ -83,7 +85,7 @@ async def serve(length_port: int, unavailable_port: int, stats_path: Path) -> No
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
-    for runner, port in zip(runners, (length_port, unavailable_port)):
+    for runner, port in zip(runners, (length_port, unavailable_port), strict=False):
         await runner.setup()
         await web.TCPSite(runner, "127.0.0.1", port).start()
     while not stop.is_set():

@@ -73,7 +73,11 @@ def run_client(main: Coroutine[Any, Any, T]) -> T:
 
 
 def request_body(
-    stream: bool, max_tokens: int, model: str, include_usage: bool = True, owned_by: str | None = None,
+    stream: bool,
+    max_tokens: int,
+    model: str,
+    include_usage: bool = True,
+    owned_by: str | None = None,
 ) -> bytes:
     body: dict[str, Any] = {
         "model": model,
@@ -90,7 +94,12 @@ def request_body(
 
 
 async def one_request(
-    session: aiohttp.ClientSession, url: str, body: bytes, headers: dict[str, str], stream: bool, usage_allowed: bool,
+    session: aiohttp.ClientSession,
+    url: str,
+    body: bytes,
+    headers: dict[str, str],
+    stream: bool,
+    usage_allowed: bool,
     on_first_chunk: Callable[[], None] | None = None,
 ) -> Sample:
     started = time.perf_counter()
@@ -124,8 +133,14 @@ async def one_request(
 
 
 async def run_phase(
-    session: aiohttp.ClientSession, url: str, body: bytes, headers: dict[str, str], stream: bool, usage_allowed: bool,
-    concurrency: int, seconds: float,
+    session: aiohttp.ClientSession,
+    url: str,
+    body: bytes,
+    headers: dict[str, str],
+    stream: bool,
+    usage_allowed: bool,
+    concurrency: int,
+    seconds: float,
 ) -> list[Sample]:
     """Keep `concurrency` requests in flight until `seconds` have passed; in-flight requests finish."""
     deadline = time.perf_counter() + seconds
@@ -140,7 +155,10 @@ async def run_phase(
 
 
 async def run_count(
-    session: aiohttp.ClientSession, url: str, headers: dict[str, str], plan: Iterable[tuple[bytes, bool]],
+    session: aiohttp.ClientSession,
+    url: str,
+    headers: dict[str, str],
+    plan: Iterable[tuple[bytes, bool]],
     concurrency: int,
 ) -> list[Sample]:
     """Send every (body, stream) of `plan`, `concurrency` at a time, in order; streams may carry usage."""
@@ -184,8 +202,16 @@ def fmt(value: float | None, digits: int = 2, sign: bool = False) -> str:
 
 
 async def run_scenario(
-    target: str, base_url: str, stream: bool, concurrency: int, args: argparse.Namespace, pids: Pids,
-    *, model: str, api_key: str | None = None, include_usage: bool = True,
+    target: str,
+    base_url: str,
+    stream: bool,
+    concurrency: int,
+    args: argparse.Namespace,
+    pids: Pids,
+    *,
+    model: str,
+    api_key: str | None = None,
+    include_usage: bool = True,
 ) -> ScenarioResult:
     """Warm up, then measure; `include_usage=False` sends streams without `stream_options`, and a usage
     chunk in the answer then counts as an error."""

@@ -41,7 +41,6 @@ from load import (
     run_count,
 )
 from processes import (
-    run_and_report,
     REPO_ROOT,
     choose_pinning,
     fd_limit,
@@ -51,6 +50,7 @@ from processes import (
     open_fds,
     process_group,
     raise_fd_limit,
+    run_and_report,
     start_gateway,
     start_simulator,
 )
@@ -93,8 +93,17 @@ def read_memory(pid: int) -> Memory:
 
 def point(name: str, what: str, requests: int, samples: list[Sample], seconds: float, memory: Memory) -> Point:
     errors = [s for s in samples if not s.ok]
-    return Point(name, what, requests, len(errors), round(seconds, 2), memory.rss_kib, memory.peak_rss_kib,
-                 memory.open_fds, sorted({s.error for s in errors if s.error})[:5])
+    return Point(
+        name,
+        what,
+        requests,
+        len(errors),
+        round(seconds, 2),
+        memory.rss_kib,
+        memory.peak_rss_kib,
+        memory.open_fds,
+        sorted({s.error for s in errors if s.error})[:5],
+    )
 
 
 def routes(fast_url: str, slow_url: str) -> str:
@@ -124,7 +133,9 @@ async def in_flight(session: aiohttp.ClientSession, gateway_url: str) -> int:
 
 
 async def hold_streams(
-    args: argparse.Namespace, gateway_url: str, pid: int,
+    args: argparse.Namespace,
+    gateway_url: str,
+    pid: int,
 ) -> tuple[list[Sample], float, Memory, dict[str, Any]]:
     """Open `--streams` slow streams through the gateway, read the gateway's memory once all are open,
     then let them run to their end; the samples, the seconds, the memory with all open, and how it went."""
@@ -181,20 +192,30 @@ async def measure(args: argparse.Namespace, gateway_url: str, pid: int) -> tuple
 
     samples, seconds = await send_mixed(gateway_url, args.requests, c, args.max_tokens)
     sent += args.requests
-    points.append(point("b", f"after {args.requests:,} more (mixed, {c} in flight)", sent, samples, seconds,
-                        read_memory(pid)))
+    points.append(
+        point("b", f"after {args.requests:,} more (mixed, {c} in flight)", sent, samples, seconds, read_memory(pid))
+    )
     print(f"  b: {points[-1].rss_kib / 1024:.1f} MiB ({args.requests / seconds:.0f} req/s)", flush=True)
 
     samples, seconds, memory, first = await hold_streams(args, gateway_url, pid)
     sent += n
-    points.append(point("c", f"{n:,} streams open (gateway in flight: {first['gateway_in_flight_at_sample']:,})",
-                        sent, samples, seconds, memory))
+    points.append(
+        point(
+            "c",
+            f"{n:,} streams open (gateway in flight: {first['gateway_in_flight_at_sample']:,})",
+            sent,
+            samples,
+            seconds,
+            memory,
+        )
+    )
     print(f"  c: {memory.rss_kib / 1024:.1f} MiB with {first['open_at_sample']:,} streams open", flush=True)
 
     samples, seconds = await send_mixed(gateway_url, args.requests_after, c, args.max_tokens)
     sent += args.requests_after
-    points.append(point("d", f"streams ended, then {args.requests_after:,} more", sent, samples, seconds,
-                        read_memory(pid)))
+    points.append(
+        point("d", f"streams ended, then {args.requests_after:,} more", sent, samples, seconds, read_memory(pid))
+    )
     print(f"  d: {points[-1].rss_kib / 1024:.1f} MiB", flush=True)
 
     # The same again. Memory that the first streams left and the second ones reuse is kept by the
@@ -202,8 +223,16 @@ async def measure(args: argparse.Namespace, gateway_url: str, pid: int) -> tuple
     stream_samples, stream_seconds, _, second = await hold_streams(args, gateway_url, pid)
     samples, seconds = await send_mixed(gateway_url, args.requests_after, c, args.max_tokens)
     sent += n + args.requests_after
-    points.append(point("e", f"{n:,} streams again, then {args.requests_after:,} more", sent,
-                        stream_samples + samples, stream_seconds + seconds, read_memory(pid)))
+    points.append(
+        point(
+            "e",
+            f"{n:,} streams again, then {args.requests_after:,} more",
+            sent,
+            stream_samples + samples,
+            stream_seconds + seconds,
+            read_memory(pid),
+        )
+    )
     print(f"  e: {points[-1].rss_kib / 1024:.1f} MiB", flush=True)
     return points, [first, second]
 
@@ -224,20 +253,28 @@ def print_report(points: list[Point], figures: dict[str, float], streams: list[d
     print(header)
     print("-" * len(header))
     for p in points:
-        print(f"{p.name:<2} {p.what:<48} {p.requests:>8,} {p.errors:>6} {p.rss_kib / 1024:>8.1f} "
-              f"{p.peak_rss_kib / 1024:>8.1f} {p.open_fds:>5}")
+        print(
+            f"{p.name:<2} {p.what:<48} {p.requests:>8,} {p.errors:>6} {p.rss_kib / 1024:>8.1f} "
+            f"{p.peak_rss_kib / 1024:>8.1f} {p.open_fds:>5}"
+        )
     a, b, c, d, _ = points
     n = streams[0]["streams"]
     print(f"\ngrowth b−a: {figures['growth_b_minus_a_mib']:+.2f} MiB over {b.requests - a.requests:,} requests")
-    print(f"growth d−b: {figures['growth_d_minus_b_mib']:+.2f} MiB over {n:,} streams and {d.requests - c.requests:,} requests")
-    print(f"growth e−d: {figures['growth_e_minus_d_mib']:+.2f} MiB over the same again "
-          "(near 0: d−b is memory kept for reuse, not a leak)")
+    print(
+        f"growth d−b: {figures['growth_d_minus_b_mib']:+.2f} MiB over {n:,} streams and {d.requests - c.requests:,} requests"
+    )
+    print(
+        f"growth e−d: {figures['growth_e_minus_d_mib']:+.2f} MiB over the same again "
+        "(near 0: d−b is memory kept for reuse, not a leak)"
+    )
     print(f"per open stream (c−b)/{n:,}: {figures['per_open_stream_kib']:.1f} KiB (its client and engine connections)")
     for number, report in enumerate(streams, 1):
-        print(f"streams, round {number}: {report['max_tokens']} tokens {report['itl_ms']} ms apart; "
-              f"{report['open_at_sample']:,} open (gateway in flight: {report['gateway_in_flight_at_sample']:,}) "
-              f"{report['seconds_to_open_all']} s after the first; p50 stream {fmt(report['stream_seconds_p50'], 1)} s; "
-              f"{report['errors']} errors")
+        print(
+            f"streams, round {number}: {report['max_tokens']} tokens {report['itl_ms']} ms apart; "
+            f"{report['open_at_sample']:,} open (gateway in flight: {report['gateway_in_flight_at_sample']:,}) "
+            f"{report['seconds_to_open_all']} s after the first; p50 stream {fmt(report['stream_seconds_p50'], 1)} s; "
+            f"{report['errors']} errors"
+        )
         if not report["all_open_at_sample"]:
             print("  WARNING: not all open at once when memory was read: the first ended before the last opened")
     for p in points:
@@ -258,24 +295,39 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
         port = free_port()
         gateway = start_gateway(group, "gateway", pinning, routes(fast_url, slow_url), port)
         gateway_url = f"http://127.0.0.1:{port}"
-        pinned = {"gateway": sorted(os.sched_getaffinity(gateway.pid)),
-                  "simulators": sorted(os.sched_getaffinity(fast.pid)),
-                  "load_generator": sorted(os.sched_getaffinity(0))}
+        pinned = {
+            "gateway": sorted(os.sched_getaffinity(gateway.pid)),
+            "simulators": sorted(os.sched_getaffinity(fast.pid)),
+            "load_generator": sorted(os.sched_getaffinity(0)),
+        }
         gateway_fd_limit = fd_limit(gateway.pid)
-        print(f"simulators {fast_url} (itl 0), {slow_url} (itl {SLOW_ITL_MS} ms); gateway {gateway_url} "
-              f"(pid {gateway.pid}); CPUs {pinned}; open-file limit {limit} (gateway: {gateway_fd_limit})", flush=True)
+        print(
+            f"simulators {fast_url} (itl 0), {slow_url} (itl {SLOW_ITL_MS} ms); gateway {gateway_url} "
+            f"(pid {gateway.pid}); CPUs {pinned}; open-file limit {limit} (gateway: {gateway_fd_limit})",
+            flush=True,
+        )
         points, streams = run_client(measure(args, gateway_url, gateway.pid))
     load_average_at_end = os.getloadavg()
     figures = summary(points, args.streams)
     print_report(points, figures, streams, gateway.pid)
-    print(f"\nload average (1, 5, 15 min): {format_load(load_average)} at start, {format_load(load_average_at_end)} at end "
-          f"on {os.cpu_count()} CPUs")
+    print(
+        f"\nload average (1, 5, 15 min): {format_load(load_average)} at start, {format_load(load_average_at_end)} at end "
+        f"on {os.cpu_count()} CPUs"
+    )
     return {
         "environment": describe(load_average, load_average_at_end, pinned),
-        "settings": {"warmup_requests": args.warmup_requests, "requests": args.requests,
-                     "requests_after": args.requests_after, "concurrency": args.concurrency,
-                     "max_tokens": args.max_tokens, "streams": args.streams, "stream_seconds": args.stream_seconds,
-                     "model": MODEL, "open_file_limit": limit, "gateway_open_file_limit": gateway_fd_limit},
+        "settings": {
+            "warmup_requests": args.warmup_requests,
+            "requests": args.requests,
+            "requests_after": args.requests_after,
+            "concurrency": args.concurrency,
+            "max_tokens": args.max_tokens,
+            "streams": args.streams,
+            "stream_seconds": args.stream_seconds,
+            "model": MODEL,
+            "open_file_limit": limit,
+            "gateway_open_file_limit": gateway_fd_limit,
+        },
         "points": [asdict(p) for p in points],
         "streams": streams,
         **figures,
@@ -290,8 +342,12 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--concurrency", type=int, default=16, help="requests in flight in the mixed phases")
     parser.add_argument("--max-tokens", type=int, default=16, help="per request in the mixed phases")
     parser.add_argument("--streams", type=int, default=1_000, help="streams open at once at point c")
-    parser.add_argument("--stream-seconds", type=float, default=10.0,
-                        help=f"how long each of those streams lasts (tokens {SLOW_ITL_MS} ms apart)")
+    parser.add_argument(
+        "--stream-seconds",
+        type=float,
+        default=10.0,
+        help=f"how long each of those streams lasts (tokens {SLOW_ITL_MS} ms apart)",
+    )
     parser.add_argument("--output", type=Path, default=REPO_ROOT / "bench" / "results" / "memory.json")
     args = parser.parse_args()
     if min(args.warmup_requests, args.requests, args.requests_after, args.concurrency, args.streams) < 1:

@@ -22,8 +22,10 @@ MODES = {"non-stream": "non-streaming", "stream": "streaming"}
 TARGET_COLORS = {"direct": "#9e9e9e", "gateway": "#1f77b4"}
 SIMULATOR_COLOR = "#d0d0d0"
 PERCENTILES = (("p50", "p50_ms"), ("p90", "p90_ms"), ("p99", "p99_ms"))
-MISSING_MATPLOTLIB = "matplotlib is not installed, so no plot: .venv/bin/pip install matplotlib, then " \
-                     ".venv/bin/python bench/plot.py {json}"
+MISSING_MATPLOTLIB = (
+    "matplotlib is not installed, so no plot: .venv/bin/pip install matplotlib, then "
+    ".venv/bin/python bench/plot.py {json}"
+)
 
 
 def png_path(json_path: Path) -> Path:
@@ -50,9 +52,11 @@ def title(report: dict[str, Any]) -> str:
     load = "→".join(f"{env[key][0]:.2f}" for key in ("load_average_at_start", "load_average_at_end"))
     pinned = env.get("pinning", {}).get("gateway")
     where = f"gateway on CPU {','.join(map(str, pinned))}" if pinned else "unpinned"
-    return (f"llm-gateway overhead: direct vs through the gateway\n"
-            f"{date}, commit {commit}; {settings['duration_s']:g} s per scenario, streams of {settings['max_tokens']} tokens, "
-            f"{env['cpu_count']} CPUs, {where}, load average {load}")
+    return (
+        f"llm-gateway overhead: direct vs through the gateway\n"
+        f"{date}, commit {commit}; {settings['duration_s']:g} s per scenario, streams of {settings['max_tokens']} tokens, "
+        f"{env['cpu_count']} CPUs, {where}, load average {load}"
+    )
 
 
 def value(number: float | None) -> float:
@@ -70,8 +74,13 @@ def latency_panel(ax: Any, scenarios: dict[tuple[str, str, int], dict[str, Any]]
         if r is None:
             continue
         numbers = [r[key] for _, key in PERCENTILES]
-        bars = ax.bar([i + offset for i in range(len(PERCENTILES))], [value(n) for n in numbers], width,
-                      label=target + (f" ({r['errors']} errors)" if r["errors"] else ""), color=TARGET_COLORS[target])
+        bars = ax.bar(
+            [i + offset for i in range(len(PERCENTILES))],
+            [value(n) for n in numbers],
+            width,
+            label=target + (f" ({r['errors']} errors)" if r["errors"] else ""),
+            color=TARGET_COLORS[target],
+        )
         ax.bar_label(bars, labels=[label(n) for n in numbers], fontsize=8, padding=2)
     ax.set_xticks(range(len(PERCENTILES)), [name for name, _ in PERCENTILES])
     ax.set_title(f"{MODES[mode]}, concurrency {concurrency}: latency", fontsize=10)
@@ -79,8 +88,13 @@ def latency_panel(ax: Any, scenarios: dict[tuple[str, str, int], dict[str, Any]]
     leave_room_for_legend(ax)
 
 
-def cpu_panel(ax: Any, scenarios: dict[tuple[str, str, int], dict[str, Any]], mode: str, levels: list[int],
-              target_ms: float | None) -> None:
+def cpu_panel(
+    ax: Any,
+    scenarios: dict[tuple[str, str, int], dict[str, Any]],
+    mode: str,
+    levels: list[int],
+    target_ms: float | None,
+) -> None:
     positions, ticks, simulator, gateway = [], [], [], []
     for i, concurrency in enumerate(levels):
         for j, target in enumerate(("direct", "gateway")):
@@ -94,8 +108,14 @@ def cpu_panel(ax: Any, scenarios: dict[tuple[str, str, int], dict[str, Any]], mo
     engine = ax.bar(positions, simulator, 0.8, color=SIMULATOR_COLOR, label="simulator (the engine)")
     ax.bar_label(engine, fmt="%.3f", label_type="center", fontsize=8)
     on_top = ax.bar(positions, gateway, 0.8, bottom=simulator, color=TARGET_COLORS["gateway"], label="gateway")
-    ax.bar_label(on_top, labels=[f"{g:.3f}" if g else "" for g in gateway], label_type="center", fontsize=8,
-                 color="white", fontweight="bold")
+    ax.bar_label(
+        on_top,
+        labels=[f"{g:.3f}" if g else "" for g in gateway],
+        label_type="center",
+        fontsize=8,
+        color="white",
+        fontweight="bold",
+    )
     ax.set_xticks(positions, ticks, fontsize=8)
     target = f" (gateway target ≤ {target_ms:g} ms)" if target_ms is not None else ""
     ax.set_title(f"{MODES[mode]}: CPU per request{target}", fontsize=10)

@@ -98,7 +98,9 @@ def stop_on_sigterm() -> None:
 
 
 def pin_to(
-    cpus: tuple[int, ...], open_files: int | None = None, niceness: int = 0,
+    cpus: tuple[int, ...],
+    open_files: int | None = None,
+    niceness: int = 0,
 ) -> Callable[[], None] | None:
     """What the child runs between fork and exec, so that its pinning (and an open-file limit, soft and
     hard, and a lower priority, when given) hold from its first instruction."""
@@ -124,19 +126,34 @@ class ProcessGroup:
         self._procs: list[subprocess.Popen[bytes]] = []
 
     def start(
-        self, name: str, argv: list[str], cpus: tuple[int, ...], *, open_files: int | None = None, niceness: int = 0,
+        self,
+        name: str,
+        argv: list[str],
+        cpus: tuple[int, ...],
+        *,
+        open_files: int | None = None,
+        niceness: int = 0,
     ) -> subprocess.Popen[bytes]:
         with (self.log_dir / f"{name}.log").open("wb") as log:
             # A new session keeps Ctrl-C away from the children: the bench stops them itself, in order.
             proc = subprocess.Popen(
-                argv, cwd=REPO_ROOT, stdout=log, stderr=subprocess.STDOUT,
-                preexec_fn=pin_to(cpus, open_files, niceness), start_new_session=True,
+                argv,
+                cwd=REPO_ROOT,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                preexec_fn=pin_to(cpus, open_files, niceness),
+                start_new_session=True,
             )
         self._procs.append(proc)
         return proc
 
     def start_gateway_app(
-        self, name: str, args: list[str], cpus: tuple[int, ...], *, open_files: int | None = None,
+        self,
+        name: str,
+        args: list[str],
+        cpus: tuple[int, ...],
+        *,
+        open_files: int | None = None,
     ) -> subprocess.Popen[bytes]:
         """`python -m gateway_app <args>` with this interpreter."""
         return self.start(name, [sys.executable, "-m", "gateway_app", *args], cpus, open_files=open_files)
@@ -257,15 +274,33 @@ def start_servers(group: ProcessGroup, pinning: Pinning, model: str) -> Servers:
 
 
 def start_simulator(
-    group: ProcessGroup, name: str, cpus: tuple[int, ...], model: str, ttft_ms: float = 0, itl_ms: float = 0,
+    group: ProcessGroup,
+    name: str,
+    cpus: tuple[int, ...],
+    model: str,
+    ttft_ms: float = 0,
+    itl_ms: float = 0,
 ) -> tuple[subprocess.Popen[bytes], str]:
     """A vLLM simulator on a free loopback port, ready when this returns; the process and its base URL."""
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     simulator = group.start_gateway_app(
         name,
-        ["simulate", "--engine", "vllm", "--model", model, "--host", "127.0.0.1", "--port", str(port),
-         "--ttft-ms", f"{ttft_ms:g}", "--itl-ms", f"{itl_ms:g}"],
+        [
+            "simulate",
+            "--engine",
+            "vllm",
+            "--model",
+            model,
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--ttft-ms",
+            f"{ttft_ms:g}",
+            "--itl-ms",
+            f"{itl_ms:g}",
+        ],
         cpus,
     )
     group.wait_ready(name, simulator, http_ok(f"{url}/health"))
@@ -278,15 +313,30 @@ def routing_map(model: str, simulator_url: str, settings: str = "") -> str:
 
 
 def start_gateway(
-    group: ProcessGroup, name: str, pinning: Pinning, routes: str, port: int, extra_args: tuple[str, ...] = (),
+    group: ProcessGroup,
+    name: str,
+    pinning: Pinning,
+    routes: str,
+    port: int,
+    extra_args: tuple[str, ...] = (),
 ) -> subprocess.Popen[bytes]:
     """`serve` with the routing map `routes` (YAML text), ready on `port` when this returns."""
     config = group.log_dir / f"{name}.routes.yaml"
     config.write_text(routes)
     gateway = group.start_gateway_app(
         name,
-        ["serve", "--config", str(config), "--host", "127.0.0.1", "--port", str(port), "--log-level", "warning",
-         *extra_args],
+        [
+            "serve",
+            "--config",
+            str(config),
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--log-level",
+            "warning",
+            *extra_args,
+        ],
         pinning.gateway,
     )
     group.wait_ready(name, gateway, http_ok(f"http://127.0.0.1:{port}/readyz"))
@@ -300,8 +350,21 @@ def start_redis(group: ProcessGroup, cpus: tuple[int, ...], port: int) -> subpro
         raise RuntimeError("redis-server is not on PATH: install it, or leave keys+redis out of --access")
     redis = group.start(
         "redis",
-        [server, "--bind", "127.0.0.1", "--port", str(port), "--save", "", "--appendonly", "no",
-         "--dir", str(group.log_dir), "--daemonize", "no"],
+        [
+            server,
+            "--bind",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+            "--dir",
+            str(group.log_dir),
+            "--daemonize",
+            "no",
+        ],
         cpus,
     )
     group.wait_ready("redis", redis, redis_ok(port))

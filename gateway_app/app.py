@@ -124,8 +124,11 @@ def create_app(state: GatewayState, watched: Sequence[WatchedFile] = (), metrics
         reachable = sum(1 for e in table.engines if any(p.available(now) for p in e.pool.endpoints))
         ready = reachable > 0 or not table.settings.ready_requires_engine
         return _json(
-            {"status": "ready" if ready else "no engine reachable", "engines": len(table.engines),
-             "engines_reachable": reachable},
+            {
+                "status": "ready" if ready else "no engine reachable",
+                "engines": len(table.engines),
+                "engines_reachable": reachable,
+            },
             status=200 if ready else 503,
         )
 
@@ -190,7 +193,8 @@ def create_app(state: GatewayState, watched: Sequence[WatchedFile] = (), metrics
     metrics_route = Route("/metrics", metrics, methods=["GET"])
     handlers = {HTTPException: http_error, Exception: unexpected_error}
     api = Starlette(
-        routes=routes if metrics_port is not None else [*routes, metrics_route], lifespan=lifespan,
+        routes=routes if metrics_port is not None else [*routes, metrics_route],
+        lifespan=lifespan,
         exception_handlers=handlers,
     )
     # A trailing slash gets a 404 like any unknown path: Starlette's redirect would send the client to a

@@ -8,8 +8,8 @@ key itself is never logged, counted or echoed. The file is reloaded when it chan
 from __future__ import annotations
 
 import hashlib
-import secrets
 import re
+import secrets
 from dataclasses import dataclass
 from pathlib import Path
 

@@ -54,7 +54,10 @@ def pick_in_turn(candidates: Sequence[Endpoint], pool: EndpointPool) -> Endpoint
 
 
 def choose(
-    pool: EndpointPool, now: float, affinity_key: str | None = None, exclude: Sequence[Endpoint] = (),
+    pool: EndpointPool,
+    now: float,
+    affinity_key: str | None = None,
+    exclude: Sequence[Endpoint] = (),
     policy: str = "power_of_two",
 ) -> Endpoint | None:
     candidates = available(pool.endpoints, now, exclude)

@@ -34,7 +34,9 @@ def _env(name: str) -> str | None:
 
 def _build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="llm-gateway", description=__doc__.splitlines()[0], formatter_class=_HelpFormatter,
+        prog="llm-gateway",
+        description=__doc__.splitlines()[0],
+        formatter_class=_HelpFormatter,
         epilog="`llm-gateway COMMAND --help` lists the options of a command.",
     )
     parser.add_argument("--version", action="version", version=f"llm-gateway {__version__}")
@@ -48,43 +50,61 @@ def _build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--host", default="0.0.0.0", help="address to listen on")
     serve.add_argument("--port", type=int, default=8000, help="port to listen on")
     serve.add_argument(
-        "--metrics-port", type=int, default=_env("LLM_GATEWAY_METRICS_PORT"), metavar="PORT",
+        "--metrics-port",
+        type=int,
+        default=_env("LLM_GATEWAY_METRICS_PORT"),
+        metavar="PORT",
         help="serve /metrics on this port only (and no longer on the API port), for a ServiceMonitor and a "
         "NetworkPolicy that keep it internal; default: /metrics on the API port (env LLM_GATEWAY_METRICS_PORT)",
     )
     serve.add_argument("--log-level", default="info", choices=LOG_LEVELS, help="the least severe level logged")
     serve.add_argument(
-        "--log-format", choices=("json", "text"), default=_env("LLM_GATEWAY_LOG_FORMAT"),
+        "--log-format",
+        choices=("json", "text"),
+        default=_env("LLM_GATEWAY_LOG_FORMAT"),
         help="json (one object per line) or text; default: text on a terminal, json otherwise "
         "(env LLM_GATEWAY_LOG_FORMAT)",
     )
     serve.add_argument(
-        "--otlp-endpoint", default=_env("LLM_GATEWAY_OTLP_ENDPOINT"), metavar="URL",
+        "--otlp-endpoint",
+        default=_env("LLM_GATEWAY_OTLP_ENDPOINT"),
+        metavar="URL",
         help="send OpenTelemetry traces (OTLP over HTTP) to this collector, e.g. http://otel-collector:4318; "
         "off by default; needs the tracing extra, installed from the checkout: "
         "`.venv/bin/pip install -e '.[tracing]'` (env LLM_GATEWAY_OTLP_ENDPOINT)",
     )
     serve.add_argument(
-        "--no-access-log", dest="access_log", action="store_false",
+        "--no-access-log",
+        dest="access_log",
+        action="store_false",
         help="do not write the one line per request (errors and warnings are still logged)",
     )
     serve.add_argument(
-        "--shutdown-grace-seconds", type=float, default=110.0, metavar="SECONDS",
+        "--shutdown-grace-seconds",
+        type=float,
+        default=110.0,
+        metavar="SECONDS",
         help="on SIGTERM, stop accepting at once and give requests and streams in flight this long to finish "
         "(keep it below the pod's terminationGracePeriodSeconds minus its preStop wait)",
     )
     serve.add_argument(
-        "--keys-file", default=_env("LLM_GATEWAY_KEYS_FILE"), metavar="PATH",
+        "--keys-file",
+        default=_env("LLM_GATEWAY_KEYS_FILE"),
+        metavar="PATH",
         help="YAML file of client API keys (sha256 hashes), mounted from a Secret; turns authentication on; "
         "default: no keys, the gateway is open (env LLM_GATEWAY_KEYS_FILE)",
     )
     serve.add_argument(
-        "--engine-api-key-file", default=_env("LLM_GATEWAY_ENGINE_API_KEY_FILE"), metavar="PATH",
+        "--engine-api-key-file",
+        default=_env("LLM_GATEWAY_ENGINE_API_KEY_FILE"),
+        metavar="PATH",
         help="file holding the key the gateway sends to engines started with --api-key "
         "(env LLM_GATEWAY_ENGINE_API_KEY_FILE)",
     )
     serve.add_argument(
-        "--redis-url", default=_env("LLM_GATEWAY_REDIS_URL"), metavar="URL",
+        "--redis-url",
+        default=_env("LLM_GATEWAY_REDIS_URL"),
+        metavar="URL",
         help="redis://host:6379/0 to share rate-limit counters between replicas; the password comes from "
         "env LLM_GATEWAY_REDIS_PASSWORD; default: counters in this process's memory (env LLM_GATEWAY_REDIS_URL)",
     )
@@ -98,7 +118,8 @@ def _build_parser() -> argparse.ArgumentParser:
     simulate.add_argument("--itl-ms", type=float, default=0.0, metavar="MS", help="delay between two tokens")
     simulate.add_argument("--log-level", default="warning", choices=LOG_LEVELS, help="the least severe level logged")
     simulate.add_argument(
-        "--api-key", metavar="KEY",  # no default from the environment here: --help must not print a secret
+        "--api-key",
+        metavar="KEY",  # no default from the environment here: --help must not print a secret
         help="require this key on /v1 routes, like vLLM's and SGLang's --api-key; default: no key "
         "(env LLM_GATEWAY_SIMULATOR_API_KEY)",
     )
@@ -109,7 +130,8 @@ def _build_parser() -> argparse.ArgumentParser:
 
     demo = command("demo", "the tutorial's topology on simulated engines, gateway on :8000")
     demo.add_argument(
-        "--host", default=_env("LLM_GATEWAY_DEMO_HOST") or "127.0.0.1",
+        "--host",
+        default=_env("LLM_GATEWAY_DEMO_HOST") or "127.0.0.1",
         help="where the gateway listens; 0.0.0.0 to reach it from other machines, as the container image does "
         "(env LLM_GATEWAY_DEMO_HOST)",
     )
@@ -125,10 +147,18 @@ def main(argv: list[str] | None = None) -> int:
         from gateway_app.server import serve_gateway
 
         return serve_gateway(
-            args.config, host=args.host, port=args.port, log_level=args.log_level, keys_file=args.keys_file,
-            engine_key_file=args.engine_api_key_file, redis_url=args.redis_url,
-            shutdown_grace=args.shutdown_grace_seconds, log_format=args.log_format, access_log=args.access_log,
-            otlp_endpoint=args.otlp_endpoint, metrics_port=args.metrics_port,
+            args.config,
+            host=args.host,
+            port=args.port,
+            log_level=args.log_level,
+            keys_file=args.keys_file,
+            engine_key_file=args.engine_api_key_file,
+            redis_url=args.redis_url,
+            shutdown_grace=args.shutdown_grace_seconds,
+            log_format=args.log_format,
+            access_log=args.access_log,
+            otlp_endpoint=args.otlp_endpoint,
+            metrics_port=args.metrics_port,
         )
     if args.command == "hash-key":
         from gateway_app.auth import generate_key, hash_key

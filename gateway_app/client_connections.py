@@ -134,11 +134,13 @@ class ConnectionGuard:
         if self.open <= self.max_connections:
             return True
         victim = (
-            next(iter(self.waiting_for_head), None) or next(iter(self.reading_body), None)
+            next(iter(self.waiting_for_head), None)
+            or next(iter(self.reading_body), None)
             or next(iter(self.not_reading), None)
         )
         self.warnings.warn(
-            "budget", f"client connection limit ({self.max_connections}) reached: closing connections "
+            "budget",
+            f"client connection limit ({self.max_connections}) reached: closing connections "
             "that have not sent a whole request",
         )
         if victim is None:
@@ -168,8 +170,13 @@ class GuardedHttpProtocol(HttpToolsProtocol):
     """
 
     def __init__(
-        self, config: Config, server_state: ServerState, app_state: dict[str, Any],
-        _loop: asyncio.AbstractEventLoop | None = None, *, guard_for: Callable[[int | None], ConnectionGuard],
+        self,
+        config: Config,
+        server_state: ServerState,
+        app_state: dict[str, Any],
+        _loop: asyncio.AbstractEventLoop | None = None,
+        *,
+        guard_for: Callable[[int | None], ConnectionGuard],
     ) -> None:
         super().__init__(config, server_state, app_state, _loop)
         self.guard_for = guard_for
@@ -193,9 +200,14 @@ class GuardedHttpProtocol(HttpToolsProtocol):
         self.guard = self.guard_for(self.server[1] if self.server else None)
         self.client_limits = self.guard.limits()
         if not self.guard.opened():
-            self.refuse("over_capacity", GatewayOverloaded(
-                "The gateway has no room for another connection right now; retry shortly.", retry_after=1,
-            ), drain=False)
+            self.refuse(
+                "over_capacity",
+                GatewayOverloaded(
+                    "The gateway has no room for another connection right now; retry shortly.",
+                    retry_after=1,
+                ),
+                drain=False,
+            )
             return
         self.guard.waiting_for_head[self] = None
         self.head_timer = self.loop.call_later(self.client_limits.head_timeout, self.head_timed_out)
@@ -225,9 +237,12 @@ class GuardedHttpProtocol(HttpToolsProtocol):
             return
         if self.awaiting_head:
             if not self.head_fits(data):
-                self.refuse("head_too_large", RequestHeaderTooLarge(
-                    f"The request head is larger than the limit of {self.client_limits.max_header_bytes} bytes."
-                ))
+                self.refuse(
+                    "head_too_large",
+                    RequestHeaderTooLarge(
+                        f"The request head is larger than the limit of {self.client_limits.max_header_bytes} bytes."
+                    ),
+                )
                 return
         elif self in self.guard.reading_body:
             self.guard.reading_body.pop(self, None)
@@ -265,7 +280,7 @@ class GuardedHttpProtocol(HttpToolsProtocol):
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserUpgrade as upgrade:
-            self.serve_as_plain_http(data[upgrade.args[0]:])
+            self.serve_as_plain_http(data[upgrade.args[0] :])
         except httptools.HttpParserError:
             if self.closing_reason is None:  # not one of ours, raised from a callback below
                 self.refuse("bad_request", InvalidRequest("The request is not valid HTTP/1.1."))
@@ -345,17 +360,21 @@ class GuardedHttpProtocol(HttpToolsProtocol):
         self.guard.waiting_for_head.pop(self, None)
         limits = self.client_limits
         if len(self.headers) > limits.max_headers:
-            self.refuse("too_many_headers", RequestHeaderTooLarge(
-                f"The request has {len(self.headers)} headers; the limit is {limits.max_headers}."
-            ))
+            self.refuse(
+                "too_many_headers",
+                RequestHeaderTooLarge(
+                    f"The request has {len(self.headers)} headers; the limit is {limits.max_headers}."
+                ),
+            )
             raise _Refused  # stops the parser: nothing of this request reaches the app
         if not measured and (
             len(self.url) + sum(len(name) + len(value) + 4 for name, value in self.headers) > limits.max_header_bytes
         ):
             # A second pipelined head in the same read: the raw check saw only the first.
-            self.refuse("head_too_large", RequestHeaderTooLarge(
-                f"The request head is larger than the limit of {limits.max_header_bytes} bytes."
-            ))
+            self.refuse(
+                "head_too_large",
+                RequestHeaderTooLarge(f"The request head is larger than the limit of {limits.max_header_bytes} bytes."),
+            )
             raise _Refused
         self.guard.reading_body[self] = None
         super().on_headers_complete()
@@ -416,10 +435,14 @@ class GuardedHttpProtocol(HttpToolsProtocol):
             return
         limits = self.client_limits
         silent = self.body_last_read + limits.body_timeout <= deadline
-        self.refuse("body_timeout", RequestTimeout(
-            f"No part of the request body arrived for {limits.body_timeout} s." if silent
-            else f"The request body arrives slower than {limits.body_min_rate} bytes a second."
-        ))
+        self.refuse(
+            "body_timeout",
+            RequestTimeout(
+                f"No part of the request body arrived for {limits.body_timeout} s."
+                if silent
+                else f"The request body arrives slower than {limits.body_min_rate} bytes a second."
+            ),
+        )
 
     def head_timed_out(self) -> None:
         self.head_timer = None
@@ -430,9 +453,11 @@ class GuardedHttpProtocol(HttpToolsProtocol):
             self.closing_reason = "idle"
             self.transport.close()  # nothing was sent: nobody to answer
             return
-        self.refuse("head_timeout", RequestTimeout(
-            f"The request head was not received within {self.client_limits.head_timeout} s."
-        ), drain=False)
+        self.refuse(
+            "head_timeout",
+            RequestTimeout(f"The request head was not received within {self.client_limits.head_timeout} s."),
+            drain=False,
+        )
 
     def refuse(self, reason: str, error: GatewayError, drain: bool = True) -> None:
         """Answer with an error and close, without parsing anything more of this connection."""

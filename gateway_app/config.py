@@ -158,7 +158,7 @@ class Settings(_Strict):
     ready_requires_engine: bool = False
 
     @model_validator(mode="after")
-    def _one_body_fits_the_budget(self) -> "Settings":
+    def _one_body_fits_the_budget(self) -> Settings:
         if self.client_limits.max_body_memory < self.max_body_bytes:
             raise ValueError(
                 f"@client_limits.max_body_memory: must be at least max_body_bytes ({self.max_body_bytes}), "
@@ -184,7 +184,7 @@ class EngineSpec(_Strict):
     discovery: Discovery | None = None
 
     @model_validator(mode="after")
-    def _one_way_to_reach_it(self) -> "EngineSpec":
+    def _one_way_to_reach_it(self) -> EngineSpec:
         if self.url is None and not self.urls:
             raise ValueError("@url: required field is missing (or give `urls`, a list of replica URLs)")
         if self.url is not None and self.urls:
@@ -216,11 +216,13 @@ class EngineSpec(_Strict):
         if parts.username or parts.password:
             raise ValueError("must not carry a user or password (they would show in logs and metrics)")
         try:
-            parts.port
+            _ = parts.port  # urlsplit checks the port only when asked
         except ValueError:
             raise ValueError(f"has a bad port, got {url!r}") from None
         if parts.path.rstrip("/").endswith("/v1"):
-            raise ValueError(f"is the engine's root, where /health and /v1/... live: drop the trailing /v1 from {url!r}")
+            raise ValueError(
+                f"is the engine's root, where /health and /v1/... live: drop the trailing /v1 from {url!r}"
+            )
         return url.rstrip("/")
 
     @field_validator("aliases")
@@ -261,14 +263,16 @@ class RoutingMap(_Strict):
     engines: list[EngineSpec] = Field(min_length=1)
 
     @model_validator(mode="after")
-    def _check_across_engines(self) -> "RoutingMap":
+    def _check_across_engines(self) -> RoutingMap:
         names: dict[str, int] = {}
         pairs: dict[tuple[str, str], int] = {}
         defaults: dict[str, int] = {}
         for index, engine in enumerate(self.engines):
             where = f"engines[{index}]"
             if engine.name in names:
-                raise ValueError(f"{where}.name: duplicate engine name {engine.name!r} (also engines[{names[engine.name]}])")
+                raise ValueError(
+                    f"{where}.name: duplicate engine name {engine.name!r} (also engines[{names[engine.name]}])"
+                )
             names[engine.name] = index
             pair = (engine.model, engine.owned_by)
             if pair in pairs:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import signal
 import socket
 import sys
@@ -47,21 +48,32 @@ class _InProcessServer(uvicorn.Server):
 def _server(app: object) -> _InProcessServer:
     return _InProcessServer(
         uvicorn.Config(
-            app, loop="none", http="httptools", lifespan="auto", access_log=False, log_level="warning",
-            server_header=False, timeout_keep_alive=KEEP_ALIVE_SECONDS,
+            app,
+            loop="none",
+            http="httptools",
+            lifespan="auto",
+            access_log=False,
+            log_level="warning",
+            server_header=False,
+            timeout_keep_alive=KEEP_ALIVE_SECONDS,
         )
     )
 
 
 def _curl_examples(base: str) -> str:
-    chat = f"  curl {base}/v1/chat/completions -H 'Content-Type: application/json' -d "
+    def chat(**fields: object) -> str:
+        return f"  curl {base}/v1/chat/completions -H 'Content-Type: application/json' -d '{json.dumps(fields)}'"
+
+    def ask(text: str) -> list[dict[str, str]]:
+        return [{"role": "user", "content": text}]
+
     return "\n".join(
         [
             f"  curl {base}/v1/models",
-            chat + f"""'{{"model": "{LLAMA}", "messages": [{{"role": "user", "content": "What is machine learning?"}}], "max_tokens": 100}}'""",
-            chat + f"""'{{"model": "{LLAMA}", "owned_by": "sglang", "messages": [{{"role": "user", "content": "What is machine learning?"}}], "max_tokens": 100}}'""",
-            chat + f"""'{{"model": "{PHI}", "messages": [{{"role": "user", "content": "What is a mixture of experts?"}}], "max_tokens": 100}}'""",
-            chat + f"""'{{"model": "{LLAMA}", "messages": [{{"role": "user", "content": "Explain quantum computing"}}], "stream": true}}'""",
+            chat(model=LLAMA, messages=ask("What is machine learning?"), max_tokens=100),
+            chat(model=LLAMA, owned_by="sglang", messages=ask("What is machine learning?"), max_tokens=100),
+            chat(model=PHI, messages=ask("What is a mixture of experts?"), max_tokens=100),
+            chat(model=LLAMA, messages=ask("Explain quantum computing"), stream=True),
         ]
     )
 

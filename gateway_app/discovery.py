@@ -36,7 +36,7 @@ class KubernetesAPI:
     ssl_context: ssl.SSLContext | bool
 
     @classmethod
-    def from_environment(cls) -> "KubernetesAPI | None":
+    def from_environment(cls) -> KubernetesAPI | None:
         """In a pod: the service account. `LLM_GATEWAY_KUBE_API` overrides the address (tests, proxies)."""
         override = os.environ.get("LLM_GATEWAY_KUBE_API")
         if override:
@@ -77,8 +77,13 @@ class EndpointSliceWatcher:
     RETRY_SECONDS = 2.0
 
     def __init__(
-        self, api: KubernetesAPI, session: Callable[[], aiohttp.ClientSession], namespace: str, service: str,
-        port: int, on_change: Callable[[list[str]], None],
+        self,
+        api: KubernetesAPI,
+        session: Callable[[], aiohttp.ClientSession],
+        namespace: str,
+        service: str,
+        port: int,
+        on_change: Callable[[list[str]], None],
     ) -> None:
         self.api = api
         self._session = session
@@ -100,7 +105,9 @@ class EndpointSliceWatcher:
 
     async def _list(self) -> str:
         async with self._session().get(
-            self.api.base_url + self._path, headers=self.api.headers(), ssl=self.api.ssl_context,
+            self.api.base_url + self._path,
+            headers=self.api.headers(),
+            ssl=self.api.ssl_context,
             timeout=aiohttp.ClientTimeout(total=10),
         ) as response:
             response.raise_for_status()
@@ -118,7 +125,9 @@ class EndpointSliceWatcher:
             f"&resourceVersion={resource_version}"
         )
         async with self._session().get(
-            url, headers=self.api.headers(), ssl=self.api.ssl_context,
+            url,
+            headers=self.api.headers(),
+            ssl=self.api.ssl_context,
             timeout=aiohttp.ClientTimeout(total=None, sock_connect=10, sock_read=330),
         ) as response:
             response.raise_for_status()
@@ -145,7 +154,9 @@ class EndpointSliceWatcher:
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # the API may be briefly unreachable: keep the endpoints we have
-                log.warning("watching service %s/%s: %s; retrying", self.namespace, self.service, exc or type(exc).__name__)
+                log.warning(
+                    "watching service %s/%s: %s; retrying", self.namespace, self.service, exc or type(exc).__name__
+                )
                 await asyncio.sleep(self.RETRY_SECONDS)
 
 
@@ -153,8 +164,12 @@ class DiscoveryManager:
     """One watch per Service that the current route table discovers; watches outlive table reloads."""
 
     def __init__(
-        self, api: KubernetesAPI | None, session: Callable[[], aiohttp.ClientSession], registry,
-        pools: dict, on_change: Callable[[], None],
+        self,
+        api: KubernetesAPI | None,
+        session: Callable[[], aiohttp.ClientSession],
+        registry,
+        pools: dict,
+        on_change: Callable[[], None],
     ) -> None:
         self._api = api
         self._session = session

@@ -93,8 +93,11 @@ class HealthChecker:
     """Checks every endpoint's `/health` at an interval, in the background, never on the request path."""
 
     def __init__(
-        self, registry: EndpointRegistry, session: Callable[[], aiohttp.ClientSession],
-        settings: Callable[[], HealthSettings], headers: Callable[[], dict[str, str]],
+        self,
+        registry: EndpointRegistry,
+        session: Callable[[], aiohttp.ClientSession],
+        settings: Callable[[], HealthSettings],
+        headers: Callable[[], dict[str, str]],
     ) -> None:
         self._registry = registry
         self._session = session

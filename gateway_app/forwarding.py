@@ -21,7 +21,12 @@ from gateway_app.balancer import choose
 from gateway_app.concurrency import EngineBusy
 from gateway_app.endpoints import Endpoint
 from gateway_app.errors import (
-    EngineBadAnswer, EngineTimeout, EngineUnreachable, GatewayError, InternalError, sse_error_event,
+    EngineBadAnswer,
+    EngineTimeout,
+    EngineUnreachable,
+    GatewayError,
+    InternalError,
+    sse_error_event,
 )
 from gateway_app.log_setup import ThrottledWarning
 from gateway_app.request_body import EnginePayload
@@ -51,14 +56,32 @@ class RequestProgress:
     """What the relay has done so far; read by the disconnect watcher and by error handling."""
 
     __slots__ = (
-        "response_started", "finished", "disconnected", "first_byte_at", "sse", "at_event_boundary",
-        "extra_headers", "strip_usage", "usage", "table", "started", "affinity_key",
-        "error_kind", "bytes_sent", "served_by", "endpoint_url", "served_engine",
+        "response_started",
+        "finished",
+        "disconnected",
+        "first_byte_at",
+        "sse",
+        "at_event_boundary",
+        "extra_headers",
+        "strip_usage",
+        "usage",
+        "table",
+        "started",
+        "affinity_key",
+        "error_kind",
+        "bytes_sent",
+        "served_by",
+        "endpoint_url",
+        "served_engine",
     )
 
     def __init__(
-        self, table: RouteTable, started: float, affinity_key: str | None,
-        extra_headers: list[tuple[bytes, bytes]], strip_usage: bool,
+        self,
+        table: RouteTable,
+        started: float,
+        affinity_key: str | None,
+        extra_headers: list[tuple[bytes, bytes]],
+        strip_usage: bool,
     ) -> None:
         self.table = table  # the table the request started with, for its whole life
         self.started = started
@@ -91,12 +114,17 @@ async def _watch_disconnect(receive: Receive, handler: asyncio.Task, progress: R
 class Forwarder:
     """Forwards requests of one OpenAI path (the `endpoint` label of the metrics)."""
 
-    def __init__(self, state: "GatewayState", endpoint: str) -> None:
+    def __init__(self, state: GatewayState, endpoint: str) -> None:
         self.state = state
         self.endpoint = endpoint
 
     async def forward(
-        self, engine: Engine, payload: EnginePayload, scope: Scope, receive: Receive, send: Send,
+        self,
+        engine: Engine,
+        payload: EnginePayload,
+        scope: Scope,
+        receive: Receive,
+        send: Send,
         progress: RequestProgress,
     ) -> int:
         metrics = self.state.metrics
@@ -122,7 +150,10 @@ class Forwarder:
                         status = await self._exchange(engine, payload, scope, send, progress)
                 except TimeoutError:
                     status = await self._fail(
-                        engine, send, progress, "timeout_total",
+                        engine,
+                        send,
+                        progress,
+                        "timeout_total",
                         EngineTimeout(f"The engine `{engine.name}` did not finish within {engine.timeouts.total} s."),
                     )
         except asyncio.CancelledError:
@@ -170,7 +201,9 @@ class Forwarder:
         held: list = []  # the fallback engines' concurrency gates entered on the way
         try:
             for attempt in range(retries.max_attempts):
-                endpoint = choose(current.pool, time.monotonic(), progress.affinity_key, tried, table.settings.balancing)
+                endpoint = choose(
+                    current.pool, time.monotonic(), progress.affinity_key, tried, table.settings.balancing
+                )
                 while endpoint is None:  # every replica of this engine was tried: on to its fallback
                     fallback = table.engine_named(current.fallback) if current.fallback else None
                     if fallback is None or fallback.name in visited:
@@ -181,7 +214,9 @@ class Forwarder:
                     current, tried = fallback, []
                     visited.add(fallback.name)
                     self.state.metrics.fallbacks.labels(engine.name, fallback.name).inc()
-                    endpoint = choose(current.pool, time.monotonic(), progress.affinity_key, (), table.settings.balancing)
+                    endpoint = choose(
+                        current.pool, time.monotonic(), progress.affinity_key, (), table.settings.balancing
+                    )
                 if endpoint is None or (attempt and time.perf_counter() > deadline):
                     break
                 if attempt:
@@ -200,9 +235,14 @@ class Forwarder:
         return await self._fail(current, send, progress, kind, error)
 
     async def _attempt(
-        self, engine: Engine, endpoint: Endpoint, payload: EnginePayload, scope: Scope, send: Send,
+        self,
+        engine: Engine,
+        endpoint: Endpoint,
+        payload: EnginePayload,
+        scope: Scope,
+        send: Send,
         progress: RequestProgress,
-    ) -> "int | tuple[str, GatewayError] | _EngineAnswer":
+    ) -> int | tuple[str, GatewayError] | _EngineAnswer:
         """One try on one replica: a status once answered, or what went wrong when it may be retried."""
         timeouts = engine.timeouts
         health = progress.table.settings.health
@@ -232,13 +272,20 @@ class Forwarder:
             except TimeoutError:  # the engine took the request: sending it again would double the work
                 endpoint.failed(health)
                 return await self._fail(
-                    engine, send, progress, "timeout_first_byte",
+                    engine,
+                    send,
+                    progress,
+                    "timeout_first_byte",
                     EngineTimeout(f"The engine `{engine.name}` did not answer within {timeouts.first_byte} s."),
                 )
             except aiohttp.ClientError as exc:
                 endpoint.failed(health)
                 ENGINE_WARNINGS.warn(
-                    f"{engine.name}:connect", "engine %s at %s: request failed: %s", engine.name, endpoint.url, _reason(exc)
+                    f"{engine.name}:connect",
+                    "engine %s at %s: request failed: %s",
+                    engine.name,
+                    endpoint.url,
+                    _reason(exc),
                 )
                 return "connect", EngineUnreachable(f"The engine `{engine.name}` is unreachable.")
             status = response.status
@@ -293,7 +340,7 @@ class Forwarder:
 
     async def _retryable_answer(
         self, engine: Engine, response: aiohttp.ClientResponse
-    ) -> "_EngineAnswer | tuple[str, GatewayError]":
+    ) -> _EngineAnswer | tuple[str, GatewayError]:
         """A 502/503 is read to be relayed if no other replica can do better, but only up to a small
         size: an engine that sends an endless error body costs the gateway at most that much."""
         body = await read_capped(response, RETRYABLE_ANSWER_CAP)
@@ -305,8 +352,14 @@ class Forwarder:
         return _EngineAnswer(engine, response.status, response.raw_headers, body)
 
     async def _relay(
-        self, engine: Engine, response: aiohttp.ClientResponse, chunk: bytes, send: Send, progress: RequestProgress,
-        streaming: bool, status: int,
+        self,
+        engine: Engine,
+        response: aiohttp.ClientResponse,
+        chunk: bytes,
+        send: Send,
+        progress: RequestProgress,
+        streaming: bool,
+        status: int,
     ) -> bool:
         """Chunks go out as they come in, streams and whole answers alike; only the last two are kept, to
         find the usage (it closes a stream, and ends a JSON answer).
@@ -346,14 +399,20 @@ class Forwarder:
                         chunk = await response.content.readany()
         except TimeoutError:
             await self._fail(
-                engine, send, progress, "timeout_idle",
+                engine,
+                send,
+                progress,
+                "timeout_idle",
                 EngineTimeout(f"The engine `{engine.name}` sent nothing for {idle} s in the middle of its answer."),
             )
             return False
         except aiohttp.ClientError as exc:
             ENGINE_WARNINGS.warn(f"{engine.name}:broke", "engine %s: answer broke off: %s", engine.name, _reason(exc))
             await self._fail(
-                engine, send, progress, "broken_stream",
+                engine,
+                send,
+                progress,
+                "broken_stream",
                 EngineUnreachable(f"The answer from the engine `{engine.name}` broke off."),
             )
             return False

@@ -19,8 +19,15 @@ from prometheus_client import (
 
 DURATION_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)
 CONNECTION_CLOSE_REASONS = (
-    "head_too_large", "too_many_headers", "head_timeout", "idle", "bad_request", "evicted", "over_capacity",
-    "body_timeout", "send_timeout",
+    "head_too_large",
+    "too_many_headers",
+    "head_timeout",
+    "idle",
+    "bad_request",
+    "evicted",
+    "over_capacity",
+    "body_timeout",
+    "send_timeout",
 )
 FIRST_BYTE_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
 
@@ -34,90 +41,122 @@ class GatewayMetrics:
         PlatformCollector(registry=self.registry)
         route = ("model", "engine", "endpoint")
         self.requests = Counter(
-            "llm_gateway_requests", "Requests answered, by the engine that served them and the HTTP status.",
-            (*route, "status"), registry=self.registry,
+            "llm_gateway_requests",
+            "Requests answered, by the engine that served them and the HTTP status.",
+            (*route, "status"),
+            registry=self.registry,
         )
         # `stream` keeps apart what differs by nature: a non-streaming answer's first byte comes with
         # the whole generation, a stream's with its first token.
         self.duration = Histogram(
-            "llm_gateway_request_duration_seconds", "Time from the request to the last byte of the answer.",
-            (*route, "stream"), buckets=DURATION_BUCKETS, registry=self.registry,
+            "llm_gateway_request_duration_seconds",
+            "Time from the request to the last byte of the answer.",
+            (*route, "stream"),
+            buckets=DURATION_BUCKETS,
+            registry=self.registry,
         )
         self.first_byte = Histogram(
             "llm_gateway_time_to_first_byte_seconds",
             "Time from the request to the engine's first chunk for streams, to its response headers otherwise.",
-            (*route, "stream"), buckets=FIRST_BYTE_BUCKETS, registry=self.registry,
+            (*route, "stream"),
+            buckets=FIRST_BYTE_BUCKETS,
+            registry=self.registry,
         )
         self.engine_info = Gauge(
-            "llm_gateway_engine_info", "1 for each engine of the routing map in service: which model it serves.",
-            ("engine", "model", "owned_by"), registry=self.registry,
+            "llm_gateway_engine_info",
+            "1 for each engine of the routing map in service: which model it serves.",
+            ("engine", "model", "owned_by"),
+            registry=self.registry,
         )
         self.client_requests = Counter(
             "llm_gateway_client_requests",
             "Requests by API key name (`anonymous` with authentication off, empty without a valid key) and "
             "status class: who sends the traffic.",
-            ("client", "status_class"), registry=self.registry,
+            ("client", "status_class"),
+            registry=self.registry,
         )
         self.time_per_output_token = Histogram(
             "llm_gateway_time_per_output_token_seconds",
             "For streams: time from the first chunk to the last, divided by the output tokens after the first "
             "(the inter-token latency clients see through the gateway).",
-            ("model", "engine"), buckets=(0.005, 0.01, 0.02, 0.03, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 1.0, 2.5),
+            ("model", "engine"),
+            buckets=(0.005, 0.01, 0.02, 0.03, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 1.0, 2.5),
             registry=self.registry,
         )
         self.in_flight = Gauge(
-            "llm_gateway_requests_in_flight", "Requests being forwarded right now.",
-            ("model", "engine"), registry=self.registry,
+            "llm_gateway_requests_in_flight",
+            "Requests being forwarded right now.",
+            ("model", "engine"),
+            registry=self.registry,
         )
         self.upstream_errors = Counter(
             "llm_gateway_upstream_errors",
             "Failures talking to an engine, by kind (connect, timeout_first_byte, timeout_idle, "
             "timeout_total, broken_stream).",
-            ("engine", "kind"), registry=self.registry,
+            ("engine", "kind"),
+            registry=self.registry,
         )
         self.client_disconnects = Counter(
             "llm_gateway_client_disconnects",
             "Requests whose client went away before the answer was complete; the engine request was closed.",
-            ("model", "engine"), registry=self.registry,
+            ("model", "engine"),
+            registry=self.registry,
         )
         self.retries = Counter(
-            "llm_gateway_retries", "Requests sent again to another replica or engine before any byte was relayed.",
-            ("engine",), registry=self.registry,
+            "llm_gateway_retries",
+            "Requests sent again to another replica or engine before any byte was relayed.",
+            ("engine",),
+            registry=self.registry,
         )
         self.fallbacks = Counter(
-            "llm_gateway_fallbacks", "Requests that went to a fallback engine because no replica of theirs could take them.",
-            ("engine", "fallback"), registry=self.registry,
+            "llm_gateway_fallbacks",
+            "Requests that went to a fallback engine because no replica of theirs could take them.",
+            ("engine", "fallback"),
+            registry=self.registry,
         )
         self.queue_length = Gauge(
-            "llm_gateway_engine_queue_length", "Requests waiting for a place at an engine with a concurrency limit.",
-            ("engine",), registry=self.registry,
+            "llm_gateway_engine_queue_length",
+            "Requests waiting for a place at an engine with a concurrency limit.",
+            ("engine",),
+            registry=self.registry,
         )
         self.queue_wait = Histogram(
-            "llm_gateway_engine_queue_wait_seconds", "Time requests waited for a place at an engine.",
-            ("engine",), buckets=FIRST_BYTE_BUCKETS, registry=self.registry,
+            "llm_gateway_engine_queue_wait_seconds",
+            "Time requests waited for a place at an engine.",
+            ("engine",),
+            buckets=FIRST_BYTE_BUCKETS,
+            registry=self.registry,
         )
         self.endpoint_available = Gauge(
-            "llm_gateway_endpoint_available", "1 when a replica is healthy and not ejected, else 0.",
-            ("engine", "endpoint"), registry=self.registry,
+            "llm_gateway_endpoint_available",
+            "1 when a replica is healthy and not ejected, else 0.",
+            ("engine", "endpoint"),
+            registry=self.registry,
         )
         self.prompt_tokens = Counter(
-            "llm_gateway_prompt_tokens", "Prompt tokens, from the usage the engines report.",
-            ("model", "engine"), registry=self.registry,
+            "llm_gateway_prompt_tokens",
+            "Prompt tokens, from the usage the engines report.",
+            ("model", "engine"),
+            registry=self.registry,
         )
         self.completion_tokens = Counter(
-            "llm_gateway_completion_tokens", "Completion tokens, from the usage the engines report.",
-            ("model", "engine"), registry=self.registry,
+            "llm_gateway_completion_tokens",
+            "Completion tokens, from the usage the engines report.",
+            ("model", "engine"),
+            registry=self.registry,
         )
         self.config_reloads = Counter(
             "llm_gateway_config_reloads",
             "Reloads of mounted files by file (routing_map, api_keys, engine_api_key) and result (success, failure).",
-            ("file", "result"), registry=self.registry,
+            ("file", "result"),
+            registry=self.registry,
         )
         self.rejected = Counter(
             "llm_gateway_rejected_requests",
             "Requests refused before reaching an engine, by reason (auth, forbidden_model, rate_limit_requests, "
             "rate_limit_tokens, limiter_unavailable) and API key name (empty when no valid key was given).",
-            ("reason", "client"), registry=self.registry,
+            ("reason", "client"),
+            registry=self.registry,
         )
         self.limiter_store_errors = Counter(
             "llm_gateway_rate_limit_store_errors",
@@ -125,18 +164,22 @@ class GatewayMetrics:
             registry=self.registry,
         )
         self.client_connections = Gauge(
-            "llm_gateway_client_connections", "Client connections open now.", registry=self.registry,
+            "llm_gateway_client_connections",
+            "Client connections open now.",
+            registry=self.registry,
         )
         self.client_connections_limit = Gauge(
             "llm_gateway_client_connections_limit",
-            "Most client connections at once (settings.client_limits.max_connections, or sized from the open-file limit).",
+            "Most client connections at once (settings.client_limits.max_connections, or sized from the "
+            "open-file limit).",
             registry=self.registry,
         )
         self.client_connections_closed = Counter(
             "llm_gateway_client_connections_closed",
             "Client connections closed by the gateway's bounds, by reason (head_too_large, too_many_headers, "
             "head_timeout, body_timeout, idle, bad_request, evicted, over_capacity, send_timeout).",
-            ("reason",), registry=self.registry,
+            ("reason",),
+            registry=self.registry,
         )
         self.request_body_bytes = Gauge(
             "llm_gateway_request_body_bytes",
@@ -144,11 +187,14 @@ class GatewayMetrics:
             registry=self.registry,
         )
         self.config_engines = Gauge(
-            "llm_gateway_config_engines", "Engines in the routing map being served.", registry=self.registry,
+            "llm_gateway_config_engines",
+            "Engines in the routing map being served.",
+            registry=self.registry,
         )
         self.config_last_reload = Gauge(
             "llm_gateway_config_last_reload_success_timestamp_seconds",
-            "When the routing map now served was loaded.", registry=self.registry,
+            "When the routing map now served was loaded.",
+            registry=self.registry,
         )
         for result in ("success", "failure"):
             self.config_reloads.labels("routing_map", result)

@@ -29,7 +29,7 @@ MAX_LIST_BYTES = 8 * 1024 * 1024
 
 
 class ModelCatalog:
-    def __init__(self, state: "GatewayState") -> None:
+    def __init__(self, state: GatewayState) -> None:
         self._state = state
         self._lock = asyncio.Lock()
         self._cached_for: RouteTable | None = None
@@ -56,7 +56,7 @@ class ModelCatalog:
         answers = await asyncio.gather(*(self._engine_cards(engine, table) for engine in table.engines))
         cards: list[dict[str, Any]] = []
         failing: dict[str, str] = {}
-        for engine, engine_cards in zip(table.engines, answers):
+        for engine, engine_cards in zip(table.engines, answers, strict=False):
             if isinstance(engine_cards, str):
                 failing[engine.name] = engine_cards
                 continue

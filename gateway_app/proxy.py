@@ -18,7 +18,12 @@ from gateway_app.errors import GatewayError, GatewayOverloaded, InternalError
 from gateway_app.forwarding import CLIENT_CLOSED, Forwarder, RequestProgress
 from gateway_app.rate_limit import Decision, LimiterUnavailable, Limits, RateLimited
 from gateway_app.request_body import (
-    Body, EnginePayload, RoutingFields, body_for_engine, parse_routing_fields, read_body,
+    Body,
+    EnginePayload,
+    RoutingFields,
+    body_for_engine,
+    parse_routing_fields,
+    read_body,
 )
 from gateway_app.responses import send_error
 from gateway_app.route_table import ForbiddenModel, Resolution, RouteTable
@@ -35,7 +40,9 @@ log = logging.getLogger("llm_gateway.proxy")
 # Endpoints whose cost includes generated tokens (the others only read their input).
 GENERATING_ENDPOINTS = frozenset({"/v1/chat/completions", "/v1/completions", "/v1/responses"})
 REFUSAL_REASONS: dict[type, str] = {
-    Unauthorized: "auth", ForbiddenModel: "forbidden_model", LimiterUnavailable: "limiter_unavailable",
+    Unauthorized: "auth",
+    ForbiddenModel: "forbidden_model",
+    LimiterUnavailable: "limiter_unavailable",
     GatewayOverloaded: "body_memory",
 }
 
@@ -43,7 +50,7 @@ REFUSAL_REASONS: dict[type, str] = {
 class ProxyEndpoint:
     """ASGI endpoint for one OpenAI path (`/v1/chat/completions`, ...)."""
 
-    def __init__(self, state: "GatewayState", endpoint: str) -> None:
+    def __init__(self, state: GatewayState, endpoint: str) -> None:
         self.state = state
         self.endpoint = endpoint
         self.forwarder = Forwarder(state, endpoint)
@@ -63,7 +70,6 @@ class ProxyEndpoint:
             fields = parse_routing_fields(body.data)
             # What a key may not use does not exist for it: same answer as an unknown model.
             resolution = table.resolve(fields.model, fields.owned_by, client.allowed_models)
-            engine = resolution.engine
             limits = state.limits_for(client)
             if limits.active:
                 estimate = self._token_estimate(body.data, fields, settings.limits.completion_tokens_estimate)
@@ -84,13 +90,25 @@ class ProxyEndpoint:
             self._log(scope, started, error.status, client_name, error_kind=error.code or error.error_type)
             return
         try:
-            await self._forward(scope, receive, send, table, started, client, body, fields, resolution, limits, decision)
+            await self._forward(
+                scope, receive, send, table, started, client, body, fields, resolution, limits, decision
+            )
         finally:
             body.release()
 
     async def _forward(
-        self, scope: Scope, receive: Receive, send: Send, table: RouteTable, started: float, client: Client,
-        body: Body, fields: RoutingFields, resolution: Resolution, limits: Limits, decision: Decision | None,
+        self,
+        scope: Scope,
+        receive: Receive,
+        send: Send,
+        table: RouteTable,
+        started: float,
+        client: Client,
+        body: Body,
+        fields: RoutingFields,
+        resolution: Resolution,
+        limits: Limits,
+        decision: Decision | None,
     ) -> None:
         """Forward an admitted request and account for it: settle its rate-limit estimate, end its span,
         write its log line."""
@@ -99,17 +117,24 @@ class ProxyEndpoint:
         client_name = client.name
         strip_usage = False
         if (
-            decision is not None and limits.tokens_per_minute is not None and self.endpoint in STREAM_OPTIONS_ENDPOINTS
+            decision is not None
+            and limits.tokens_per_minute is not None
+            and self.endpoint in STREAM_OPTIONS_ENDPOINTS
             and fields.document.get("stream") is True
         ):
             strip_usage = request_usage_chunk(fields.document)
         stream = fields.document.get("stream") is True
         progress = RequestProgress(
-            table, started, self._affinity_key(scope, fields, table),
-            decision.headers() if decision is not None else [], strip_usage,
+            table,
+            started,
+            self._affinity_key(scope, fields, table),
+            decision.headers() if decision is not None else [],
+            strip_usage,
         )
         payload = EnginePayload(
-            body, fields, engine.model,
+            body,
+            fields,
+            engine.model,
             body_for_engine(body.data, fields, engine.model, resolution.via_alias, changed=strip_usage),
         )
         tracer, span = state.tracer, None
@@ -118,32 +143,54 @@ class ProxyEndpoint:
             scope["traceparent"] = tracer.traceparent(span)
         status = await self.forwarder.forward(engine, payload, scope, receive, send, progress)
         if decision is not None and decision.counted:
-            await state.limiter.settle(client.name, limits, decision.tokens_charged, _tokens_used(status, decision, progress))
+            await state.limiter.settle(
+                client.name, limits, decision.tokens_charged, _tokens_used(status, decision, progress)
+            )
         usage = progress.usage
         if span is not None:
-            tracer.end(span, {
-                "gen_ai.response.model": engine.model, "gen_ai.provider.name": engine.owned_by,
-                "gen_ai.usage.input_tokens": usage[0] if usage else None,
-                "gen_ai.usage.output_tokens": usage[1] if usage else None,
-                "http.response.status_code": status, "server.address": progress.endpoint_url,
-                "llm_gateway.engine": progress.served_by or engine.name,
-            }, progress.error_kind)
+            tracer.end(
+                span,
+                {
+                    "gen_ai.response.model": engine.model,
+                    "gen_ai.provider.name": engine.owned_by,
+                    "gen_ai.usage.input_tokens": usage[0] if usage else None,
+                    "gen_ai.usage.output_tokens": usage[1] if usage else None,
+                    "http.response.status_code": status,
+                    "server.address": progress.endpoint_url,
+                    "llm_gateway.engine": progress.served_by or engine.name,
+                },
+                progress.error_kind,
+            )
         self._log(
-            scope, started, status, client_name, model=engine.model, owned_by=engine.owned_by,
-            engine=progress.served_by or engine.name, endpoint=progress.endpoint_url,
+            scope,
+            started,
+            status,
+            client_name,
+            model=engine.model,
+            owned_by=engine.owned_by,
+            engine=progress.served_by or engine.name,
+            endpoint=progress.endpoint_url,
             stream=stream,
             ttfb_ms=round((progress.first_byte_at - started) * 1000, 2) if progress.first_byte_at else None,
-            prompt_tokens=usage[0] if usage else None, completion_tokens=usage[1] if usage else None,
-            bytes=progress.bytes_sent, error_kind=progress.error_kind,
+            prompt_tokens=usage[0] if usage else None,
+            completion_tokens=usage[1] if usage else None,
+            bytes=progress.bytes_sent,
+            error_kind=progress.error_kind,
         )
 
     def _log(self, scope: Scope, started: float, status: int, client: str, **fields: object) -> None:
         """One line per request (never the prompt, the completion or a key), and who sent it."""
         self.state.metrics.client_requests.labels(client, STATUS_CLASSES.get(status // 100, "other")).inc()
-        self.state.request_log.record({
-            "request_id": scope.get("request_id"), "path": self.endpoint, "status": status, "client": client or None,
-            "duration_ms": round((time.perf_counter() - started) * 1000, 2), **fields,
-        })
+        self.state.request_log.record(
+            {
+                "request_id": scope.get("request_id"),
+                "path": self.endpoint,
+                "status": status,
+                "client": client or None,
+                "duration_ms": round((time.perf_counter() - started) * 1000, 2),
+                **fields,
+            }
+        )
 
     @staticmethod
     def _affinity_key(scope: Scope, fields: RoutingFields, table: RouteTable) -> str | None:
@@ -166,7 +213,9 @@ class ProxyEndpoint:
         if self.endpoint not in GENERATING_ENDPOINTS:
             return prompt
         document = fields.document
-        completion = document.get("max_completion_tokens") or document.get("max_tokens") or document.get("max_output_tokens")
+        completion = (
+            document.get("max_completion_tokens") or document.get("max_tokens") or document.get("max_output_tokens")
+        )
         return prompt + (completion if isinstance(completion, int) and completion > 0 else completion_default)
 
     async def _refuse(

@@ -280,7 +280,7 @@ class ScriptPipeline:
             for call in batch:
                 call.answer.cancel()
             raise
-        for call, reply in zip(batch, replies):
+        for call, reply in zip(batch, replies, strict=False):
             if call.answer.done():
                 continue
             if isinstance(reply, Exception):
@@ -295,7 +295,7 @@ class ScriptPipeline:
             # Redis lost its scripts (restarted, SCRIPT FLUSH): those calls did not run; load, send them again.
             for script in {batch[index].script for index in missing}:
                 await self._redis.script_load(script.source)
-            for index, reply in zip(missing, await self._execute([batch[index] for index in missing])):
+            for index, reply in zip(missing, await self._execute([batch[index] for index in missing]), strict=False):
                 replies[index] = reply
         return replies
 
@@ -379,12 +379,21 @@ class RedisLimiter:
     FLUSH_SECONDS = 1.0
 
     def __init__(
-        self, url: str, password: str | None, fail_open: bool, on_store_error: Callable[[], None] | None = None,
+        self,
+        url: str,
+        password: str | None,
+        fail_open: bool,
+        on_store_error: Callable[[], None] | None = None,
     ) -> None:
         pool = aioredis.BlockingConnectionPool.from_url(
             # No socket timeouts: the batch's deadline is the one timeout (ScriptPipeline).
-            url, password=password, max_connections=self.PIPELINES, timeout=None,
-            socket_connect_timeout=None, socket_timeout=None, health_check_interval=0,
+            url,
+            password=password,
+            max_connections=self.PIPELINES,
+            timeout=None,
+            socket_connect_timeout=None,
+            socket_timeout=None,
+            health_check_interval=0,
             # Never sent twice: an admission that Redis ran before the connection broke would count twice.
             retry=Retry(NoBackoff(), retries=0),
         )
@@ -408,7 +417,8 @@ class RedisLimiter:
             self._down = True
             log.error(
                 "rate-limit store unreachable (%s); requests it cannot count are %s",
-                str(error) or type(error).__name__, "served without limits" if self.fail_open else "refused",
+                str(error) or type(error).__name__,
+                "served without limits" if self.fail_open else "refused",
             )
 
     def _store_ok(self) -> None:
@@ -429,7 +439,9 @@ class RedisLimiter:
         owed = self._owed.pop(client, (0, 0))[0]
         try:
             allowed, requests, tokens = await self._scripts.call(
-                _ADMIT, self._keys(client), [rpm, tpm, token_cost, owed, WINDOW_SECONDS],
+                _ADMIT,
+                self._keys(client),
+                [rpm, tpm, token_cost, owed, WINDOW_SECONDS],
             )
         except STORE_ERRORS as error:
             self._owe(client, owed, tpm)
@@ -463,11 +475,13 @@ class RedisLimiter:
         self._flush = None
         owed, self._owed = self._owed, {}
         outcomes = await asyncio.gather(
-            *(self._scripts.call(_SETTLE, self._keys(client)[1:], [tpm, tokens, WINDOW_SECONDS])
-              for client, (tokens, tpm) in owed.items()),
+            *(
+                self._scripts.call(_SETTLE, self._keys(client)[1:], [tpm, tokens, WINDOW_SECONDS])
+                for client, (tokens, tpm) in owed.items()
+            ),
             return_exceptions=True,
         )
-        for (client, (tokens, tpm)), outcome in zip(owed.items(), outcomes):
+        for (client, (tokens, tpm)), outcome in zip(owed.items(), outcomes, strict=False):
             if isinstance(outcome, STORE_ERRORS):
                 self._store_failed(outcome)
                 self._owe(client, tokens, tpm)  # tried again in a second

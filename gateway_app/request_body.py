@@ -14,7 +14,7 @@ from typing import Any
 import orjson
 from starlette.types import Receive, Scope
 
-from gateway_app.errors import GatewayOverloaded, InvalidRequest, PayloadTooLarge, RequestTimeout
+from gateway_app.errors import GatewayOverloaded, InvalidRequest, PayloadTooLarge
 
 
 @dataclass(slots=True)
@@ -142,7 +142,8 @@ def _reserve(body: Body, size: int) -> None:
 
 def _overloaded() -> GatewayOverloaded:
     return GatewayOverloaded(
-        "The gateway is holding as many request bodies as its memory allows; retry shortly.", retry_after=1,
+        "The gateway is holding as many request bodies as its memory allows; retry shortly.",
+        retry_after=1,
     )
 
 

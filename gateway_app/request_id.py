@@ -21,7 +21,6 @@ def request_id_from(headers: list[tuple[bytes, bytes]]) -> tuple[str, bool]:
     return os.urandom(12).hex(), False
 
 
-
 class RequestIdMiddleware:
     """Puts the id in `scope["request_id"]` (the proxy forwards and logs it) and on every response."""
 

@@ -10,7 +10,7 @@ import asyncio
 import collections
 import sys
 import time
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Any, TextIO
 
 import orjson
@@ -44,7 +44,7 @@ class RequestLog:
         self._buffer.append(entry)
 
     def _render(self, entry: dict[str, Any]) -> str:
-        stamp = datetime.fromtimestamp(entry.pop("time"), tz=timezone.utc).isoformat(timespec="milliseconds")
+        stamp = datetime.fromtimestamp(entry.pop("time"), tz=UTC).isoformat(timespec="milliseconds")
         if self.format == "json":
             return orjson.dumps({"time": stamp, **{k: v for k, v in entry.items() if v is not None}}).decode()
         fields = " ".join(f"{k}={v}" for k, v in entry.items() if v is not None and k not in ("status", "path"))

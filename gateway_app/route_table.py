@@ -10,10 +10,10 @@ from dataclasses import dataclass, field
 
 import aiohttp
 
+from gateway_app.auth import may_use
 from gateway_app.concurrency import ConcurrencyGate
 from gateway_app.config import RoutingMap, Settings, Timeouts
 from gateway_app.endpoints import EndpointPool, EndpointRegistry
-from gateway_app.auth import may_use
 from gateway_app.errors import ModelNotFound
 
 MAX_NAMES_IN_MESSAGE = 50
@@ -73,7 +73,11 @@ def _gate(gates: dict[str, ConcurrencyGate], name: str, settings) -> Concurrency
         gates.pop(name, None)
         return None
     gate = gates.get(name)
-    if gate is None or (gate.limit, gate.queue, gate.queue_timeout) != (settings.limit, settings.queue, settings.queue_timeout):
+    if gate is None or (gate.limit, gate.queue, gate.queue_timeout) != (
+        settings.limit,
+        settings.queue,
+        settings.queue_timeout,
+    ):
         gate = gates[name] = ConcurrencyGate(settings.limit, settings.queue, settings.queue_timeout)
     return gate
 
@@ -88,8 +92,11 @@ class RouteTable:
     """Immutable lookup from the names clients use to engines."""
 
     def __init__(
-        self, routing_map: RoutingMap, registry: EndpointRegistry | None = None,
-        gates: dict[str, ConcurrencyGate] | None = None, pools: dict[tuple, EndpointPool] | None = None,
+        self,
+        routing_map: RoutingMap,
+        registry: EndpointRegistry | None = None,
+        gates: dict[str, ConcurrencyGate] | None = None,
+        pools: dict[tuple, EndpointPool] | None = None,
     ) -> None:
         """`registry`, `gates` and `pools` carry replica health, queues and discovered pods over from
         the previous table."""
@@ -126,7 +133,7 @@ class RouteTable:
         )
         self._by_name = {engine.name: engine for engine in self.engines}
         grouped: dict[str, list[Engine]] = {}
-        for engine, spec in zip(self.engines, routing_map.engines):
+        for engine, spec in zip(self.engines, routing_map.engines, strict=False):
             group = grouped.setdefault(engine.model, [])
             # The engine marked default goes first; otherwise the first listed is the default.
             group.insert(0, engine) if spec.default else group.append(engine)
@@ -147,9 +154,7 @@ class RouteTable:
 
     def endpoint_urls(self) -> set[str]:
         return {
-            endpoint.url
-            for engine in self.engines
-            for endpoint in (*engine.pool.configured, *engine.pool.endpoints)
+            endpoint.url for engine in self.engines for endpoint in (*engine.pool.configured, *engine.pool.endpoints)
         }
 
     def aliases_of(self, model: str) -> list[str]:

@@ -37,34 +37,52 @@ if TYPE_CHECKING:
 
 
 def build_state(
-    config: Path, keys_file: Path | None, engine_key_file: Path | None, redis_url: str | None,
-    request_log: RequestLog | None = None, otlp_endpoint: str | None = None,
+    config: Path,
+    keys_file: Path | None,
+    engine_key_file: Path | None,
+    redis_url: str | None,
+    request_log: RequestLog | None = None,
+    otlp_endpoint: str | None = None,
 ) -> tuple[GatewayState, list[WatchedFile]]:
     """Load everything the gateway needs, raising ConfigError naming the file and field at fault."""
     routing_map, routing_raw = load_routing_map(config)
     keys, keys_raw = load_keys_file(keys_file) if keys_file else (None, b"")
     engine_key, engine_key_raw = load_engine_key(engine_key_file) if engine_key_file else (None, b"")
     state = GatewayState(
-        routing_map, keys=keys, engine_api_key=engine_key,
-        redis_url=redis_url, redis_password=os.environ.get("LLM_GATEWAY_REDIS_PASSWORD") or None,
-        request_log=request_log, tracer=_tracer(otlp_endpoint) if otlp_endpoint else None,
+        routing_map,
+        keys=keys,
+        engine_api_key=engine_key,
+        redis_url=redis_url,
+        redis_password=os.environ.get("LLM_GATEWAY_REDIS_PASSWORD") or None,
+        request_log=request_log,
+        tracer=_tracer(otlp_endpoint) if otlp_endpoint else None,
     )
 
     def counter(file: str):
         return lambda result: state.metrics.config_reloads.labels(file, result).inc()
 
-    watched = [WatchedFile(config, "routing map", load_routing_map, state.swap_table, counter("routing_map"), routing_raw)]
+    watched = [
+        WatchedFile(config, "routing map", load_routing_map, state.swap_table, counter("routing_map"), routing_raw)
+    ]
     if keys_file:
-        watched.append(WatchedFile(keys_file, "API keys", load_keys_file, state.set_keys, counter("api_keys"), keys_raw))
+        watched.append(
+            WatchedFile(keys_file, "API keys", load_keys_file, state.set_keys, counter("api_keys"), keys_raw)
+        )
     if engine_key_file:
-        watched.append(WatchedFile(
-            engine_key_file, "engine API key", load_engine_key, state.set_engine_api_key, counter("engine_api_key"),
-            engine_key_raw,
-        ))
+        watched.append(
+            WatchedFile(
+                engine_key_file,
+                "engine API key",
+                load_engine_key,
+                state.set_engine_api_key,
+                counter("engine_api_key"),
+                engine_key_raw,
+            )
+        )
     return state, watched
 
 
-def _tracer(endpoint: str) -> "RequestTracer":
+def _tracer(endpoint: str) -> RequestTracer:
     try:
         from gateway_app.tracing import RequestTracer
 
@@ -90,7 +108,10 @@ def give_large_buffers_back() -> None:
 
 
 def uvicorn_config(
-    app: ASGIApp, guard_for: Callable[[int | None], ConnectionGuard], log_level: str, shutdown_grace: float,
+    app: ASGIApp,
+    guard_for: Callable[[int | None], ConnectionGuard],
+    log_level: str,
+    shutdown_grace: float,
     loop: str = "uvloop",
 ) -> uvicorn.Config:
     """How every gateway listener runs (`serve` and `demo`): the guarded httptools protocol, our logging.
@@ -115,16 +136,28 @@ def uvicorn_config(
 
 
 def serve_gateway(
-    config: str, host: str, port: int, log_level: str = "info", keys_file: str | None = None,
-    engine_key_file: str | None = None, redis_url: str | None = None, shutdown_grace: float = 110.0,
-    log_format: str | None = None, access_log: bool = True, otlp_endpoint: str | None = None,
+    config: str,
+    host: str,
+    port: int,
+    log_level: str = "info",
+    keys_file: str | None = None,
+    engine_key_file: str | None = None,
+    redis_url: str | None = None,
+    shutdown_grace: float = 110.0,
+    log_format: str | None = None,
+    access_log: bool = True,
+    otlp_endpoint: str | None = None,
     metrics_port: int | None = None,
 ) -> int:
     log_format = configure_logging(log_level, log_format)
     try:
         state, watched = build_state(
-            Path(config), Path(keys_file) if keys_file else None, Path(engine_key_file) if engine_key_file else None,
-            redis_url, RequestLog(fmt=log_format, enabled=access_log), otlp_endpoint,
+            Path(config),
+            Path(keys_file) if keys_file else None,
+            Path(engine_key_file) if engine_key_file else None,
+            redis_url,
+            RequestLog(fmt=log_format, enabled=access_log),
+            otlp_endpoint,
         )
     except ConfigError as error:
         print(f"llm-gateway: refusing to start: {error}", file=sys.stderr)
@@ -139,7 +172,9 @@ def serve_gateway(
         try:
             sockets.append(bind_listener(host, listen_port))
         except OSError as error:
-            print(f"llm-gateway serve: cannot listen on {host}:{listen_port}: {error.strerror or error}", file=sys.stderr)
+            print(
+                f"llm-gateway serve: cannot listen on {host}:{listen_port}: {error.strerror or error}", file=sys.stderr
+            )
             for sock in sockets:
                 sock.close()
             return 1
@@ -151,17 +186,27 @@ def serve_gateway(
     log.info(
         "serving %d engines for %d models from %s on %s:%d%s; API keys %s; rate limits in %s; "
         "at most %d client connections (open-file limit %d)",
-        len(state.table.engines), len(state.table.models), config, host, port,
+        len(state.table.engines),
+        len(state.table.models),
+        config,
+        host,
+        port,
         f" (metrics on port {metrics_port})" if metrics_port else "",
         f"on ({len(state.keys)} keys)" if state.keys is not None else "off",
-        "Redis" if redis_url else "process memory", guard.max_connections, fd_limit,
+        "Redis" if redis_url else "process memory",
+        guard.max_connections,
+        fd_limit,
     )
     if state.keys is not None and len(state.keys) == 0:
         log.warning("the keys file %s lists no keys: every request will be refused with 401", keys_file)
-    server = uvicorn.Server(uvicorn_config(
-        create_app(state, watched, metrics_port),
-        lambda local_port: metrics_guard if local_port == metrics_port else guard, log_level, shutdown_grace,
-    ))
+    server = uvicorn.Server(
+        uvicorn_config(
+            create_app(state, watched, metrics_port),
+            lambda local_port: metrics_guard if local_port == metrics_port else guard,
+            log_level,
+            shutdown_grace,
+        )
+    )
     with quiet_after_shutdown():  # exit 0 after a clean shutdown on SIGTERM, as Kubernetes expects
         server.run(sockets=sockets)
     return 0

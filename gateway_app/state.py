@@ -33,7 +33,7 @@ class GatewayState:
         redis_url: str | None = None,
         redis_password: str | None = None,
         request_log: RequestLog | None = None,
-        tracer: "RequestTracer | None" = None,
+        tracer: RequestTracer | None = None,
     ) -> None:
         self.tracer = tracer  # None: tracing off, and nothing of it on the request path
         self.metrics = metrics or GatewayMetrics()
@@ -48,9 +48,14 @@ class GatewayState:
         self.engine_auth: tuple[tuple[str, str], ...] = ()
         self.set_engine_api_key(engine_api_key)
         self.limiter: Limiter = (
-            RedisLimiter(redis_url, redis_password, routing_map.settings.limits.fail_open,
-                         on_store_error=self.metrics.limiter_store_errors.inc)
-            if redis_url else MemoryLimiter()
+            RedisLimiter(
+                redis_url,
+                redis_password,
+                routing_map.settings.limits.fail_open,
+                on_store_error=self.metrics.limiter_store_errors.inc,
+            )
+            if redis_url
+            else MemoryLimiter()
         )
         self._record_load()
         self.catalog = ModelCatalog(self)

@@ -7,14 +7,27 @@ import aiohttp
 # Hop-by-hop headers (RFC 9110 §7.6.1) and those the gateway recomputes are never relayed.
 _HOP_BY_HOP = frozenset(
     {
-        b"connection", b"keep-alive", b"proxy-connection", b"proxy-authenticate", b"proxy-authorization",
-        b"te", b"trailer", b"transfer-encoding", b"upgrade",
+        b"connection",
+        b"keep-alive",
+        b"proxy-connection",
+        b"proxy-authenticate",
+        b"proxy-authorization",
+        b"te",
+        b"trailer",
+        b"transfer-encoding",
+        b"upgrade",
     }
 )
 # Accept-Encoding is dropped because answers are relayed without decoding: the gateway must be able
 # to read `usage` in them. Authorization and X-API-Key are the client's credentials for the gateway.
 _NOT_TO_ENGINE = _HOP_BY_HOP | {
-    b"host", b"content-length", b"content-type", b"expect", b"accept-encoding", b"authorization", b"x-api-key",
+    b"host",
+    b"content-length",
+    b"content-type",
+    b"expect",
+    b"accept-encoding",
+    b"authorization",
+    b"x-api-key",
     b"x-request-id",  # replaced by the gateway's (the client's own when it was usable)
 }
 _NOT_TO_CLIENT = _HOP_BY_HOP | {b"content-length", b"date", b"server", b"x-request-id"}
@@ -46,9 +59,7 @@ def headers_for_engine(
     for name, value in client_headers:
         if name == b"connection":  # headers the client named in Connection are hop-by-hop too
             skip = skip | {token.strip().lower() for token in value.split(b",")}
-    headers = [
-        (name.decode("latin-1"), value.decode("latin-1")) for name, value in client_headers if name not in skip
-    ]
+    headers = [(name.decode("latin-1"), value.decode("latin-1")) for name, value in client_headers if name not in skip]
     headers.append(("Content-Type", "application/json"))
     if extra:
         overridden = {name.lower() for name, _ in extra}

@@ -15,7 +15,7 @@ class BackgroundServer:
         self.url = ""
         self.loop: asyncio.AbstractEventLoop | None = None
 
-    def start(self) -> "BackgroundServer":
+    def start(self) -> BackgroundServer:
         ready = threading.Event()
 
         def run() -> None:

@@ -43,8 +43,14 @@ def write_routing_map(path: Path, engines: list[dict], settings: dict | None = N
 
 def tutorial_routing(engines: dict[str, RunningProcess]) -> list[dict]:
     return [
-        {"name": "vllm-llama-32-1b", "model": LLAMA, "owned_by": "vllm", "url": engines["vllm-llama-32-1b"].url,
-         "default": True, "aliases": ["llama-1b"]},
+        {
+            "name": "vllm-llama-32-1b",
+            "model": LLAMA,
+            "owned_by": "vllm",
+            "url": engines["vllm-llama-32-1b"].url,
+            "default": True,
+            "aliases": ["llama-1b"],
+        },
         {"name": "sglang-llama-32-1b", "model": LLAMA, "owned_by": "sglang", "url": engines["sglang-llama-32-1b"].url},
         {"name": "vllm-phi-tiny-moe", "model": PHI, "owned_by": "vllm", "url": engines["vllm-phi-tiny-moe"].url},
     ]

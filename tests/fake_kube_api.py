@@ -39,10 +39,13 @@ class FakeKubeAPI:
     async def _handle(self, request: web.Request) -> web.StreamResponse:
         self.requests.append(str(request.rel_url))
         if request.query.get("watch") != "1":
-            return web.json_response({
-                "kind": "EndpointSliceList", "metadata": {"resourceVersion": str(self.version)},
-                "items": list(self.slices.values()),
-            })
+            return web.json_response(
+                {
+                    "kind": "EndpointSliceList",
+                    "metadata": {"resourceVersion": str(self.version)},
+                    "items": list(self.slices.values()),
+                }
+            )
         self.watches += 1
         queue: asyncio.Queue = asyncio.Queue()
         self._queues.append(queue)
@@ -57,6 +60,7 @@ class FakeKubeAPI:
 
     def push(self, kind: str, item: dict) -> None:
         """Change the world and tell every open watch, as the API server would."""
+
         def apply() -> None:
             self.version += 1
             if kind == "DELETED":
@@ -65,9 +69,10 @@ class FakeKubeAPI:
                 self.slices[item["metadata"]["name"]] = item
             for queue in self._queues:
                 queue.put_nowait({"type": kind, "object": item})
+
         self._loop.call_soon_threadsafe(apply)
 
-    def start(self) -> "FakeKubeAPI":
+    def start(self) -> FakeKubeAPI:
         app = web.Application()
         app.router.add_get("/apis/discovery.k8s.io/v1/namespaces/{namespace}/endpointslices", self._handle)
         self._server = BackgroundServer(app).start()

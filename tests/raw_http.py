@@ -24,8 +24,12 @@ class RawAnswer:
         return json.loads(self.body)
 
 
-def request_head(path: str = "/v1/chat/completions", method: str = "POST", body_length: int | None = None,
-                 headers: dict[str, str] | None = None) -> bytes:
+def request_head(
+    path: str = "/v1/chat/completions",
+    method: str = "POST",
+    body_length: int | None = None,
+    headers: dict[str, str] | None = None,
+) -> bytes:
     lines = [f"{method} {path} HTTP/1.1", "Host: gateway"]
     if body_length is not None:
         lines += ["Content-Type: application/json", f"Content-Length: {body_length}"]
@@ -41,7 +45,7 @@ class RawConnection:
         self.sock = socket.create_connection((parts.hostname, parts.port), timeout=timeout)
         self._buffer = b""
 
-    def __enter__(self) -> "RawConnection":
+    def __enter__(self) -> RawConnection:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -77,7 +81,7 @@ class RawConnection:
         if length is not None:
             while len(self._buffer) < int(length) and self._fill():
                 pass
-            answer.body, self._buffer = self._buffer[: int(length)], self._buffer[int(length):]
+            answer.body, self._buffer = self._buffer[: int(length)], self._buffer[int(length) :]
         elif answer.header("transfer-encoding") == "chunked":
             answer.body = self._read_chunked()
         else:
@@ -97,7 +101,7 @@ class RawConnection:
             while len(self._buffer) < size + 2:
                 if not self._fill():
                     return body + self._buffer
-            body, self._buffer = body + self._buffer[:size], self._buffer[size + 2:]
+            body, self._buffer = body + self._buffer[:size], self._buffer[size + 2 :]
             if size == 0:
                 return body
 

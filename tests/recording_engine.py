@@ -14,7 +14,11 @@ from aiohttp import web
 from tests.background_server import BackgroundServer
 
 FIXED_ANSWER = b'{"id":"x","object":"chat.completion","choices":[],"usage":{"prompt_tokens":3,"completion_tokens":4,"total_tokens":7}}'
-STREAM_EVENTS = [b'data: {"choices":[{"delta":{"content":"a"}}]}\n\n', b'data: {"choices":[{"delta":{"content":"b"}}]}\n\n', b"data: [DONE]\n\n"]
+STREAM_EVENTS = [
+    b'data: {"choices":[{"delta":{"content":"a"}}]}\n\n',
+    b'data: {"choices":[{"delta":{"content":"b"}}]}\n\n',
+    b"data: [DONE]\n\n",
+]
 
 
 @dataclass
@@ -92,11 +96,12 @@ class RecordingEngine:
             await response.write_eof()
             return response
         return web.Response(
-            body=FIXED_ANSWER, content_type="application/json",
+            body=FIXED_ANSWER,
+            content_type="application/json",
             headers={"X-Engine-Own": "yes", "Keep-Alive": "timeout=5", "X-Hop": "engine-only", "Connection": "X-Hop"},
         )
 
-    def start(self) -> "RecordingEngine":
+    def start(self) -> RecordingEngine:
         app = web.Application()
         app.router.add_route("*", "/{tail:.*}", self._handle)
         self._server = BackgroundServer(app).start()

@@ -25,9 +25,22 @@ class RedisServer:
     def url(self) -> str:
         return f"redis://127.0.0.1:{self.port}/0"
 
-    def start(self, password: str | None = None) -> "RedisServer":
-        args = [self.binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
-                "--dir", str(self.workdir), "--daemonize", "no"]
+    def start(self, password: str | None = None) -> RedisServer:
+        args = [
+            self.binary,
+            "--port",
+            str(self.port),
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+            "--dir",
+            str(self.workdir),
+            "--daemonize",
+            "no",
+        ]
         if password:
             args += ["--requirepass", password]
         self.process = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -50,9 +63,7 @@ class RedisServer:
 
     def command(self, *words: str) -> bytes:
         """One command over RESP; enough for the tests' look at the buckets."""
-        payload = f"*{len(words)}\r\n".encode() + b"".join(
-            f"${len(w.encode())}\r\n{w}\r\n".encode() for w in words
-        )
+        payload = f"*{len(words)}\r\n".encode() + b"".join(f"${len(w.encode())}\r\n{w}\r\n".encode() for w in words)
         with socket.create_connection(("127.0.0.1", self.port), timeout=2) as sock:
             sock.sendall(payload)
             time.sleep(0.05)

@@ -68,8 +68,14 @@ def wait_until_ready(running: RunningProcess, path: str, timeout: float = 20.0) 
 
 
 def start_cli(
-    args: list[str], port: int, ready_path: str, log_dir: Path, name: str, env: dict[str, str] | None = None,
-    host: str = "127.0.0.1", fd_limit: int | None = None,
+    args: list[str],
+    port: int,
+    ready_path: str,
+    log_dir: Path,
+    name: str,
+    env: dict[str, str] | None = None,
+    host: str = "127.0.0.1",
+    fd_limit: int | None = None,
 ) -> RunningProcess:
     """Start `python -m gateway_app ARGS` and wait until `ready_path` answers 200.
 
@@ -101,8 +107,12 @@ def start_simulator(
 
 
 def start_gateway(
-    config_path: Path, log_dir: Path, port: int | None = None, extra_args: list[str] | None = None,
-    env: dict[str, str] | None = None, fd_limit: int | None = None,
+    config_path: Path,
+    log_dir: Path,
+    port: int | None = None,
+    extra_args: list[str] | None = None,
+    env: dict[str, str] | None = None,
+    fd_limit: int | None = None,
 ) -> RunningProcess:
     port = port or free_port()
     args = ["serve", "--config", str(config_path), "--host", "127.0.0.1", "--port", str(port), *(extra_args or [])]

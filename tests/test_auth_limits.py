@@ -37,11 +37,13 @@ def bearer(key: str) -> dict[str, str]:
 @pytest.fixture(scope="module")
 def keys_volume(tmp_path_factory) -> ConfigMapVolume:
     volume = ConfigMapVolume(tmp_path_factory.mktemp("keys"), "keys.yaml")
-    volume.publish(keys_yaml(
-        key_entry("team-a", KEY_A),
-        key_entry("team-b", KEY_B, models=[PHI]),
-        key_entry("limited", KEY_LIMITED, requests_per_minute=3),
-    ))
+    volume.publish(
+        keys_yaml(
+            key_entry("team-a", KEY_A),
+            key_entry("team-b", KEY_B, models=[PHI]),
+            key_entry("limited", KEY_LIMITED, requests_per_minute=3),
+        )
+    )
     return volume
 
 
@@ -69,7 +71,16 @@ def auth_gateway(tutorial_engines, keys_volume, log_dir, tmp_path_factory) -> It
         {"X-API-Key": ""},
         {"Authorization": KEY_A},
     ],
-    ids=["missing", "wrong", "basic-scheme", "bearer-empty", "bearer-blank", "x-api-key-wrong", "x-api-key-empty", "no-scheme"],
+    ids=[
+        "missing",
+        "wrong",
+        "basic-scheme",
+        "bearer-empty",
+        "bearer-blank",
+        "x-api-key-wrong",
+        "x-api-key-empty",
+        "no-scheme",
+    ],
 )
 def test_missing_wrong_and_malformed_keys_get_the_same_401(auth_gateway, headers):
     answer = post(auth_gateway.url + CHAT, {"model": LLAMA, "messages": HI}, headers=headers)
@@ -123,7 +134,9 @@ def test_rejections_are_counted_by_key_name_never_by_key(auth_gateway):
 
 
 def test_rate_limit_in_memory_with_openai_headers(auth_gateway):
-    answers = [post(auth_gateway.url + CHAT, {"model": PHI, "messages": HI}, headers=bearer(KEY_LIMITED)) for _ in range(4)]
+    answers = [
+        post(auth_gateway.url + CHAT, {"model": PHI, "messages": HI}, headers=bearer(KEY_LIMITED)) for _ in range(4)
+    ]
     assert [a.status for a in answers[:3]] == [200, 200, 200]
     assert answers[0].headers["x-ratelimit-limit-requests"] == "3"
     assert [a.headers["x-ratelimit-remaining-requests"] for a in answers[:3]] == ["2", "1", "0"]
@@ -137,20 +150,36 @@ def test_rate_limit_in_memory_with_openai_headers(auth_gateway):
 def test_rotated_key_takes_effect_without_restart(auth_gateway, keys_volume):
     new_key = "sk-team-a-rotated"
     assert post(auth_gateway.url + CHAT, {"model": LLAMA, "messages": HI}, headers=bearer(new_key)).status == 401
-    keys_volume.publish(keys_yaml(
-        key_entry("team-a", new_key), key_entry("team-b", KEY_B, models=[PHI]),
-        key_entry("limited", KEY_LIMITED, requests_per_minute=3),
-    ))
-    wait_for(lambda: post(auth_gateway.url + CHAT, {"model": LLAMA, "messages": HI}, headers=bearer(new_key)).status == 200,
-             message="new key accepted")
+    keys_volume.publish(
+        keys_yaml(
+            key_entry("team-a", new_key),
+            key_entry("team-b", KEY_B, models=[PHI]),
+            key_entry("limited", KEY_LIMITED, requests_per_minute=3),
+        )
+    )
+    wait_for(
+        lambda: post(auth_gateway.url + CHAT, {"model": LLAMA, "messages": HI}, headers=bearer(new_key)).status == 200,
+        message="new key accepted",
+    )
     assert post(auth_gateway.url + CHAT, {"model": LLAMA, "messages": HI}, headers=bearer(KEY_A)).status == 401
     keys_volume.publish("keys: [{name: broken}]\n")  # a bad file is refused; the keys in service stay
-    wait_for(lambda: metric_value(get(auth_gateway.url + "/metrics").body.decode(), "llm_gateway_config_reloads_total",
-                                  file="api_keys", result="failure") == 1, message="refused")
+    wait_for(
+        lambda: (
+            metric_value(
+                get(auth_gateway.url + "/metrics").body.decode(),
+                "llm_gateway_config_reloads_total",
+                file="api_keys",
+                result="failure",
+            )
+            == 1
+        ),
+        message="refused",
+    )
     assert post(auth_gateway.url + CHAT, {"model": LLAMA, "messages": HI}, headers=bearer(new_key)).status == 200
 
 
 # --- the engine credential: the client's key never reaches an engine ---------------------------------
+
 
 def test_engine_gets_the_gateway_credential_not_the_clients(log_dir, tmp_path):
     engine = RecordingEngine().start()
@@ -158,16 +187,25 @@ def test_engine_gets_the_gateway_credential_not_the_clients(log_dir, tmp_path):
     key_file.write_text("engine-secret-1\n")
     keys_file = tmp_path / "keys.yaml"
     keys_file.write_text(keys_yaml(key_entry("team-a", KEY_A)))
-    config = write_routing_map(tmp_path / "routes.yaml", [{"name": "rec", "model": "m", "owned_by": "x", "url": engine.url}])
-    gateway = start_gateway(config, log_dir, extra_args=["--keys-file", str(keys_file), "--engine-api-key-file", str(key_file)])
+    config = write_routing_map(
+        tmp_path / "routes.yaml", [{"name": "rec", "model": "m", "owned_by": "x", "url": engine.url}]
+    )
+    gateway = start_gateway(
+        config, log_dir, extra_args=["--keys-file", str(keys_file), "--engine-api-key-file", str(key_file)]
+    )
     try:
         assert post(gateway.url + CHAT, {"model": "m"}, headers=bearer(KEY_A)).status == 200
         received = {k.lower(): v for k, v in engine.received[-1].headers.items()}
         assert received["authorization"] == "Bearer engine-secret-1"
         assert "x-api-key" not in received
         key_file.write_text("engine-secret-2\n")  # rotation of the mounted Secret
-        wait_for(lambda: post(gateway.url + CHAT, {"model": "m"}, headers=bearer(KEY_A)).status == 200
-                 and engine.received[-1].headers.get("Authorization") == "Bearer engine-secret-2", message="rotated")
+        wait_for(
+            lambda: (
+                post(gateway.url + CHAT, {"model": "m"}, headers=bearer(KEY_A)).status == 200
+                and engine.received[-1].headers.get("Authorization") == "Bearer engine-secret-2"
+            ),
+            message="rotated",
+        )
     finally:
         gateway.stop()
         engine.stop()
@@ -179,13 +217,20 @@ def test_serve_refuses_a_bad_keys_file(log_dir, tmp_path):
 
     keys_file = tmp_path / "keys.yaml"
     keys_file.write_text("keys:\n  - {name: a, sha256: not-a-hash}\n")
-    config = write_routing_map(tmp_path / "routes.yaml", [{"name": "e", "model": "m", "owned_by": "x", "url": "http://127.0.0.1:9"}])
-    result = subprocess.run([sys.executable, "-m", "gateway_app", "serve", "--config", str(config), "--keys-file", str(keys_file)],
-                            capture_output=True, text=True, timeout=30)
+    config = write_routing_map(
+        tmp_path / "routes.yaml", [{"name": "e", "model": "m", "owned_by": "x", "url": "http://127.0.0.1:9"}]
+    )
+    result = subprocess.run(
+        [sys.executable, "-m", "gateway_app", "serve", "--config", str(config), "--keys-file", str(keys_file)],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
     assert result.returncode == 2 and "keys[0].sha256" in result.stderr
 
 
 # --- limits shared through Redis ---------------------------------------------------------------------
+
 
 @pytest.fixture
 def redis(tmp_path) -> Iterator[RedisServer]:
@@ -205,7 +250,9 @@ def shared_gateways(redis, tutorial_engines, log_dir, tmp_path: Path, limits: di
     gateways = []
     try:
         for _ in range(count):
-            gateways.append(start_gateway(config, log_dir, extra_args=["--keys-file", str(keys_file), "--redis-url", redis.url]))
+            gateways.append(
+                start_gateway(config, log_dir, extra_args=["--keys-file", str(keys_file), "--redis-url", redis.url])
+            )
     except Exception:
         for gateway in gateways:
             gateway.stop()
@@ -214,10 +261,14 @@ def shared_gateways(redis, tutorial_engines, log_dir, tmp_path: Path, limits: di
 
 
 def test_two_gateways_sharing_redis_enforce_one_limit(redis, tutorial_engines, log_dir, tmp_path):
-    gateways = shared_gateways(redis, tutorial_engines, log_dir, tmp_path, {"requests_per_minute": 4}, key_entry("team-a", KEY_A))
+    gateways = shared_gateways(
+        redis, tutorial_engines, log_dir, tmp_path, {"requests_per_minute": 4}, key_entry("team-a", KEY_A)
+    )
     try:
-        statuses = [post(gateways[i % 2].url + CHAT, {"model": LLAMA, "messages": HI}, headers=bearer(KEY_A)).status
-                    for i in range(6)]
+        statuses = [
+            post(gateways[i % 2].url + CHAT, {"model": LLAMA, "messages": HI}, headers=bearer(KEY_A)).status
+            for i in range(6)
+        ]
         assert statuses == [200, 200, 200, 200, 429, 429]  # 4 in all, not 4 per replica
     finally:
         for gateway in gateways:
@@ -225,8 +276,9 @@ def test_two_gateways_sharing_redis_enforce_one_limit(redis, tutorial_engines, l
 
 
 def test_redis_stopped_mid_test_fails_open_then_limits_return(redis, tutorial_engines, log_dir, tmp_path):
-    (gateway,) = shared_gateways(redis, tutorial_engines, log_dir, tmp_path, {"requests_per_minute": 2},
-                                 key_entry("team-a", KEY_A), count=1)
+    (gateway,) = shared_gateways(
+        redis, tutorial_engines, log_dir, tmp_path, {"requests_per_minute": 2}, key_entry("team-a", KEY_A), count=1
+    )
     request = lambda: post(gateway.url + CHAT, {"model": LLAMA, "messages": HI}, headers=bearer(KEY_A))  # noqa: E731
     try:
         assert [request().status for _ in range(3)] == [200, 200, 429]
@@ -243,8 +295,15 @@ def test_redis_stopped_mid_test_fails_open_then_limits_return(redis, tutorial_en
 
 
 def test_redis_down_with_fail_closed_refuses_with_503(redis, tutorial_engines, log_dir, tmp_path):
-    (gateway,) = shared_gateways(redis, tutorial_engines, log_dir, tmp_path,
-                                 {"requests_per_minute": 100, "fail_open": False}, key_entry("team-a", KEY_A), count=1)
+    (gateway,) = shared_gateways(
+        redis,
+        tutorial_engines,
+        log_dir,
+        tmp_path,
+        {"requests_per_minute": 100, "fail_open": False},
+        key_entry("team-a", KEY_A),
+        count=1,
+    )
     try:
         assert post(gateway.url + CHAT, {"model": LLAMA, "messages": HI}, headers=bearer(KEY_A)).status == 200
         redis.stop()
@@ -258,8 +317,9 @@ def test_streamed_tokens_are_counted_exactly_once_and_the_usage_chunk_stays_hidd
     redis, tutorial_engines, log_dir, tmp_path
 ):
     # 60 tokens a minute refill one token a second: the bucket barely moves during the test.
-    (gateway,) = shared_gateways(redis, tutorial_engines, log_dir, tmp_path, {"tokens_per_minute": 60},
-                                 key_entry("team-a", KEY_A), count=1)
+    (gateway,) = shared_gateways(
+        redis, tutorial_engines, log_dir, tmp_path, {"tokens_per_minute": 60}, key_entry("team-a", KEY_A), count=1
+    )
     try:
         body = {"model": LLAMA, "messages": HI, "max_tokens": 5}
         direct = post(tutorial_engines["vllm-llama-32-1b"].url + CHAT, body).json()["usage"]
@@ -268,6 +328,7 @@ def test_streamed_tokens_are_counted_exactly_once_and_the_usage_chunk_stays_hidd
         events = sse_events(answer.body)
         assert events[-1] == "[DONE]"
         assert all("usage" not in json.loads(e) or json.loads(e)["usage"] is None for e in events[:-1])  # not asked for
+
         def charged() -> float:
             return 60 - float(redis.command("HGET", "llm-gateway:rl:{team-a}:t", "l").split(b"\r\n")[1])
 
@@ -275,21 +336,42 @@ def test_streamed_tokens_are_counted_exactly_once_and_the_usage_chunk_stays_hidd
         # refilled meanwhile (1 token a second); charged twice would be about 2 * used.
         wait_for(lambda: used - 4 <= charged() <= used + 0.5, timeout=5, message=f"{used} tokens charged")
         # a client that asks for usage still gets it, and it is counted once too
-        answer = post(gateway.url + CHAT, dict(body, stream=True, stream_options={"include_usage": True}), headers=bearer(KEY_A))
+        answer = post(
+            gateway.url + CHAT, dict(body, stream=True, stream_options={"include_usage": True}), headers=bearer(KEY_A)
+        )
         assert json.loads(sse_events(answer.body)[-2])["usage"]["completion_tokens"] == 5
     finally:
         gateway.stop()
 
 
 def test_gateway_reaches_an_engine_that_wants_an_api_key(log_dir, tmp_path):
-    from tests.support import start_cli, free_port
+    from tests.support import free_port, start_cli
 
     port = free_port()
-    sim = start_cli(["simulate", "--engine", "vllm", "--model", "m", "--host", "127.0.0.1", "--port", str(port),
-                     "--api-key", "engine-secret"], port, "/health", log_dir, "sim-keyed")
+    sim = start_cli(
+        [
+            "simulate",
+            "--engine",
+            "vllm",
+            "--model",
+            "m",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--api-key",
+            "engine-secret",
+        ],
+        port,
+        "/health",
+        log_dir,
+        "sim-keyed",
+    )
     key_file = tmp_path / "engine-key"
     key_file.write_text("engine-secret")
-    config = write_routing_map(tmp_path / "routes.yaml", [{"name": "keyed", "model": "m", "owned_by": "vllm", "url": sim.url}])
+    config = write_routing_map(
+        tmp_path / "routes.yaml", [{"name": "keyed", "model": "m", "owned_by": "vllm", "url": sim.url}]
+    )
     gateway = start_gateway(config, log_dir, extra_args=["--engine-api-key-file", str(key_file)])
     try:
         assert post(sim.url + CHAT, {"model": "m", "messages": HI}).status == 401  # the engine really checks
@@ -303,8 +385,10 @@ def test_gateway_reaches_an_engine_that_wants_an_api_key(log_dir, tmp_path):
 def test_token_limit_refuses_with_token_headers(tutorial_engines, log_dir, tmp_path):
     keys_file = tmp_path / "keys.yaml"
     keys_file.write_text(keys_yaml(key_entry("team-a", KEY_A, tokens_per_minute=50)))
-    config = write_routing_map(tmp_path / "routes.yaml", [
-        {"name": "vllm-llama", "model": LLAMA, "owned_by": "vllm", "url": tutorial_engines["vllm-llama-32-1b"].url}])
+    config = write_routing_map(
+        tmp_path / "routes.yaml",
+        [{"name": "vllm-llama", "model": LLAMA, "owned_by": "vllm", "url": tutorial_engines["vllm-llama-32-1b"].url}],
+    )
     gateway = start_gateway(config, log_dir, extra_args=["--keys-file", str(keys_file)])
     try:
         body = {"model": LLAMA, "messages": HI, "max_tokens": 100}  # the estimate exceeds the whole bucket

@@ -26,11 +26,26 @@ HI = [{"role": "user", "content": "hi"}]
     [
         ("engines:\n  - {name: a, model: m, owned_by: vllm}\n", "engines[0].url"),
         ("engines:\n  - {name: a, model: m, owned_by: vllm, url: 'not a url'}\n", "engines[0].url"),
-        ("engines:\n  - {name: a, model: m, owned_by: vllm, url: 'http://x'}\n  - {name: a, model: n, owned_by: vllm, url: 'http://y'}\n", "engines[1].name"),
-        ("engines:\n  - {name: a, model: m, owned_by: vllm, url: 'http://x', default: true}\n  - {name: b, model: m, owned_by: sglang, url: 'http://y', default: true}\n", "engines[1].default"),
-        ("engines:\n  - {name: a, model: m, owned_by: vllm, url: 'http://x', aliases: [n]}\n  - {name: b, model: n, owned_by: vllm, url: 'http://y'}\n", "engines[0].aliases"),
-        ("engines:\n  - {name: a, model: m, owned_by: vllm, url: 'http://x', timeout: {idle: 3}}\n", "engines[0].timeout"),
-        ("settings: {max_body_bytes: -1}\nengines:\n  - {name: a, model: m, owned_by: vllm, url: 'http://x'}\n", "settings.max_body_bytes"),
+        (
+            "engines:\n  - {name: a, model: m, owned_by: vllm, url: 'http://x'}\n  - {name: a, model: n, owned_by: vllm, url: 'http://y'}\n",
+            "engines[1].name",
+        ),
+        (
+            "engines:\n  - {name: a, model: m, owned_by: vllm, url: 'http://x', default: true}\n  - {name: b, model: m, owned_by: sglang, url: 'http://y', default: true}\n",
+            "engines[1].default",
+        ),
+        (
+            "engines:\n  - {name: a, model: m, owned_by: vllm, url: 'http://x', aliases: [n]}\n  - {name: b, model: n, owned_by: vllm, url: 'http://y'}\n",
+            "engines[0].aliases",
+        ),
+        (
+            "engines:\n  - {name: a, model: m, owned_by: vllm, url: 'http://x', timeout: {idle: 3}}\n",
+            "engines[0].timeout",
+        ),
+        (
+            "settings: {max_body_bytes: -1}\nengines:\n  - {name: a, model: m, owned_by: vllm, url: 'http://x'}\n",
+            "settings.max_body_bytes",
+        ),
         ("engines: [\n", "not valid YAML"),
     ],
 )
@@ -39,7 +54,10 @@ def test_serve_refuses_an_invalid_map_naming_the_field(tmp_path, text, field):
     config.write_text(text)
     result = subprocess.run(
         [sys.executable, "-m", "gateway_app", "serve", "--config", str(config), "--port", str(free_port())],
-        capture_output=True, text=True, timeout=30, cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=30,
+        cwd=REPO_ROOT,
     )
     assert result.returncode == 2
     assert field in result.stderr
@@ -49,7 +67,10 @@ def test_serve_refuses_an_invalid_map_naming_the_field(tmp_path, text, field):
 def test_serve_refuses_a_missing_file(tmp_path):
     result = subprocess.run(
         [sys.executable, "-m", "gateway_app", "serve", "--config", str(tmp_path / "nope.yaml")],
-        capture_output=True, text=True, timeout=30, cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=30,
+        cwd=REPO_ROOT,
     )
     assert result.returncode == 2 and "nope.yaml" in result.stderr
 
@@ -60,7 +81,9 @@ def test_demo_serves_the_tutorial_topology_and_stops_on_ctrl_c(tmp_path):
     with open(log_path, "wb") as log:
         process = subprocess.Popen(
             [sys.executable, "-m", "gateway_app", "demo", "--port", str(port), "--ttft-ms", "0", "--itl-ms", "0"],
-            stdout=log, stderr=subprocess.STDOUT, cwd=REPO_ROOT,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            cwd=REPO_ROOT,
         )
     demo = RunningProcess(process=process, url=f"http://127.0.0.1:{port}", log_path=log_path)
     try:
@@ -71,8 +94,10 @@ def test_demo_serves_the_tutorial_topology_and_stops_on_ctrl_c(tmp_path):
             ("meta-llama/Llama-3.2-1B-Instruct", "sglang"),
             ("/models/Phi-tiny-MoE-instruct", "vllm"),
         }
-        answer = post(demo.url + "/v1/chat/completions",
-                      {"model": "meta-llama/Llama-3.2-1B-Instruct", "owned_by": "sglang", "messages": HI})
+        answer = post(
+            demo.url + "/v1/chat/completions",
+            {"model": "meta-llama/Llama-3.2-1B-Instruct", "owned_by": "sglang", "messages": HI},
+        )
         assert answer.headers["x-gateway-engine"] == "sglang-llama-32-1b"
         process.send_signal(signal.SIGINT)
         assert process.wait(timeout=15) == 0
@@ -83,7 +108,11 @@ def test_demo_serves_the_tutorial_topology_and_stops_on_ctrl_c(tmp_path):
 
 def run_cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "gateway_app", *args], capture_output=True, text=True, timeout=30, cwd=REPO_ROOT,
+        [sys.executable, "-m", "gateway_app", *args],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        cwd=REPO_ROOT,
         env=dict(os.environ, **(env or {})),
     )
 
@@ -104,8 +133,16 @@ def help_text(capsys: pytest.CaptureFixture[str], *args: str) -> str:
 @pytest.mark.parametrize(
     ("command", "shown"),
     [
-        ("serve", ["--host HOST  address to listen on (default: 0.0.0.0)", "(default: 8000)", "(default: info)",
-                   "(default: 110.0)", "--metrics-port PORT  serve /metrics on this port only"]),
+        (
+            "serve",
+            [
+                "--host HOST  address to listen on (default: 0.0.0.0)",
+                "(default: 8000)",
+                "(default: info)",
+                "(default: 110.0)",
+                "--metrics-port PORT  serve /metrics on this port only",
+            ],
+        ),
         ("simulate", ["(default: 0.0.0.0)", "(default: 8000)", "(default: warning)", "--ttft-ms MS"]),
         ("demo", ["(default: 127.0.0.1)", "(default: 8000)", "(default: 50.0)", "(default: 20.0)"]),
         ("hash-key", ["--generate", "read from standard input"]),
@@ -146,15 +183,31 @@ def test_simulate_prints_one_line_once_it_serves(tmp_path, capsys, monkeypatch):
     key = "sk-simulator-test"
     monkeypatch.setenv("LLM_GATEWAY_SIMULATOR_API_KEY", key)  # for the process below and for --help here
     process = subprocess.Popen(
-        [sys.executable, "-m", "gateway_app", "simulate", "--engine", "sglang", "--model", "m", "--host", "127.0.0.1",
-         "--port", "0"],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=REPO_ROOT,
+        [
+            sys.executable,
+            "-m",
+            "gateway_app",
+            "simulate",
+            "--engine",
+            "sglang",
+            "--model",
+            "m",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            "0",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        cwd=REPO_ROOT,
     )
     sim = RunningProcess(process=process, url="", log_path=tmp_path / "unused.log")
     try:
         line = first_line(process)
-        match = re.fullmatch(r"llm-gateway simulate: simulated sglang engine serving m on (http://127\.0\.0\.1:\d+)\n",
-                             line)
+        match = re.fullmatch(
+            r"llm-gateway simulate: simulated sglang engine serving m on (http://127\.0\.0\.1:\d+)\n", line
+        )
         assert match, line
         url = match[1]
         # The line is printed once the socket accepts: the first request needs no retry.

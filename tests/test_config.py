@@ -37,21 +37,48 @@ def test_json_is_accepted_too():
 @pytest.mark.parametrize(
     ("text", "expected"),
     [
-        ("engines:\n  - {name: a, model: m, owned_by: v, url: 'http://x'}\n  - {name: a, model: n, owned_by: v, url: 'http://y'}", "engines[1].name: duplicate engine name 'a'"),
+        (
+            "engines:\n  - {name: a, model: m, owned_by: v, url: 'http://x'}\n  - {name: a, model: n, owned_by: v, url: 'http://y'}",
+            "engines[1].name: duplicate engine name 'a'",
+        ),
         ("engines:\n  - {name: a, owned_by: v, url: 'http://x'}", "engines[0].model: required field is missing"),
         ("engines:\n  - {name: a, model: m, owned_by: v, url: 'ftp://x'}", "engines[0].url"),
         ("engines:\n  - {name: a, model: m, owned_by: v, url: 'http://x:99999'}", "engines[0].url"),
-        ("engines:\n  - {name: a, model: m, owned_by: v, url: 'http://x', default: true}\n  - {name: b, model: m, owned_by: s, url: 'http://y', default: true}", "engines[1].default"),
-        ("engines:\n  - {name: a, model: m, owned_by: v, url: 'http://x', aliases: [n]}\n  - {name: b, model: n, owned_by: v, url: 'http://y'}", "engines[0].aliases: alias 'n' collides"),
-        ("engines:\n  - {name: a, model: m, owned_by: v, url: 'http://x', aliases: [z]}\n  - {name: b, model: n, owned_by: v, url: 'http://y', aliases: [z]}", "engines[1].aliases: alias 'z' already names model 'm'"),
-        ("engines:\n  - {name: a, model: m, owned_by: v, url: 'http://x'}\n  - {name: b, model: m, owned_by: v, url: 'http://y'}", "engines[1].owned_by"),
+        (
+            "engines:\n  - {name: a, model: m, owned_by: v, url: 'http://x', default: true}\n  - {name: b, model: m, owned_by: s, url: 'http://y', default: true}",
+            "engines[1].default",
+        ),
+        (
+            "engines:\n  - {name: a, model: m, owned_by: v, url: 'http://x', aliases: [n]}\n  - {name: b, model: n, owned_by: v, url: 'http://y'}",
+            "engines[0].aliases: alias 'n' collides",
+        ),
+        (
+            "engines:\n  - {name: a, model: m, owned_by: v, url: 'http://x', aliases: [z]}\n  - {name: b, model: n, owned_by: v, url: 'http://y', aliases: [z]}",
+            "engines[1].aliases: alias 'z' already names model 'm'",
+        ),
+        (
+            "engines:\n  - {name: a, model: m, owned_by: v, url: 'http://x'}\n  - {name: b, model: m, owned_by: v, url: 'http://y'}",
+            "engines[1].owned_by",
+        ),
         ("engines:\n  - {name: 'bad name', model: m, owned_by: v, url: 'http://x'}", "engines[0].name"),
         ("engines:\n  - {name: a, model: m, owned_by: v, url: 'http://x', headers: {Host: y}}", "engines[0].headers"),
-        ("engines:\n  - {name: a, model: m, owned_by: v, url: 'http://x', timeouts: {idle: 0}}", "engines[0].timeouts.idle"),
-        ("settings: {timeouts: {conect: 3}}\nengines:\n  - {name: a, model: m, owned_by: v, url: 'http://x'}", "settings.timeouts.conect: unknown field"),
+        (
+            "engines:\n  - {name: a, model: m, owned_by: v, url: 'http://x', timeouts: {idle: 0}}",
+            "engines[0].timeouts.idle",
+        ),
+        (
+            "settings: {timeouts: {conect: 3}}\nengines:\n  - {name: a, model: m, owned_by: v, url: 'http://x'}",
+            "settings.timeouts.conect: unknown field",
+        ),
         ("engines: []", "engines"),
-        ("engines:\n  - {name: a, model: m, owned_by: v, url: 'http://user:pw@x'}", "engines[0].url: must not carry a user"),
-        ("engines:\n  - {name: a, model: m, owned_by: v, url: 'http://x', headers: {Authorization: Bearer k}}", "engines[0].headers"),
+        (
+            "engines:\n  - {name: a, model: m, owned_by: v, url: 'http://user:pw@x'}",
+            "engines[0].url: must not carry a user",
+        ),
+        (
+            "engines:\n  - {name: a, model: m, owned_by: v, url: 'http://x', headers: {Authorization: Bearer k}}",
+            "engines[0].headers",
+        ),
         ("engines:\n  - {name: a, model: m, owned_by: v, url: 'http://x/v1'}", "drop the trailing /v1"),
         ("engines:\n  - {name: a, model: m, owned_by: v, url: 'http://x', urls: ['http://y']}", "engines[0].urls"),
         ("engines:\n  - {name: a, model: m, owned_by: v, url: 'http://x', fallback: b}", "engines[0].fallback"),

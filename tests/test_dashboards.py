@@ -37,8 +37,11 @@ CHAT = "/v1/chat/completions"
 HI = [{"role": "user", "content": "hi"}]
 # The routing map: engine -> (model, owned_by). vllm-idle's model is never requested.
 ROUTES = {
-    "vllm-llama-32-1b": (LLAMA, "vllm"), "sglang-llama-32-1b": (LLAMA, "sglang"),
-    "vllm-flaky": ("flaky-model", "vllm"), "vllm-down": ("down-model", "vllm"), "vllm-idle": ("idle-model", "vllm"),
+    "vllm-llama-32-1b": (LLAMA, "vllm"),
+    "sglang-llama-32-1b": (LLAMA, "sglang"),
+    "vllm-flaky": ("flaky-model", "vllm"),
+    "vllm-down": ("down-model", "vllm"),
+    "vllm-idle": ("idle-model", "vllm"),
 }
 ENGINES = set(ROUTES)
 GATEWAY_PODS = 2
@@ -58,8 +61,9 @@ def concrete(expr: str, **chosen: str) -> str:
     """The query Grafana would send with every variable at "All", but those `chosen`."""
     names = {v["name"] for v in DASHBOARD["templating"]["list"]}
     expr = expr.replace("$__rate_interval", RATE_INTERVAL)
-    expr = re.sub(r"\$\{?(\w+)\}?", lambda m: chosen.get(m.group(1), MATCH_ALL) if m.group(1) in names else m.group(0),
-                  expr)
+    expr = re.sub(
+        r"\$\{?(\w+)\}?", lambda m: chosen.get(m.group(1), MATCH_ALL) if m.group(1) in names else m.group(0), expr
+    )
     assert "$" not in expr, f"unknown variable in {expr}"
     return expr
 
@@ -86,10 +90,20 @@ def prometheus(tmp_path_factory: pytest.TempPathFactory, log_dir: Path) -> Itera
         nothing_there = f"http://127.0.0.1:{free_port()}"
         engines = [
             {"name": "vllm-llama-32-1b", "model": LLAMA, "owned_by": "vllm", "url": vllm.url, "default": True},
-            {"name": "sglang-llama-32-1b", "model": LLAMA, "owned_by": "sglang", "url": sglang.url,
-             "concurrency": {"limit": 4}},
-            {"name": "vllm-flaky", "model": "flaky-model", "owned_by": "vllm", "url": nothing_there,
-             "fallback": "vllm-llama-32-1b"},
+            {
+                "name": "sglang-llama-32-1b",
+                "model": LLAMA,
+                "owned_by": "sglang",
+                "url": sglang.url,
+                "concurrency": {"limit": 4},
+            },
+            {
+                "name": "vllm-flaky",
+                "model": "flaky-model",
+                "owned_by": "vllm",
+                "url": nothing_there,
+                "fallback": "vllm-llama-32-1b",
+            },
             {"name": "vllm-down", "model": "down-model", "owned_by": "vllm", "url": nothing_there},
             {"name": "vllm-idle", "model": "idle-model", "owned_by": "vllm", "url": f"http://127.0.0.1:{free_port()}"},
         ]
@@ -126,11 +140,22 @@ def prometheus(tmp_path_factory: pytest.TempPathFactory, log_dir: Path) -> Itera
 def send_traffic(gateway: str) -> None:
     auth = {"Authorization": f"Bearer {KEY}"}
     for owned_by in ("vllm", "sglang"):
-        answer = post(gateway + CHAT, {"model": LLAMA, "owned_by": owned_by, "messages": HI, "max_tokens": 5},
-                      headers=auth)
+        answer = post(
+            gateway + CHAT, {"model": LLAMA, "owned_by": owned_by, "messages": HI, "max_tokens": 5}, headers=auth
+        )
         assert answer.status == 200, answer.body
-        answer = post(gateway + CHAT, {"model": LLAMA, "owned_by": owned_by, "messages": HI, "max_tokens": 8,
-                                       "stream": True, "stream_options": {"include_usage": True}}, headers=auth)
+        answer = post(
+            gateway + CHAT,
+            {
+                "model": LLAMA,
+                "owned_by": owned_by,
+                "messages": HI,
+                "max_tokens": 8,
+                "stream": True,
+                "stream_options": {"include_usage": True},
+            },
+            headers=auth,
+        )
         assert answer.status == 200 and b"[DONE]" in answer.body, answer.body
     # one retry that ends on the fallback engine, one engine error, one request without a key
     answer = post(gateway + CHAT, {"model": "flaky-model", "messages": HI, "max_tokens": 3}, headers=auth)
@@ -176,8 +201,12 @@ def test_every_variable_lists_the_routing_maps_names(prometheus: PrometheusServe
 def test_engine_labelled_panels_follow_the_model_variable(prometheus: PrometheusServer) -> None:
     """Series labelled by engine only get their model from llm_gateway_engine_info: with one model chosen,
     only that model's engines show, each with its model."""
-    joined = [t for panel in panels(DASHBOARD["panels"]) for t in panel["targets"]
-              if "group_left (model)" in t["expr"] and "llm_gateway_engine_info" in t["expr"]]
+    joined = [
+        t
+        for panel in panels(DASHBOARD["panels"])
+        for t in panel["targets"]
+        if "group_left (model)" in t["expr"] and "llm_gateway_engine_info" in t["expr"]
+    ]
     assert len(joined) >= 6
     shown = set()
     for model in {model for model, _ in ROUTES.values()}:
@@ -191,8 +220,10 @@ def test_engine_labelled_panels_follow_the_model_variable(prometheus: Prometheus
 
 def test_engines_in_service_and_requests_by_api_key(prometheus: PrometheusServer) -> None:
     (engines,) = targets_of("Engines in service")
-    rows = {(s["metric"]["engine"], s["metric"]["model"], s["metric"]["owned_by"]): s["value"][1]
-            for s in prometheus.query(concrete(engines["expr"]))}
+    rows = {
+        (s["metric"]["engine"], s["metric"]["model"], s["metric"]["owned_by"]): s["value"][1]
+        for s in prometheus.query(concrete(engines["expr"]))
+    }
     assert rows == {(engine, model, owned_by): str(GATEWAY_PODS) for engine, (model, owned_by) in ROUTES.items()}
     (keys,) = targets_of("Requests by API key")
     seen = {(s["metric"]["client"], s["metric"]["status_class"]) for s in prometheus.query(concrete(keys["expr"]))}
@@ -200,11 +231,15 @@ def test_engines_in_service_and_requests_by_api_key(prometheus: PrometheusServer
 
 
 def test_every_gateway_metric_is_charted(prometheus: PrometheusServer) -> None:
-    gateway_url = next(t["scrapeUrl"] for t in prometheus.api("targets")["data"]["activeTargets"]
-                       if t["labels"]["job"] == "gateway")
+    gateway_url = next(
+        t["scrapeUrl"] for t in prometheus.api("targets")["data"]["activeTargets"] if t["labels"]["job"] == "gateway"
+    )
     # (prometheus_client's *_created series are each counter's creation time, nothing to chart)
-    families = {f.name for f in text_string_to_metric_families(get(gateway_url).body.decode())
-                if f.name.startswith("llm_gateway_") and not f.name.endswith("_created")}
+    families = {
+        f.name
+        for f in text_string_to_metric_families(get(gateway_url).body.decode())
+        if f.name.startswith("llm_gateway_") and not f.name.endswith("_created")
+    }
     exprs = "\n".join(t["expr"] for panel in panels(DASHBOARD["panels"]) for t in panel["targets"])
     uncharted = {f for f in families if not re.search(rf"\b{f}(_total|_bucket)?\b", exprs)}
     assert uncharted == set(NOT_CHARTED), uncharted
@@ -212,8 +247,14 @@ def test_every_gateway_metric_is_charted(prometheus: PrometheusServer) -> None:
 
 def test_engine_panels_read_both_engines_real_names(prometheus: PrometheusServer) -> None:
     exprs = "\n".join(t["expr"] for panel in panels(DASHBOARD["panels"]) for t in panel["targets"])
-    for name in ("vllm:num_requests_running", "vllm:num_requests_waiting", "vllm:kv_cache_usage_perc",
-                 "sglang:num_running_reqs", "sglang:num_queue_reqs", "sglang:token_usage"):
+    for name in (
+        "vllm:num_requests_running",
+        "vllm:num_requests_waiting",
+        "vllm:kv_cache_usage_perc",
+        "sglang:num_running_reqs",
+        "sglang:num_queue_reqs",
+        "sglang:token_usage",
+    ):
         assert name in exprs
         jobs = {series["metric"]["job"] for series in prometheus.query(name)}
         assert jobs == {"vllm-llama-32-1b" if name.startswith("vllm") else "sglang-llama-32-1b"}
@@ -235,13 +276,24 @@ def test_alert_rules_evaluate_on_real_metrics(prometheus: PrometheusServer) -> N
     assert [(r["name"], r.get("lastError")) for r in rules if r["health"] != "ok"] == []
 
     def active(alert: str) -> set[str]:
-        return {a["labels"].get("model", "") for a in prometheus.api("alerts")["data"]["alerts"]
-                if a["labels"]["alertname"] == alert}
+        return {
+            a["labels"].get("model", "")
+            for a in prometheus.api("alerts")["data"]["alerts"]
+            if a["labels"]["alertname"] == alert
+        }
 
     # the flaky model is served by its fallback, but none of its own engines is ready; nobody asked for the
     # idle model, its engine is known from llm_gateway_engine_info
-    wait_for(lambda: active("LLMGatewayNoReadyEngine") == {"down-model", "flaky-model", "idle-model"}, timeout=10,
-             interval=0.2, message="no-ready-engine alerts for the down models")
-    wait_for(lambda: active("LLMGatewayHighErrorRatio") == {"down-model"}, timeout=10, interval=0.2,
-             message="an error-ratio alert for the model that answered 502")
+    wait_for(
+        lambda: active("LLMGatewayNoReadyEngine") == {"down-model", "flaky-model", "idle-model"},
+        timeout=10,
+        interval=0.2,
+        message="no-ready-engine alerts for the down models",
+    )
+    wait_for(
+        lambda: active("LLMGatewayHighErrorRatio") == {"down-model"},
+        timeout=10,
+        interval=0.2,
+        message="an error-ratio alert for the model that answered 502",
+    )
     assert not active("LLMGatewaySlowTimeToFirstByte") and not active("LLMGatewayRestarted")

@@ -22,10 +22,16 @@ ENGINE_NAMES = ("vllm-llama-32-1b", "sglang-llama-32-1b", "vllm-phi-tiny-moe")
 def gateway(tutorial_engines, log_dir, tmp_path_factory) -> Iterator[RunningProcess]:
     folder = tmp_path_factory.mktemp("disclosure")
     keys = folder / "keys.yaml"
-    keys.write_text(yaml.safe_dump({"keys": [
-        {"name": "phi-only", "sha256": hash_key(PHI_ONLY), "models": [PHI]},
-        {"name": "alias-only", "sha256": hash_key(ALIAS_ONLY), "models": ["llama-1b"]},  # an alias of LLAMA
-    ]}))
+    keys.write_text(
+        yaml.safe_dump(
+            {
+                "keys": [
+                    {"name": "phi-only", "sha256": hash_key(PHI_ONLY), "models": [PHI]},
+                    {"name": "alias-only", "sha256": hash_key(ALIAS_ONLY), "models": ["llama-1b"]},  # an alias of LLAMA
+                ]
+            }
+        )
+    )
     config = write_routing_map(folder / "routes.yaml", tutorial_routing(tutorial_engines))
     running = start_gateway(config, log_dir, extra_args=["--keys-file", str(keys)])
     yield running

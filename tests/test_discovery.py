@@ -22,7 +22,11 @@ def pods(log_dir):
         for address in PODS:
             started[address] = start_cli(
                 ["simulate", "--engine", "vllm", "--model", "m", "--host", address, "--port", str(port)],
-                port, "/health", log_dir, f"pod-{address}", host=address,
+                port,
+                "/health",
+                log_dir,
+                f"pod-{address}",
+                host=address,
             )
         yield port, started
     finally:
@@ -38,10 +42,18 @@ def test_gateway_follows_the_ready_pods_of_a_service(pods, log_dir, tmp_path):
     port, sims = pods
     api = FakeKubeAPI().start()
     api.slices["svc-a"] = endpoint_slice("svc-a", "engine-svc", port, [(PODS[0], True), (PODS[1], False)])
-    config = write_routing_map(tmp_path / "routes.yaml", [{
-        "name": "e", "model": "m", "owned_by": "vllm", "url": f"http://127.0.0.1:{free_port()}",  # the Service: unused
-        "discovery": {"service": "engine-svc", "namespace": "llm", "port": port},
-    }])
+    config = write_routing_map(
+        tmp_path / "routes.yaml",
+        [
+            {
+                "name": "e",
+                "model": "m",
+                "owned_by": "vllm",
+                "url": f"http://127.0.0.1:{free_port()}",  # the Service: unused
+                "discovery": {"service": "engine-svc", "namespace": "llm", "port": port},
+            }
+        ],
+    )
     gateway = start_gateway(config, log_dir, env={"LLM_GATEWAY_KUBE_API": api.url})
 
     def available(address: str) -> float:
@@ -52,7 +64,7 @@ def test_gateway_follows_the_ready_pods_of_a_service(pods, log_dir, tmp_path):
         before = [served(sims[a]) for a in PODS]
         for _ in range(count):
             assert post(gateway.url + CHAT, {"model": "m", "messages": HI}).status == 200
-        return [served(sims[a]) - b for a, b in zip(PODS, before)]
+        return [served(sims[a]) - b for a, b in zip(PODS, before, strict=False)]
 
     try:
         wait_for(lambda: available(PODS[0]) == 1, message="first pod discovered")

@@ -46,8 +46,13 @@ class CarelessEngine:
         await request.read()
         mode = request.headers.get("X-Mode", "")
         if mode == "slow-json":
-            first, second = b'{"id": "x", "choices": [{"text": "first half"', b'}], "usage": {"prompt_tokens": 2, "completion_tokens": 5}}'
-            response = web.StreamResponse(headers={"Content-Type": "application/json", "Content-Length": str(len(first + second))})
+            first, second = (
+                b'{"id": "x", "choices": [{"text": "first half"',
+                b'}], "usage": {"prompt_tokens": 2, "completion_tokens": 5}}',
+            )
+            response = web.StreamResponse(
+                headers={"Content-Type": "application/json", "Content-Length": str(len(first + second))}
+            )
             await response.prepare(request)
             await response.write(first)
             await asyncio.get_running_loop().run_in_executor(None, self.second_half.wait, 20)
@@ -154,7 +159,8 @@ def test_clients_that_stop_reading_their_answers_lose_their_place(engine, log_di
     """A 4 GB answer to clients that never read it: the gateway holds each for at most send_timeout,
     and meanwhile such connections give way to new clients, so they cannot hold the connection budget."""
     config = write_routing_map(
-        tmp_path / "routes.yaml", [{"name": "careless", "model": "m", "owned_by": "vllm", "url": engine.url}],
+        tmp_path / "routes.yaml",
+        [{"name": "careless", "model": "m", "owned_by": "vllm", "url": engine.url}],
         settings={"client_limits": {"max_connections": 3, "send_timeout": 2}},
     )
     gateway = start_gateway(config, log_dir)
@@ -165,8 +171,10 @@ def test_clients_that_stop_reading_their_answers_lose_their_place(engine, log_di
             connection.send(request_head(body_length=len(BODY), headers={"X-Mode": "huge-json"}) + BODY)
 
         def closed(metrics: str) -> float:
-            return sum(metric_value(metrics, "llm_gateway_client_connections_closed_total", reason=reason)
-                       for reason in ("send_timeout", "evicted"))
+            return sum(
+                metric_value(metrics, "llm_gateway_client_connections_closed_total", reason=reason)
+                for reason in ("send_timeout", "evicted")
+            )
 
         wait_for(lambda: get(gateway.url + "/healthz").status == 200, message="a new client is served")
         wait_for(lambda: closed(get(gateway.url + "/metrics").body.decode()) >= 3, message="all three dropped")

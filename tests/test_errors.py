@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
+import socket
 from collections.abc import Iterator
 
 import pytest
 
 from tests.conftest import LLAMA, PHI, write_routing_map
-import socket
-
 from tests.support import RunningProcess, start_gateway, start_simulator
 from tests.web import get, metric_value, post, request
 
@@ -40,14 +39,34 @@ def error_gateway(tutorial_engines, slow_engine, unused_sockets, log_dir, tmp_pa
     config = write_routing_map(
         tmp_path_factory.mktemp("errors") / "routes.yaml",
         [
-            {"name": "vllm-llama-32-1b", "model": LLAMA, "owned_by": "vllm", "url": tutorial_engines["vllm-llama-32-1b"].url,
-             "aliases": ["hidden-alias"]},
-            {"name": "sglang-llama-32-1b", "model": LLAMA, "owned_by": "sglang", "url": tutorial_engines["sglang-llama-32-1b"].url},
+            {
+                "name": "vllm-llama-32-1b",
+                "model": LLAMA,
+                "owned_by": "vllm",
+                "url": tutorial_engines["vllm-llama-32-1b"].url,
+                "aliases": ["hidden-alias"],
+            },
+            {
+                "name": "sglang-llama-32-1b",
+                "model": LLAMA,
+                "owned_by": "sglang",
+                "url": tutorial_engines["sglang-llama-32-1b"].url,
+            },
             {"name": "down", "model": "down-model", "owned_by": "vllm", "url": url_of(unused_sockets["refusing"])},
-            {"name": "silent", "model": "silent-model", "owned_by": "vllm", "url": url_of(unused_sockets["silent"]),
-             "timeouts": {"first_byte": 0.5}},
-            {"name": "slow", "model": "slow-model", "owned_by": "vllm", "url": slow_engine.url,
-             "timeouts": {"first_byte": 0.5}},
+            {
+                "name": "silent",
+                "model": "silent-model",
+                "owned_by": "vllm",
+                "url": url_of(unused_sockets["silent"]),
+                "timeouts": {"first_byte": 0.5},
+            },
+            {
+                "name": "slow",
+                "model": "slow-model",
+                "owned_by": "vllm",
+                "url": slow_engine.url,
+                "timeouts": {"first_byte": 0.5},
+            },
         ],
         settings={"max_body_bytes": 4096, "models_timeout": 0.5, "list_aliases": False},
     )
@@ -113,8 +132,10 @@ def test_chunked_body_over_the_limit_is_413(error_gateway):
 
     parts = urlsplit(error_gateway.url)
     with socket.create_connection((parts.hostname, parts.port), timeout=10) as sock:
-        sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-                     b"Transfer-Encoding: chunked\r\n\r\n")
+        sock.sendall(
+            b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            b"Transfer-Encoding: chunked\r\n\r\n"
+        )
         for _ in range(5):  # 5 x 1000 bytes, over the 4096-byte limit; the gateway may stop reading early
             try:
                 sock.sendall(b"3e8\r\n" + b"x" * 1000 + b"\r\n")
@@ -179,7 +200,12 @@ def test_an_engine_left_out_of_the_model_list_is_logged_once_not_per_call(
     config = write_routing_map(
         tmp_path / "routes.yaml",
         [
-            {"name": "vllm-llama-32-1b", "model": LLAMA, "owned_by": "vllm", "url": tutorial_engines["vllm-llama-32-1b"].url},
+            {
+                "name": "vllm-llama-32-1b",
+                "model": LLAMA,
+                "owned_by": "vllm",
+                "url": tutorial_engines["vllm-llama-32-1b"].url,
+            },
             {"name": "down", "model": "down-model", "owned_by": "vllm", "url": url_of(unused_sockets["refusing"])},
         ],
         settings={"models_cache_ttl": 0, "models_timeout": 0.5},

@@ -8,11 +8,11 @@ from collections.abc import Iterator
 import pytest
 
 from tests.conftest import write_routing_map
+from tests.recording_engine import FIXED_ANSWER, STREAM_EVENTS, RecordingEngine
+from tests.support import RunningProcess, start_gateway
 from tests.web import post, request
 
 HI = [{"role": "user", "content": "hi"}]
-from tests.recording_engine import FIXED_ANSWER, STREAM_EVENTS, RecordingEngine
-from tests.support import RunningProcess, start_gateway
 
 
 @pytest.fixture(scope="module")
@@ -27,11 +27,22 @@ def gateway_to_recorder(engine, log_dir, tmp_path_factory) -> Iterator[RunningPr
     config = write_routing_map(
         tmp_path_factory.mktemp("recorder") / "routes.yaml",
         [
-            {"name": "rec-vllm", "model": "org/model-a", "owned_by": "vllm", "url": engine.url,
-             "aliases": ["short-a"], "headers": {"X-Engine-Token": "secret-for-engine"}},
+            {
+                "name": "rec-vllm",
+                "model": "org/model-a",
+                "owned_by": "vllm",
+                "url": engine.url,
+                "aliases": ["short-a"],
+                "headers": {"X-Engine-Token": "secret-for-engine"},
+            },
             {"name": "rec-sglang", "model": "org/model-a", "owned_by": "sglang", "url": engine.url},
-            {"name": "rec-strict", "model": "org/model-a", "owned_by": "strict", "url": engine.url,
-             "timeouts": {"idle": 0.3}},
+            {
+                "name": "rec-strict",
+                "model": "org/model-a",
+                "owned_by": "strict",
+                "url": engine.url,
+                "timeouts": {"idle": 0.3},
+            },
         ],
     )
     running = start_gateway(config, log_dir)
@@ -51,8 +62,13 @@ def test_body_is_forwarded_byte_for_byte_when_nothing_changes(gateway_to_recorde
 
 
 def test_owned_by_is_stripped_and_alias_replaced_other_fields_kept(gateway_to_recorder, engine):
-    body = {"model": "short-a", "owned_by": "sglang", "messages": [{"role": "user", "content": "hé"}],
-            "guided_json": {"type": "object"}, "stream": False}
+    body = {
+        "model": "short-a",
+        "owned_by": "sglang",
+        "messages": [{"role": "user", "content": "hé"}],
+        "guided_json": {"type": "object"},
+        "stream": False,
+    }
     answer = post(gateway_to_recorder.url + "/v1/chat/completions", body)
     assert answer.status == 200
     forwarded = json.loads(engine.received[-1].body)
@@ -69,10 +85,21 @@ def test_headers_to_engine(gateway_to_recorder, engine):
     parts = urlsplit(gateway_to_recorder.url)
     connection = http.client.HTTPConnection(parts.hostname, parts.port, timeout=10)
     connection.request(
-        "POST", "/v1/completions", body=json.dumps({"model": "org/model-a", "prompt": "x"}),
-        headers={"X-Custom": "kept", "Content-Type": "text/plain", "TE": "trailers", "Upgrade": "h2c",
-                 "Proxy-Authorization": "Basic eA==", "Authorization": "Bearer client-key", "X-API-Key": "k",
-                 "Accept-Encoding": "gzip", "X-Drop-Me": "1", "Connection": "keep-alive, X-Drop-Me"},
+        "POST",
+        "/v1/completions",
+        body=json.dumps({"model": "org/model-a", "prompt": "x"}),
+        headers={
+            "X-Custom": "kept",
+            "Content-Type": "text/plain",
+            "TE": "trailers",
+            "Upgrade": "h2c",
+            "Proxy-Authorization": "Basic eA==",
+            "Authorization": "Bearer client-key",
+            "X-API-Key": "k",
+            "Accept-Encoding": "gzip",
+            "X-Drop-Me": "1",
+            "Connection": "keep-alive, X-Drop-Me",
+        },
     )
     response = connection.getresponse()
     response.read()
@@ -113,7 +140,8 @@ def raw_exchange(url: str, body: dict, scenario: str, rcvbuf: int | None = None,
     sock.connect((parts.hostname, parts.port))
     sock.sendall(
         f"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-        f"X-Test-Scenario: {scenario}\r\nConnection: close\r\nContent-Length: {len(data)}\r\n\r\n".encode() + data
+        f"X-Test-Scenario: {scenario}\r\nConnection: close\r\nContent-Length: {len(data)}\r\n\r\n".encode()
+        + data
     )
     if pause:
         time.sleep(pause)  # a client that does not read for a while (that is the point of the test)
@@ -133,7 +161,9 @@ def test_non_sse_answer_cut_midway_is_cut_not_patched(gateway_to_recorder):
 
 
 def test_sse_cut_mid_event_ends_the_event_then_reports(gateway_to_recorder):
-    received = raw_exchange(gateway_to_recorder.url, {"model": "org/model-a", "owned_by": "strict"}, "stalled-mid-event")
+    received = raw_exchange(
+        gateway_to_recorder.url, {"model": "org/model-a", "owned_by": "strict"}, "stalled-mid-event"
+    )
     body = dechunk(received.split(b"\r\n\r\n", 1)[1])
     # the half event is closed off, so that the error is an event of its own, then [DONE]
     assert b'{"del\n\ndata: {"error"' in body
@@ -155,8 +185,13 @@ def dechunk(data: bytes) -> bytes:
 
 def test_slow_client_is_not_an_idle_engine(gateway_to_recorder):
     """The idle timeout (0.3 s) measures the engine; a client that reads late must not trip it."""
-    received = raw_exchange(gateway_to_recorder.url, {"model": "org/model-a", "owned_by": "strict"},
-                            "big-fast-stream", rcvbuf=4096, pause=1.5)
+    received = raw_exchange(
+        gateway_to_recorder.url,
+        {"model": "org/model-a", "owned_by": "strict"},
+        "big-fast-stream",
+        rcvbuf=4096,
+        pause=1.5,
+    )
     assert b"data: [DONE]" in received
     assert b"engine_timeout" not in received
 
@@ -198,7 +233,9 @@ class OneRequestPerConnectionEngine:
                 return False
             data += chunk
         head, _, rest = data.partition(b"\r\n\r\n")
-        length = next((int(line.split(b":")[1]) for line in head.split(b"\r\n") if line.lower().startswith(b"content-length")), 0)
+        length = next(
+            (int(line.split(b":")[1]) for line in head.split(b"\r\n") if line.lower().startswith(b"content-length")), 0
+        )
         while len(rest) < length:
             rest += conn.recv(65536)
         return True
@@ -219,7 +256,9 @@ class OneRequestPerConnectionEngine:
             if not self._read_request(conn):
                 return
             body = b'{"ok": true}'
-            conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
+            conn.sendall(
+                b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body)
+            )
             self._read_request(conn)  # the reuse: read it, then hang up without a word
 
     def stop(self) -> None:
@@ -228,7 +267,9 @@ class OneRequestPerConnectionEngine:
 
 def test_request_on_a_connection_the_engine_just_closed_is_sent_again(log_dir, tmp_path):
     engine = OneRequestPerConnectionEngine()
-    config = write_routing_map(tmp_path / "routes.yaml", [{"name": "e", "model": "m", "owned_by": "x", "url": engine.url}])
+    config = write_routing_map(
+        tmp_path / "routes.yaml", [{"name": "e", "model": "m", "owned_by": "x", "url": engine.url}]
+    )
     gateway = start_gateway(config, log_dir)
     try:
         for _ in range(3):

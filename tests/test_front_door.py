@@ -18,8 +18,13 @@ from tests.web import get, metric_value, post, wait_for
 CHAT = "/v1/chat/completions"
 BODY = b'{"model": "m", "messages": [{"role": "user", "content": "hi"}]}'
 LIMITS = {
-    "max_header_bytes": 4096, "max_headers": 30, "head_timeout": 1.0, "body_timeout": 1.0, "body_min_rate": 2048,
-    "max_connections": 40, "max_body_memory": 1024 * 1024,
+    "max_header_bytes": 4096,
+    "max_headers": 30,
+    "head_timeout": 1.0,
+    "body_timeout": 1.0,
+    "body_min_rate": 2048,
+    "max_connections": 40,
+    "max_body_memory": 1024 * 1024,
 }
 
 
@@ -65,7 +70,7 @@ def test_a_head_cut_into_pieces_is_measured_across_them(gateway):
     head = request_head(body_length=len(BODY))
     with RawConnection(gateway.url) as connection:
         for start in range(0, len(head), 7):
-            connection.send(head[start:start + 7])
+            connection.send(head[start : start + 7])
         connection.send(BODY)
         assert connection.read_answer().status == 200
     with RawConnection(gateway.url) as connection:
@@ -96,7 +101,9 @@ def test_too_many_headers_get_431_and_never_reach_the_engine(gateway, engine):
     with RawConnection(gateway.url) as connection:
         connection.send(request_head(body_length=len(BODY), headers={f"X-{i}": "1" for i in range(40)}) + BODY)
         error = assert_openai_error(connection.read_answer(), 431, "request_header_too_large")
-        assert "43 headers" in error["message"]  # Host, Content-Type, Content-Length and 40 and "30" in error["message"]
+        assert (
+            "43 headers" in error["message"]
+        )  # Host, Content-Type, Content-Length and 40 and "30" in error["message"]
     assert requests_seen(engine) == before
 
 
@@ -187,23 +194,30 @@ def test_bodies_share_a_memory_budget(gateway, engine):
     holders = [RawConnection(gateway.url) for _ in range(2)]
     try:
         for holder in holders:
-            holder.send(request_head(body_length=len(big)) + big[:450 * 1024])
-        wait_for(lambda: metric_value(get(gateway.url + "/metrics").body.decode(), "llm_gateway_request_body_bytes")
-                 >= 900 * 1024, message="both bodies held")
+            holder.send(request_head(body_length=len(big)) + big[: 450 * 1024])
+        wait_for(
+            lambda: (
+                metric_value(get(gateway.url + "/metrics").body.decode(), "llm_gateway_request_body_bytes")
+                >= 900 * 1024
+            ),
+            message="both bodies held",
+        )
         with RawConnection(gateway.url) as third:
             third.send(request_head(body_length=len(big)) + big)
             answer = third.read_answer()
             assert_openai_error(answer, 503, "gateway_overloaded")
             assert answer.header("retry-after") == "1"
         for holder in holders:
-            holder.send(big[450 * 1024:])
+            holder.send(big[450 * 1024 :])
             assert holder.read_answer().status == 200
     finally:
         for holder in holders:
             holder.close()
     assert post(gateway.url + CHAT, big).status == 200
-    wait_for(lambda: metric_value(get(gateway.url + "/metrics").body.decode(), "llm_gateway_request_body_bytes") == 0,
-             message="the budget is given back")
+    wait_for(
+        lambda: metric_value(get(gateway.url + "/metrics").body.decode(), "llm_gateway_request_body_bytes") == 0,
+        message="the budget is given back",
+    )
 
 
 def test_at_the_connection_limit_idle_connections_make_room(gateway):
@@ -225,7 +239,8 @@ def test_with_every_connection_busy_a_new_one_gets_503(log_dir, tmp_path):
     """Connections whose requests are being served are never evicted: past the limit, 503 at once."""
     engine = RecordingEngine().start()
     config = write_routing_map(
-        tmp_path / "routes.yaml", [{"name": "e", "model": "m", "owned_by": "vllm", "url": engine.url}],
+        tmp_path / "routes.yaml",
+        [{"name": "e", "model": "m", "owned_by": "vllm", "url": engine.url}],
         settings={"client_limits": {"max_connections": 3}},
     )
     gateway = start_gateway(config, log_dir)
@@ -243,15 +258,26 @@ def test_with_every_connection_busy_a_new_one_gets_503(log_dir, tmp_path):
         engine.stop()
 
 
-@pytest.mark.parametrize(("path", "code"), [
-    ("/v1/chat/completions/", "not_found"), ("/healthz/", "not_found"),
-    ("/v1/models/", "model_not_found"),  # the card of the model with an empty id
-])
+@pytest.mark.parametrize(
+    ("path", "code"),
+    [
+        ("/v1/chat/completions/", "not_found"),
+        ("/healthz/", "not_found"),
+        ("/v1/models/", "model_not_found"),  # the card of the model with an empty id
+    ],
+)
 def test_a_trailing_slash_is_a_plain_404_never_a_redirect(gateway, path, code):
     with RawConnection(gateway.url) as connection:
         method = "POST" if path.startswith("/v1/chat") else "GET"
-        connection.send(request_head(path=path, method=method, body_length=len(BODY) if method == "POST" else None,
-                                     headers={"Host": "evil.example"}) + (BODY if method == "POST" else b""))
+        connection.send(
+            request_head(
+                path=path,
+                method=method,
+                body_length=len(BODY) if method == "POST" else None,
+                headers={"Host": "evil.example"},
+            )
+            + (BODY if method == "POST" else b"")
+        )
         answer = connection.read_answer()
         assert_openai_error(answer, 404, code)
         assert answer.header("location") is None
@@ -261,9 +287,10 @@ def test_1100_half_open_connections_under_a_1024_file_limit(log_dir, tmp_path):
     """The original failure: half-open connections exhausted the descriptors, real requests were reset and
     a revoked key stayed valid because the keys file could no longer be read. Under the same limit, a
     normal request is served and a changed keys file takes effect."""
+    import yaml
+
     from gateway_app.auth import hash_key
     from tests.support import ConfigMapVolume
-    import yaml
 
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if soft < 2000:
@@ -271,18 +298,27 @@ def test_1100_half_open_connections_under_a_1024_file_limit(log_dir, tmp_path):
     engine = RecordingEngine().start()
     keys = ConfigMapVolume(tmp_path / "keys", "keys.yaml")
     keys.publish(yaml.safe_dump({"keys": [{"name": "old", "sha256": hash_key("sk-old")}]}))
-    config = write_routing_map(tmp_path / "routes.yaml", [{"name": "e", "model": "m", "owned_by": "vllm", "url": engine.url}])
+    config = write_routing_map(
+        tmp_path / "routes.yaml", [{"name": "e", "model": "m", "owned_by": "vllm", "url": engine.url}]
+    )
     gateway = start_gateway(config, log_dir, extra_args=["--keys-file", str(keys.path)], fd_limit=1024)
     half_open: list[RawConnection] = []
     try:
         for index in range(1100):
             connection = RawConnection(gateway.url)
-            connection.send(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n" if index % 2 else request_head(body_length=1000) + b"{")
+            connection.send(
+                b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n"
+                if index % 2
+                else request_head(body_length=1000) + b"{"
+            )
             half_open.append(connection)
         assert post(gateway.url + CHAT, BODY, headers={"Authorization": "Bearer sk-old"}).status == 200
         keys.publish(yaml.safe_dump({"keys": [{"name": "new", "sha256": hash_key("sk-new")}]}))
-        wait_for(lambda: post(gateway.url + CHAT, BODY, headers={"Authorization": "Bearer sk-new"}).status == 200,
-                 timeout=15, message="the new key is accepted")
+        wait_for(
+            lambda: post(gateway.url + CHAT, BODY, headers={"Authorization": "Bearer sk-new"}).status == 200,
+            timeout=15,
+            message="the new key is accepted",
+        )
         assert post(gateway.url + CHAT, BODY, headers={"Authorization": "Bearer sk-old"}).status == 401
         metrics = get(gateway.url + "/metrics").body.decode()
         assert metric_value(metrics, "llm_gateway_client_connections_limit") == (1024 - 64) // 2
@@ -300,9 +336,14 @@ def test_1100_half_open_connections_under_a_1024_file_limit(log_dir, tmp_path):
 def test_an_upgrade_offer_is_ignored_and_the_body_read_as_plain_http(gateway, engine, upgrade, split):
     """Java's RestClient and Ktor offer h2c on ordinary POSTs. llhttp ends such a request at its head;
     the gateway must still read its body, and read what follows as the next request, never as part of it."""
-    head = request_head(body_length=len(BODY), headers={
-        "Connection": "Upgrade, HTTP2-Settings", "Upgrade": upgrade, "HTTP2-Settings": "AAMAAABkAAQCAAAAAAIAAAAA",
-    })
+    head = request_head(
+        body_length=len(BODY),
+        headers={
+            "Connection": "Upgrade, HTTP2-Settings",
+            "Upgrade": upgrade,
+            "HTTP2-Settings": "AAMAAABkAAQCAAAAAAIAAAAA",
+        },
+    )
     before = requests_seen(engine)
     with RawConnection(gateway.url) as connection:
         if split:
@@ -322,8 +363,11 @@ def test_an_upgrade_offer_is_ignored_and_the_body_read_as_plain_http(gateway, en
 def test_pipelined_requests_are_answered_in_order(gateway):
     with RawConnection(gateway.url) as connection:
         connection.send(
-            request_head(body_length=len(BODY)) + BODY + request_head(path="/version", method="GET")
-            + request_head(body_length=len(BODY)) + BODY[:10]
+            request_head(body_length=len(BODY))
+            + BODY
+            + request_head(path="/version", method="GET")
+            + request_head(body_length=len(BODY))
+            + BODY[:10]
         )
         assert connection.read_answer().status == 200
         assert connection.read_answer().json()["version"]
@@ -353,7 +397,7 @@ def test_a_body_that_trickles_in_is_cut_off(gateway):
 def test_a_body_that_would_swell_when_parsed_is_refused_before_parsing(gateway):
     """500 KB of `{}` elements would take about 17 MB as Python objects: its estimate passes the 1 MiB
     budget, so it is refused before it is parsed; a body as large made of one string is served."""
-    bomb = b'{"model": "m", "pad": [' + b"{}," * 160_000 + b'{}]}'
+    bomb = b'{"model": "m", "pad": [' + b"{}," * 160_000 + b"{}]}"
     plain = b'{"model": "m", "pad": "' + b"x" * (len(bomb) - 26) + b'"}'
     assert len(bomb) < 512 * 1024 and abs(len(plain) - len(bomb)) < 8
     answer = post(gateway.url + CHAT, bomb)

@@ -35,8 +35,10 @@ def test_requests_duration_and_tokens_are_counted(gateway):
 def test_streams_with_a_usage_chunk_count_tokens_once(gateway):
     labels = {"model": LLAMA, "engine": "vllm-llama-32-1b"}
     before = metric_value(scrape(gateway), "llm_gateway_completion_tokens_total", **labels)
-    post(gateway.url + CHAT, {"model": LLAMA, "messages": HI, "max_tokens": 9, "stream": True,
-                              "stream_options": {"include_usage": True}})
+    post(
+        gateway.url + CHAT,
+        {"model": LLAMA, "messages": HI, "max_tokens": 9, "stream": True, "stream_options": {"include_usage": True}},
+    )
     after = metric_value(scrape(gateway), "llm_gateway_completion_tokens_total", **labels)
     assert after - before == 9
 
@@ -51,9 +53,15 @@ def test_client_chosen_strings_never_become_labels(gateway):
 def test_metric_families_exist(gateway):
     text = scrape(gateway)
     for family in (
-        "llm_gateway_requests_total", "llm_gateway_request_duration_seconds", "llm_gateway_time_to_first_byte_seconds",
-        "llm_gateway_requests_in_flight", "llm_gateway_upstream_errors_total", "llm_gateway_prompt_tokens_total",
-        "llm_gateway_completion_tokens_total", "llm_gateway_config_reloads_total", "llm_gateway_config_engines",
+        "llm_gateway_requests_total",
+        "llm_gateway_request_duration_seconds",
+        "llm_gateway_time_to_first_byte_seconds",
+        "llm_gateway_requests_in_flight",
+        "llm_gateway_upstream_errors_total",
+        "llm_gateway_prompt_tokens_total",
+        "llm_gateway_completion_tokens_total",
+        "llm_gateway_config_reloads_total",
+        "llm_gateway_config_engines",
         "process_cpu_seconds_total",
     ):
         assert f"# TYPE {family.removesuffix('_total')}" in text or f"# TYPE {family}" in text, family
@@ -69,7 +77,9 @@ def test_streams_report_time_per_output_token(gateway):
 
 def test_engine_info_and_traffic_by_client(gateway):
     text = scrape(gateway)
-    assert metric_value(text, "llm_gateway_engine_info", engine="sglang-llama-32-1b", model=LLAMA, owned_by="sglang") == 1
+    assert (
+        metric_value(text, "llm_gateway_engine_info", engine="sglang-llama-32-1b", model=LLAMA, owned_by="sglang") == 1
+    )
     before = metric_value(text, "llm_gateway_client_requests_total", client="anonymous", status_class="2xx")
     post(gateway.url + CHAT, {"model": LLAMA, "messages": HI})
     after = metric_value(scrape(gateway), "llm_gateway_client_requests_total", client="anonymous", status_class="2xx")

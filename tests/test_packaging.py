@@ -22,7 +22,8 @@ def test_wheel_installs_into_a_fresh_venv_and_serves(tmp_path):
     wheels = tmp_path / "wheels"
     subprocess.run(
         [sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "-w", str(wheels), str(REPO_ROOT)],
-        check=True, timeout=300,
+        check=True,
+        timeout=300,
     )
     (wheel,) = wheels.glob("llm_gateway-*.whl")
     env_dir = tmp_path / "venv"
@@ -41,9 +42,23 @@ def test_wheel_installs_into_a_fresh_venv_and_serves(tmp_path):
     log_path = tmp_path / "sim.log"
     with open(log_path, "wb") as log:
         process = subprocess.Popen(
-            [str(python), "-m", "gateway_app", "simulate", "--engine", "vllm", "--model", "m", "--port", str(port),
-             "--host", "127.0.0.1"],
-            stdout=log, stderr=subprocess.STDOUT, cwd=workdir,
+            [
+                str(python),
+                "-m",
+                "gateway_app",
+                "simulate",
+                "--engine",
+                "vllm",
+                "--model",
+                "m",
+                "--port",
+                str(port),
+                "--host",
+                "127.0.0.1",
+            ],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            cwd=workdir,
         )
     sim = RunningProcess(process=process, url=f"http://127.0.0.1:{port}", log_path=log_path)
     try:

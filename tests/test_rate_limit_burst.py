@@ -76,12 +76,18 @@ def redis(tmp_path) -> Iterator[RedisServer]:
 
 @contextmanager
 def shared_gateways(
-    redis_url: str, engine: RunningProcess, log_dir: Path, tmp_path: Path, keys: list[dict], count: int = 2,
+    redis_url: str,
+    engine: RunningProcess,
+    log_dir: Path,
+    tmp_path: Path,
+    keys: list[dict],
+    count: int = 2,
     fail_open: bool = True,
 ) -> Iterator[list[RunningProcess]]:
     """`count` gateways in front of one engine, their limits counted in one Redis; all stopped on exit."""
     config = write_routing_map(
-        tmp_path / "routes.yaml", [{"name": "vllm-llama", "model": LLAMA, "owned_by": "vllm", "url": engine.url}],
+        tmp_path / "routes.yaml",
+        [{"name": "vllm-llama", "model": LLAMA, "owned_by": "vllm", "url": engine.url}],
         settings={"limits": {"fail_open": fail_open}},
     )
     keys_file = tmp_path / "keys.yaml"
@@ -119,9 +125,9 @@ def send_burst(gateways: list[RunningProcess], requests: list[tuple[str, dict]])
         connector = aiohttp.TCPConnector(limit=0, force_close=True)
         async with aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=120)) as session:
             started = time.monotonic()
-            replies = await asyncio.gather(*(
-                one(session, gateways[i % len(gateways)].url, key, body) for i, (key, body) in enumerate(requests)
-            ))
+            replies = await asyncio.gather(
+                *(one(session, gateways[i % len(gateways)].url, key, body) for i, (key, body) in enumerate(requests))
+            )
             return Burst(list(replies), time.monotonic() - started)
 
     return asyncio.run(all_at_once())
@@ -138,8 +144,10 @@ def interleaved(burst: list[tuple[str, dict]], other: list[tuple[str, dict]]) ->
 
 @pytest.mark.parametrize("fail_open", [True, False], ids=["fail-open", "fail-closed"])
 def test_a_burst_over_two_gateways_admits_exactly_the_limit(redis, engine, log_dir, tmp_path, fail_open):
-    keys = [key_entry("burst", KEY_BURST, requests_per_minute=LIMIT),
-            key_entry("other", KEY_OTHER, requests_per_minute=1000)]
+    keys = [
+        key_entry("burst", KEY_BURST, requests_per_minute=LIMIT),
+        key_entry("other", KEY_OTHER, requests_per_minute=1000),
+    ]
     with shared_gateways(redis.url, engine, log_dir, tmp_path, keys, fail_open=fail_open) as gateways:
         burst = send_burst(gateways, interleaved([(KEY_BURST, BODY)] * BURST, [(KEY_OTHER, BODY)] * OTHER_REQUESTS))
         admitted = burst.statuses(KEY_BURST)[200]
@@ -192,6 +200,7 @@ def body_costing_what_it_uses(engine: RunningProcess) -> dict:
 def test_redis_stopped_is_decided_per_call_and_limits_return_with_it(redis, engine, log_dir, tmp_path, fail_open):
     keys = [key_entry("burst", KEY_BURST, requests_per_minute=2)]
     with shared_gateways(redis.url, engine, log_dir, tmp_path, keys, count=1, fail_open=fail_open) as (gateway,):
+
         def request() -> Answer:
             return post(gateway.url + CHAT, BODY, headers=bearer(KEY_BURST))
 
@@ -237,6 +246,7 @@ def test_a_redis_that_never_answers_is_an_outage_per_call(engine, log_dir, tmp_p
 def test_scripts_flushed_from_redis_are_loaded_again(redis, engine, log_dir, tmp_path):
     keys = [key_entry("burst", KEY_BURST, requests_per_minute=3)]
     with shared_gateways(redis.url, engine, log_dir, tmp_path, keys, count=1) as (gateway,):
+
         def status() -> int:
             return post(gateway.url + CHAT, BODY, headers=bearer(KEY_BURST)).status
 

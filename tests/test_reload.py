@@ -31,7 +31,13 @@ def engines(log_dir) -> Iterator[dict[str, RunningProcess]]:
 def routing(engines, default: str, alias: str | None = None) -> str:
     entries = []
     for kind in ("vllm", "sglang"):
-        entry = {"name": f"{kind}-m", "model": "m", "owned_by": kind, "url": engines[kind].url, "default": kind == default}
+        entry = {
+            "name": f"{kind}-m",
+            "model": "m",
+            "owned_by": kind,
+            "url": engines[kind].url,
+            "default": kind == default,
+        }
         if alias and kind == default:
             entry["aliases"] = [alias]
         entries.append(entry)
@@ -46,7 +52,9 @@ def stream_in_background(gateway: RunningProcess, tokens: int) -> tuple[threadin
     outcome: dict = {}
 
     def run() -> None:
-        outcome["answer"] = post(gateway.url + CHAT, {"model": "m", "messages": HI, "max_tokens": tokens, "stream": True})
+        outcome["answer"] = post(
+            gateway.url + CHAT, {"model": "m", "messages": HI, "max_tokens": tokens, "stream": True}
+        )
 
     thread = threading.Thread(target=run)
     thread.start()
@@ -67,7 +75,9 @@ def test_reload_valid_then_invalid_while_streams_are_in_flight(engines, log_dir,
         assert post(gateway.url + CHAT, {"model": "m", "messages": HI}).headers["x-gateway-engine"] == "vllm-m"
 
         thread, outcome = stream_in_background(gateway, tokens=80)  # about 8 s of tokens
-        wait_for(lambda: metric_value(get(gateway.url + "/metrics").body.decode(), "llm_gateway_requests_in_flight") == 1)
+        wait_for(
+            lambda: metric_value(get(gateway.url + "/metrics").body.decode(), "llm_gateway_requests_in_flight") == 1
+        )
         volume.publish(routing(engines, default="sglang", alias="m-latest"))
         wait_for(lambda: reloads(gateway, "success") == 1, message="reload")
         assert thread.is_alive(), "the stream ended before the reload: the test proves nothing"
@@ -78,7 +88,9 @@ def test_reload_valid_then_invalid_while_streams_are_in_flight(engines, log_dir,
         assert content_tokens(outcome["answer"]) == 80
 
         thread, outcome = stream_in_background(gateway, tokens=80)
-        wait_for(lambda: metric_value(get(gateway.url + "/metrics").body.decode(), "llm_gateway_requests_in_flight") == 1)
+        wait_for(
+            lambda: metric_value(get(gateway.url + "/metrics").body.decode(), "llm_gateway_requests_in_flight") == 1
+        )
         volume.publish("engines:\n  - name: broken\n    model: m\n")  # no owned_by, no url
         wait_for(lambda: reloads(gateway, "failure") == 1, message="refused reload")
         assert thread.is_alive(), "the stream ended before the refused reload: the test proves nothing"

@@ -51,16 +51,20 @@ def four_replicas(log_dir) -> Iterator[list[RunningProcess]]:
 
 
 def share_of_slow_replica(replicas, log_dir, tmp_path, balancing: str) -> float:
-    config = write_routing_map(tmp_path / f"routes-{balancing}.yaml",
-                               [{"name": "e", "model": "m", "owned_by": "vllm", "urls": [s.url for s in replicas]}],
-                               settings={"balancing": balancing})
+    config = write_routing_map(
+        tmp_path / f"routes-{balancing}.yaml",
+        [{"name": "e", "model": "m", "owned_by": "vllm", "urls": [s.url for s in replicas]}],
+        settings={"balancing": balancing},
+    )
     gateway = start_gateway(config, log_dir)
     try:
         before = [served_by(sim) for sim in replicas]
         with ThreadPoolExecutor(8) as pool:
-            statuses = list(pool.map(lambda _: post(gateway.url + CHAT, {"model": "m", "messages": HI}).status, range(200)))
+            statuses = list(
+                pool.map(lambda _: post(gateway.url + CHAT, {"model": "m", "messages": HI}).status, range(200))
+            )
         assert statuses == [200] * 200
-        counts = [served_by(sim) - b for sim, b in zip(replicas, before)]
+        counts = [served_by(sim) - b for sim, b in zip(replicas, before, strict=False)]
         assert sum(counts) == 200
         return counts[0] / 200
     finally:
@@ -76,8 +80,9 @@ def test_slow_replica_gets_clearly_fewer_requests_than_with_round_robin(four_rep
 
 def test_replica_killed_under_load_loses_no_request(log_dir, tmp_path):
     sims = [start_simulator("vllm", "m", log_dir, ttft_ms=20) for _ in range(2)]
-    config = write_routing_map(tmp_path / "routes.yaml",
-                               [{"name": "e", "model": "m", "owned_by": "vllm", "urls": [s.url for s in sims]}])
+    config = write_routing_map(
+        tmp_path / "routes.yaml", [{"name": "e", "model": "m", "owned_by": "vllm", "urls": [s.url for s in sims]}]
+    )
     gateway = start_gateway(config, log_dir)
     try:
         results = []
@@ -111,7 +116,8 @@ def test_failing_replica_is_ejected_then_returns(log_dir, tmp_path):
     )
     gateway = start_gateway(config, log_dir)
     available = lambda url: metric_value(  # noqa: E731
-        get(gateway.url + "/metrics").body.decode(), "llm_gateway_endpoint_available", endpoint=url)
+        get(gateway.url + "/metrics").body.decode(), "llm_gateway_endpoint_available", endpoint=url
+    )
     try:
         flaky.fail_with = 500
         for _ in range(10):  # a 500 ejects; later requests avoid the flaky replica
@@ -131,10 +137,13 @@ def test_failing_replica_is_ejected_then_returns(log_dir, tmp_path):
 def test_503_is_retried_on_another_replica_and_fallback_engine_takes_over(log_dir, tmp_path):
     busy, spare = RecordingEngine().start(), RecordingEngine().start()
     busy.fail_with = 503
-    config = write_routing_map(tmp_path / "routes.yaml", [
-        {"name": "primary", "model": "m", "owned_by": "vllm", "urls": [busy.url], "fallback": "backup"},
-        {"name": "backup", "model": "m-small", "owned_by": "vllm", "url": spare.url},
-    ])
+    config = write_routing_map(
+        tmp_path / "routes.yaml",
+        [
+            {"name": "primary", "model": "m", "owned_by": "vllm", "urls": [busy.url], "fallback": "backup"},
+            {"name": "backup", "model": "m-small", "owned_by": "vllm", "url": spare.url},
+        ],
+    )
     gateway = start_gateway(config, log_dir)
     try:
         answer = post(gateway.url + CHAT, {"model": "m", "messages": HI})
@@ -151,10 +160,18 @@ def test_503_is_retried_on_another_replica_and_fallback_engine_takes_over(log_di
 
 def test_overloaded_engine_answers_429_with_retry_after(log_dir, tmp_path):
     sim = start_simulator("vllm", "m", log_dir, ttft_ms=1500)
-    config = write_routing_map(tmp_path / "routes.yaml", [
-        {"name": "e", "model": "m", "owned_by": "vllm", "url": sim.url,
-         "concurrency": {"limit": 1, "queue": 1, "queue_timeout": 0.5}},
-    ])
+    config = write_routing_map(
+        tmp_path / "routes.yaml",
+        [
+            {
+                "name": "e",
+                "model": "m",
+                "owned_by": "vllm",
+                "url": sim.url,
+                "concurrency": {"limit": 1, "queue": 1, "queue_timeout": 0.5},
+            },
+        ],
+    )
     gateway = start_gateway(config, log_dir)
     try:
         with ThreadPoolExecutor(3) as pool:
@@ -173,7 +190,8 @@ def test_overloaded_engine_answers_429_with_retry_after(log_dir, tmp_path):
 def test_session_affinity_keeps_a_session_on_one_replica(log_dir, tmp_path):
     engines = [RecordingEngine().start() for _ in range(3)]
     config = write_routing_map(
-        tmp_path / "routes.yaml", [{"name": "e", "model": "m", "owned_by": "vllm", "urls": [e.url for e in engines]}],
+        tmp_path / "routes.yaml",
+        [{"name": "e", "model": "m", "owned_by": "vllm", "urls": [e.url for e in engines]}],
         settings={"affinity": {"header": "x-session-id", "body_user": True}},
     )
     gateway = start_gateway(config, log_dir)
@@ -181,12 +199,17 @@ def test_session_affinity_keeps_a_session_on_one_replica(log_dir, tmp_path):
         for session in ("alice", "bob", "carol"):
             for _ in range(5):
                 post(gateway.url + CHAT, {"model": "m"}, headers={"X-Session-Id": session})
-            got = [sum(1 for r in e.received if r.path == CHAT and r.headers.get("x-session-id") == session) for e in engines]
+            got = [
+                sum(1 for r in e.received if r.path == CHAT and r.headers.get("x-session-id") == session)
+                for e in engines
+            ]
             assert sorted(got) == [0, 0, 5], (session, got)
         for user in ("user-1", "user-2"):  # the OpenAI `user` field works the same way
             for _ in range(4):
                 post(gateway.url + CHAT, {"model": "m", "user": user})
-            got = [sum(1 for r in e.received if r.path == CHAT and f'"user": "{user}"'.encode() in r.body) for e in engines]
+            got = [
+                sum(1 for r in e.received if r.path == CHAT and f'"user": "{user}"'.encode() in r.body) for e in engines
+            ]
             assert sorted(got) == [0, 0, 4], (user, got)
     finally:
         gateway.stop()
@@ -196,15 +219,28 @@ def test_session_affinity_keeps_a_session_on_one_replica(log_dir, tmp_path):
 
 def test_sigterm_lets_50_open_streams_finish(log_dir, tmp_path):
     sim = start_simulator("vllm", "m", log_dir, itl_ms=100)
-    config = write_routing_map(tmp_path / "routes.yaml", [{"name": "e", "model": "m", "owned_by": "vllm", "url": sim.url}])
+    config = write_routing_map(
+        tmp_path / "routes.yaml", [{"name": "e", "model": "m", "owned_by": "vllm", "url": sim.url}]
+    )
     gateway = start_gateway(config, log_dir)
     try:
         with ThreadPoolExecutor(50) as pool:  # 60 tokens at 100 ms: 6 s streams, ample time to open all 50
-            futures = [pool.submit(post, gateway.url + CHAT,
-                                   {"model": "m", "messages": HI, "max_tokens": 60, "stream": True}, timeout=60)
-                       for _ in range(50)]
-            wait_for(lambda: metric_value(get(gateway.url + "/metrics").body.decode(),
-                                          "llm_gateway_requests_in_flight") == 50, timeout=20, message="50 streams open")
+            futures = [
+                pool.submit(
+                    post,
+                    gateway.url + CHAT,
+                    {"model": "m", "messages": HI, "max_tokens": 60, "stream": True},
+                    timeout=60,
+                )
+                for _ in range(50)
+            ]
+            wait_for(
+                lambda: (
+                    metric_value(get(gateway.url + "/metrics").body.decode(), "llm_gateway_requests_in_flight") == 50
+                ),
+                timeout=20,
+                message="50 streams open",
+            )
             gateway.process.send_signal(signal.SIGTERM)
             # At once: no new connection is accepted (so readiness fails), while the 50 streams go on.
             wait_for(lambda: not accepts_connections(gateway.url), timeout=5, message="listener closed")
@@ -222,12 +258,18 @@ def test_sigterm_lets_50_open_streams_finish(log_dir, tmp_path):
 
 def test_replica_killed_mid_stream_ends_the_stream_cleanly(log_dir, tmp_path):
     sim = start_simulator("vllm", "m", log_dir, itl_ms=100)
-    config = write_routing_map(tmp_path / "routes.yaml", [{"name": "e", "model": "m", "owned_by": "vllm", "url": sim.url}])
+    config = write_routing_map(
+        tmp_path / "routes.yaml", [{"name": "e", "model": "m", "owned_by": "vllm", "url": sim.url}]
+    )
     gateway = start_gateway(config, log_dir)
     try:
         with ThreadPoolExecutor(1) as pool:
-            future = pool.submit(post, gateway.url + CHAT, {"model": "m", "messages": HI, "max_tokens": 100, "stream": True})
-            wait_for(lambda: metric_value(get(gateway.url + "/metrics").body.decode(), "llm_gateway_requests_in_flight") == 1)
+            future = pool.submit(
+                post, gateway.url + CHAT, {"model": "m", "messages": HI, "max_tokens": 100, "stream": True}
+            )
+            wait_for(
+                lambda: metric_value(get(gateway.url + "/metrics").body.decode(), "llm_gateway_requests_in_flight") == 1
+            )
             sim.process.send_signal(signal.SIGKILL)
             answer = future.result(timeout=30)
         assert answer.status == 200
@@ -241,8 +283,11 @@ def test_replica_killed_mid_stream_ends_the_stream_cleanly(log_dir, tmp_path):
 
 def test_readyz_can_require_a_reachable_engine(log_dir, tmp_path):
     engine = RecordingEngine().start()
-    config = write_routing_map(tmp_path / "routes.yaml", [{"name": "e", "model": "m", "owned_by": "vllm", "url": engine.url}],
-                               settings={"ready_requires_engine": True, "health": {"interval": 0.2}})
+    config = write_routing_map(
+        tmp_path / "routes.yaml",
+        [{"name": "e", "model": "m", "owned_by": "vllm", "url": engine.url}],
+        settings={"ready_requires_engine": True, "health": {"interval": 0.2}},
+    )
     gateway = start_gateway(config, log_dir)
     try:
         engine.fail_with = 500  # its /health fails too
@@ -278,11 +323,19 @@ def test_passive_ejection_alone_keeps_a_failing_replica_out(log_dir, tmp_path):
 
 def test_a_fallback_engine_keeps_its_own_concurrency_limit(log_dir, tmp_path):
     backup = start_simulator("vllm", "m", log_dir, ttft_ms=1500)
-    config = write_routing_map(tmp_path / "routes.yaml", [
-        {"name": "primary", "model": "m", "owned_by": "vllm", "url": "http://127.0.0.1:9", "fallback": "backup"},
-        {"name": "backup", "model": "m", "owned_by": "backup", "url": backup.url,
-         "concurrency": {"limit": 1, "queue": 0}},
-    ])
+    config = write_routing_map(
+        tmp_path / "routes.yaml",
+        [
+            {"name": "primary", "model": "m", "owned_by": "vllm", "url": "http://127.0.0.1:9", "fallback": "backup"},
+            {
+                "name": "backup",
+                "model": "m",
+                "owned_by": "backup",
+                "url": backup.url,
+                "concurrency": {"limit": 1, "queue": 0},
+            },
+        ],
+    )
     gateway = start_gateway(config, log_dir)
     try:
         with ThreadPoolExecutor(2) as pool:

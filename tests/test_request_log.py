@@ -25,11 +25,14 @@ def engine() -> Iterator[RecordingEngine]:
 
 @pytest.fixture(scope="module")
 def logged_gateway(engine, tutorial_engines, log_dir, tmp_path_factory) -> Iterator[RunningProcess]:
-    config = write_routing_map(tmp_path_factory.mktemp("log") / "routes.yaml", [
-        {"name": "rec", "model": "rec-model", "owned_by": "vllm", "url": engine.url},
-        {"name": "llama", "model": LLAMA, "owned_by": "vllm", "url": tutorial_engines["vllm-llama-32-1b"].url},
-        {"name": "down", "model": "down-model", "owned_by": "vllm", "url": "http://127.0.0.1:9"},
-    ])
+    config = write_routing_map(
+        tmp_path_factory.mktemp("log") / "routes.yaml",
+        [
+            {"name": "rec", "model": "rec-model", "owned_by": "vllm", "url": engine.url},
+            {"name": "llama", "model": LLAMA, "owned_by": "vllm", "url": tutorial_engines["vllm-llama-32-1b"].url},
+            {"name": "down", "model": "down-model", "owned_by": "vllm", "url": "http://127.0.0.1:9"},
+        ],
+    )
     running = start_gateway(config, log_dir, extra_args=["--log-format", "json"])
     yield running
     running.stop()
@@ -79,10 +82,17 @@ def test_every_answer_carries_a_request_id(logged_gateway):
 
 
 def test_log_line_of_a_streamed_request(logged_gateway):
-    post(logged_gateway.url + CHAT, {
-        "model": LLAMA, "messages": [{"role": "user", "content": PROMPT}], "max_tokens": 4, "stream": True,
-        "stream_options": {"include_usage": True},
-    }, headers={"X-Request-Id": "stream-log-1"})
+    post(
+        logged_gateway.url + CHAT,
+        {
+            "model": LLAMA,
+            "messages": [{"role": "user", "content": PROMPT}],
+            "max_tokens": 4,
+            "stream": True,
+            "stream_options": {"include_usage": True},
+        },
+        headers={"X-Request-Id": "stream-log-1"},
+    )
     line = log_line(logged_gateway, "stream-log-1")
     assert line["status"] == 200 and line["stream"] is True
     assert line["model"] == LLAMA and line["owned_by"] == "vllm" and line["engine"] == "llama"

@@ -76,7 +76,7 @@ class Answer:
         assert self.body.endswith(b"\n\n"), self.body[-80:]
         events = self.body.decode().split("\n\n")[:-1]
         assert all(event.startswith("data: ") for event in events), events
-        return [event[len("data: "):] for event in events]
+        return [event[len("data: ") :] for event in events]
 
 
 def request(url: str, body: bytes | dict[str, Any] | None = None, method: str | None = None) -> Answer:
@@ -240,8 +240,13 @@ def test_chat_stream_framing(fast: dict[str, RunningProcess], engine: str) -> No
 
 @pytest.mark.parametrize("engine", ENGINES)
 def test_completion_stream(fast: dict[str, RunningProcess], engine: str) -> None:
-    body = {"model": MODEL, "prompt": "once upon", "max_tokens": 2, "stream": True,
-            "stream_options": {"include_usage": True}}
+    body = {
+        "model": MODEL,
+        "prompt": "once upon",
+        "max_tokens": 2,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+    }
     events = request(fast[engine].url + "/v1/completions", body).events()
     assert events[-1] == "[DONE]"
     chunks = [json.loads(event) for event in events[:-1]]
@@ -292,15 +297,25 @@ def test_vllm_error_shapes(fast: dict[str, RunningProcess]) -> None:
     url = fast["vllm"].url + "/v1/chat/completions"
     unknown = request(url, chat_body(model="no-such-model"))
     assert unknown.status == 404
-    assert unknown.json() == {"error": {"message": "The model `no-such-model` does not exist.",
-                                        "type": "NotFoundError", "param": "model", "code": 404}}
+    assert unknown.json() == {
+        "error": {
+            "message": "The model `no-such-model` does not exist.",
+            "type": "NotFoundError",
+            "param": "model",
+            "code": 404,
+        }
+    }
     zero = request(url, chat_body(max_tokens=0))
     assert zero.status == 400
     assert zero.json()["error"]["type"] == "BadRequestError" and zero.json()["error"]["param"] == "max_tokens"
     assert zero.json()["error"]["code"] == 400
-    for bad_body, param in ((b"{not json", "body.0"), (chat_body(messages="hi"), "body.messages"),
-                            ({"model": MODEL}, "body.messages"), (chat_body(max_tokens="ten"), "body.max_tokens"),
-                            (chat_body(stream_options={"include_usage": True}), "body")):
+    for bad_body, param in (
+        (b"{not json", "body.0"),
+        (chat_body(messages="hi"), "body.messages"),
+        ({"model": MODEL}, "body.messages"),
+        (chat_body(max_tokens="ten"), "body.max_tokens"),
+        (chat_body(stream_options={"include_usage": True}), "body"),
+    ):
         answer = request(url, bad_body)
         assert answer.status == 400, bad_body
         error = answer.json()["error"]
@@ -315,8 +330,14 @@ def test_sglang_error_shapes(fast: dict[str, RunningProcess]) -> None:
     # uses for an unknown model on /v1/models/{model}.
     unknown = request(url, chat_body(model="no-such-model"))
     assert unknown.status == 404
-    assert unknown.json() == {"error": {"message": "The model 'no-such-model' does not exist",
-                                        "type": "invalid_request_error", "param": "model", "code": "model_not_found"}}
+    assert unknown.json() == {
+        "error": {
+            "message": "The model 'no-such-model' does not exist",
+            "type": "invalid_request_error",
+            "param": "model",
+            "code": "model_not_found",
+        }
+    }
     for bad_body in (b"{not json", {"model": MODEL}, chat_body(max_tokens="ten"), chat_body(max_tokens=0)):
         answer = request(url, bad_body)
         assert answer.status == 400, bad_body
@@ -410,13 +431,26 @@ def test_a_client_leaving_before_a_non_streaming_answer_aborts_it(slow: dict[str
 # --- metrics ------------------------------------------------------------------------------------
 
 METRIC_NAMES = {
-    "vllm": ["vllm:num_requests_running", "vllm:num_requests_waiting", "vllm:kv_cache_usage_perc",
-             "vllm:prompt_tokens_total", "vllm:generation_tokens_total", "vllm:time_to_first_token_seconds_count",
-             "vllm:inter_token_latency_seconds_count", "vllm:e2e_request_latency_seconds_count"],
-    "sglang": ["sglang:num_running_reqs", "sglang:num_queue_reqs", "sglang:token_usage",
-               "sglang:prompt_tokens_total", "sglang:generation_tokens_total",
-               "sglang:time_to_first_token_seconds_count", "sglang:inter_token_latency_seconds_count",
-               "sglang:e2e_request_latency_seconds_count"],
+    "vllm": [
+        "vllm:num_requests_running",
+        "vllm:num_requests_waiting",
+        "vllm:kv_cache_usage_perc",
+        "vllm:prompt_tokens_total",
+        "vllm:generation_tokens_total",
+        "vllm:time_to_first_token_seconds_count",
+        "vllm:inter_token_latency_seconds_count",
+        "vllm:e2e_request_latency_seconds_count",
+    ],
+    "sglang": [
+        "sglang:num_running_reqs",
+        "sglang:num_queue_reqs",
+        "sglang:token_usage",
+        "sglang:prompt_tokens_total",
+        "sglang:generation_tokens_total",
+        "sglang:time_to_first_token_seconds_count",
+        "sglang:inter_token_latency_seconds_count",
+        "sglang:e2e_request_latency_seconds_count",
+    ],
 }
 
 

@@ -38,10 +38,20 @@ def stream_gateway(slow_first_token, slow_tokens, log_dir, tmp_path_factory) -> 
             {"name": "think", "model": "think-model", "owned_by": "vllm", "url": slow_first_token.url},
             {"name": "drip", "model": "drip-model", "owned_by": "sglang", "url": slow_tokens.url},
             # The same engine again under another owned_by, with an idle timeout shorter than its pace.
-            {"name": "drip-impatient", "model": "drip-model", "owned_by": "impatient", "url": slow_tokens.url,
-             "timeouts": {"idle": 0.15}},
-            {"name": "drip-hurried", "model": "drip-model", "owned_by": "hurried", "url": slow_tokens.url,
-             "timeouts": {"total": 1.0}},
+            {
+                "name": "drip-impatient",
+                "model": "drip-model",
+                "owned_by": "impatient",
+                "url": slow_tokens.url,
+                "timeouts": {"idle": 0.15},
+            },
+            {
+                "name": "drip-hurried",
+                "model": "drip-model",
+                "owned_by": "hurried",
+                "url": slow_tokens.url,
+                "timeouts": {"total": 1.0},
+            },
         ],
     )
     running = start_gateway(config, log_dir)
@@ -57,14 +67,19 @@ def test_client_leaving_a_non_streaming_wait_closes_the_engine_request(stream_ga
     sock = open_raw_request(stream_gateway.url, CHAT, {"model": "think-model", "messages": HI})
     wait_for(lambda: running_requests(slow_first_token, "vllm:num_requests_running") == 1, message="engine busy")
     sock.close()
-    wait_for(lambda: running_requests(slow_first_token, "vllm:num_requests_running") == 0, timeout=3,
-             message="engine request closed")
+    wait_for(
+        lambda: running_requests(slow_first_token, "vllm:num_requests_running") == 0,
+        timeout=3,
+        message="engine request closed",
+    )
     metrics = get(stream_gateway.url + "/metrics").body.decode()
     assert metric_value(metrics, "llm_gateway_client_disconnects_total", engine="think") >= 1
 
 
 def test_client_leaving_mid_stream_closes_the_engine_request(stream_gateway, slow_tokens):
-    sock = open_raw_request(stream_gateway.url, CHAT, {"model": "drip-model", "messages": HI, "max_tokens": 100, "stream": True})
+    sock = open_raw_request(
+        stream_gateway.url, CHAT, {"model": "drip-model", "messages": HI, "max_tokens": 100, "stream": True}
+    )
     received = b""
     while b"data:" not in received:
         chunk = sock.recv(65536)
@@ -73,8 +88,9 @@ def test_client_leaving_mid_stream_closes_the_engine_request(stream_gateway, slo
     assert b"text/event-stream" in received
     assert running_requests(slow_tokens, "sglang:num_running_reqs") == 1
     sock.close()
-    wait_for(lambda: running_requests(slow_tokens, "sglang:num_running_reqs") == 0, timeout=3,
-             message="engine stream closed")
+    wait_for(
+        lambda: running_requests(slow_tokens, "sglang:num_running_reqs") == 0, timeout=3, message="engine stream closed"
+    )
 
 
 def test_chunks_arrive_as_the_engine_sends_them(stream_gateway):
@@ -82,7 +98,9 @@ def test_chunks_arrive_as_the_engine_sends_them(stream_gateway):
     import urllib.request
 
     req = urllib.request.Request(
-        stream_gateway.url + CHAT, method="POST", headers={"Content-Type": "application/json"},
+        stream_gateway.url + CHAT,
+        method="POST",
+        headers={"Content-Type": "application/json"},
         data=json.dumps({"model": "drip-model", "messages": HI, "max_tokens": 4, "stream": True}).encode(),
     )
     arrivals = []
@@ -98,8 +116,10 @@ def test_chunks_arrive_as_the_engine_sends_them(stream_gateway):
 
 
 def test_idle_timeout_mid_stream_ends_with_an_sse_error_and_done(stream_gateway, slow_tokens):
-    answer = post(stream_gateway.url + CHAT,
-                  {"model": "drip-model", "owned_by": "impatient", "messages": HI, "max_tokens": 10, "stream": True})
+    answer = post(
+        stream_gateway.url + CHAT,
+        {"model": "drip-model", "owned_by": "impatient", "messages": HI, "max_tokens": 10, "stream": True},
+    )
     assert answer.status == 200
     events = sse_events(answer.body)
     assert events[-1] == "[DONE]"
@@ -110,8 +130,10 @@ def test_idle_timeout_mid_stream_ends_with_an_sse_error_and_done(stream_gateway,
 
 
 def test_total_timeout_ends_a_long_stream_cleanly(stream_gateway, slow_tokens):
-    answer = post(stream_gateway.url + CHAT,
-                  {"model": "drip-model", "owned_by": "hurried", "messages": HI, "max_tokens": 50, "stream": True})
+    answer = post(
+        stream_gateway.url + CHAT,
+        {"model": "drip-model", "owned_by": "hurried", "messages": HI, "max_tokens": 50, "stream": True},
+    )
     events = sse_events(answer.body)
     assert events[-1] == "[DONE]"
     assert json.loads(events[-2])["error"]["code"] == "engine_timeout"
@@ -119,9 +141,21 @@ def test_total_timeout_ends_a_long_stream_cleanly(stream_gateway, slow_tokens):
 
 
 def test_stream_usage_counts_tokens(stream_gateway):
-    before = metric_value(get(stream_gateway.url + "/metrics").body.decode(), "llm_gateway_completion_tokens_total", engine="drip")
-    answer = post(stream_gateway.url + CHAT, {"model": "drip-model", "messages": HI, "max_tokens": 2, "stream": True,
-                                              "stream_options": {"include_usage": True}})
+    before = metric_value(
+        get(stream_gateway.url + "/metrics").body.decode(), "llm_gateway_completion_tokens_total", engine="drip"
+    )
+    answer = post(
+        stream_gateway.url + CHAT,
+        {
+            "model": "drip-model",
+            "messages": HI,
+            "max_tokens": 2,
+            "stream": True,
+            "stream_options": {"include_usage": True},
+        },
+    )
     assert sse_events(answer.body)[-1] == "[DONE]"
-    after = metric_value(get(stream_gateway.url + "/metrics").body.decode(), "llm_gateway_completion_tokens_total", engine="drip")
+    after = metric_value(
+        get(stream_gateway.url + "/metrics").body.decode(), "llm_gateway_completion_tokens_total", engine="drip"
+    )
     assert after - before == 2

@@ -31,7 +31,7 @@ class OtlpCollector:
                 self.spans.extend(scope_spans.spans)
         return web.Response(body=b"", content_type="application/x-protobuf")
 
-    def start(self) -> "OtlpCollector":
+    def start(self) -> OtlpCollector:
         app = web.Application()
         app.router.add_post("/v1/traces", self._traces)
         self._server = BackgroundServer(app).start()
@@ -45,10 +45,13 @@ class OtlpCollector:
 @pytest.fixture(scope="module")
 def traced(log_dir, tmp_path_factory) -> Iterator[tuple[RunningProcess, OtlpCollector, RecordingEngine]]:
     collector, engine = OtlpCollector().start(), RecordingEngine().start()
-    config = write_routing_map(tmp_path_factory.mktemp("trace") / "routes.yaml",
-                               [{"name": "rec", "model": "org/m", "owned_by": "vllm", "url": engine.url}])
-    gateway = start_gateway(config, log_dir, extra_args=["--otlp-endpoint", collector.url],
-                            env={"OTEL_BSP_SCHEDULE_DELAY": "100"})
+    config = write_routing_map(
+        tmp_path_factory.mktemp("trace") / "routes.yaml",
+        [{"name": "rec", "model": "org/m", "owned_by": "vllm", "url": engine.url}],
+    )
+    gateway = start_gateway(
+        config, log_dir, extra_args=["--otlp-endpoint", collector.url], env={"OTEL_BSP_SCHEDULE_DELAY": "100"}
+    )
     yield gateway, collector, engine
     gateway.stop()
     collector.stop()
@@ -66,8 +69,11 @@ def attributes(span) -> dict:
 def test_span_with_genai_attributes_and_traceparent_to_the_engine(traced):
     gateway, collector, engine = traced
     client_trace = "4bf92f3577b34da6a3ce929d0e0e4736"
-    post(gateway.url + CHAT, {"model": "org/m", "messages": []},
-         headers={"traceparent": f"00-{client_trace}-00f067aa0ba902b7-01"})
+    post(
+        gateway.url + CHAT,
+        {"model": "org/m", "messages": []},
+        headers={"traceparent": f"00-{client_trace}-00f067aa0ba902b7-01"},
+    )
     wait_for(lambda: collector.spans, timeout=10, message="a span exported")
     span = collector.spans[-1]
     assert span.name == "chat org/m"

@@ -33,7 +33,10 @@ def test_example2_lists_one_model_on_two_engines(gateway):
 
 @pytest.mark.parametrize(
     ("model", "content", "engine"),
-    [(LLAMA, "What is machine learning?", "vllm-llama-32-1b"), (PHI, "What is a mixture of experts?", "vllm-phi-tiny-moe")],
+    [
+        (LLAMA, "What is machine learning?", "vllm-llama-32-1b"),
+        (PHI, "What is a mixture of experts?", "vllm-phi-tiny-moe"),
+    ],
 )
 def test_example1_routes_by_model(gateway, model, content, engine):
     answer = post(gateway.url + "/v1/chat/completions", chat(gateway, model, content, max_tokens=100))
@@ -52,9 +55,7 @@ def test_example1_streaming(gateway):
     events = sse_events(answer.body)
     assert events[-1] == "[DONE]"
     text = "".join(
-        choice["delta"].get("content") or ""
-        for event in events[:-1]
-        for choice in json.loads(event)["choices"]
+        choice["delta"].get("content") or "" for event in events[:-1] for choice in json.loads(event)["choices"]
     )
     assert text
 
@@ -83,8 +84,12 @@ def test_openai_client_with_owned_by(gateway):
         assert raw.headers["x-gateway-engine"] == f"{owned_by}-llama-32-1b"
         assert raw.parse().usage.completion_tokens == 5
     stream = client.chat.completions.create(
-        model=LLAMA, messages=[{"role": "user", "content": "hi"}], max_tokens=4, stream=True,
-        stream_options={"include_usage": True}, extra_body={"owned_by": "sglang"},
+        model=LLAMA,
+        messages=[{"role": "user", "content": "hi"}],
+        max_tokens=4,
+        stream=True,
+        stream_options={"include_usage": True},
+        extra_body={"owned_by": "sglang"},
     )
     chunks = list(stream)
     assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens == 4
@@ -102,7 +107,9 @@ def test_openai_client_error_for_unknown_model(gateway):
 
 
 def test_alias_routes_to_its_model_and_is_listed(gateway):
-    answer = post(gateway.url + "/v1/chat/completions", chat(gateway, "llama-1b", "hi", max_tokens=2, owned_by="sglang"))
+    answer = post(
+        gateway.url + "/v1/chat/completions", chat(gateway, "llama-1b", "hi", max_tokens=2, owned_by="sglang")
+    )
     assert answer.status == 200, answer.body
     assert answer.headers["x-gateway-engine"] == "sglang-llama-32-1b"
     assert answer.json()["model"] == LLAMA  # the engine got the id it serves

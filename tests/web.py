@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import json
+import socket
 import urllib.error
 import urllib.request
-import socket
 from dataclasses import dataclass
 from typing import Any
 
@@ -20,8 +20,9 @@ class Answer:
         return json.loads(self.body)
 
 
-def request(method: str, url: str, body: bytes | dict | list | None = None, headers: dict | None = None,
-            timeout: float = 30) -> Answer:
+def request(
+    method: str, url: str, body: bytes | dict | list | None = None, headers: dict | None = None, timeout: float = 30
+) -> Answer:
     data = json.dumps(body).encode() if isinstance(body, (dict, list)) else body
     all_headers = {"Content-Type": "application/json"} if data is not None else {}
     all_headers.update(headers or {})
@@ -43,7 +44,7 @@ def get(url: str, **kwargs: Any) -> Answer:
 
 def sse_events(body: bytes) -> list[str]:
     """The `data:` payloads of an SSE body, in order."""
-    return [line[len("data: "):] for line in body.decode().split("\n\n") if line.startswith("data: ")]
+    return [line[len("data: ") :] for line in body.decode().split("\n\n") if line.startswith("data: ")]
 
 
 def metric_value(metrics_text: str, name: str, **labels: str) -> float:
@@ -61,7 +62,7 @@ def metric_value(metrics_text: str, name: str, **labels: str) -> float:
     return total
 
 
-def open_raw_request(url: str, path: str, body: dict) -> "socket.socket":
+def open_raw_request(url: str, path: str, body: dict) -> socket.socket:
     """Send a POST on a raw socket and return it unread, to play a client that goes away."""
     import socket
     from urllib.parse import urlsplit
@@ -71,7 +72,8 @@ def open_raw_request(url: str, path: str, body: dict) -> "socket.socket":
     sock = socket.create_connection((parts.hostname, parts.port), timeout=10)
     sock.sendall(
         f"POST {path} HTTP/1.1\r\nHost: {parts.netloc}\r\nContent-Type: application/json\r\n"
-        f"Content-Length: {len(data)}\r\n\r\n".encode() + data
+        f"Content-Length: {len(data)}\r\n\r\n".encode()
+        + data
     )
     return sock
 

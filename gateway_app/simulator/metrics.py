@@ -44,7 +44,7 @@ class Histogram:
     def family(self, name: str, documentation: str, labelnames: list[str], labelvalues: list[str]) -> Metric:
         family = HistogramMetricFamily(name, documentation, labels=labelnames)
         cumulative, buckets = 0, []
-        for bound, count in zip(self.upper_bounds, self.counts):
+        for bound, count in zip(self.upper_bounds, self.counts, strict=False):
             cumulative += count
             buckets.append((floatToGoString(bound), cumulative))
         family.add_metric(labelvalues, buckets, self.sum)

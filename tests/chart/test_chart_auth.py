@@ -350,7 +350,9 @@ def test_metrics_port_admits_prometheus_by_default(helm: Helm) -> None:
 def test_metrics_port_closed_with_no_metrics_peers(helm: Helm) -> None:
     """metricsFrom: [] renders no rule for the port (a rule with an empty `from` would admit every pod)."""
     rendered = helm.template(
-        values={"networkPolicy": {"enabled": True, "gatewayIngressFrom": [{"namespaceSelector": {}}], "metricsFrom": []}}
+        values={
+            "networkPolicy": {"enabled": True, "gatewayIngressFrom": [{"namespaceSelector": {}}], "metricsFrom": []}
+        }
     )
     (api_rule,) = rendered.get("NetworkPolicy", f"{GATEWAY}-gateway")["spec"]["ingress"]
     assert api_rule["ports"] == [{"protocol": "TCP", "port": 8000}]

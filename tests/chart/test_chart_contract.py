@@ -282,7 +282,9 @@ def test_gateway_enforces_the_rendered_keys_and_engine_credential(
     redis_process, redis_port = start_redis(rendered, tmp_path)
     try:
         engines = start_engines(rendered, contract_logs)
-        gateway, metrics_url = start_rendered_gateway(rendered, engines, redis_port, tmp_path / "volumes", contract_logs)
+        gateway, metrics_url = start_rendered_gateway(
+            rendered, engines, redis_port, tmp_path / "volumes", contract_logs
+        )
         routes = rendered.routing["engines"]
         body = {"model": routes[0]["model"], "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
         chat = gateway.url + "/v1/chat/completions"

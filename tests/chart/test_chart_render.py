@@ -213,7 +213,9 @@ def test_routing_map_loads_in_the_gateway(renders: dict[str, Rendered], value_se
         # targetPort names
         assert engine.discovery is not None, engine.name
         assert (engine.discovery.service, engine.discovery.namespace, engine.discovery.port) == (
-            service["metadata"]["name"], NAMESPACE, 8000
+            service["metadata"]["name"],
+            NAMESPACE,
+            8000,
         )
 
 
@@ -612,16 +614,25 @@ def test_optional_objects_are_off_by_default(renders: dict[str, Rendered], value
 def test_secrets_only_where_asked(renders: dict[str, Rendered]) -> None:
     secrets = {s["metadata"]["name"] for s in renders["all-features"].of_kind("Secret")}
     # the engine's token, and what values.yaml gave as values (see test_chart_auth.py)
-    assert secrets == {"sglang-llama-32-1b-hf-token", f"{GATEWAY}-api-keys", f"{GATEWAY}-engine-api-key", f"{GATEWAY}-redis"}
+    assert secrets == {
+        "sglang-llama-32-1b-hf-token",
+        f"{GATEWAY}-api-keys",
+        f"{GATEWAY}-engine-api-key",
+        f"{GATEWAY}-redis",
+    }
     assert not renders["secured"].of_kind("Secret")  # every secret there is an existingSecret
-    container = renders["all-features"].get("Deployment", "sglang-llama-32-1b")["spec"]["template"]["spec"]["containers"][0]
+    container = renders["all-features"].get("Deployment", "sglang-llama-32-1b")["spec"]["template"]["spec"][
+        "containers"
+    ][0]
     env = {e["name"]: e for e in container["env"]}
     assert env["HF_TOKEN"]["valueFrom"]["secretKeyRef"] == {"name": "sglang-llama-32-1b-hf-token", "key": "token"}
     assert "HF_HOME" not in env  # read-only model storage: nothing to download into
 
 
 def test_user_env_replaces_the_charts(renders: dict[str, Rendered]) -> None:
-    container = renders["all-features"].get("Deployment", "vllm-llama-32-1b")["spec"]["template"]["spec"]["containers"][0]
+    container = renders["all-features"].get("Deployment", "vllm-llama-32-1b")["spec"]["template"]["spec"]["containers"][
+        0
+    ]
     names = [e["name"] for e in container["env"]]
     assert names.count("HF_HOME") == 1
     assert {"name": "HF_HOME", "value": "/cache/hf"} in container["env"]

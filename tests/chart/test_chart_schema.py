@@ -249,17 +249,24 @@ REFUSED_BY_TEMPLATES: dict[str, tuple[dict[str, Any], list[str]]] = {
     ),
     "discovery as the namespace's default account": (
         {"gateway": {"serviceAccount": {"create": False}}},
-        ["gateway.discovery.enabled: the gateway would read EndpointSlices as the namespace's \"default\" ServiceAccount"],
+        [
+            'gateway.discovery.enabled: the gateway would read EndpointSlices as the namespace\'s "default" ServiceAccount'
+        ],
     ),
     # the gateway holds at most max_body_memory bytes of bodies at once: one body of the largest size must fit
     "body budget below the body limit": (
         {"gateway": {"settings": {"max_body_bytes": 33554432, "client_limits": {"max_body_memory": 16777216}}}},
-        ["gateway.settings.client_limits.max_body_memory (16777216) must be at least gateway.settings.max_body_bytes (33554432)"],
+        [
+            "gateway.settings.client_limits.max_body_memory (16777216) must be at least gateway.settings.max_body_bytes (33554432)"
+        ],
     ),
     "body limit above the default budget": (
         {"gateway": {"settings": {"max_body_bytes": 268435456}}},
-        ["gateway.settings.client_limits.max_body_memory (134217728, the gateway's default) must be at least",
-         "gateway.settings.max_body_bytes (268435456)", "raise max_body_memory"],
+        [
+            "gateway.settings.client_limits.max_body_memory (134217728, the gateway's default) must be at least",
+            "gateway.settings.max_body_bytes (268435456)",
+            "raise max_body_memory",
+        ],
     ),
     "discovery as the default account by name": (
         {"gateway": {"serviceAccount": {"create": False, "name": "default"}}},
