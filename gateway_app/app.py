@@ -1,16 +1,17 @@
 """The gateway's HTTP surface: the proxied OpenAI paths plus the endpoints a vLLM server also has.
 
 To a client the gateway is one vLLM server: `/v1/models`, `/health`, `/version` and `/metrics` answer
-here, and every JSON route that names a `model` is forwarded to the engine serving it.
+here, and every JSON route that names a `model` is forwarded to the engine serving it. `GatewayApp`
+builds the runtime at start-up (ASGI lifespan) and then serves with it: the proxied paths go straight
+to their handler, everything else through a small Starlette app. Every answer carries `x-request-id`.
 """
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import Callable, Mapping
+from typing import Any
 
 import orjson
 from prometheus_client import CONTENT_TYPE_LATEST
@@ -23,14 +24,12 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from gateway_app import __version__
 from gateway_app.auth import Unauthorized, may_use
-from gateway_app.config_watcher import WatchedFile
-from gateway_app.discovery import KubernetesAPI
-from gateway_app.endpoints import HealthChecker
+from gateway_app.config import ClientLimits, Settings
 from gateway_app.errors import GatewayError, InternalError, MethodNotAllowed, ModelNotFound, NotFound
 from gateway_app.proxy import ProxyEndpoint
-from gateway_app.request_id import RequestIdMiddleware
-from gateway_app.state import GatewayState
-from gateway_app.upstream import create_session
+from gateway_app.request_id import request_ids, with_request_id
+from gateway_app.responses import send_error
+from gateway_app.runtime import Runtime, Setup
 
 log = logging.getLogger("llm_gateway.app")
 
@@ -52,46 +51,95 @@ PROXIED_PATHS = (
 )
 
 
-def _json(data: object, status: int = 200) -> Response:
-    return Response(orjson.dumps(data), status_code=status, media_type="application/json")
-
-
-def _error(error: GatewayError, headers: dict[str, str] | None = None) -> Response:
-    return Response(error.body(), status_code=error.status, media_type="application/json", headers=headers)
-
-
-class MetricsPortDispatch:
-    """Requests that arrive on the metrics port see only `/metrics`; everything else sees the API.
-
-    One server and one event loop serve both ports: a separate port is what lets a NetworkPolicy and the
-    Ingress keep `/metrics` (key names, traffic, engine URLs) away from API clients.
-    """
-
-    def __init__(self, api: ASGIApp, metrics: ASGIApp, metrics_port: int) -> None:
-        self.api, self.metrics, self.metrics_port = api, metrics, metrics_port
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        server = scope.get("server")
-        if scope["type"] == "http" and server is not None and server[1] == self.metrics_port:
-            await self.metrics(scope, receive, send)
-        else:
-            await self.api(scope, receive, send)
-
-
-def create_app(state: GatewayState, watched: Sequence[WatchedFile] = (), metrics_port: int | None = None) -> ASGIApp:
-    """Build the app; the `watched` files (routing map, keys, engine credential) are hot-reloaded.
+class GatewayApp:
+    """The ASGI application: starts its runtime with the server and stops it with the server.
 
     With `metrics_port`, `/metrics` is served on that port only, and the API port answers it with 404.
     """
 
-    async def visible_cards(request: Request) -> list[dict]:
+    def __init__(self, setup: Setup, metrics_port: int | None = None) -> None:
+        self.setup = setup
+        self.metrics_port = metrics_port
+        self._serve: ASGIApp = _not_started
+        self._settings: Callable[[], Settings] = lambda: setup.routing_map.settings
+
+    def client_limits(self) -> ClientLimits:
+        """The client bounds in service (for the connection guard, which exists before start-up)."""
+        return self._settings().client_limits
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "lifespan":
+            await self._lifespan(receive, send)
+        else:
+            await self._serve(scope, receive, send)
+
+    async def _lifespan(self, receive: Receive, send: Send) -> None:
+        await receive()  # lifespan.startup
+        try:
+            runtime = await Runtime.start(self.setup)
+        except Exception as exc:
+            log.exception("the gateway could not start")
+            await send({"type": "lifespan.startup.failed", "message": str(exc)})
+            return
+        self._serve = Router(runtime, self.metrics_port)
+        self._settings = lambda: runtime.snapshot.settings
+        await send({"type": "lifespan.startup.complete"})
+        await receive()  # lifespan.shutdown
+        await runtime.stop()
+        await send({"type": "lifespan.shutdown.complete"})
+
+
+async def _not_started(scope: Scope, receive: Receive, send: Send) -> None:
+    """Before start-up completes (servers do not send requests then): a plain 503."""
+    await send_error(send, GatewayError("The gateway is starting.", status=503))
+
+
+class Router:
+    """Once started: request ids on every answer, the proxied paths straight to their handlers (no
+    routing table to walk on the hot path), the rest to Starlette.
+
+    Requests that arrive on the metrics port see only `/metrics`: a separate port is what lets a
+    NetworkPolicy and the Ingress keep `/metrics` (key names, traffic, engine URLs) away from API clients.
+    """
+
+    def __init__(self, runtime: Runtime, metrics_port: int | None) -> None:
+        self.proxied = {path: ProxyEndpoint(runtime, path) for path in PROXIED_PATHS}
+        self.others, self.metrics_only = _other_routes(runtime, metrics_port is None)
+        self.metrics_port = metrics_port
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.others(scope, receive, send)
+            return
+        server = scope.get("server")
+        if self.metrics_port is not None and server is not None and server[1] == self.metrics_port:
+            await self.metrics_only(scope, receive, with_request_id(send, request_ids(scope["headers"]).own))
+            return
+        ids = request_ids(scope["headers"])
+        send = with_request_id(send, ids.own)
+        handler = self.proxied.get(scope["path"])
+        if handler is None:
+            await self.others(scope, receive, send)
+        elif scope["method"] == "POST":
+            await handler(scope, receive, send, ids)
+        else:
+            error = MethodNotAllowed(f"Method {scope['method']} is not allowed on {scope['path']}.")
+            await send_error(send, error, [(b"allow", b"POST")])
+
+
+def _other_routes(runtime: Runtime, with_metrics: bool) -> tuple[ASGIApp, ASGIApp]:
+    """Everything but the proxied paths: the model list, probes, version, metrics (on the API port when
+    `with_metrics`), and the errors; and an app that serves only the metrics."""
+
+    async def visible_cards(request: Request) -> list[dict[str, Any]]:
         """The cards this client may use (all of them with authentication off)."""
-        client = state.authenticate(request.scope["headers"])
-        cards = await state.catalog.cards()
+        snapshot = runtime.snapshot
+        client = snapshot.authenticate(request.scope["headers"])
+        cards = await runtime.catalog.cards()
         allowed = client.allowed_models
         if allowed is None:
             return cards
-        aliases = state.table.aliases
+        aliases = snapshot.routes.aliases
         return [card for card in cards if may_use(allowed, card["id"], aliases.get(card["id"], card["id"]))]
 
     async def list_models(request: Request) -> Response:
@@ -112,21 +160,21 @@ def create_app(state: GatewayState, watched: Sequence[WatchedFile] = (), metrics
         return _error(ModelNotFound(f"The model `{model_id}` does not exist.", param="model"))
 
     def _unauthorized(error: Unauthorized) -> Response:
-        state.metrics.rejected.labels("auth", "").inc()
+        runtime.metrics.rejected.labels("auth", "").inc()
         return _error(error, {"WWW-Authenticate": "Bearer"})
 
     async def healthz(request: Request) -> Response:
         return Response(status_code=200)
 
     async def readyz(request: Request) -> Response:
-        table = state.table
+        routes = runtime.snapshot.routes
         now = time.monotonic()
-        reachable = sum(1 for e in table.engines if any(p.available(now) for p in e.pool.endpoints))
-        ready = reachable > 0 or not table.settings.ready_requires_engine
+        reachable = sum(1 for e in routes.engines if any(r.available(now) for r in e.pool.replicas))
+        ready = reachable > 0 or not routes.settings.ready_requires_engine
         return _json(
             {
                 "status": "ready" if ready else "no engine reachable",
-                "engines": len(table.engines),
+                "engines": len(routes.engines),
                 "engines_reachable": reachable,
             },
             status=200 if ready else 503,
@@ -136,53 +184,22 @@ def create_app(state: GatewayState, watched: Sequence[WatchedFile] = (), metrics
         return _json({"version": __version__})
 
     async def metrics(request: Request) -> Response:
-        return Response(state.metrics.render(), media_type=CONTENT_TYPE_LATEST)
+        return Response(runtime.metrics.render(), media_type=CONTENT_TYPE_LATEST)
 
     async def http_error(request: Request, exc: Exception) -> Response:
         assert isinstance(exc, HTTPException)
         if exc.status_code == 405:
-            return _error(
-                MethodNotAllowed(f"Method {request.method} is not allowed on {request.url.path}."), exc.headers
-            )
+            message = f"Method {request.method} is not allowed on {request.url.path}."
+            return _error(MethodNotAllowed(message), exc.headers)
         if exc.status_code == 404:
             return _error(NotFound(f"There is no route {request.method} {request.url.path}.", code="not_found"))
-        error = GatewayError(str(exc.detail))
-        error.status = exc.status_code
-        return _error(error, exc.headers)
+        return _error(GatewayError(str(exc.detail), status=exc.status_code), exc.headers)
 
     async def unexpected_error(request: Request, exc: Exception) -> Response:
         log.error("unexpected error on %s %s", request.method, request.url.path, exc_info=exc)
         return _error(InternalError("Internal gateway error."))
 
-    @contextlib.asynccontextmanager
-    async def lifespan(app: Starlette) -> AsyncIterator[None]:
-        state.session = create_session()
-        health = HealthChecker(
-            state.endpoints, lambda: state.session, lambda: state.table.settings.health, lambda: dict(state.engine_auth)
-        )
-        tasks = [asyncio.create_task(watcher.run()) for watcher in watched]
-        tasks.append(asyncio.create_task(health.run()))
-        tasks.append(asyncio.create_task(state.request_log.run()))
-        state.start_discovery(KubernetesAPI.from_environment())
-        try:
-            yield
-        finally:
-            if state.discovery is not None:
-                await state.discovery.stop()
-            health.stop()
-            state.request_log.stop()
-            for watcher in watched:
-                watcher.stop()
-            for task in tasks:
-                with contextlib.suppress(asyncio.CancelledError, asyncio.TimeoutError):
-                    await asyncio.wait_for(task, timeout=5)
-            await state.limiter.close()
-            if state.tracer is not None:
-                await asyncio.to_thread(state.tracer.shutdown)
-            await state.session.close()
-
-    routes = [Route(path, ProxyEndpoint(state, path), methods=["POST"]) for path in PROXIED_PATHS]
-    routes += [
+    routes = [
         Route("/v1/models", list_models, methods=["GET"]),
         Route("/v1/models/{model_id:path}", get_model, methods=["GET"]),
         Route("/healthz", healthz, methods=["GET"]),
@@ -192,18 +209,23 @@ def create_app(state: GatewayState, watched: Sequence[WatchedFile] = (), metrics
     ]
     metrics_route = Route("/metrics", metrics, methods=["GET"])
     handlers = {HTTPException: http_error, Exception: unexpected_error}
-    api = Starlette(
-        routes=routes if metrics_port is not None else [*routes, metrics_route],
-        lifespan=lifespan,
-        exception_handlers=handlers,
+    api = Starlette(routes=[*routes, metrics_route] if with_metrics else routes, exception_handlers=handlers)
+    metrics_only = Starlette(routes=[metrics_route], exception_handlers=handlers)
+    for app in (api, metrics_only):
+        # A trailing slash gets a 404 like any unknown path: Starlette's redirect would send the client
+        # to a URL built from its own Host header, before any authentication.
+        app.router.redirect_slashes = False
+    return api, metrics_only
+
+
+def _json(data: object, status: int = 200) -> Response:
+    return Response(orjson.dumps(data), status_code=status, media_type="application/json")
+
+
+def _error(error: GatewayError, headers: Mapping[str, str] | None = None) -> Response:
+    return Response(
+        error.body(),
+        status_code=error.status,
+        media_type="application/json",
+        headers={**error.extra_headers(), **(headers or {})},
     )
-    # A trailing slash gets a 404 like any unknown path: Starlette's redirect would send the client to a
-    # URL built from its own Host header, before any authentication.
-    api.router.redirect_slashes = False
-    app: ASGIApp = api
-    if metrics_port is not None:
-        metrics_only = Starlette(routes=[metrics_route], exception_handlers=handlers)
-        metrics_only.router.redirect_slashes = False
-        app = MetricsPortDispatch(api, metrics_only, metrics_port)
-    # Outermost, so that even the answer of Starlette's last-resort error handler carries the id.
-    return RequestIdMiddleware(app)

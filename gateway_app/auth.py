@@ -16,7 +16,7 @@ from pathlib import Path
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from gateway_app.config import SAFE_LOADER, ConfigError, describe_validation_error
+from gateway_app.config import SAFE_LOADER, ConfigError, describe_validation_error, read_config_file
 from gateway_app.errors import GatewayError
 
 SHA256_HEX = re.compile(r"^[0-9a-f]{64}$")
@@ -149,19 +149,13 @@ def parse_keys_file(text: str, source: str) -> KeyStore:
 
 
 def load_keys_file(path: str | Path) -> tuple[KeyStore, bytes]:
-    try:
-        raw = Path(path).read_bytes()
-    except OSError as exc:
-        raise ConfigError(f"{path}: cannot read the keys file: {exc.strerror or exc}") from None
+    raw = read_config_file(path, "keys file")
     return parse_keys_file(raw.decode("utf-8", errors="replace"), str(path)), raw
 
 
 def load_engine_key(path: str | Path) -> tuple[str, bytes]:
     """The gateway's credential towards engines: the whole file, surrounding whitespace removed."""
-    try:
-        raw = Path(path).read_bytes()
-    except OSError as exc:
-        raise ConfigError(f"{path}: cannot read the engine API key: {exc.strerror or exc}") from None
+    raw = read_config_file(path, "engine API key")
     key = raw.decode("utf-8", errors="replace").strip()
     if not key or any(char in key for char in "\r\n\0"):
         raise ConfigError(f"{path}: the engine API key file must hold one key on one line")

@@ -94,8 +94,7 @@ def raw_error_response(error: GatewayError) -> bytes:
         f"content-length: {len(body)}",
         "connection: close",
     ]
-    if error.retry_after is not None:
-        head.append(f"retry-after: {error.retry_after}")
+    head += [f"{name}: {value}" for name, value in error.extra_headers().items()]
     return ("\r\n".join(head) + "\r\n\r\n").encode() + body
 
 

@@ -167,6 +167,24 @@ class Settings(_Strict):
         return self
 
 
+def _checked_url(url: str) -> str:
+    """An engine URL as the gateway uses it, or ValueError saying what is wrong with it."""
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ValueError(f"must be an http:// or https:// URL with a host, got {url!r}")
+    if parts.query or parts.fragment:
+        raise ValueError(f"must not have a query or fragment, got {url!r}")
+    if parts.username or parts.password:
+        raise ValueError("must not carry a user or password (they would show in logs and metrics)")
+    try:
+        _ = parts.port  # urlsplit checks the port only when asked
+    except ValueError:
+        raise ValueError(f"has a bad port, got {url!r}") from None
+    if parts.path.rstrip("/").endswith("/v1"):
+        raise ValueError(f"is the engine's root, where /health and /v1/... live: drop the trailing /v1 from {url!r}")
+    return url.rstrip("/")
+
+
 class EngineSpec(_Strict):
     """One engine: a base URL that serves one model for one `owned_by`."""
 
@@ -198,7 +216,7 @@ class EngineSpec(_Strict):
     @field_validator("urls")
     @classmethod
     def _check_urls(cls, urls: tuple[str, ...]) -> tuple[str, ...]:
-        checked = tuple(cls._check_url(url) for url in urls)
+        checked = tuple(_checked_url(url) for url in urls)
         if len(set(checked)) != len(checked):
             raise ValueError("lists the same URL twice")
         return checked
@@ -206,24 +224,7 @@ class EngineSpec(_Strict):
     @field_validator("url")
     @classmethod
     def _check_url(cls, url: str | None) -> str | None:
-        if url is None:
-            return None
-        parts = urlsplit(url)
-        if parts.scheme not in ("http", "https") or not parts.hostname:
-            raise ValueError(f"must be an http:// or https:// URL with a host, got {url!r}")
-        if parts.query or parts.fragment:
-            raise ValueError(f"must not have a query or fragment, got {url!r}")
-        if parts.username or parts.password:
-            raise ValueError("must not carry a user or password (they would show in logs and metrics)")
-        try:
-            _ = parts.port  # urlsplit checks the port only when asked
-        except ValueError:
-            raise ValueError(f"has a bad port, got {url!r}") from None
-        if parts.path.rstrip("/").endswith("/v1"):
-            raise ValueError(
-                f"is the engine's root, where /health and /v1/... live: drop the trailing /v1 from {url!r}"
-            )
-        return url.rstrip("/")
+        return None if url is None else _checked_url(url)
 
     @field_validator("aliases")
     @classmethod
@@ -340,12 +341,17 @@ def parse_routing_map(text: str, source: str = "routing map") -> RoutingMap:
         raise ConfigError(f"{source}: {describe_validation_error(exc)}") from None
 
 
+def read_config_file(path: str | Path, what: str) -> bytes:
+    """A mounted file's bytes, or ConfigError naming the file and what it was meant to be."""
+    try:
+        return Path(path).read_bytes()
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read the {what}: {exc.strerror or exc}") from None
+
+
 def load_routing_map(path: str | Path) -> tuple[RoutingMap, bytes]:
     """Read and validate the file; return the map and the raw bytes (to notice real changes)."""
-    try:
-        raw = Path(path).read_bytes()
-    except OSError as exc:
-        raise ConfigError(f"{path}: cannot read the routing map: {exc.strerror or exc}") from None
+    raw = read_config_file(path, "routing map")
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError:

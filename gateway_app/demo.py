@@ -16,16 +16,17 @@ from collections.abc import Iterator
 
 import uvicorn
 import yaml
+from starlette.types import ASGIApp
 
-from gateway_app.app import create_app
+from gateway_app.app import GatewayApp
 from gateway_app.client_connections import ConnectionGuard, raise_fd_limit
 from gateway_app.config import parse_routing_map
 from gateway_app.listener import bind_listener
 from gateway_app.log_setup import configure_logging
 from gateway_app.request_log import RequestLog
+from gateway_app.runtime import Setup
 from gateway_app.server import KEEP_ALIVE_SECONDS, uvicorn_config
 from gateway_app.simulator import build_simulator_app
-from gateway_app.state import GatewayState
 
 LLAMA = "meta-llama/Llama-3.2-1B-Instruct"
 PHI = "/models/Phi-tiny-MoE-instruct"
@@ -45,7 +46,7 @@ class _InProcessServer(uvicorn.Server):
         yield
 
 
-def _server(app: object) -> _InProcessServer:
+def _server(app: ASGIApp) -> _InProcessServer:
     return _InProcessServer(
         uvicorn.Config(
             app,
@@ -88,11 +89,9 @@ async def _run(host: str, port: int, ttft_ms: float, itl_ms: float) -> None:
         url = f"http://127.0.0.1:{sock.getsockname()[1]}"
         engines.append({"name": name, "model": model, "owned_by": kind, "url": url, "default": default})
     routing_yaml = yaml.safe_dump({"engines": engines}, sort_keys=False)
-    state = GatewayState(parse_routing_map(routing_yaml), request_log=RequestLog(fmt="text"))
-    guard = ConnectionGuard(lambda: state.table.settings.client_limits, state.metrics, raise_fd_limit())
-    gateway = _InProcessServer(
-        uvicorn_config(create_app(state), lambda port: guard, "warning", shutdown_grace=5.0, loop="none")
-    )
+    app = GatewayApp(Setup(parse_routing_map(routing_yaml), request_log=RequestLog(fmt="text")))
+    guard = ConnectionGuard(app.client_limits, app.setup.metrics, raise_fd_limit())
+    gateway = _InProcessServer(uvicorn_config(app, lambda port: guard, "warning", shutdown_grace=5.0, loop="none"))
     servers.append((gateway, gateway_socket))
 
     loop = asyncio.get_running_loop()

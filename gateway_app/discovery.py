@@ -10,16 +10,21 @@ much larger than the two requests needed here).
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import os
 import ssl
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 from urllib.parse import quote
 
 import aiohttp
 import orjson
+
+from gateway_app.replicas import DiscoveryKey, ReplicaRegistry
+from gateway_app.route_table import RouteTable
 
 log = logging.getLogger("llm_gateway.discovery")
 
@@ -55,11 +60,11 @@ class KubernetesAPI:
         return {"Authorization": f"Bearer {self.token_file.read_text().strip()}"}
 
 
-def ready_addresses(endpoint_slice: dict, port: int) -> set[str]:
+def ready_addresses(endpoint_slice: dict[str, Any], port: int) -> set[str]:
     """Ready pod addresses of one EndpointSlice that expose `port` ("ready" absent means ready)."""
     if not any(p.get("port") == port for p in endpoint_slice.get("ports") or ()):
         return set()
-    found = set()
+    found: set[str] = set()
     for endpoint in endpoint_slice.get("endpoints") or ():
         if (endpoint.get("conditions") or {}).get("ready") is False:
             continue
@@ -79,7 +84,7 @@ class EndpointSliceWatcher:
     def __init__(
         self,
         api: KubernetesAPI,
-        session: Callable[[], aiohttp.ClientSession],
+        session: aiohttp.ClientSession,
         namespace: str,
         service: str,
         port: int,
@@ -104,7 +109,7 @@ class EndpointSliceWatcher:
             self._on_change(urls)
 
     async def _list(self) -> str:
-        async with self._session().get(
+        async with self._session.get(
             self.api.base_url + self._path,
             headers=self.api.headers(),
             ssl=self.api.ssl_context,
@@ -116,7 +121,7 @@ class EndpointSliceWatcher:
             item["metadata"]["name"]: ready_addresses(item, self.port) for item in listing.get("items") or ()
         }
         self._publish()
-        return listing.get("metadata", {}).get("resourceVersion", "")
+        return str(listing.get("metadata", {}).get("resourceVersion", ""))
 
     async def _watch(self, resource_version: str) -> None:
         """Apply watch events until the server ends the watch; return to relist."""
@@ -124,7 +129,7 @@ class EndpointSliceWatcher:
             f"{self.api.base_url}{self._path}&watch=1&allowWatchBookmarks=true&timeoutSeconds=300"
             f"&resourceVersion={resource_version}"
         )
-        async with self._session().get(
+        async with self._session.get(
             url,
             headers=self.api.headers(),
             ssl=self.api.ssl_context,
@@ -161,51 +166,54 @@ class EndpointSliceWatcher:
 
 
 class DiscoveryManager:
-    """One watch per Service that the current route table discovers; watches outlive table reloads."""
+    """A service: one watch per Service that the routes in service discover; watches outlive reloads."""
 
     def __init__(
         self,
         api: KubernetesAPI | None,
-        session: Callable[[], aiohttp.ClientSession],
-        registry,
-        pools: dict,
+        session: aiohttp.ClientSession,
+        registry: ReplicaRegistry,
         on_change: Callable[[], None],
     ) -> None:
         self._api = api
         self._session = session
         self._registry = registry
-        self._pools = pools
         self._on_change = on_change
-        self._tasks: dict[tuple, asyncio.Task] = {}
+        self._tasks: dict[DiscoveryKey, asyncio.Task[None]] = {}
         self._warned = False
+        self._stopped = asyncio.Event()
 
-    def sync(self, table) -> None:
-        """Start the watches the table needs and stop the others (call from the event loop)."""
-        wanted = {engine.discovery for engine in table.engines if engine.discovery is not None}
+    def sync(self, routes: RouteTable) -> None:
+        """Start the watches the routes need and stop the others (call from the event loop)."""
+        wanted = {engine.discovery for engine in routes.engines if engine.discovery is not None}
         if wanted and self._api is None:
             if not self._warned:
                 log.warning("engines ask for discovery but the gateway is not in a Kubernetes pod; using their url")
                 self._warned = True
             return
+        api = self._api
         for key in wanted - self._tasks.keys():
+            if api is None:
+                break
             namespace, service, port, _ = key
             watcher = EndpointSliceWatcher(
-                self._api, self._session, namespace, service, port, lambda urls, key=key: self._update(key, urls)
+                api, self._session, namespace, service, port, functools.partial(self._update, key)
             )
             self._tasks[key] = asyncio.get_running_loop().create_task(watcher.run())
         for key in self._tasks.keys() - wanted:
             self._tasks.pop(key).cancel()
-            self._pools.pop(key, None)
 
-    def _update(self, key: tuple, urls: list[str]) -> None:
-        pool = self._pools.get(key)
-        if pool is not None:
-            pool.update(tuple(self._registry.get(url) for url in urls))
+    def _update(self, key: DiscoveryKey, urls: list[str]) -> None:
+        if self._registry.discovered(key, urls):
             self._on_change()
 
-    async def stop(self) -> None:
+    async def run(self) -> None:
+        await self._stopped.wait()
         tasks = list(self._tasks.values())
         self._tasks.clear()
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
+
+    def stop(self) -> None:
+        self._stopped.set()

@@ -17,7 +17,13 @@ class GatewayError(Exception):
     retry_after: int | None = None  # seconds, sent as Retry-After when set
 
     def __init__(
-        self, message: str, *, param: str | None = None, code: str | None = None, retry_after: int | None = None
+        self,
+        message: str,
+        *,
+        param: str | None = None,
+        code: str | None = None,
+        retry_after: int | None = None,
+        status: int | None = None,
     ) -> None:
         super().__init__(message)
         self.message = message
@@ -26,6 +32,12 @@ class GatewayError(Exception):
             self.code = code
         if retry_after is not None:
             self.retry_after = retry_after
+        if status is not None:
+            self.status = status
+
+    def extra_headers(self) -> dict[str, str]:
+        """Headers the answer carries besides its content type: `Retry-After` when set."""
+        return {"retry-after": str(self.retry_after)} if self.retry_after is not None else {}
 
     def body(self) -> bytes:
         return orjson.dumps(

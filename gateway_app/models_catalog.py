@@ -9,17 +9,16 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable
+from typing import Any
 
 import aiohttp
 import orjson
 
 from gateway_app.balancer import choose
 from gateway_app.route_table import Engine, RouteTable
+from gateway_app.snapshot import Snapshot
 from gateway_app.upstream import read_capped
-
-if TYPE_CHECKING:
-    from gateway_app.state import GatewayState
 
 log = logging.getLogger("llm_gateway.models")
 
@@ -29,8 +28,9 @@ MAX_LIST_BYTES = 8 * 1024 * 1024
 
 
 class ModelCatalog:
-    def __init__(self, state: GatewayState) -> None:
-        self._state = state
+    def __init__(self, session: aiohttp.ClientSession, snapshot: Callable[[], Snapshot]) -> None:
+        self._session = session
+        self._snapshot = snapshot
         self._lock = asyncio.Lock()
         self._cached_for: RouteTable | None = None
         self._cards: list[dict[str, Any]] = []
@@ -41,7 +41,7 @@ class ModelCatalog:
 
     async def cards(self) -> list[dict[str, Any]]:
         """The current list, fetched at most once per TTL however many clients ask at once."""
-        table = self._state.table
+        table = self._snapshot().routes
         if self._cached_for is table and time.monotonic() < self._expires_at:
             return self._cards
         async with self._lock:
@@ -81,12 +81,14 @@ class ModelCatalog:
     async def _engine_cards(self, engine: Engine, table: RouteTable) -> list[Any] | str:
         """The engine's own cards, or why there are none."""
         timeout = aiohttp.ClientTimeout(total=table.settings.models_timeout)
-        endpoint = choose(engine.pool, time.monotonic())
-        if endpoint is None:
-            return "no endpoint"
+        replica = choose(engine.pool, time.monotonic())
+        if replica is None:
+            return "no replica"
         try:
-            async with self._state.session.get(
-                endpoint.url + "/v1/models", headers=dict(engine.headers + self._state.engine_auth), timeout=timeout
+            async with self._session.get(
+                replica.url + "/v1/models",
+                headers=dict(engine.headers + self._snapshot().engine_auth),
+                timeout=timeout,
             ) as response:
                 if response.status != 200:
                     return f"its /v1/models answered {response.status}"

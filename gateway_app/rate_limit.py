@@ -23,6 +23,7 @@ import redis.exceptions
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 
+from gateway_app.config import LimitSettings
 from gateway_app.errors import GatewayError
 
 log = logging.getLogger("llm_gateway.limits")
@@ -107,9 +108,14 @@ def format_duration(seconds: float) -> str:
 
 
 class Limiter(Protocol):
+    def configure(self, settings: LimitSettings) -> None:
+        """Take the settings of a new routing map."""
+
     async def admit(self, client: str, limits: Limits, token_cost: int) -> Decision: ...
 
-    async def settle(self, client: str, limits: Limits, charged: int, used: int) -> None: ...
+    def settle(self, client: str, limits: Limits, charged: int, used: int) -> None:
+        """Correct the admission estimate with what the request used; never waits (in Redis, the
+        difference rides along with a later call)."""
 
     async def close(self) -> None: ...
 
@@ -166,13 +172,16 @@ class MemoryLimiter:
                 self._buckets[tokens_key] = (decision.tokens_left, now)
         return decision
 
-    async def settle(self, client: str, limits: Limits, charged: int, used: int) -> None:
+    def settle(self, client: str, limits: Limits, charged: int, used: int) -> None:
         if limits.tokens_per_minute is None or charged == used:
             return
         now = time.monotonic()
         key = (client, "t")
         level = self._level(key, limits.tokens_per_minute, now) + charged - used
         self._buckets[key] = (min(float(limits.tokens_per_minute), level), now)
+
+    def configure(self, settings: LimitSettings) -> None:
+        return None
 
     async def close(self) -> None:
         return None
@@ -191,7 +200,7 @@ class _ScriptCall:
     script: LuaScript
     keys: list[str]
     args: list[int | float]
-    answer: asyncio.Future  # the caller awaits it
+    answer: asyncio.Future[Any]  # the caller awaits it
 
 
 class ResponsiveDeadline:
@@ -215,7 +224,8 @@ class ResponsiveDeadline:
 
     async def __aexit__(self, *exc_info: Any) -> bool | None:
         self._next_tick.cancel()
-        return await self._timeout.__aexit__(*exc_info)
+        await self._timeout.__aexit__(*exc_info)  # raises TimeoutError when the deadline passed
+        return None
 
     def _tick(self) -> None:
         self._ticks_left -= 1
@@ -242,7 +252,7 @@ class ScriptPipeline:
         self._in_flight = in_flight
         self._timeout = timeout
         self._queue: list[_ScriptCall] = []
-        self._senders: set[asyncio.Task] = set()
+        self._senders: set[asyncio.Task[None]] = set()
         self._sending = 0  # senders between start and finish; a set's size would lag behind by a callback
 
     async def call(self, script: LuaScript, keys: list[str], args: list[int | float]) -> Any:
@@ -312,49 +322,57 @@ class ScriptPipeline:
             await asyncio.gather(*self._senders, return_exceptions=True)
 
 
-# KEYS: requests bucket, tokens bucket. ARGV: rpm, tpm (-1 = unlimited), token cost, the tokens still to
-# give back (or take) from this client's earlier requests, settled here rather than in a call of their own,
-# and the window in seconds. Returns {allowed, requests left, tokens left}; the clock is Redis's, shared
-# by all replicas. A bucket left alone for a window is full again, so it expires after two.
-_ADMIT = LuaScript("""
+# The token bucket in Lua, for both scripts (`_refilled` above is the same rule in Python): a bucket's
+# level now is what it held, refilled at `limit` per `window` seconds, at most `limit`; a limit < 0 is
+# none. A bucket left alone for a window is full again, so it expires after two. The clock is Redis's,
+# shared by all replicas.
+_BUCKET = """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
-local rpm, tpm, cost, owed = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4])
-local window = tonumber(ARGV[5])
-local ttl = math.ceil(2 * window)
-local function level(key, limit)
+local function level(key, limit, window)
   if limit < 0 then return 0 end
   local v = redis.call('HMGET', key, 'l', 't')
   if not v[1] then return limit end
   return math.min(limit, tonumber(v[1]) + (now - tonumber(v[2])) * limit / window)
 end
-local r, k = level(KEYS[1], rpm), level(KEYS[2], tpm)
+local function store(key, l, window)
+  redis.call('HSET', key, 'l', l, 't', now); redis.call('EXPIRE', key, math.ceil(2 * window))
+end
+"""
+
+# KEYS: requests bucket, tokens bucket. ARGV: rpm, tpm (-1 = unlimited), token cost, the tokens still to
+# give back (or take) from this client's earlier requests, settled here rather than in a call of their own,
+# and the window in seconds. Returns {allowed, requests left, tokens left}.
+_ADMIT = LuaScript(
+    _BUCKET
+    + """
+local rpm, tpm, cost, owed = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4])
+local window = tonumber(ARGV[5])
+local r, k = level(KEYS[1], rpm, window), level(KEYS[2], tpm, window)
 if tpm >= 0 and owed ~= 0 then
   k = math.min(tpm, k + owed)
-  redis.call('HSET', KEYS[2], 'l', k, 't', now); redis.call('EXPIRE', KEYS[2], ttl)
+  store(KEYS[2], k, window)
 end
 if tpm >= 0 and cost > tpm then cost = tpm end
 if (rpm >= 0 and r < 1) or (tpm >= 0 and k < cost) then
   return {0, tostring(r), tostring(k)}
 end
-if rpm >= 0 then r = r - 1; redis.call('HSET', KEYS[1], 'l', r, 't', now); redis.call('EXPIRE', KEYS[1], ttl) end
-if tpm >= 0 then k = k - cost; redis.call('HSET', KEYS[2], 'l', k, 't', now); redis.call('EXPIRE', KEYS[2], ttl) end
+if rpm >= 0 then r = r - 1; store(KEYS[1], r, window) end
+if tpm >= 0 then k = k - cost; store(KEYS[2], k, window) end
 return {1, tostring(r), tostring(k)}
-""")
+"""
+)
 
 # KEYS: tokens bucket. ARGV: tpm, tokens to give back (negative: to take), the window in seconds.
-_SETTLE = LuaScript("""
-local t = redis.call('TIME')
-local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
+_SETTLE = LuaScript(
+    _BUCKET
+    + """
 local limit, delta, window = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
-local v = redis.call('HMGET', KEYS[1], 'l', 't')
-local l = limit
-if v[1] then l = math.min(limit, tonumber(v[1]) + (now - tonumber(v[2])) * limit / window) end
-l = math.min(limit, l + delta)
-redis.call('HSET', KEYS[1], 'l', l, 't', now)
-redis.call('EXPIRE', KEYS[1], math.ceil(2 * window))
+local l = math.min(limit, level(KEYS[1], limit, window) + delta)
+store(KEYS[1], l, window)
 return tostring(l)
-""")
+"""
+)
 
 # Any failure of the store (unreachable, read-only replica after a failover, out of memory, busy script):
 # the same answer, fail open or closed, never a 500.
@@ -399,12 +417,15 @@ class RedisLimiter:
         )
         self._redis = aioredis.Redis.from_pool(pool)
         self._scripts = ScriptPipeline(self._redis, self.PIPELINES, self.STORE_TIMEOUT)
-        self.fail_open = fail_open  # set again on each reload
+        self.fail_open = fail_open  # set again by configure() on each reload
         self._down = False  # only to log the store going down and coming back once each
         self._on_store_error = on_store_error or (lambda: None)
         self._owed: dict[str, tuple[int, int]] = {}  # client -> (tokens to give back, its tokens per minute)
         self._flush: asyncio.TimerHandle | None = None
-        self._flushing: asyncio.Task | None = None  # kept referenced until done
+        self._flushing: asyncio.Task[None] | None = None  # kept referenced until done
+
+    def configure(self, settings: LimitSettings) -> None:
+        self.fail_open = settings.fail_open
 
     @staticmethod
     def _keys(client: str) -> list[str]:
@@ -429,9 +450,7 @@ class RedisLimiter:
     def _unavailable(self, limits: Limits) -> Decision:
         if self.fail_open:
             return Decision(True, limits, counted=False)
-        error = LimiterUnavailable("Rate limits cannot be checked right now; try again shortly.")
-        error.retry_after = 1
-        raise error
+        raise LimiterUnavailable("Rate limits cannot be checked right now; try again shortly.", retry_after=1)
 
     async def admit(self, client: str, limits: Limits, token_cost: int) -> Decision:
         rpm = limits.requests_per_minute if limits.requests_per_minute is not None else -1
@@ -454,7 +473,7 @@ class RedisLimiter:
             return Decision(True, limits, requests, tokens, tokens_charged=cost)
         return _decide(limits, requests, tokens, token_cost)
 
-    async def settle(self, client: str, limits: Limits, charged: int, used: int) -> None:
+    def settle(self, client: str, limits: Limits, charged: int, used: int) -> None:
         if limits.tokens_per_minute is None or charged == used:
             return
         self._owe(client, charged - used, limits.tokens_per_minute)

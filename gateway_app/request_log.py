@@ -15,23 +15,24 @@ from typing import Any, TextIO
 
 import orjson
 
+from gateway_app.background import PeriodicTask
 from gateway_app.log_setup import OUTPUT_LOCK
 
 FLUSH_SECONDS = 0.2
 MAX_BUFFERED = 10_000  # past this, lines are dropped (and counted) rather than memory growing
 
 
-class RequestLog:
-    """Buffers request records and writes them as JSON lines or as text for a terminal."""
+class RequestLog(PeriodicTask):
+    """Buffers request records and writes them as JSON lines or as text for a terminal, a few times a
+    second, from a thread: a slow log pipe must slow the log, never the requests."""
 
     def __init__(self, stream: TextIO | None = None, fmt: str = "json", enabled: bool = True) -> None:
+        super().__init__(lambda: FLUSH_SECONDS)
         self.enabled = enabled
         self.format = fmt
         self._stream = stream or sys.stderr
         self._buffer: collections.deque[dict[str, Any]] = collections.deque()
         self.dropped = 0
-        self._task: asyncio.Task | None = None
-        self._stop = asyncio.Event()
 
     def record(self, entry: dict[str, Any]) -> None:
         """Called on the hot path: no formatting, no I/O."""
@@ -64,16 +65,10 @@ class RequestLog:
             self._stream.write("\n".join(lines) + "\n")
             self._stream.flush()
 
-    async def run(self) -> None:
-        while not self._stop.is_set():
-            try:
-                await asyncio.wait_for(self._stop.wait(), timeout=FLUSH_SECONDS)
-            except TimeoutError:
-                pass
-            if self._buffer:
-                # A slow log pipe must slow the log, never the requests: write from a thread.
-                await asyncio.to_thread(self.flush)
+    async def step(self) -> None:
+        if self._buffer or self.dropped:
+            await asyncio.to_thread(self.flush)
 
     def stop(self) -> None:
-        self._stop.set()
+        super().stop()
         self.flush()

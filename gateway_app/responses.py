@@ -2,28 +2,28 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 from starlette.types import Send
 
 from gateway_app.errors import GatewayError
 
-JSON = (b"content-type", b"application/json")
+Header = tuple[bytes, bytes]
+JSON: Header = (b"content-type", b"application/json")
 
 
 async def send_bytes(
-    send: Send, status: int, body: bytes, headers: list[tuple[bytes, bytes]] | tuple = (), content_type=JSON
+    send: Send, status: int, body: bytes, headers: Sequence[Header] = (), content_type: Header | None = JSON
 ) -> None:
-    await send(
-        {
-            "type": "http.response.start",
-            "status": status,
-            "headers": [content_type, (b"content-length", str(len(body)).encode()), *headers],
-        }
-    )
+    """A whole answer in two ASGI messages (`content_type` None: the answer has none)."""
+    start = [(b"content-length", str(len(body)).encode()), *headers]
+    if content_type is not None:
+        start.insert(0, content_type)
+    await send({"type": "http.response.start", "status": status, "headers": start})
     await send({"type": "http.response.body", "body": body})
 
 
-async def send_error(send: Send, error: GatewayError, headers: list[tuple[bytes, bytes]] | tuple = ()) -> None:
+async def send_error(send: Send, error: GatewayError, headers: Sequence[Header] = ()) -> None:
     """An OpenAI-shaped error answer; never a stack trace."""
-    if error.retry_after is not None:
-        headers = [*headers, (b"retry-after", str(error.retry_after).encode())]
-    await send_bytes(send, error.status, error.body(), headers)
+    extra = [(name.encode(), value.encode()) for name, value in error.extra_headers().items()]
+    await send_bytes(send, error.status, error.body(), [*headers, *extra])

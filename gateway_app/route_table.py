@@ -13,8 +13,8 @@ import aiohttp
 from gateway_app.auth import may_use
 from gateway_app.concurrency import ConcurrencyGate
 from gateway_app.config import RoutingMap, Settings, Timeouts
-from gateway_app.endpoints import EndpointPool, EndpointRegistry
 from gateway_app.errors import ModelNotFound
+from gateway_app.replicas import DiscoveryKey, ReplicaPool, ReplicaRegistry, discovery_key
 
 MAX_NAMES_IN_MESSAGE = 50
 
@@ -30,13 +30,14 @@ class Engine:
     name: str
     model: str
     owned_by: str
-    pool: EndpointPool  # the replicas; with discovery, shared with later tables and updated in place
+    pool: ReplicaPool  # the replicas; with discovery, shared with later tables and updated in place
     aliases: tuple[str, ...]
     headers: tuple[tuple[str, str], ...]
     timeouts: Timeouts
     fallback: str | None = None
     gate: ConcurrencyGate | None = None
-    discovery: tuple | None = None  # (namespace, service, port, configured URLs) when pods are discovered
+    discovery: DiscoveryKey | None = None  # when the engine's pods are discovered
+    default: bool = False  # serves requests for its model that name no owned_by
     # Derived once here rather than on every request.
     client_timeout: aiohttp.ClientTimeout = field(init=False)
     name_header: bytes = field(init=False)
@@ -62,87 +63,54 @@ class Resolution:
     via_alias: bool
 
 
-def discovery_key(spec) -> tuple[str, str, int, tuple[str, ...]]:
-    """Engines that watch the same Service share one pool and one watch."""
-    return (spec.discovery.namespace, spec.discovery.service, spec.discovery.port, tuple(spec.endpoints))
-
-
-def _gate(gates: dict[str, ConcurrencyGate], name: str, settings) -> ConcurrencyGate | None:
-    """The engine's gate, the same object as before a reload unless its settings changed."""
-    if settings.limit is None:
-        gates.pop(name, None)
-        return None
-    gate = gates.get(name)
-    if gate is None or (gate.limit, gate.queue, gate.queue_timeout) != (
-        settings.limit,
-        settings.queue,
-        settings.queue_timeout,
-    ):
-        gate = gates[name] = ConcurrencyGate(settings.limit, settings.queue, settings.queue_timeout)
-    return gate
-
-
 def _listing(names: list[str]) -> str:
     shown = ", ".join(f"`{name}`" for name in names[:MAX_NAMES_IN_MESSAGE])
     more = len(names) - MAX_NAMES_IN_MESSAGE
     return shown + (f" and {more} more" if more > 0 else "")
 
 
+def build_routes(routing_map: RoutingMap, registry: ReplicaRegistry | None = None) -> RouteTable:
+    """The route table of a routing map. The registry carries what outlives a reload (replica health,
+    discovered pods, engine queues) into the new table's engines."""
+    registry = registry if registry is not None else ReplicaRegistry()
+    defaults = routing_map.settings.timeouts
+    engines = tuple(
+        Engine(
+            name=spec.name,
+            model=spec.model,
+            owned_by=spec.owned_by,
+            pool=registry.pool_for(spec),
+            aliases=spec.aliases,
+            headers=tuple(spec.headers.items()),
+            timeouts=spec.effective_timeouts(defaults),
+            fallback=spec.fallback,
+            gate=registry.gate_for(spec.name, spec.concurrency),
+            discovery=discovery_key(spec),
+            default=spec.default,
+        )
+        for spec in routing_map.engines
+    )
+    return RouteTable(routing_map.settings, engines)
+
+
 class RouteTable:
     """Immutable lookup from the names clients use to engines."""
 
-    def __init__(
-        self,
-        routing_map: RoutingMap,
-        registry: EndpointRegistry | None = None,
-        gates: dict[str, ConcurrencyGate] | None = None,
-        pools: dict[tuple, EndpointPool] | None = None,
-    ) -> None:
-        """`registry`, `gates` and `pools` carry replica health, queues and discovered pods over from
-        the previous table."""
-        self.settings: Settings = routing_map.settings
-        defaults = routing_map.settings.timeouts
-        registry = registry if registry is not None else EndpointRegistry()
-        gates = gates if gates is not None else {}
-        pools = pools if pools is not None else {}
-
-        def pool_for(spec) -> EndpointPool:
-            configured = tuple(registry.get(url) for url in spec.endpoints)
-            if spec.discovery is None:
-                return EndpointPool(configured)
-            key = discovery_key(spec)
-            pool = pools.get(key)
-            if pool is None or pool.configured != configured:
-                pool = pools[key] = EndpointPool(configured)
-            return pool
-
-        self.engines: tuple[Engine, ...] = tuple(
-            Engine(
-                name=spec.name,
-                model=spec.model,
-                owned_by=spec.owned_by,
-                pool=pool_for(spec),
-                aliases=spec.aliases,
-                headers=tuple(spec.headers.items()),
-                timeouts=spec.effective_timeouts(defaults),
-                fallback=spec.fallback,
-                gate=_gate(gates, spec.name, spec.concurrency),
-                discovery=discovery_key(spec) if spec.discovery is not None else None,
-            )
-            for spec in routing_map.engines
-        )
-        self._by_name = {engine.name: engine for engine in self.engines}
+    def __init__(self, settings: Settings, engines: tuple[Engine, ...]) -> None:
+        self.settings = settings
+        self.engines = engines
+        self._by_name = {engine.name: engine for engine in engines}
         grouped: dict[str, list[Engine]] = {}
-        for engine, spec in zip(self.engines, routing_map.engines, strict=False):
+        for engine in engines:
             group = grouped.setdefault(engine.model, [])
             # The engine marked default goes first; otherwise the first listed is the default.
-            group.insert(0, engine) if spec.default else group.append(engine)
+            group.insert(0, engine) if engine.default else group.append(engine)
         self._routes: dict[str, ModelRoute] = {
             model: ModelRoute(model=model, by_owner={e.owned_by: e for e in group}, default=group[0])
             for model, group in grouped.items()
         }
         self._aliases: dict[str, ModelRoute] = {
-            alias: self._routes[engine.model] for engine in self.engines for alias in engine.aliases
+            alias: self._routes[engine.model] for engine in engines for alias in engine.aliases
         }
 
     @property
@@ -152,10 +120,8 @@ class RouteTable:
     def engine_named(self, name: str) -> Engine | None:
         return self._by_name.get(name)
 
-    def endpoint_urls(self) -> set[str]:
-        return {
-            endpoint.url for engine in self.engines for endpoint in (*engine.pool.configured, *engine.pool.endpoints)
-        }
+    def replica_urls(self) -> set[str]:
+        return {replica.url for engine in self.engines for replica in (*engine.pool.configured, *engine.pool.replicas)}
 
     def aliases_of(self, model: str) -> list[str]:
         """Every alias of a model, whichever engine entry declared it: aliases belong to the model."""

@@ -14,16 +14,15 @@ from typing import TYPE_CHECKING
 import uvicorn
 from starlette.types import ASGIApp
 
-from gateway_app.app import create_app
+from gateway_app.app import GatewayApp
 from gateway_app.auth import load_engine_key, load_keys_file
 from gateway_app.client_connections import ConnectionGuard, GuardedHttpProtocol, raise_fd_limit
 from gateway_app.config import ClientLimits, ConfigError, load_routing_map
-from gateway_app.config_watcher import WatchedFile
 from gateway_app.listener import bind_listener
 from gateway_app.log_setup import configure_logging
 from gateway_app.request_log import RequestLog
+from gateway_app.runtime import MountedFile, Setup
 from gateway_app.shutdown import quiet_after_shutdown
-from gateway_app.state import GatewayState
 
 # Longer than the idle timeout of common load balancers and ingress controllers (60 s), so that the
 # gateway never closes a kept-alive connection that a proxy in front is about to reuse.
@@ -36,50 +35,31 @@ if TYPE_CHECKING:
     from gateway_app.tracing import RequestTracer
 
 
-def build_state(
+def load_setup(
     config: Path,
     keys_file: Path | None,
     engine_key_file: Path | None,
     redis_url: str | None,
-    request_log: RequestLog | None = None,
+    request_log: RequestLog,
     otlp_endpoint: str | None = None,
-) -> tuple[GatewayState, list[WatchedFile]]:
+) -> Setup:
     """Load everything the gateway needs, raising ConfigError naming the file and field at fault."""
     routing_map, routing_raw = load_routing_map(config)
-    keys, keys_raw = load_keys_file(keys_file) if keys_file else (None, b"")
-    engine_key, engine_key_raw = load_engine_key(engine_key_file) if engine_key_file else (None, b"")
-    state = GatewayState(
+    setup = Setup(
         routing_map,
-        keys=keys,
-        engine_api_key=engine_key,
+        routing_file=MountedFile(config, routing_raw),
         redis_url=redis_url,
         redis_password=os.environ.get("LLM_GATEWAY_REDIS_PASSWORD") or None,
         request_log=request_log,
         tracer=_tracer(otlp_endpoint) if otlp_endpoint else None,
     )
-
-    def counter(file: str):
-        return lambda result: state.metrics.config_reloads.labels(file, result).inc()
-
-    watched = [
-        WatchedFile(config, "routing map", load_routing_map, state.swap_table, counter("routing_map"), routing_raw)
-    ]
     if keys_file:
-        watched.append(
-            WatchedFile(keys_file, "API keys", load_keys_file, state.set_keys, counter("api_keys"), keys_raw)
-        )
+        setup.keys, raw = load_keys_file(keys_file)
+        setup.keys_file = MountedFile(keys_file, raw)
     if engine_key_file:
-        watched.append(
-            WatchedFile(
-                engine_key_file,
-                "engine API key",
-                load_engine_key,
-                state.set_engine_api_key,
-                counter("engine_api_key"),
-                engine_key_raw,
-            )
-        )
-    return state, watched
+        setup.engine_key, raw = load_engine_key(engine_key_file)
+        setup.engine_key_file = MountedFile(engine_key_file, raw)
+    return setup
 
 
 def _tracer(endpoint: str) -> RequestTracer:
@@ -131,7 +111,7 @@ def uvicorn_config(
         timeout_keep_alive=KEEP_ALIVE_SECONDS,
         # On SIGTERM uvicorn closes the listening socket at once (so readiness fails and no new
         # connection is accepted) and lets requests in flight, streams included, run this long.
-        timeout_graceful_shutdown=shutdown_grace,
+        timeout_graceful_shutdown=shutdown_grace,  # type: ignore[arg-type]  # hinted int; any number works
     )
 
 
@@ -151,7 +131,7 @@ def serve_gateway(
 ) -> int:
     log_format = configure_logging(log_level, log_format)
     try:
-        state, watched = build_state(
+        setup = load_setup(
             Path(config),
             Path(keys_file) if keys_file else None,
             Path(engine_key_file) if engine_key_file else None,
@@ -180,28 +160,30 @@ def serve_gateway(
             return 1
     fd_limit = raise_fd_limit()
     give_large_buffers_back()
-    guard = ConnectionGuard(lambda: state.table.settings.client_limits, state.metrics, fd_limit)
+    app = GatewayApp(setup, metrics_port)
+    guard = ConnectionGuard(app.client_limits, setup.metrics, fd_limit)
     # The metrics port keeps a small budget of its own: a flood on the API port never locks out Prometheus.
-    metrics_guard = ConnectionGuard(lambda: METRICS_LISTENER_LIMITS, state.metrics, fd_limit, report=False)
+    metrics_guard = ConnectionGuard(lambda: METRICS_LISTENER_LIMITS, setup.metrics, fd_limit, report=False)
+    routing_map = setup.routing_map
     log.info(
         "serving %d engines for %d models from %s on %s:%d%s; API keys %s; rate limits in %s; "
         "at most %d client connections (open-file limit %d)",
-        len(state.table.engines),
-        len(state.table.models),
+        len(routing_map.engines),
+        len({engine.model for engine in routing_map.engines}),
         config,
         host,
         port,
         f" (metrics on port {metrics_port})" if metrics_port else "",
-        f"on ({len(state.keys)} keys)" if state.keys is not None else "off",
+        f"on ({len(setup.keys)} keys)" if setup.keys is not None else "off",
         "Redis" if redis_url else "process memory",
         guard.max_connections,
         fd_limit,
     )
-    if state.keys is not None and len(state.keys) == 0:
+    if setup.keys is not None and len(setup.keys) == 0:
         log.warning("the keys file %s lists no keys: every request will be refused with 401", keys_file)
     server = uvicorn.Server(
         uvicorn_config(
-            create_app(state, watched, metrics_port),
+            app,
             lambda local_port: metrics_guard if local_port == metrics_port else guard,
             log_level,
             shutdown_grace,

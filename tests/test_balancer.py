@@ -8,7 +8,8 @@ from collections import Counter
 
 from gateway_app.balancer import available, choose, pick_by_affinity, pick_least_loaded_of_two
 from gateway_app.config import HealthSettings
-from gateway_app.endpoints import Endpoint, EndpointPool
+from gateway_app.replicas import Replica as Endpoint
+from gateway_app.replicas import ReplicaPool as EndpointPool
 
 
 def endpoints(count: int) -> list[Endpoint]:

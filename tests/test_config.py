@@ -6,7 +6,7 @@ import pytest
 
 from gateway_app.config import ConfigError, parse_routing_map
 from gateway_app.errors import ModelNotFound
-from gateway_app.route_table import RouteTable
+from gateway_app.route_table import build_routes
 
 MINIMAL = """
 engines:
@@ -92,7 +92,7 @@ def test_refusals_name_the_field(text, expected):
 
 
 def test_resolution_rules():
-    table = RouteTable(parse_routing_map(MINIMAL))
+    table = build_routes(parse_routing_map(MINIMAL))
     assert table.resolve("meta-llama/Llama-3.2-1B-Instruct", None).engine.name == "vllm-llama-32-1b"
     assert table.resolve("meta-llama/Llama-3.2-1B-Instruct", "sglang").engine.name == "sglang-llama-32-1b"
     resolved = table.resolve("llama-1b", "sglang")
@@ -107,7 +107,7 @@ engines:
   - {name: s, model: m, owned_by: sglang, url: 'http://s'}
   - {name: v, model: m, owned_by: vllm, url: 'http://v'}
 """)
-    assert RouteTable(routing_map).resolve("m", None).engine.name == "s"
+    assert build_routes(routing_map).resolve("m", None).engine.name == "s"
 
 
 def test_engine_timeouts_override_the_map_defaults_field_by_field():
@@ -116,5 +116,5 @@ settings: {timeouts: {connect: 2, idle: 30}}
 engines:
   - {name: a, model: m, owned_by: v, url: 'http://x', timeouts: {idle: 5}}
 """)
-    engine = RouteTable(routing_map).engines[0]
+    engine = build_routes(routing_map).engines[0]
     assert (engine.timeouts.connect, engine.timeouts.idle, engine.timeouts.first_byte) == (2, 5, 600)

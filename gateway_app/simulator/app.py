@@ -14,17 +14,15 @@ from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any
 
 import orjson
+from starlette.types import Message, Receive, Scope, Send
 
+from gateway_app.responses import send_bytes
 from gateway_app.simulator.engines import Engine, StaticResponse, engine_named
 from gateway_app.simulator.errors import RequestError
 from gateway_app.simulator.generation import Completion, Pacing, embedding_data
 from gateway_app.simulator.metrics import METRICS_CONTENT_TYPE, EngineMetrics
 from gateway_app.simulator.protocol import GenerationRequest, parse_chat, parse_completion, parse_embedding
 
-Scope = dict[str, Any]
-Message = dict[str, Any]
-Receive = Callable[[], Awaitable[Message]]
-Send = Callable[[Message], Awaitable[None]]
 PostHandler = Callable[[bytes, Receive, Send], Awaitable[None]]
 
 logger = logging.getLogger(__name__)
@@ -90,7 +88,7 @@ class SimulatorApp:
             elif path == "/v1/models":
                 await _send_json(send, 200, self.engine.model_list(self.model))
             else:
-                await _send_bytes(send, 200, self.metrics.render(), METRICS_CONTENT_TYPE)
+                await send_bytes(send, 200, self.metrics.render(), content_type=(b"content-type", METRICS_CONTENT_TYPE))
             return
         static = self._static_routes.get(path)
         if static is not None:
@@ -215,7 +213,7 @@ async def _read_body(receive: Receive) -> bytes | None:
     message = await receive()
     if message["type"] == "http.disconnect":
         return None
-    body = message.get("body", b"")
+    body: bytes = message.get("body", b"")
     if not message.get("more_body", False):
         return body
     parts = [body]
@@ -229,33 +227,20 @@ async def _read_body(receive: Receive) -> bytes | None:
 
 
 async def _send_json(send: Send, status: int, payload: Any) -> None:
-    await _send_bytes(send, status, orjson.dumps(payload), b"application/json")
-
-
-async def _send_bytes(send: Send, status: int, body: bytes, content_type: bytes | None) -> None:
-    headers = [(b"content-length", str(len(body)).encode())]
-    if content_type is not None:
-        headers.append((b"content-type", content_type))
-    await send({"type": "http.response.start", "status": status, "headers": headers})
-    await send({"type": "http.response.body", "body": body})
+    await send_bytes(send, status, orjson.dumps(payload))
 
 
 async def _send_static(send: Send, method: str, static: StaticResponse) -> None:
     if method not in static.methods:
         await _method_not_allowed(send, static.methods)
         return
-    await _send_bytes(send, 200, static.body, static.content_type)
+    content_type = (b"content-type", static.content_type) if static.content_type is not None else None
+    await send_bytes(send, 200, static.body, content_type=content_type)
 
 
 async def _method_not_allowed(send: Send, allowed: tuple[str, ...]) -> None:
     body = orjson.dumps({"detail": "Method Not Allowed"})
-    headers = [
-        (b"content-type", b"application/json"),
-        (b"content-length", str(len(body)).encode()),
-        (b"allow", ", ".join(allowed).encode()),
-    ]
-    await send({"type": "http.response.start", "status": 405, "headers": headers})
-    await send({"type": "http.response.body", "body": body})
+    await send_bytes(send, 405, body, [(b"allow", ", ".join(allowed).encode())])
 
 
 async def _lifespan(receive: Receive, send: Send) -> None:

@@ -263,6 +263,7 @@ class Vllm(Engine):
         )
 
     def render_error(self, error: RequestError) -> tuple[int, dict[str, Any]]:
+        param: str | None
         if error.kind is ErrorKind.UNKNOWN_MODEL:
             status, message, kind = 404, f"The model `{error.message}` does not exist.", "NotFoundError"
             param = "model"

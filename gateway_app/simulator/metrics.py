@@ -11,7 +11,7 @@ from __future__ import annotations
 import bisect
 import math
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from types import TracebackType
 
 from prometheus_client import CollectorRegistry, generate_latest
@@ -20,6 +20,8 @@ from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamil
 from prometheus_client.utils import floatToGoString
 
 from gateway_app.simulator.engines import MAX_MODEL_LEN, Engine
+
+float_to_go: Callable[[float], str] = floatToGoString  # Prometheus's own float format ("+Inf"); untyped
 
 METRICS_CONTENT_TYPE = CONTENT_TYPE_LATEST.encode()
 # Tokens the simulated KV cache holds; a running request reserves its prompt plus its max_tokens.
@@ -46,7 +48,7 @@ class Histogram:
         cumulative, buckets = 0, []
         for bound, count in zip(self.upper_bounds, self.counts, strict=False):
             cumulative += count
-            buckets.append((floatToGoString(bound), cumulative))
+            buckets.append((float_to_go(bound), cumulative))
         family.add_metric(labelvalues, buckets, self.sum)
         return family
 

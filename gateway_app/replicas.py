@@ -1,0 +1,194 @@
+"""Engine replicas and what the gateway knows of them: health, load, and the per-engine queue.
+
+A *replica* is one running copy of an engine (a URL); an engine has one or several. What is known of a
+replica is kept by URL in a registry that outlives reloads of the routing map, so a reload does not
+forget that a replica is failing, and it is pruned to the URLs in use so that memory stays bounded. Two
+sources judge a replica: active `/health` checks at an interval, and passive signals from real requests
+(connection errors, timeouts, 5xx), which eject it for a cool-down that doubles while it keeps failing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable, Iterable, Iterator
+
+import aiohttp
+
+from gateway_app.background import PeriodicTask
+from gateway_app.concurrency import ConcurrencyGate
+from gateway_app.config import Concurrency, EngineSpec, HealthSettings
+from gateway_app.log_setup import ThrottledWarning
+
+log = logging.getLogger("llm_gateway.replicas")
+EJECTION_WARNINGS = ThrottledWarning(log)  # a replica failing every request: a line a minute, not one per request
+
+# Engines that watch the same Service share one pool and one watch: (namespace, service, port, URLs).
+DiscoveryKey = tuple[str, str, int, tuple[str, ...]]
+
+
+class Replica:
+    """One replica: its URL, requests outstanding on it, and its health."""
+
+    __slots__ = ("url", "outstanding", "failures", "ejected_until", "healthy", "latency", "latency_at")
+
+    LATENCY_WEIGHT = 0.2  # of a new sample in the moving average
+    LATENCY_FRESH_SECONDS = 10.0  # older than this, the average says nothing about the replica now
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+        self.outstanding = 0
+        self.latency = 0.0  # moving average of the time to the engine's first byte, seconds
+        self.latency_at = -1e9  # monotonic time of the last sample
+        self.failures = 0  # in a row
+        self.ejected_until = 0.0  # monotonic time
+        self.healthy = True  # the last active check's verdict (optimistic until the first one)
+
+    def available(self, now: float) -> bool:
+        return self.healthy and now >= self.ejected_until
+
+    def observe_latency(self, seconds: float, now: float) -> None:
+        fresh = now - self.latency_at < self.LATENCY_FRESH_SECONDS
+        self.latency = self.latency + self.LATENCY_WEIGHT * (seconds - self.latency) if fresh else seconds
+        self.latency_at = now
+
+    def expected_latency(self, now: float) -> float:
+        """The recent average, or 0 when there is none: a replica not heard from lately gets a request
+        again, so that a replica that recovered is noticed."""
+        return self.latency if now - self.latency_at < self.LATENCY_FRESH_SECONDS else 0.0
+
+    def succeeded(self) -> None:
+        self.failures = 0
+        self.ejected_until = 0.0
+
+    def failed(self, settings: HealthSettings) -> None:
+        """Eject for a cool-down that grows while the replica keeps failing."""
+        self.failures += 1
+        # The exponent is capped: thousands of failures in a row must not overflow a float.
+        cool_down = min(settings.ejection_base * 2.0 ** min(self.failures - 1, 64), settings.ejection_max)
+        self.ejected_until = time.monotonic() + cool_down
+        EJECTION_WARNINGS.warn(
+            self.url, "replica %s ejected for %.1f s after %d failure(s) in a row", self.url, cool_down, self.failures
+        )
+
+
+class ReplicaPool:
+    """The replicas one engine routes to right now. Discovery replaces `replicas` in one assignment;
+    an engine without discovery keeps its configured list."""
+
+    __slots__ = ("configured", "replicas", "turn")
+
+    def __init__(self, configured: tuple[Replica, ...]) -> None:
+        self.configured = configured
+        self.replicas = configured
+        self.turn = 0  # for round-robin
+
+    def update(self, discovered: tuple[Replica, ...]) -> None:
+        self.replicas = discovered or self.configured  # no ready pod: the Service URL is the best bet
+
+
+class ReplicaRegistry:
+    """Everything about replicas that outlives a reload: replicas by URL, the pools of discovered
+    engines, and each engine's concurrency gate (its queue must survive a reload unless its limits
+    changed)."""
+
+    def __init__(self) -> None:
+        self._by_url: dict[str, Replica] = {}
+        self._pools: dict[DiscoveryKey, ReplicaPool] = {}
+        self._gates: dict[str, ConcurrencyGate] = {}
+
+    def replica(self, url: str) -> Replica:
+        replica = self._by_url.get(url)
+        if replica is None:
+            replica = self._by_url[url] = Replica(url)
+        return replica
+
+    def pool_for(self, spec: EngineSpec) -> ReplicaPool:
+        """A new pool of the configured URLs, or the shared pool of the Service it discovers."""
+        configured = tuple(self.replica(url) for url in spec.endpoints)
+        key = discovery_key(spec)
+        if key is None:
+            return ReplicaPool(configured)
+        pool = self._pools.get(key)
+        if pool is None or pool.configured != configured:
+            pool = self._pools[key] = ReplicaPool(configured)
+        return pool
+
+    def gate_for(self, name: str, settings: Concurrency) -> ConcurrencyGate | None:
+        """The engine's gate: the same object as before a reload unless its settings changed."""
+        if settings.limit is None:
+            self._gates.pop(name, None)
+            return None
+        gate = self._gates.get(name)
+        if gate is None or (gate.limit, gate.queue, gate.queue_timeout) != (
+            settings.limit,
+            settings.queue,
+            settings.queue_timeout,
+        ):
+            gate = self._gates[name] = ConcurrencyGate(settings.limit, settings.queue, settings.queue_timeout)
+        return gate
+
+    def discovered(self, key: DiscoveryKey, urls: Iterable[str]) -> bool:
+        """Put the ready pods of a Service in service; False when no engine uses that Service any more."""
+        pool = self._pools.get(key)
+        if pool is None:
+            return False
+        pool.update(tuple(self.replica(url) for url in urls))
+        return True
+
+    def retain(self, urls: Iterable[str], keys: Iterable[DiscoveryKey], engines: Iterable[str]) -> None:
+        """Forget what no engine uses any more (requests in flight keep their objects)."""
+        keep_urls, keep_keys, keep_engines = set(urls), set(keys), set(engines)
+        self._by_url = {url: replica for url, replica in self._by_url.items() if url in keep_urls}
+        self._pools = {key: pool for key, pool in self._pools.items() if key in keep_keys}
+        self._gates = {name: gate for name, gate in self._gates.items() if name in keep_engines}
+
+    def __iter__(self) -> Iterator[Replica]:
+        return iter(list(self._by_url.values()))
+
+
+def discovery_key(spec: EngineSpec) -> DiscoveryKey | None:
+    if spec.discovery is None:
+        return None
+    return (spec.discovery.namespace, spec.discovery.service, spec.discovery.port, tuple(spec.endpoints))
+
+
+class HealthChecker(PeriodicTask):
+    """Checks every replica's `/health` at an interval, in the background, never on the request path."""
+
+    def __init__(
+        self,
+        registry: ReplicaRegistry,
+        session: aiohttp.ClientSession,
+        settings: Callable[[], HealthSettings],
+        headers: Callable[[], dict[str, str]],
+    ) -> None:
+        super().__init__(lambda: settings().interval)
+        self._registry = registry
+        self._session = session
+        self._settings = settings
+        self._headers = headers
+
+    async def check(self, replica: Replica, settings: HealthSettings) -> None:
+        try:
+            async with self._session.get(
+                replica.url + "/health", headers=self._headers(), timeout=aiohttp.ClientTimeout(total=settings.timeout)
+            ) as response:
+                healthy = response.status == 200
+        except (aiohttp.ClientError, TimeoutError):
+            healthy = False
+        if healthy and not replica.healthy:
+            log.warning("replica %s is healthy again", replica.url)
+        elif not healthy and replica.healthy:
+            log.warning("replica %s failed its health check", replica.url)
+        replica.healthy = healthy
+        if healthy:
+            # A passing check ends an ejection at once, but only a request that succeeds clears the
+            # failure count: a replica whose /health passes while its requests fail stays on a growing
+            # cool-down.
+            replica.ejected_until = 0.0
+
+    async def step(self) -> None:
+        settings = self._settings()
+        await asyncio.gather(*(self.check(replica, settings) for replica in self._registry))

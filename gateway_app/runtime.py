@@ -1,0 +1,216 @@
+"""What lives as long as the gateway process, built together at start-up and stopped together.
+
+The runtime owns the engine session, the replicas (health, discovered pods, queues), the rate limiter,
+the model catalog, the request-body budget, the forwarder, the metrics, the request log, the tracer and
+the background services (health checks, discovery, hot reload of mounted files, the log writer). It
+holds the snapshot in service, which a reload replaces whole (`snapshot.py`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import functools
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import aiohttp
+
+from gateway_app.auth import KeyStore, load_engine_key, load_keys_file
+from gateway_app.background import Service, ServiceGroup
+from gateway_app.concurrency import ConcurrencyGate
+from gateway_app.config import RoutingMap, load_routing_map
+from gateway_app.config_watcher import WatchedFile
+from gateway_app.discovery import DiscoveryManager, KubernetesAPI
+from gateway_app.forwarding import Forwarder
+from gateway_app.metrics import GatewayMetrics
+from gateway_app.models_catalog import ModelCatalog
+from gateway_app.rate_limit import Limiter, MemoryLimiter, RedisLimiter
+from gateway_app.replicas import HealthChecker, Replica, ReplicaRegistry
+from gateway_app.request_body import BodyMemoryBudget
+from gateway_app.request_log import RequestLog
+from gateway_app.route_table import build_routes
+from gateway_app.snapshot import Snapshot, engine_auth_headers
+from gateway_app.upstream import create_session
+
+if TYPE_CHECKING:  # imported only when tracing is on: its packages are an optional extra
+    from gateway_app.tracing import RequestTracer
+
+
+@dataclass(frozen=True, slots=True)
+class MountedFile:
+    """A file kept in service by hot reload, and the bytes it held when it was loaded."""
+
+    path: Path
+    loaded: bytes
+
+
+@dataclass(slots=True)
+class Setup:
+    """What `serve` (or the demo) loaded and chose before start-up."""
+
+    routing_map: RoutingMap
+    keys: KeyStore | None = None  # None: authentication is off
+    engine_key: str | None = None
+    routing_file: MountedFile | None = None  # None: no hot reload (the demo)
+    keys_file: MountedFile | None = None
+    engine_key_file: MountedFile | None = None
+    redis_url: str | None = None
+    redis_password: str | None = None
+    metrics: GatewayMetrics = field(default_factory=GatewayMetrics)
+    request_log: RequestLog = field(default_factory=lambda: RequestLog(enabled=False))
+    tracer: RequestTracer | None = None  # None: tracing off, and nothing of it on the request path
+
+
+class Runtime:
+    """Build with `await Runtime.start(setup)`, inside the running event loop; end with `stop()`."""
+
+    def __init__(self, setup: Setup, session: aiohttp.ClientSession) -> None:
+        self.session = session
+        self.metrics = setup.metrics
+        self.request_log = setup.request_log
+        self.tracer = setup.tracer
+        self.replicas = ReplicaRegistry()
+        self.snapshot = Snapshot(
+            build_routes(setup.routing_map, self.replicas), setup.keys, engine_auth_headers(setup.engine_key)
+        )
+        self.limiter: Limiter = (
+            RedisLimiter(
+                setup.redis_url,
+                setup.redis_password,
+                setup.routing_map.settings.limits.fail_open,
+                on_store_error=self.metrics.limiter_store_errors.inc,
+            )
+            if setup.redis_url
+            else MemoryLimiter()
+        )
+        self.body_budget = BodyMemoryBudget(lambda: self.snapshot.settings.client_limits.max_body_memory)
+        self.catalog = ModelCatalog(session, lambda: self.snapshot)
+        self.forwarder = Forwarder(session, self.metrics)
+        self.discovery = DiscoveryManager(
+            KubernetesAPI.from_environment(), session, self.replicas, self._describe_replicas
+        )
+        self.health = HealthChecker(
+            self.replicas, session, lambda: self.snapshot.settings.health, lambda: dict(self.snapshot.engine_auth)
+        )
+        self.services = ServiceGroup()
+        self._files = self._watched_files(setup)
+        self.metrics.request_body_bytes.set_function(lambda: self.body_budget.held)
+
+    @classmethod
+    async def start(cls, setup: Setup) -> Runtime:
+        session = create_session()
+        try:
+            runtime = cls(setup, session)
+        except BaseException:
+            await session.close()
+            raise
+        services: list[Service] = [runtime.health, runtime.discovery, runtime.request_log, *runtime._files]
+        for service in services:
+            runtime.services.start(service)
+        runtime.discovery.sync(runtime.snapshot.routes)
+        runtime._describe_routes()
+        return runtime
+
+    async def stop(self) -> None:
+        await self.services.stop()
+        await self.limiter.close()
+        if self.tracer is not None:
+            await asyncio.to_thread(self.tracer.shutdown)
+        await self.session.close()
+
+    # What a reload changes: one new snapshot, swapped whole.
+
+    def apply_routing_map(self, routing_map: RoutingMap) -> None:
+        routes = build_routes(routing_map, self.replicas)
+        self.snapshot = dataclasses.replace(self.snapshot, routes=routes)
+        self.limiter.configure(routing_map.settings.limits)
+        self.discovery.sync(routes)
+        self._describe_routes()
+
+    def apply_keys(self, keys: KeyStore) -> None:
+        self.snapshot = dataclasses.replace(self.snapshot, keys=keys)
+
+    def apply_engine_key(self, key: str) -> None:
+        self.snapshot = dataclasses.replace(self.snapshot, engine_auth=engine_auth_headers(key))
+
+    def _watched_files(self, setup: Setup) -> list[WatchedFile[Any]]:
+        def count(file: str) -> Callable[[str], None]:
+            return lambda result: self.metrics.config_reloads.labels(file, result).inc()
+
+        files: list[WatchedFile[Any]] = []
+        if setup.routing_file is not None:
+            files.append(
+                WatchedFile(
+                    setup.routing_file.path,
+                    "routing map",
+                    load_routing_map,
+                    self.apply_routing_map,
+                    count("routing_map"),
+                    setup.routing_file.loaded,
+                )  # fmt: skip
+            )
+        if setup.keys_file is not None:
+            files.append(
+                WatchedFile(
+                    setup.keys_file.path,
+                    "API keys",
+                    load_keys_file,
+                    self.apply_keys,
+                    count("api_keys"),
+                    setup.keys_file.loaded,
+                )  # fmt: skip
+            )
+        if setup.engine_key_file is not None:
+            files.append(
+                WatchedFile(
+                    setup.engine_key_file.path,
+                    "engine API key",
+                    load_engine_key,
+                    self.apply_engine_key,
+                    count("engine_api_key"),
+                    setup.engine_key_file.loaded,
+                )  # fmt: skip
+            )
+        return files
+
+    def _describe_routes(self) -> None:
+        """After a routing map went into service: the gauges that describe it (read at scrape time, so
+        the hot path pays nothing for them)."""
+        routes, metrics = self.snapshot.routes, self.metrics
+        metrics.config_engines.set(len(routes.engines))
+        metrics.config_last_reload.set(time.time())
+        metrics.queue_length.clear()
+        metrics.engine_info.clear()
+        for engine in routes.engines:
+            metrics.engine_info.labels(engine.name, engine.model, engine.owned_by).set(1)
+            if engine.gate is not None:
+                metrics.queue_length.labels(engine.name).set_function(functools.partial(_queued, engine.gate))
+        self._describe_replicas()
+
+    def _describe_replicas(self) -> None:
+        """After the routes or a set of discovered pods changed: forget what no engine uses any more, and
+        label each replica's availability gauge."""
+        routes, metrics = self.snapshot.routes, self.metrics
+        self.replicas.retain(
+            routes.replica_urls(),
+            (engine.discovery for engine in routes.engines if engine.discovery is not None),
+            (engine.name for engine in routes.engines),
+        )
+        metrics.endpoint_available.clear()
+        for engine in routes.engines:
+            for replica in engine.pool.replicas:
+                metrics.endpoint_available.labels(engine.name, replica.url).set_function(
+                    functools.partial(_available, replica)
+                )
+
+
+def _queued(gate: ConcurrencyGate) -> float:
+    return float(gate.waiting)
+
+
+def _available(replica: Replica) -> float:
+    return float(replica.available(time.monotonic()))
