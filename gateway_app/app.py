@@ -116,15 +116,14 @@ class Router:
             await self.metrics_only(scope, receive, with_request_id(send, request_ids(scope["headers"]).own))
             return
         ids = request_ids(scope["headers"])
-        send = with_request_id(send, ids.own)
         handler = self.proxied.get(scope["path"])
         if handler is None:
-            await self.others(scope, receive, send)
+            await self.others(scope, receive, with_request_id(send, ids.own))
         elif scope["method"] == "POST":
-            await handler(scope, receive, send, ids)
+            await handler(scope, receive, send, ids)  # puts the id on every answer it gives
         else:
             error = MethodNotAllowed(f"Method {scope['method']} is not allowed on {scope['path']}.")
-            await send_error(send, error, [(b"allow", b"POST")])
+            await send_error(send, error, [ids.header, (b"allow", b"POST")])
 
 
 def _other_routes(runtime: Runtime, with_metrics: bool) -> tuple[ASGIApp, ASGIApp]:

@@ -147,7 +147,7 @@ class Exchange:
         if self.finished:
             return
         engine = self.engine
-        self.forwarder.metrics.client_disconnects.labels(engine.model, engine.name).inc()
+        self.forwarder.metrics.child(self.forwarder.metrics.client_disconnects, engine.model, engine.name).inc()
         self.status, self.failure = CLIENT_CLOSED, Failure.CLIENT_DISCONNECT
         self.finished = True
         self.count()
@@ -168,7 +168,7 @@ class Exchange:
         """The whole exchange, behind the routed engine's concurrency gate and total timeout; never
         raises but for cancellation (the client went away)."""
         engine, metrics = self.request.engine, self.forwarder.metrics
-        in_flight = metrics.in_flight.labels(engine.model, engine.name)
+        in_flight = metrics.child(metrics.in_flight, engine.model, engine.name)
         in_flight.inc()
         gate = engine.gate
         admitted = False
@@ -176,7 +176,7 @@ class Exchange:
             if gate is not None:
                 waited = await gate.acquire(engine.name)
                 admitted = True
-                metrics.queue_wait.labels(engine.name).observe(waited)
+                metrics.child(metrics.queue_wait, engine.name).observe(waited)
             total = engine.timeouts.total
             if total is None:
                 await self._try_replicas()
@@ -187,7 +187,7 @@ class Exchange:
                 except TimeoutError:
                     await self._fail(Failure.TIMEOUT_TOTAL)
         except EngineBusy as error:
-            metrics.rejected.labels(Failure.ENGINE_OVERLOADED, "").inc()
+            metrics.child(metrics.rejected, Failure.ENGINE_OVERLOADED, "").inc()
             self.failure = Failure.ENGINE_OVERLOADED
             await send_error(self.send, error, [(ENGINE_HEADER, engine.name_header), *self.request.extra_headers])
             self.status = error.status
@@ -205,11 +205,11 @@ class Exchange:
         """The request's metrics, credited to the engine that answered."""
         request, metrics = self.request, self.forwarder.metrics
         labels = (self.engine.model, self.engine.name, request.path)
-        metrics.requests.labels(*labels, str(self.status)).inc()
+        metrics.child(metrics.requests, *labels, str(self.status)).inc()
         stream = "true" if self.sse else "false"
-        metrics.duration.labels(*labels, stream).observe(time.perf_counter() - request.started)
+        metrics.child(metrics.duration, *labels, stream).observe(time.perf_counter() - request.started)
         if self.first_byte_at is not None:
-            metrics.first_byte.labels(*labels, stream).observe(self.first_byte_at - request.started)
+            metrics.child(metrics.first_byte, *labels, stream).observe(self.first_byte_at - request.started)
 
     async def _try_replicas(self) -> None:
         """Try the engine's replicas, then its fallback engine, until one takes the request; relay its answer.
@@ -237,12 +237,12 @@ class Exchange:
                         held.append(fallback.gate)
                     self.engine, tried = fallback, []
                     visited.add(fallback.name)
-                    metrics.fallbacks.labels(routed.name, fallback.name).inc()
+                    metrics.child(metrics.fallbacks, routed.name, fallback.name).inc()
                     replica = self._choose(tried)
                 if replica is None or (attempt and time.perf_counter() > deadline):
                     break
                 if attempt:
-                    metrics.retries.labels(routed.name).inc()
+                    metrics.child(metrics.retries, routed.name).inc()
                 tried.append(replica)
                 outcome = await self._attempt(replica)
                 if outcome is None:
@@ -442,9 +442,9 @@ class Exchange:
         if self.first_byte_at is not None and tokens > 1:
             elapsed = time.perf_counter() - self.first_byte_at
             engine = self.engine
-            self.forwarder.metrics.time_per_output_token.labels(engine.model, engine.name).observe(
-                elapsed / (tokens - 1)
-            )
+            self.forwarder.metrics.child(
+                self.forwarder.metrics.time_per_output_token, engine.model, engine.name
+            ).observe(elapsed / (tokens - 1))
 
     async def _fail(
         self, kind: Failure, error: GatewayError | None = None, message: str | None = None, keep_status: bool = False
@@ -458,7 +458,7 @@ class Exchange:
         """
         engine = self.engine
         error = error or failure_error(kind, engine.name, engine.timeouts, message)
-        self.forwarder.metrics.upstream_errors.labels(engine.name, kind).inc()
+        self.forwarder.metrics.child(self.forwarder.metrics.upstream_errors, engine.name, kind).inc()
         self.failure = kind
         if not keep_status:
             self.status = error.status
@@ -476,8 +476,8 @@ class Exchange:
         self.usage = usage
         if usage is not None:
             engine, metrics = self.engine, self.forwarder.metrics
-            metrics.prompt_tokens.labels(engine.model, engine.name).inc(usage[0])
-            metrics.completion_tokens.labels(engine.model, engine.name).inc(usage[1])
+            metrics.child(metrics.prompt_tokens, engine.model, engine.name).inc(usage[0])
+            metrics.child(metrics.completion_tokens, engine.model, engine.name).inc(usage[1])
 
 
 def _with_stream_headers(headers: list[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:

@@ -7,6 +7,8 @@ model and engine labels: a client-chosen string never becomes a label.
 
 from __future__ import annotations
 
+from typing import Any
+
 from prometheus_client import (
     CollectorRegistry,
     Counter,
@@ -16,6 +18,7 @@ from prometheus_client import (
     ProcessCollector,
     generate_latest,
 )
+from prometheus_client.metrics import MetricWrapperBase
 
 DURATION_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)
 CONNECTION_CLOSE_REASONS = (
@@ -37,6 +40,7 @@ class GatewayMetrics:
 
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
+        self._children: dict[tuple[MetricWrapperBase, tuple[str, ...]], Any] = {}
         ProcessCollector(registry=self.registry)
         PlatformCollector(registry=self.registry)
         route = ("model", "engine", "endpoint")
@@ -200,6 +204,15 @@ class GatewayMetrics:
             self.config_reloads.labels("routing_map", result)
         for reason in CONNECTION_CLOSE_REASONS:  # zero from the start, so that rates and alerts see them
             self.client_connections_closed.labels(reason)
+
+    def child(self, metric: MetricWrapperBase, *labels: str) -> Any:
+        """`metric.labels(*labels)`, remembered: the hot path asks for the same few children again and
+        again, and `labels()` validates and locks each time. (Not for metrics that are cleared.)"""
+        key = (metric, labels)
+        child = self._children.get(key)
+        if child is None:
+            child = self._children[key] = metric.labels(*labels)
+        return child
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -99,7 +99,7 @@ class ProxyEndpoint:
                 log.exception("unexpected error while admitting a request")
             if body is not None:
                 body.release()
-            await self._refuse(error, client_name, decision, send, body_read=body is not None)
+            await self._refuse(error, client_name, decision, send, ids, body_read=body is not None)
             self._log(ids, started, error.status, client_name, error_kind=error.code or error.error_type)
             return
         try:
@@ -154,7 +154,7 @@ class ProxyEndpoint:
             engine_request_id=ids.for_engine,
             traceparent=traceparent,
             affinity_key=affinity_key,
-            extra_headers=decision.headers() if decision is not None else [],
+            extra_headers=[ids.header, *decision.headers()] if decision is not None else [ids.header],
             strip_usage=strip_usage,
             started=started,
         )
@@ -223,7 +223,8 @@ class ProxyEndpoint:
 
     def _log(self, ids: RequestIds, started: float, status: int, client: str, **fields: object) -> None:
         """One line per request (never the prompt, the completion or a key), and who sent it."""
-        self.runtime.metrics.client_requests.labels(client, STATUS_CLASSES.get(status // 100, "other")).inc()
+        metrics = self.runtime.metrics
+        metrics.child(metrics.client_requests, client, STATUS_CLASSES.get(status // 100, "other")).inc()
         self.runtime.request_log.record(
             {
                 "request_id": ids.own,
@@ -262,14 +263,14 @@ class ProxyEndpoint:
         return prompt + (completion if isinstance(completion, int) and completion > 0 else completion_default)
 
     async def _refuse(
-        self, error: GatewayError, client: str, decision: Decision | None, send: Send, body_read: bool
+        self, error: GatewayError, client: str, decision: Decision | None, send: Send, ids: RequestIds, body_read: bool
     ) -> None:
         metrics = self.runtime.metrics
-        metrics.requests.labels("", "", self.path, str(error.status)).inc()
+        metrics.child(metrics.requests, "", "", self.path, str(error.status)).inc()
         reason = REFUSAL_REASONS.get(type(error)) or (error.code if isinstance(error, RateLimited) else None)
         if reason:
-            metrics.rejected.labels(reason, client).inc()
-        headers = decision.headers() if decision is not None else []
+            metrics.child(metrics.rejected, reason, client).inc()
+        headers = [ids.header, *decision.headers()] if decision is not None else [ids.header]
         if isinstance(error, Unauthorized):
             headers.append((b"www-authenticate", b"Bearer"))
         if not body_read:  # the rest of the body is not wanted: the connection closes after this answer

@@ -17,6 +17,11 @@ class RequestIds:
     own: str  # on the answer and in the log line
     for_engine: str  # sent to the engine as its request id
 
+    @property
+    def header(self) -> tuple[bytes, bytes]:
+        """The answer's `x-request-id` header."""
+        return (REQUEST_ID_HEADER, self.own.encode())
+
 
 def request_ids(headers: list[tuple[bytes, bytes]]) -> RequestIds:
     """The client's `x-request-id` when it is short and plain, else a new random one.

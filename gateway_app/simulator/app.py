@@ -17,7 +17,7 @@ import orjson
 from starlette.types import Message, Receive, Scope, Send
 
 from gateway_app.responses import send_bytes
-from gateway_app.simulator.engines import Engine, StaticResponse, engine_named
+from gateway_app.simulator.engines import EngineBehaviour, StaticResponse, engine_named
 from gateway_app.simulator.errors import RequestError
 from gateway_app.simulator.generation import Completion, Pacing, embedding_data
 from gateway_app.simulator.metrics import METRICS_CONTENT_TYPE, EngineMetrics
@@ -48,7 +48,7 @@ def build_simulator_app(
 class SimulatorApp:
     """One simulated engine serving one model."""
 
-    def __init__(self, engine: Engine, model: str, pacing: Pacing, api_key: str | None = None) -> None:
+    def __init__(self, engine: EngineBehaviour, model: str, pacing: Pacing, api_key: str | None = None) -> None:
         self._authorization = f"Bearer {api_key}".encode() if api_key else None
         self.engine = engine
         self.model = model

@@ -61,7 +61,7 @@ class StaticResponse:
         return cls(b"", None, methods)
 
 
-class Engine:
+class EngineBehaviour:
     """The behaviour both engines share; each subclass overrides what its engine does differently."""
 
     name: ClassVar[str]
@@ -147,7 +147,7 @@ class Engine:
         return {"model_name": model}
 
 
-class Vllm(Engine):
+class Vllm(EngineBehaviour):
     """vLLM 0.10–0.12 (V1 engine, OpenAI-compatible server)."""
 
     name = "vllm"
@@ -332,7 +332,7 @@ class Vllm(Engine):
         return {"model_name": model, "engine": "0"}
 
 
-class Sglang(Engine):
+class Sglang(EngineBehaviour):
     """SGLang 0.5.x (`python -m sglang.launch_server`)."""
 
     name = "sglang"
@@ -502,10 +502,10 @@ class Sglang(Engine):
         }
 
 
-ENGINES: dict[str, Engine] = {engine.name: engine for engine in (Vllm(), Sglang())}
+ENGINES: dict[str, EngineBehaviour] = {engine.name: engine for engine in (Vllm(), Sglang())}
 
 
-def engine_named(name: str) -> Engine:
+def engine_named(name: str) -> EngineBehaviour:
     try:
         return ENGINES[name]
     except KeyError:

@@ -1,7 +1,7 @@
 """The simulated model: its pace, its (deterministic) words, and the bodies and SSE events carrying them.
 
 Rendering is shared by both engines; what differs (extra fields, where finish_reason goes) comes
-from the `Engine`. Everything is built with orjson and no sleep happens at zero latency, so that the
+from the `EngineBehaviour`. Everything is built with orjson and no sleep happens at zero latency, so that the
 simulator is never what a gateway benchmark measures.
 """
 
@@ -17,7 +17,7 @@ from typing import Any
 
 import orjson
 
-from gateway_app.simulator.engines import MAX_MODEL_LEN, Engine
+from gateway_app.simulator.engines import MAX_MODEL_LEN, EngineBehaviour
 from gateway_app.simulator.protocol import GenerationRequest
 
 EMBEDDING_DIMENSIONS = 16
@@ -68,7 +68,7 @@ class Pacing:
 class Completion:
     """The body and SSE events of one chat or text completion."""
 
-    def __init__(self, engine: Engine, request: GenerationRequest, chat: bool) -> None:
+    def __init__(self, engine: EngineBehaviour, request: GenerationRequest, chat: bool) -> None:
         self.engine = engine
         self.request = request
         self.chat = chat

@@ -19,7 +19,7 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.utils import floatToGoString
 
-from gateway_app.simulator.engines import MAX_MODEL_LEN, Engine
+from gateway_app.simulator.engines import MAX_MODEL_LEN, EngineBehaviour
 
 float_to_go: Callable[[float], str] = floatToGoString  # Prometheus's own float format ("+Inf"); untyped
 
@@ -56,7 +56,7 @@ class Histogram:
 class EngineMetrics:
     """Load and latency series a load-aware gateway scrapes, updated by `RequestTracker`s."""
 
-    def __init__(self, engine: Engine, model: str) -> None:
+    def __init__(self, engine: EngineBehaviour, model: str) -> None:
         self.names = engine.metric_names
         labels = engine.metric_labels(model)
         self._labelnames = list(labels)

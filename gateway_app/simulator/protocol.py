@@ -12,7 +12,7 @@ from typing import Any
 
 import orjson
 
-from gateway_app.simulator.engines import MAX_MODEL_LEN, Engine
+from gateway_app.simulator.engines import MAX_MODEL_LEN, EngineBehaviour
 from gateway_app.simulator.errors import RequestError
 
 # Tokens generated when a request sets no max_tokens; the "model" then stops by itself.
@@ -41,7 +41,7 @@ class EmbeddingRequest:
     prompt_tokens: int
 
 
-def parse_chat(raw: bytes, engine: Engine, served_model: str) -> GenerationRequest:
+def parse_chat(raw: bytes, engine: EngineBehaviour, served_model: str) -> GenerationRequest:
     body = _json_object(raw)
     messages = body.get("messages")
     if "messages" not in body:
@@ -66,7 +66,7 @@ def parse_chat(raw: bytes, engine: Engine, served_model: str) -> GenerationReque
     )
 
 
-def parse_completion(raw: bytes, engine: Engine, served_model: str) -> GenerationRequest:
+def parse_completion(raw: bytes, engine: EngineBehaviour, served_model: str) -> GenerationRequest:
     body = _json_object(raw)
     prompts = _text_inputs(body, "prompt")
     requested_model = _model(body)
@@ -80,7 +80,7 @@ def parse_completion(raw: bytes, engine: Engine, served_model: str) -> Generatio
     )
 
 
-def parse_embedding(raw: bytes, engine: Engine, served_model: str) -> EmbeddingRequest:
+def parse_embedding(raw: bytes, engine: EngineBehaviour, served_model: str) -> EmbeddingRequest:
     body = _json_object(raw)
     inputs = _text_inputs(body, "input")
     requested_model = _model(body)
@@ -90,7 +90,7 @@ def parse_embedding(raw: bytes, engine: Engine, served_model: str) -> EmbeddingR
 
 
 def _generation(
-    engine: Engine,
+    engine: EngineBehaviour,
     served_model: str,
     requested_model: str | None,
     prompt_tokens: int,
@@ -132,7 +132,7 @@ def _model(body: dict[str, Any]) -> str | None:
     return model
 
 
-def _check_model(engine: Engine, requested: str | None, served: str) -> None:
+def _check_model(engine: EngineBehaviour, requested: str | None, served: str) -> None:
     if not engine.accepts_model(requested, served):
         raise RequestError.unknown_model(requested or "")
 
@@ -145,7 +145,7 @@ def _optional_int(body: dict[str, Any], field: str) -> int | None:
     raise RequestError.validation(("body", field), "Input should be a valid integer", "int_type")
 
 
-def _streaming(body: dict[str, Any], engine: Engine) -> tuple[bool, dict[str, Any] | None]:
+def _streaming(body: dict[str, Any], engine: EngineBehaviour) -> tuple[bool, dict[str, Any] | None]:
     stream = body.get("stream")
     if stream is not None and not isinstance(stream, bool):
         raise RequestError.validation(("body", "stream"), "Input should be a valid boolean", "bool_type")
