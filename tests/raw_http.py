@@ -37,12 +37,29 @@ def request_head(
     return ("\r\n".join(lines) + "\r\n\r\n").encode()
 
 
-class RawConnection:
-    """One client connection; every method gives up after `timeout` seconds instead of hanging."""
+def json_request(body: dict, path: str = "/v1/chat/completions", headers: dict[str, str] | None = None) -> bytes:
+    """A whole POST of `body` as JSON: head and body."""
+    data = json.dumps(body).encode()
+    return request_head(path, body_length=len(data), headers=headers) + data
 
-    def __init__(self, url: str, timeout: float = 15.0) -> None:
+
+class RawConnection:
+    """One client connection; every method gives up after `timeout` seconds instead of hanging.
+
+    `receive_buffer` sets SO_RCVBUF before connecting, which also bounds the window the connection
+    offers: a client that reads slowly, or not at all, makes the other side wait sooner."""
+
+    def __init__(self, url: str, timeout: float = 15.0, receive_buffer: int | None = None) -> None:
         parts = urlsplit(url)
-        self.sock = socket.create_connection((parts.hostname, parts.port), timeout=timeout)
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        try:
+            if receive_buffer is not None:
+                self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, receive_buffer)
+            self.sock.settimeout(timeout)
+            self.sock.connect((parts.hostname, parts.port))
+        except OSError:
+            self.sock.close()
+            raise
         self._buffer = b""
 
     def __enter__(self) -> RawConnection:
@@ -67,6 +84,21 @@ class RawConnection:
         self._buffer += chunk
         return bool(chunk)
 
+    def read_until(self, marker: bytes) -> bytes:
+        """Everything received so far, once it holds `marker`; it stays buffered for `read_answer`.
+        Fails when the connection ends first."""
+        while marker not in self._buffer:
+            if not self._fill():
+                raise AssertionError(f"the connection ended before {marker!r} arrived: {self._buffer!r}")
+        return self._buffer
+
+    def read_until_close(self) -> bytes:
+        """Every byte still to come, unparsed, until the other side closes the connection."""
+        while self._fill():
+            pass
+        received, self._buffer = self._buffer, b""
+        return received
+
     def read_answer(self) -> RawAnswer | None:
         """The next answer, read to its end (Content-Length, chunked, or the connection's close);
         None when the connection ends before a whole head arrives."""
@@ -85,9 +117,7 @@ class RawConnection:
         elif answer.header("transfer-encoding") == "chunked":
             answer.body = self._read_chunked()
         else:
-            while self._fill():
-                pass
-            answer.body, self._buffer = self._buffer, b""
+            answer.body = self.read_until_close()
         return answer
 
     def _read_chunked(self) -> bytes:

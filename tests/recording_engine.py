@@ -79,12 +79,16 @@ class RecordingEngine:
     received: list[Received] = field(default_factory=list)
     fail_with: int | None = None  # answer requests with this status ...
     fail_health: bool = True  # ... /health included, unless this is False
+    models: list[str] = field(default_factory=list)  # ids its GET /v1/models lists (else answered as any path)
 
     async def _handle(self, request: web.Request) -> web.StreamResponse:
         body = await request.read()
         self.received.append(Received(request.path, dict(request.headers), body))
         if self.fail_with is not None and (self.fail_health or request.path != "/health"):
             return web.json_response({"error": {"message": "failing on purpose"}}, status=self.fail_with)
+        if request.path == "/v1/models" and self.models:
+            cards = [{"id": model, "object": "model", "owned_by": "vllm"} for model in self.models]
+            return web.json_response({"object": "list", "data": cards})
         scenario = request.headers.get("X-Test-Scenario", "")
         if scenario:
             return await SCENARIOS[scenario](request)

@@ -14,6 +14,9 @@ import urllib.error
 import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, Protocol, TypeVar
+
+from tests.recording_engine import RecordingEngine
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
@@ -33,6 +36,7 @@ class RunningProcess:
     url: str
     log_path: Path
     args: list[str] = field(default_factory=list)
+    _terminated: bool = field(default=False, init=False, repr=False)
 
     def log(self) -> str:
         try:
@@ -40,14 +44,19 @@ class RunningProcess:
         except OSError:
             return ""
 
-    def stop(self, timeout: float = 10.0) -> None:
-        if self.process.poll() is None:
+    def terminate(self) -> None:
+        """Ask the process to exit (SIGTERM, sent once) without waiting for it; `stop()` waits."""
+        if self.process.poll() is None and not self._terminated:
             self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(timeout=timeout)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait(timeout=timeout)
+            self._terminated = True
+
+    def stop(self, timeout: float = 10.0) -> None:
+        self.terminate()
+        try:
+            self.process.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait(timeout=timeout)
 
 
 def wait_until_ready(running: RunningProcess, path: str, timeout: float = 20.0) -> None:
@@ -117,6 +126,67 @@ def start_gateway(
     port = port or free_port()
     args = ["serve", "--config", str(config_path), "--host", "127.0.0.1", "--port", str(port), *(extra_args or [])]
     return start_cli(args, port, "/readyz", log_dir, "gateway", env, fd_limit=fd_limit)
+
+
+class Stoppable(Protocol):
+    def stop(self) -> None: ...
+
+
+StoppableT = TypeVar("StoppableT", bound=Stoppable)
+
+
+class Processes:
+    """What a test starts (gateways, simulators, stand-in servers), stopped together when it ends.
+
+    The `processes` and `module_processes` fixtures hand one out; a session fixture uses it as a context
+    manager. Stopping is idempotent, so a test may still stop a process on purpose (to read its whole
+    log, say): the teardown then has nothing left to do for it."""
+
+    def __init__(self, log_dir: Path) -> None:
+        self.log_dir = log_dir
+        self._started: list[Stoppable] = []
+
+    def __enter__(self) -> Processes:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop_all()
+
+    def add(self, started: StoppableT) -> StoppableT:
+        """Take charge of something already started: it is stopped with the rest."""
+        self._started.append(started)
+        return started
+
+    def gateway(self, config_path: Path, **options: Any) -> RunningProcess:
+        """`start_gateway(config_path, ...)`, with the same keyword options."""
+        return self.add(start_gateway(config_path, self.log_dir, **options))
+
+    def simulator(self, engine: str, model: str, **options: Any) -> RunningProcess:
+        """`start_simulator(engine, model, ...)`, with the same keyword options."""
+        return self.add(start_simulator(engine, model, self.log_dir, **options))
+
+    def cli(self, args: list[str], port: int, ready_path: str, name: str, **options: Any) -> RunningProcess:
+        """`start_cli(args, port, ready_path, ...)`, with the same keyword options."""
+        return self.add(start_cli(args, port, ready_path, self.log_dir, name, **options))
+
+    def recording_engine(self) -> RecordingEngine:
+        return self.add(RecordingEngine().start())
+
+    def stop_all(self) -> None:
+        """Stop everything, the last started first. Every process is sent SIGTERM before any is waited
+        for, so that they shut down side by side. The first error is raised once all were stopped."""
+        started, self._started = self._started[::-1], []
+        for item in started:
+            if isinstance(item, RunningProcess):
+                item.terminate()
+        errors: list[BaseException] = []
+        for item in started:
+            try:
+                item.stop()
+            except Exception as error:  # the others must be stopped all the same
+                errors.append(error)
+        if errors:
+            raise errors[0]
 
 
 class ConfigMapVolume:

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
+import subprocess
+import sys
 from pathlib import Path
 
 import openai
@@ -11,10 +12,9 @@ import pytest
 import yaml
 
 from gateway_app.auth import hash_key
-from tests.conftest import LLAMA, PHI, write_routing_map
-from tests.recording_engine import RecordingEngine
 from tests.redis_server import RedisServer
-from tests.support import ConfigMapVolume, RunningProcess, start_gateway
+from tests.routes import LLAMA, PHI, write_routing_map
+from tests.support import ConfigMapVolume, Processes, RunningProcess, free_port
 from tests.web import get, metric_value, post, sse_events, wait_for
 
 CHAT = "/v1/chat/completions"
@@ -48,15 +48,13 @@ def keys_volume(tmp_path_factory) -> ConfigMapVolume:
 
 
 @pytest.fixture(scope="module")
-def auth_gateway(tutorial_engines, keys_volume, log_dir, tmp_path_factory) -> Iterator[RunningProcess]:
+def auth_gateway(tutorial_engines, keys_volume, module_processes, tmp_path_factory) -> RunningProcess:
     engines = [
         {"name": name, "model": LLAMA if "llama" in name else PHI, "owned_by": name.split("-")[0], "url": sim.url}
         for name, sim in tutorial_engines.items()
     ]
     config = write_routing_map(tmp_path_factory.mktemp("auth") / "routes.yaml", engines)
-    running = start_gateway(config, log_dir, extra_args=["--keys-file", str(keys_volume.path)])
-    yield running
-    running.stop()
+    return module_processes.gateway(config, extra_args=["--keys-file", str(keys_volume.path)])
 
 
 @pytest.mark.parametrize(
@@ -181,8 +179,8 @@ def test_rotated_key_takes_effect_without_restart(auth_gateway, keys_volume):
 # --- the engine credential: the client's key never reaches an engine ---------------------------------
 
 
-def test_engine_gets_the_gateway_credential_not_the_clients(log_dir, tmp_path):
-    engine = RecordingEngine().start()
+def test_engine_gets_the_gateway_credential_not_the_clients(processes, tmp_path):
+    engine = processes.recording_engine()
     key_file = tmp_path / "engine-key"
     key_file.write_text("engine-secret-1\n")
     keys_file = tmp_path / "keys.yaml"
@@ -190,31 +188,24 @@ def test_engine_gets_the_gateway_credential_not_the_clients(log_dir, tmp_path):
     config = write_routing_map(
         tmp_path / "routes.yaml", [{"name": "rec", "model": "m", "owned_by": "x", "url": engine.url}]
     )
-    gateway = start_gateway(
-        config, log_dir, extra_args=["--keys-file", str(keys_file), "--engine-api-key-file", str(key_file)]
+    gateway = processes.gateway(
+        config, extra_args=["--keys-file", str(keys_file), "--engine-api-key-file", str(key_file)]
     )
-    try:
-        assert post(gateway.url + CHAT, {"model": "m"}, headers=bearer(KEY_A)).status == 200
-        received = {k.lower(): v for k, v in engine.received[-1].headers.items()}
-        assert received["authorization"] == "Bearer engine-secret-1"
-        assert "x-api-key" not in received
-        key_file.write_text("engine-secret-2\n")  # rotation of the mounted Secret
-        wait_for(
-            lambda: (
-                post(gateway.url + CHAT, {"model": "m"}, headers=bearer(KEY_A)).status == 200
-                and engine.received[-1].headers.get("Authorization") == "Bearer engine-secret-2"
-            ),
-            message="rotated",
-        )
-    finally:
-        gateway.stop()
-        engine.stop()
+    assert post(gateway.url + CHAT, {"model": "m"}, headers=bearer(KEY_A)).status == 200
+    received = {k.lower(): v for k, v in engine.received[-1].headers.items()}
+    assert received["authorization"] == "Bearer engine-secret-1"
+    assert "x-api-key" not in received
+    key_file.write_text("engine-secret-2\n")  # rotation of the mounted Secret
+    wait_for(
+        lambda: (
+            post(gateway.url + CHAT, {"model": "m"}, headers=bearer(KEY_A)).status == 200
+            and engine.received[-1].headers.get("Authorization") == "Bearer engine-secret-2"
+        ),
+        message="rotated",
+    )
 
 
-def test_serve_refuses_a_bad_keys_file(log_dir, tmp_path):
-    import subprocess
-    import sys
-
+def test_serve_refuses_a_bad_keys_file(tmp_path):
     keys_file = tmp_path / "keys.yaml"
     keys_file.write_text("keys:\n  - {name: a, sha256: not-a-hash}\n")
     config = write_routing_map(
@@ -229,17 +220,41 @@ def test_serve_refuses_a_bad_keys_file(log_dir, tmp_path):
     assert result.returncode == 2 and "keys[0].sha256" in result.stderr
 
 
+@pytest.mark.parametrize("text", ["", "keys: []\n"], ids=["empty-file", "empty-list"])
+def test_a_keys_file_that_lists_no_keys_refuses_everything(processes, tmp_path, text):
+    """An empty Secret must not open the gateway: every request gets 401, and the log says why, once."""
+    engine = processes.recording_engine()
+    keys_file = tmp_path / "keys.yaml"
+    keys_file.write_text(text)
+    config = write_routing_map(
+        tmp_path / "routes.yaml", [{"name": "rec", "model": "m", "owned_by": "vllm", "url": engine.url}]
+    )
+    gateway = processes.gateway(config, extra_args=["--keys-file", str(keys_file), "--log-format", "json"])
+    for headers in ({}, bearer(KEY_A), {"X-API-Key": KEY_A}):
+        for answer in (
+            post(gateway.url + CHAT, {"model": "m", "messages": HI}, headers=headers),
+            get(gateway.url + "/v1/models", headers=headers),
+            get(gateway.url + "/v1/models/m", headers=headers),
+        ):
+            assert answer.status == 401 and answer.json()["error"]["code"] == "invalid_api_key", answer.body
+    assert [r.path for r in engine.received if r.path != "/health"] == []  # nothing reached the engine
+    assert get(gateway.url + "/healthz").status == get(gateway.url + "/readyz").status == 200  # probes stay open
+    warnings = [json.loads(line) for line in gateway.log().splitlines() if "lists no keys" in line]
+    assert len(warnings) == 1, warnings  # at start, not per request
+    assert warnings[0]["level"] == "warning" and str(keys_file) in warnings[0]["message"]
+
+
 # --- limits shared through Redis ---------------------------------------------------------------------
 
 
 @pytest.fixture
-def redis(tmp_path) -> Iterator[RedisServer]:
-    server = RedisServer(tmp_path).start()
-    yield server
-    server.stop()
+def redis(processes, tmp_path) -> RedisServer:
+    return processes.add(RedisServer(tmp_path)).start()
 
 
-def shared_gateways(redis, tutorial_engines, log_dir, tmp_path: Path, limits: dict, key: dict, count: int = 2):
+def shared_gateways(
+    redis, tutorial_engines, processes: Processes, tmp_path: Path, limits: dict, key: dict, count: int = 2
+) -> list[RunningProcess]:
     config = write_routing_map(
         tmp_path / "routes.yaml",
         [{"name": "vllm-llama", "model": LLAMA, "owned_by": "vllm", "url": tutorial_engines["vllm-llama-32-1b"].url}],
@@ -247,108 +262,84 @@ def shared_gateways(redis, tutorial_engines, log_dir, tmp_path: Path, limits: di
     )
     keys_file = tmp_path / "keys.yaml"
     keys_file.write_text(keys_yaml(key))
-    gateways = []
-    try:
-        for _ in range(count):
-            gateways.append(
-                start_gateway(config, log_dir, extra_args=["--keys-file", str(keys_file), "--redis-url", redis.url])
-            )
-    except Exception:
-        for gateway in gateways:
-            gateway.stop()
-        raise
-    return gateways
+    args = ["--keys-file", str(keys_file), "--redis-url", redis.url]
+    return [processes.gateway(config, extra_args=args) for _ in range(count)]
 
 
-def test_two_gateways_sharing_redis_enforce_one_limit(redis, tutorial_engines, log_dir, tmp_path):
+def test_two_gateways_sharing_redis_enforce_one_limit(redis, tutorial_engines, processes, tmp_path):
     gateways = shared_gateways(
-        redis, tutorial_engines, log_dir, tmp_path, {"requests_per_minute": 4}, key_entry("team-a", KEY_A)
+        redis, tutorial_engines, processes, tmp_path, {"requests_per_minute": 4}, key_entry("team-a", KEY_A)
     )
-    try:
-        statuses = [
-            post(gateways[i % 2].url + CHAT, {"model": LLAMA, "messages": HI}, headers=bearer(KEY_A)).status
-            for i in range(6)
-        ]
-        assert statuses == [200, 200, 200, 200, 429, 429]  # 4 in all, not 4 per replica
-    finally:
-        for gateway in gateways:
-            gateway.stop()
+    statuses = [
+        post(gateways[i % 2].url + CHAT, {"model": LLAMA, "messages": HI}, headers=bearer(KEY_A)).status
+        for i in range(6)
+    ]
+    assert statuses == [200, 200, 200, 200, 429, 429]  # 4 in all, not 4 per replica
 
 
-def test_redis_stopped_mid_test_fails_open_then_limits_return(redis, tutorial_engines, log_dir, tmp_path):
+def test_redis_stopped_mid_test_fails_open_then_limits_return(redis, tutorial_engines, processes, tmp_path):
     (gateway,) = shared_gateways(
-        redis, tutorial_engines, log_dir, tmp_path, {"requests_per_minute": 2}, key_entry("team-a", KEY_A), count=1
+        redis, tutorial_engines, processes, tmp_path, {"requests_per_minute": 2}, key_entry("team-a", KEY_A), count=1
     )
     request = lambda: post(gateway.url + CHAT, {"model": LLAMA, "messages": HI}, headers=bearer(KEY_A))  # noqa: E731
-    try:
-        assert [request().status for _ in range(3)] == [200, 200, 429]
-        redis.stop()
-        assert [request().status for _ in range(3)] == [200, 200, 200]  # fail open: keep serving
-        metrics = get(gateway.url + "/metrics").body.decode()
-        assert metric_value(metrics, "llm_gateway_rate_limit_store_errors_total") >= 1
-        assert "rate-limit store unreachable" in gateway.log()
-        redis.start()  # same port, empty: the buckets are full again
-        wait_for(lambda: request().status == 429, timeout=15, message="limits enforced again after Redis returned")
-        assert "reachable again" in gateway.log()
-    finally:
-        gateway.stop()
+    assert [request().status for _ in range(3)] == [200, 200, 429]
+    redis.stop()
+    assert [request().status for _ in range(3)] == [200, 200, 200]  # fail open: keep serving
+    metrics = get(gateway.url + "/metrics").body.decode()
+    assert metric_value(metrics, "llm_gateway_rate_limit_store_errors_total") >= 1
+    assert "rate-limit store unreachable" in gateway.log()
+    redis.start()  # same port, empty: the buckets are full again
+    wait_for(lambda: request().status == 429, timeout=15, message="limits enforced again after Redis returned")
+    assert "reachable again" in gateway.log()
 
 
-def test_redis_down_with_fail_closed_refuses_with_503(redis, tutorial_engines, log_dir, tmp_path):
+def test_redis_down_with_fail_closed_refuses_with_503(redis, tutorial_engines, processes, tmp_path):
     (gateway,) = shared_gateways(
         redis,
         tutorial_engines,
-        log_dir,
+        processes,
         tmp_path,
         {"requests_per_minute": 100, "fail_open": False},
         key_entry("team-a", KEY_A),
         count=1,
     )
-    try:
-        assert post(gateway.url + CHAT, {"model": LLAMA, "messages": HI}, headers=bearer(KEY_A)).status == 200
-        redis.stop()
-        answer = post(gateway.url + CHAT, {"model": LLAMA, "messages": HI}, headers=bearer(KEY_A))
-        assert answer.status == 503 and answer.json()["error"]["code"] == "rate_limiter_unavailable"
-    finally:
-        gateway.stop()
+    assert post(gateway.url + CHAT, {"model": LLAMA, "messages": HI}, headers=bearer(KEY_A)).status == 200
+    redis.stop()
+    answer = post(gateway.url + CHAT, {"model": LLAMA, "messages": HI}, headers=bearer(KEY_A))
+    assert answer.status == 503 and answer.json()["error"]["code"] == "rate_limiter_unavailable"
 
 
 def test_streamed_tokens_are_counted_exactly_once_and_the_usage_chunk_stays_hidden(
-    redis, tutorial_engines, log_dir, tmp_path
+    redis, tutorial_engines, processes, tmp_path
 ):
     # 60 tokens a minute refill one token a second: the bucket barely moves during the test.
     (gateway,) = shared_gateways(
-        redis, tutorial_engines, log_dir, tmp_path, {"tokens_per_minute": 60}, key_entry("team-a", KEY_A), count=1
+        redis, tutorial_engines, processes, tmp_path, {"tokens_per_minute": 60}, key_entry("team-a", KEY_A), count=1
     )
-    try:
-        body = {"model": LLAMA, "messages": HI, "max_tokens": 5}
-        direct = post(tutorial_engines["vllm-llama-32-1b"].url + CHAT, body).json()["usage"]
-        used = direct["prompt_tokens"] + direct["completion_tokens"]
-        answer = post(gateway.url + CHAT, dict(body, stream=True), headers=bearer(KEY_A))
-        events = sse_events(answer.body)
-        assert events[-1] == "[DONE]"
-        assert all("usage" not in json.loads(e) or json.loads(e)["usage"] is None for e in events[:-1])  # not asked for
+    body = {"model": LLAMA, "messages": HI, "max_tokens": 5}
+    direct = post(tutorial_engines["vllm-llama-32-1b"].url + CHAT, body).json()["usage"]
+    used = direct["prompt_tokens"] + direct["completion_tokens"]
+    answer = post(gateway.url + CHAT, dict(body, stream=True), headers=bearer(KEY_A))
+    events = sse_events(answer.body)
+    assert events[-1] == "[DONE]"
+    assert all("usage" not in json.loads(e) or json.loads(e)["usage"] is None for e in events[:-1])  # not asked for
 
-        def charged() -> float:
-            return 60 - float(redis.command("HGET", "llm-gateway:rl:{team-a}:t", "l").split(b"\r\n")[1])
+    def charged() -> float:
+        return 60 - float(redis.command("HGET", "llm-gateway:rl:{team-a}:t", "l").split(b"\r\n")[1])
 
-        # The estimate is settled against the usage within a second. Charged once: `used`, less what
-        # refilled meanwhile (1 token a second); charged twice would be about 2 * used.
-        wait_for(lambda: used - 4 <= charged() <= used + 0.5, timeout=5, message=f"{used} tokens charged")
-        # a client that asks for usage still gets it, and it is counted once too
-        answer = post(
-            gateway.url + CHAT, dict(body, stream=True, stream_options={"include_usage": True}), headers=bearer(KEY_A)
-        )
-        assert json.loads(sse_events(answer.body)[-2])["usage"]["completion_tokens"] == 5
-    finally:
-        gateway.stop()
+    # The estimate is settled against the usage within a second. Charged once: `used`, less what
+    # refilled meanwhile (1 token a second); charged twice would be about 2 * used.
+    wait_for(lambda: used - 4 <= charged() <= used + 0.5, timeout=5, message=f"{used} tokens charged")
+    # a client that asks for usage still gets it, and it is counted once too
+    answer = post(
+        gateway.url + CHAT, dict(body, stream=True, stream_options={"include_usage": True}), headers=bearer(KEY_A)
+    )
+    assert json.loads(sse_events(answer.body)[-2])["usage"]["completion_tokens"] == 5
 
 
-def test_gateway_reaches_an_engine_that_wants_an_api_key(log_dir, tmp_path):
-    from tests.support import free_port, start_cli
-
+def test_gateway_reaches_an_engine_that_wants_an_api_key(processes, tmp_path):
     port = free_port()
-    sim = start_cli(
+    sim = processes.cli(
         [
             "simulate",
             "--engine",
@@ -364,7 +355,6 @@ def test_gateway_reaches_an_engine_that_wants_an_api_key(log_dir, tmp_path):
         ],
         port,
         "/health",
-        log_dir,
         "sim-keyed",
     )
     key_file = tmp_path / "engine-key"
@@ -372,31 +362,24 @@ def test_gateway_reaches_an_engine_that_wants_an_api_key(log_dir, tmp_path):
     config = write_routing_map(
         tmp_path / "routes.yaml", [{"name": "keyed", "model": "m", "owned_by": "vllm", "url": sim.url}]
     )
-    gateway = start_gateway(config, log_dir, extra_args=["--engine-api-key-file", str(key_file)])
-    try:
-        assert post(sim.url + CHAT, {"model": "m", "messages": HI}).status == 401  # the engine really checks
-        assert post(gateway.url + CHAT, {"model": "m", "messages": HI}).status == 200
-        assert [c["id"] for c in get(gateway.url + "/v1/models").json()["data"]] == ["m"]
-    finally:
-        gateway.stop()
-        sim.stop()
+    gateway = processes.gateway(config, extra_args=["--engine-api-key-file", str(key_file)])
+    assert post(sim.url + CHAT, {"model": "m", "messages": HI}).status == 401  # the engine really checks
+    assert post(gateway.url + CHAT, {"model": "m", "messages": HI}).status == 200
+    assert [c["id"] for c in get(gateway.url + "/v1/models").json()["data"]] == ["m"]
 
 
-def test_token_limit_refuses_with_token_headers(tutorial_engines, log_dir, tmp_path):
+def test_token_limit_refuses_with_token_headers(tutorial_engines, processes, tmp_path):
     keys_file = tmp_path / "keys.yaml"
     keys_file.write_text(keys_yaml(key_entry("team-a", KEY_A, tokens_per_minute=50)))
     config = write_routing_map(
         tmp_path / "routes.yaml",
         [{"name": "vllm-llama", "model": LLAMA, "owned_by": "vllm", "url": tutorial_engines["vllm-llama-32-1b"].url}],
     )
-    gateway = start_gateway(config, log_dir, extra_args=["--keys-file", str(keys_file)])
-    try:
-        body = {"model": LLAMA, "messages": HI, "max_tokens": 100}  # the estimate exceeds the whole bucket
-        first = post(gateway.url + CHAT, body, headers=bearer(KEY_A))
-        assert first.status == 200 and first.headers["x-ratelimit-limit-tokens"] == "50"
-        assert "x-ratelimit-limit-requests" not in first.headers  # no request limit configured
-        refused = post(gateway.url + CHAT, body, headers=bearer(KEY_A))
-        assert refused.status == 429 and refused.json()["error"]["code"] == "rate_limit_tokens"
-        assert int(refused.headers["retry-after"]) >= 1 and refused.headers["x-ratelimit-remaining-tokens"] == "0"
-    finally:
-        gateway.stop()
+    gateway = processes.gateway(config, extra_args=["--keys-file", str(keys_file)])
+    body = {"model": LLAMA, "messages": HI, "max_tokens": 100}  # the estimate exceeds the whole bucket
+    first = post(gateway.url + CHAT, body, headers=bearer(KEY_A))
+    assert first.status == 200 and first.headers["x-ratelimit-limit-tokens"] == "50"
+    assert "x-ratelimit-limit-requests" not in first.headers  # no request limit configured
+    refused = post(gateway.url + CHAT, body, headers=bearer(KEY_A))
+    assert refused.status == 429 and refused.json()["error"]["code"] == "rate_limit_tokens"
+    assert int(refused.headers["retry-after"]) >= 1 and refused.headers["x-ratelimit-remaining-tokens"] == "0"

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 import re
 import select
@@ -75,7 +76,7 @@ def test_serve_refuses_a_missing_file(tmp_path):
     assert result.returncode == 2 and "nope.yaml" in result.stderr
 
 
-def test_demo_serves_the_tutorial_topology_and_stops_on_ctrl_c(tmp_path):
+def test_demo_serves_the_tutorial_topology_and_stops_on_ctrl_c(processes, tmp_path):
     port = free_port()
     log_path = tmp_path / "demo.log"
     with open(log_path, "wb") as log:
@@ -85,30 +86,28 @@ def test_demo_serves_the_tutorial_topology_and_stops_on_ctrl_c(tmp_path):
             stderr=subprocess.STDOUT,
             cwd=REPO_ROOT,
         )
-    demo = RunningProcess(process=process, url=f"http://127.0.0.1:{port}", log_path=log_path)
-    try:
-        wait_until_ready(demo, "/readyz")
-        pairs = {(c["id"], c["owned_by"]) for c in get(demo.url + "/v1/models").json()["data"]}
-        assert pairs == {
-            ("meta-llama/Llama-3.2-1B-Instruct", "vllm"),
-            ("meta-llama/Llama-3.2-1B-Instruct", "sglang"),
-            ("/models/Phi-tiny-MoE-instruct", "vllm"),
-        }
-        answer = post(
-            demo.url + "/v1/chat/completions",
-            {"model": "meta-llama/Llama-3.2-1B-Instruct", "owned_by": "sglang", "messages": HI},
-        )
-        assert answer.headers["x-gateway-engine"] == "sglang-llama-32-1b"
-        process.send_signal(signal.SIGINT)
-        assert process.wait(timeout=15) == 0
-        assert "curl" in demo.log()
-    finally:
-        demo.stop()
+    demo = processes.add(RunningProcess(process=process, url=f"http://127.0.0.1:{port}", log_path=log_path))
+    wait_until_ready(demo, "/readyz")
+    pairs = {(c["id"], c["owned_by"]) for c in get(demo.url + "/v1/models").json()["data"]}
+    assert pairs == {
+        ("meta-llama/Llama-3.2-1B-Instruct", "vllm"),
+        ("meta-llama/Llama-3.2-1B-Instruct", "sglang"),
+        ("/models/Phi-tiny-MoE-instruct", "vllm"),
+    }
+    answer = post(
+        demo.url + "/v1/chat/completions",
+        {"model": "meta-llama/Llama-3.2-1B-Instruct", "owned_by": "sglang", "messages": HI},
+    )
+    assert answer.headers["x-gateway-engine"] == "sglang-llama-32-1b"
+    process.send_signal(signal.SIGINT)
+    assert process.wait(timeout=15) == 0
+    assert "curl" in demo.log()
 
 
-def run_cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+def run_cli(*args: str, env: dict[str, str] | None = None, stdin: str = "") -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", "gateway_app", *args],
+        input=stdin,
         capture_output=True,
         text=True,
         timeout=30,
@@ -179,7 +178,7 @@ def first_line(process: subprocess.Popen, timeout: float = 20.0) -> str:
     return process.stdout.readline()
 
 
-def test_simulate_prints_one_line_once_it_serves(tmp_path, capsys, monkeypatch):
+def test_simulate_prints_one_line_once_it_serves(processes, tmp_path, capsys, monkeypatch):
     key = "sk-simulator-test"
     monkeypatch.setenv("LLM_GATEWAY_SIMULATOR_API_KEY", key)  # for the process below and for --help here
     process = subprocess.Popen(
@@ -202,24 +201,21 @@ def test_simulate_prints_one_line_once_it_serves(tmp_path, capsys, monkeypatch):
         text=True,
         cwd=REPO_ROOT,
     )
-    sim = RunningProcess(process=process, url="", log_path=tmp_path / "unused.log")
-    try:
-        line = first_line(process)
-        match = re.fullmatch(
-            r"llm-gateway simulate: simulated sglang engine serving m on (http://127\.0\.0\.1:\d+)\n", line
-        )
-        assert match, line
-        url = match[1]
-        # The line is printed once the socket accepts: the first request needs no retry.
-        assert get(url + "/health").status == 200
-        # The key still comes from the environment, and --help does not show it.
-        assert get(url + "/v1/models").status == 401
-        assert get(url + "/v1/models", headers={"Authorization": f"Bearer {key}"}).status == 200
-        assert key not in help_text(capsys, "simulate")
-        process.send_signal(signal.SIGTERM)
-        assert process.wait(timeout=15) == 0
-    finally:
-        sim.stop()
+    processes.add(RunningProcess(process=process, url="", log_path=tmp_path / "unused.log"))
+    line = first_line(process)
+    match = re.fullmatch(
+        r"llm-gateway simulate: simulated sglang engine serving m on (http://127\.0\.0\.1:\d+)\n", line
+    )
+    assert match, line
+    url = match[1]
+    # The line is printed once the socket accepts: the first request needs no retry.
+    assert get(url + "/health").status == 200
+    # The key still comes from the environment, and --help does not show it.
+    assert get(url + "/v1/models").status == 401
+    assert get(url + "/v1/models", headers={"Authorization": f"Bearer {key}"}).status == 200
+    assert key not in help_text(capsys, "simulate")
+    process.send_signal(signal.SIGTERM)
+    assert process.wait(timeout=15) == 0
 
 
 @pytest.mark.parametrize("command", [["simulate", "--engine", "vllm", "--model", "m"], ["demo"]])
@@ -245,3 +241,37 @@ def test_serve_on_a_busy_port_is_one_clear_line_and_exit_code_1(tmp_path):
     assert result.returncode == 1
     assert result.stderr == f"llm-gateway serve: cannot listen on 127.0.0.1:{port}: Address already in use\n"
     assert result.stdout == ""
+
+
+# --- hash-key: what goes into the keys file ------------------------------------------------------
+
+CLIENT_KEY = "sk-a-client-key-4711"
+
+
+def test_hash_key_prints_the_sha256_of_the_key_given():
+    result = run_cli("hash-key", CLIENT_KEY)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == hashlib.sha256(CLIENT_KEY.encode()).hexdigest() + "\n"
+
+
+def test_hash_key_reads_the_key_from_standard_input():
+    """`llm-gateway hash-key < key.txt`: the key need not be on a command line, where `ps` shows it."""
+    result = run_cli("hash-key", stdin=CLIENT_KEY + "\n")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == hashlib.sha256(CLIENT_KEY.encode()).hexdigest() + "\n"
+    nothing = run_cli("hash-key", stdin="")
+    assert nothing.returncode == 2 and nothing.stdout == ""
+    assert nothing.stderr == "llm-gateway hash-key: no key given\n"
+
+
+def test_hash_key_generate_prints_a_new_key_and_its_sha256():
+    keys = set()
+    for _ in range(2):
+        result = run_cli("hash-key", "--generate")
+        assert result.returncode == 0, result.stderr
+        printed = re.fullmatch(r"key: +(sk-[A-Za-z0-9_-]{32,})\nsha256: ([0-9a-f]{64})\n", result.stdout)
+        assert printed, result.stdout
+        key, sha256 = printed.groups()
+        assert sha256 == hashlib.sha256(key.encode()).hexdigest()
+        keys.add(key)
+    assert len(keys) == 2  # a new key each time

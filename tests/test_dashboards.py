@@ -16,15 +16,14 @@ import math
 import re
 import time
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.conftest import LLAMA, write_routing_map
 from tests.prometheus_server import PrometheusServer
-from tests.support import REPO_ROOT, RunningProcess, free_port, start_gateway, start_simulator
+from tests.routes import LLAMA, write_routing_map
+from tests.support import REPO_ROOT, Processes, free_port
 from tests.web import get, post, wait_for
 
 CHART = REPO_ROOT / "charts" / "llm-gateway"
@@ -78,63 +77,52 @@ def has_number(result: list[dict[str, Any]]) -> bool:
 
 
 @pytest.fixture(scope="module")
-def prometheus(tmp_path_factory: pytest.TempPathFactory, log_dir: Path) -> Iterator[PrometheusServer]:
+def prometheus(tmp_path_factory: pytest.TempPathFactory, module_processes: Processes) -> PrometheusServer:
     work = tmp_path_factory.mktemp("dashboards")
-    started: list[RunningProcess] = []
-    server: PrometheusServer | None = None
-    try:
-        vllm = start_simulator("vllm", LLAMA, log_dir, ttft_ms=20, itl_ms=5)
-        started.append(vllm)
-        sglang = start_simulator("sglang", LLAMA, log_dir, ttft_ms=20, itl_ms=5)
-        started.append(sglang)
-        nothing_there = f"http://127.0.0.1:{free_port()}"
-        engines = [
-            {"name": "vllm-llama-32-1b", "model": LLAMA, "owned_by": "vllm", "url": vllm.url, "default": True},
-            {
-                "name": "sglang-llama-32-1b",
-                "model": LLAMA,
-                "owned_by": "sglang",
-                "url": sglang.url,
-                "concurrency": {"limit": 4},
-            },
-            {
-                "name": "vllm-flaky",
-                "model": "flaky-model",
-                "owned_by": "vllm",
-                "url": nothing_there,
-                "fallback": "vllm-llama-32-1b",
-            },
-            {"name": "vllm-down", "model": "down-model", "owned_by": "vllm", "url": nothing_there},
-            {"name": "vllm-idle", "model": "idle-model", "owned_by": "vllm", "url": f"http://127.0.0.1:{free_port()}"},
-        ]
-        assert {e["name"]: (e["model"], e["owned_by"]) for e in engines} == ROUTES
-        routes = write_routing_map(work / "routes.yaml", engines)
-        keys = work / "keys.yaml"
-        keys.write_text(json.dumps({"keys": [{"name": "team-a", "sha256": hashlib.sha256(KEY.encode()).hexdigest()}]}))
-        # Two gateway pods, as the chart runs them; the traffic goes to the first one. Queries that join the
-        # series labelled by engine with llm_gateway_engine_info must keep the pods apart (no many-to-many).
-        gateways = []
-        for _ in range(GATEWAY_PODS):
-            gateways.append(start_gateway(routes, log_dir, extra_args=["--keys-file", str(keys)]))
-            started.append(gateways[-1])
-        gateway = gateways[0]
-        # Engines' jobs named as the chart's engine ServiceMonitor names them: after the engine's Service.
-        server = PrometheusServer(
+    vllm = module_processes.simulator("vllm", LLAMA, ttft_ms=20, itl_ms=5)
+    sglang = module_processes.simulator("sglang", LLAMA, ttft_ms=20, itl_ms=5)
+    nothing_there = f"http://127.0.0.1:{free_port()}"
+    engines = [
+        {"name": "vllm-llama-32-1b", "model": LLAMA, "owned_by": "vllm", "url": vllm.url, "default": True},
+        {
+            "name": "sglang-llama-32-1b",
+            "model": LLAMA,
+            "owned_by": "sglang",
+            "url": sglang.url,
+            "concurrency": {"limit": 4},
+        },
+        {
+            "name": "vllm-flaky",
+            "model": "flaky-model",
+            "owned_by": "vllm",
+            "url": nothing_there,
+            "fallback": "vllm-llama-32-1b",
+        },
+        {"name": "vllm-down", "model": "down-model", "owned_by": "vllm", "url": nothing_there},
+        {"name": "vllm-idle", "model": "idle-model", "owned_by": "vllm", "url": f"http://127.0.0.1:{free_port()}"},
+    ]
+    assert {e["name"]: (e["model"], e["owned_by"]) for e in engines} == ROUTES
+    routes = write_routing_map(work / "routes.yaml", engines)
+    keys = work / "keys.yaml"
+    keys.write_text(json.dumps({"keys": [{"name": "team-a", "sha256": hashlib.sha256(KEY.encode()).hexdigest()}]}))
+    # Two gateway pods, as the chart runs them; the traffic goes to the first one. Queries that join the
+    # series labelled by engine with llm_gateway_engine_info must keep the pods apart (no many-to-many).
+    gateways = [module_processes.gateway(routes, extra_args=["--keys-file", str(keys)]) for _ in range(GATEWAY_PODS)]
+    gateway = gateways[0]
+    # Engines' jobs named as the chart's engine ServiceMonitor names them: after the engine's Service.
+    server = module_processes.add(
+        PrometheusServer(
             work,
             {"gateway": [g.url for g in gateways], "vllm-llama-32-1b": [vllm.url], "sglang-llama-32-1b": [sglang.url]},
             rule_files=[RULES],
-        ).start()
-        wait_for(server.targets_up, timeout=10, interval=0.2, message="every target scraped")
-        for _ in range(2):  # the second wave moves what the first one created
-            send_traffic(gateway.url)
-            sent = time.time()
-            wait_for(lambda sent=sent: scraped_after(server, sent), timeout=10, interval=0.2, message="a new scrape")
-        yield server
-    finally:
-        if server is not None:
-            server.stop()
-        for process in started:
-            process.stop()
+        )
+    ).start()
+    wait_for(server.targets_up, timeout=10, interval=0.2, message="every target scraped")
+    for _ in range(2):  # the second wave moves what the first one created
+        send_traffic(gateway.url)
+        sent = time.time()
+        wait_for(lambda sent=sent: scraped_after(server, sent), timeout=10, interval=0.2, message="a new scrape")
+    return server
 
 
 def send_traffic(gateway: str) -> None:

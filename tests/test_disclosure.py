@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
 import pytest
 import yaml
 
 from gateway_app.auth import hash_key
-from tests.conftest import LLAMA, PHI, tutorial_routing, write_routing_map
-from tests.support import RunningProcess, start_gateway
+from tests.routes import LLAMA, PHI, tutorial_routing, write_routing_map
+from tests.support import RunningProcess
 from tests.web import get, post
 
 CHAT = "/v1/chat/completions"
@@ -19,7 +17,7 @@ ENGINE_NAMES = ("vllm-llama-32-1b", "sglang-llama-32-1b", "vllm-phi-tiny-moe")
 
 
 @pytest.fixture(scope="module")
-def gateway(tutorial_engines, log_dir, tmp_path_factory) -> Iterator[RunningProcess]:
+def gateway(tutorial_engines, module_processes, tmp_path_factory) -> RunningProcess:
     folder = tmp_path_factory.mktemp("disclosure")
     keys = folder / "keys.yaml"
     keys.write_text(
@@ -33,9 +31,7 @@ def gateway(tutorial_engines, log_dir, tmp_path_factory) -> Iterator[RunningProc
         )
     )
     config = write_routing_map(folder / "routes.yaml", tutorial_routing(tutorial_engines))
-    running = start_gateway(config, log_dir, extra_args=["--keys-file", str(keys)])
-    yield running
-    running.stop()
+    return module_processes.gateway(config, extra_args=["--keys-file", str(keys)])
 
 
 def chat(gateway: RunningProcess, key: str, model: str, owned_by: str | None = None):

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from tests.conftest import write_routing_map
 from tests.fake_kube_api import FakeKubeAPI, endpoint_slice
-from tests.support import free_port, start_cli, start_gateway
+from tests.routes import write_routing_map
+from tests.support import free_port
 from tests.web import get, metric_value, post, wait_for
 
 CHAT = "/v1/chat/completions"
@@ -15,32 +15,28 @@ PODS = ("127.0.0.2", "127.0.0.3")  # loopback addresses standing for pod IPs: on
 
 
 @pytest.fixture
-def pods(log_dir):
+def pods(processes):
     port = free_port()
-    started = {}
-    try:
-        for address in PODS:
-            started[address] = start_cli(
-                ["simulate", "--engine", "vllm", "--model", "m", "--host", address, "--port", str(port)],
-                port,
-                "/health",
-                log_dir,
-                f"pod-{address}",
-                host=address,
-            )
-        yield port, started
-    finally:
-        for sim in started.values():
-            sim.stop()
+    started = {
+        address: processes.cli(
+            ["simulate", "--engine", "vllm", "--model", "m", "--host", address, "--port", str(port)],
+            port,
+            "/health",
+            f"pod-{address}",
+            host=address,
+        )
+        for address in PODS
+    }
+    return port, started
 
 
 def served(sim) -> float:
     return metric_value(get(sim.url + "/metrics").body.decode(), "vllm:e2e_request_latency_seconds_count")
 
 
-def test_gateway_follows_the_ready_pods_of_a_service(pods, log_dir, tmp_path):
+def test_gateway_follows_the_ready_pods_of_a_service(pods, processes, tmp_path):
     port, sims = pods
-    api = FakeKubeAPI().start()
+    api = processes.add(FakeKubeAPI().start())
     api.slices["svc-a"] = endpoint_slice("svc-a", "engine-svc", port, [(PODS[0], True), (PODS[1], False)])
     config = write_routing_map(
         tmp_path / "routes.yaml",
@@ -54,7 +50,7 @@ def test_gateway_follows_the_ready_pods_of_a_service(pods, log_dir, tmp_path):
             }
         ],
     )
-    gateway = start_gateway(config, log_dir, env={"LLM_GATEWAY_KUBE_API": api.url})
+    gateway = processes.gateway(config, env={"LLM_GATEWAY_KUBE_API": api.url})
 
     def available(address: str) -> float:
         text = get(gateway.url + "/metrics").body.decode()
@@ -66,26 +62,22 @@ def test_gateway_follows_the_ready_pods_of_a_service(pods, log_dir, tmp_path):
             assert post(gateway.url + CHAT, {"model": "m", "messages": HI}).status == 200
         return [served(sims[a]) - b for a, b in zip(PODS, before, strict=False)]
 
-    try:
-        wait_for(lambda: available(PODS[0]) == 1, message="first pod discovered")
-        assert send(6) == [6, 0]  # the unready pod gets nothing
-        assert "labelSelector=kubernetes.io/service-name%3Dengine-svc" in api.requests[0]
+    wait_for(lambda: available(PODS[0]) == 1, message="first pod discovered")
+    assert send(6) == [6, 0]  # the unready pod gets nothing
+    assert "labelSelector=kubernetes.io/service-name%3Dengine-svc" in api.requests[0]
 
-        api.push("MODIFIED", endpoint_slice("svc-a", "engine-svc", port, [(PODS[0], True), (PODS[1], True)]))
-        wait_for(lambda: available(PODS[1]) == 1, timeout=5, message="second pod ready")
-        spread = send(20)
-        # The new pod takes requests. (Which of two equal pods serves a sequential client is up to the
-        # latency-weighted choice, so the split itself is not asserted.)
-        assert spread[1] > 0 and sum(spread) == 20
+    api.push("MODIFIED", endpoint_slice("svc-a", "engine-svc", port, [(PODS[0], True), (PODS[1], True)]))
+    wait_for(lambda: available(PODS[1]) == 1, timeout=5, message="second pod ready")
+    spread = send(20)
+    # The new pod takes requests. (Which of two equal pods serves a sequential client is up to the
+    # latency-weighted choice, so the split itself is not asserted.)
+    assert spread[1] > 0 and sum(spread) == 20
 
-        api.push("MODIFIED", endpoint_slice("svc-a", "engine-svc", port, [(PODS[0], False), (PODS[1], True)]))
-        wait_for(lambda: available(PODS[0]) == 0 and available(PODS[1]) == 1, timeout=5, message="first pod gone")
-        assert send(6) == [0, 6]
+    api.push("MODIFIED", endpoint_slice("svc-a", "engine-svc", port, [(PODS[0], False), (PODS[1], True)]))
+    wait_for(lambda: available(PODS[0]) == 0 and available(PODS[1]) == 1, timeout=5, message="first pod gone")
+    assert send(6) == [0, 6]
 
-        api.push("DELETED", endpoint_slice("svc-a", "engine-svc", port, []))  # the Service has no pod left
-        wait_for(lambda: available(PODS[1]) == 0, timeout=5, message="pods gone")
-        answer = post(gateway.url + CHAT, {"model": "m", "messages": HI})
-        assert answer.status == 502  # back on the configured URL (the Service), where nothing answers here
-    finally:
-        gateway.stop()
-        api.stop()
+    api.push("DELETED", endpoint_slice("svc-a", "engine-svc", port, []))  # the Service has no pod left
+    wait_for(lambda: available(PODS[1]) == 0, timeout=5, message="pods gone")
+    answer = post(gateway.url + CHAT, {"model": "m", "messages": HI})
+    assert answer.status == 502  # back on the configured URL (the Service), where nothing answers here

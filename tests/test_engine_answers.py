@@ -4,18 +4,16 @@ answers read to decide a retry are read up to a small cap. A careless engine cos
 from __future__ import annotations
 
 import asyncio
-import socket
 import threading
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from aiohttp import web
 
 from tests.background_server import BackgroundServer
-from tests.conftest import write_routing_map
 from tests.raw_http import RawConnection, request_head
-from tests.support import RunningProcess, start_gateway
+from tests.routes import write_routing_map
+from tests.support import RunningProcess
 from tests.web import get, metric_value, post, wait_for
 
 CHUNK = b"x" * (1 << 20)
@@ -81,22 +79,18 @@ class CarelessEngine:
 
 
 @pytest.fixture(scope="module")
-def engine() -> Iterator[CarelessEngine]:
-    running = CarelessEngine()
-    yield running
-    running.stop()
+def engine(module_processes) -> CarelessEngine:
+    return module_processes.add(CarelessEngine())
 
 
 @pytest.fixture(scope="module")
-def gateway(engine: CarelessEngine, log_dir, tmp_path_factory) -> Iterator[RunningProcess]:
+def gateway(engine: CarelessEngine, module_processes, tmp_path_factory) -> RunningProcess:
     config = write_routing_map(
         tmp_path_factory.mktemp("careless") / "routes.yaml",
         [{"name": "careless", "model": "m", "owned_by": "vllm", "url": engine.url}],
         settings={"retries": {"max_attempts": 1}},
     )
-    running = start_gateway(config, log_dir)
-    yield running
-    running.stop()
+    return module_processes.gateway(config)
 
 
 BODY = b'{"model": "m", "messages": []}'
@@ -108,9 +102,7 @@ def test_a_4_gb_answer_is_relayed_as_it_arrives_not_held(gateway):
     with RawConnection(gateway.url) as connection:
         connection.send(request_head(body_length=len(BODY), headers={"X-Mode": "huge-json"}) + BODY)
         received, peak = 0, before
-        head = b""
-        while b"\r\n\r\n" not in head:
-            head += connection.sock.recv(1 << 16)
+        head = connection.read_until(b"\r\n\r\n")
         assert head.startswith(b"HTTP/1.1 200") and b"content-length: 4000000000" in head
         while received < 200 * (1 << 20):
             received += len(connection.sock.recv(1 << 20))
@@ -133,13 +125,8 @@ def test_a_whole_answer_reaches_the_client_before_the_engine_has_finished_it(gat
     engine.second_half.clear()
     with RawConnection(gateway.url) as connection:
         connection.send(request_head(body_length=len(BODY), headers={"X-Mode": "slow-json"}) + BODY)
-        seen = b""
-        while b"first half" not in seen:  # arrives while the engine still holds the second half back
-            chunk = connection.sock.recv(1 << 16)
-            assert chunk, seen
-            seen += chunk
+        connection.read_until(b"first half")  # arrives while the engine still holds the second half back
         engine.second_half.set()
-        connection._buffer = seen
         answer = connection.read_answer()
     assert answer.status == 200 and answer.json()["usage"]["completion_tokens"] == 5
     metrics = get(gateway.url + "/metrics").body.decode()
@@ -155,7 +142,7 @@ def test_a_stream_says_cache_control_once(gateway):
     assert [value for name, value in answer.headers if name == "x-accel-buffering"] == ["no"]
 
 
-def test_clients_that_stop_reading_their_answers_lose_their_place(engine, log_dir, tmp_path):
+def test_clients_that_stop_reading_their_answers_lose_their_place(engine, processes, tmp_path):
     """A 4 GB answer to clients that never read it: the gateway holds each for at most send_timeout,
     and meanwhile such connections give way to new clients, so they cannot hold the connection budget."""
     config = write_routing_map(
@@ -163,11 +150,10 @@ def test_clients_that_stop_reading_their_answers_lose_their_place(engine, log_di
         [{"name": "careless", "model": "m", "owned_by": "vllm", "url": engine.url}],
         settings={"client_limits": {"max_connections": 3, "send_timeout": 2}},
     )
-    gateway = start_gateway(config, log_dir)
-    not_reading = [RawConnection(gateway.url) for _ in range(3)]
+    gateway = processes.gateway(config)
+    not_reading = [RawConnection(gateway.url, receive_buffer=4096) for _ in range(3)]
     try:
         for connection in not_reading:
-            connection.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
             connection.send(request_head(body_length=len(BODY), headers={"X-Mode": "huge-json"}) + BODY)
 
         def closed(metrics: str) -> float:
@@ -182,4 +168,3 @@ def test_clients_that_stop_reading_their_answers_lose_their_place(engine, log_di
     finally:
         for connection in not_reading:
             connection.close()
-        gateway.stop()

@@ -2,21 +2,22 @@
 
 from __future__ import annotations
 
+import select
 import socket
+import time
 from collections.abc import Iterator
 
 import pytest
 
-from tests.conftest import LLAMA, PHI, write_routing_map
-from tests.support import RunningProcess, start_gateway, start_simulator
+from tests.raw_http import RawConnection, request_head
+from tests.routes import LLAMA, PHI, write_routing_map
+from tests.support import RunningProcess
 from tests.web import get, metric_value, post, request
 
 
 @pytest.fixture(scope="module")
-def slow_engine(log_dir) -> Iterator[RunningProcess]:
-    sim = start_simulator("vllm", "slow-model", log_dir, ttft_ms=5000)
-    yield sim
-    sim.stop()
+def slow_engine(module_processes) -> RunningProcess:
+    return module_processes.simulator("vllm", "slow-model", ttft_ms=5000)
 
 
 @pytest.fixture(scope="module")
@@ -34,8 +35,45 @@ def url_of(sock: socket.socket) -> str:
     return f"http://127.0.0.1:{sock.getsockname()[1]}"
 
 
+class UnfinishedHandshakes:
+    """A port where a TCP handshake never completes, as with an engine behind a firewall that drops packets:
+    a listener whose accept queue is full (backlog 0, and a connection nobody accepts), so that Linux drops
+    every further SYN and whoever connects waits until it gives up."""
+
+    def __init__(self) -> None:
+        self.listener = socket.create_server(("127.0.0.1", 0), backlog=0)
+        self.url = url_of(self.listener)
+        self.stalls = False
+        self._queued: list[socket.socket] = []
+        for _ in range(8):  # fill the queue, whatever its exact length, until a connection attempt stalls
+            attempt = socket.socket()
+            attempt.setblocking(False)
+            attempt.connect_ex(self.listener.getsockname())
+            self._queued.append(attempt)
+            _, connected, _ = select.select([], [attempt], [], 0.2)
+            if not connected:
+                self.stalls = True
+                break
+
+    def close(self) -> None:
+        for sock in (*self._queued, self.listener):
+            sock.close()
+
+
 @pytest.fixture(scope="module")
-def error_gateway(tutorial_engines, slow_engine, unused_sockets, log_dir, tmp_path_factory) -> Iterator[RunningProcess]:
+def unfinished_handshakes() -> Iterator[UnfinishedHandshakes]:
+    port = UnfinishedHandshakes()
+    yield port
+    port.close()
+
+
+CONNECT_TIMEOUT = 0.5
+
+
+@pytest.fixture(scope="module")
+def error_gateway(
+    tutorial_engines, slow_engine, unused_sockets, unfinished_handshakes, module_processes, tmp_path_factory
+) -> RunningProcess:
     config = write_routing_map(
         tmp_path_factory.mktemp("errors") / "routes.yaml",
         [
@@ -67,12 +105,17 @@ def error_gateway(tutorial_engines, slow_engine, unused_sockets, log_dir, tmp_pa
                 "url": slow_engine.url,
                 "timeouts": {"first_byte": 0.5},
             },
+            {
+                "name": "unconnectable",
+                "model": "unconnectable-model",
+                "owned_by": "vllm",
+                "url": unfinished_handshakes.url,
+                "timeouts": {"connect": CONNECT_TIMEOUT},
+            },
         ],
         settings={"max_body_bytes": 4096, "models_timeout": 0.5, "list_aliases": False},
     )
-    running = start_gateway(config, log_dir)
-    yield running
-    running.stop()
+    return module_processes.gateway(config)
 
 
 def assert_openai_error(answer, status: int, param=None) -> dict:
@@ -127,21 +170,15 @@ def test_body_over_the_limit_is_413(error_gateway):
 
 def test_chunked_body_over_the_limit_is_413(error_gateway):
     """No Content-Length to refuse early: the limit holds while the body streams in."""
-    import socket
-    from urllib.parse import urlsplit
-
-    parts = urlsplit(error_gateway.url)
-    with socket.create_connection((parts.hostname, parts.port), timeout=10) as sock:
-        sock.sendall(
-            b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-            b"Transfer-Encoding: chunked\r\n\r\n"
+    with RawConnection(error_gateway.url, timeout=10) as connection:
+        connection.send(
+            request_head(CHAT, headers={"Content-Type": "application/json", "Transfer-Encoding": "chunked"})
         )
         for _ in range(5):  # 5 x 1000 bytes, over the 4096-byte limit; the gateway may stop reading early
-            try:
-                sock.sendall(b"3e8\r\n" + b"x" * 1000 + b"\r\n")
-            except OSError:
+            if not connection.send(b"3e8\r\n" + b"x" * 1000 + b"\r\n"):
                 break
-        assert sock.recv(65536).startswith(b"HTTP/1.1 413")
+        answer = connection.read_answer()
+        assert answer is not None and answer.status == 413
 
 
 def test_engine_unreachable_is_502(error_gateway):
@@ -187,6 +224,29 @@ def test_engine_that_accepts_but_never_answers_is_504(error_gateway):
     assert_openai_error(post(error_gateway.url + CHAT, {"model": "silent-model", "messages": HI}), 504)
 
 
+def test_an_engine_that_never_completes_the_handshake_is_504_after_the_connect_timeout(
+    error_gateway, unfinished_handshakes
+):
+    if not unfinished_handshakes.stalls:
+        pytest.skip("this kernel does not leave a connection to a full accept queue pending: no port to hang on")
+
+    def connect_timeouts() -> float:
+        metrics = get(error_gateway.url + "/metrics").body.decode()
+        return metric_value(
+            metrics, "llm_gateway_upstream_errors_total", engine="unconnectable", kind="timeout_connect"
+        )
+
+    before = connect_timeouts()
+    started = time.monotonic()
+    answer = post(error_gateway.url + CHAT, {"model": "unconnectable-model", "messages": HI})
+    waited = time.monotonic() - started
+    error = assert_openai_error(answer, 504)
+    assert (error["type"], error["code"]) == ("upstream_error", "engine_timeout")
+    assert "`unconnectable`" in error["message"]
+    assert CONNECT_TIMEOUT <= waited < CONNECT_TIMEOUT + 1.5, waited  # not the first-byte timeout (600 s)
+    assert connect_timeouts() - before == 1
+
+
 def test_upstream_errors_are_counted_by_kind(error_gateway):
     post(error_gateway.url + CHAT, {"model": "down-model", "messages": HI})
     metrics = get(error_gateway.url + "/metrics").body.decode()
@@ -195,7 +255,7 @@ def test_upstream_errors_are_counted_by_kind(error_gateway):
 
 
 def test_an_engine_left_out_of_the_model_list_is_logged_once_not_per_call(
-    tutorial_engines, unused_sockets, log_dir, tmp_path
+    tutorial_engines, unused_sockets, processes, tmp_path
 ):
     config = write_routing_map(
         tmp_path / "routes.yaml",
@@ -210,11 +270,9 @@ def test_an_engine_left_out_of_the_model_list_is_logged_once_not_per_call(
         ],
         settings={"models_cache_ttl": 0, "models_timeout": 0.5},
     )
-    gateway = start_gateway(config, log_dir)
-    try:
-        for _ in range(5):
-            assert {card["id"] for card in get(gateway.url + "/v1/models").json()["data"]} == {LLAMA}
-    finally:
-        gateway.stop()
+    gateway = processes.gateway(config)
+    for _ in range(5):
+        assert {card["id"] for card in get(gateway.url + "/v1/models").json()["data"]} == {LLAMA}
+    gateway.stop()  # on purpose: its log is then complete
     lines = [line for line in gateway.log().splitlines() if "left out of /v1/models" in line]
     assert len(lines) == 1 and "engine down" in lines[0], lines

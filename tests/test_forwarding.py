@@ -3,27 +3,26 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
+import time
 
 import pytest
 
-from tests.conftest import write_routing_map
+from tests.raw_http import RawConnection, json_request
 from tests.recording_engine import FIXED_ANSWER, STREAM_EVENTS, RecordingEngine
-from tests.support import RunningProcess, start_gateway
+from tests.routes import write_routing_map
+from tests.support import RunningProcess
 from tests.web import post, request
 
 HI = [{"role": "user", "content": "hi"}]
 
 
 @pytest.fixture(scope="module")
-def engine() -> Iterator[RecordingEngine]:
-    recording = RecordingEngine().start()
-    yield recording
-    recording.stop()
+def engine(module_processes) -> RecordingEngine:
+    return module_processes.recording_engine()
 
 
 @pytest.fixture(scope="module")
-def gateway_to_recorder(engine, log_dir, tmp_path_factory) -> Iterator[RunningProcess]:
+def gateway_to_recorder(engine, module_processes, tmp_path_factory) -> RunningProcess:
     config = write_routing_map(
         tmp_path_factory.mktemp("recorder") / "routes.yaml",
         [
@@ -45,9 +44,7 @@ def gateway_to_recorder(engine, log_dir, tmp_path_factory) -> Iterator[RunningPr
             },
         ],
     )
-    running = start_gateway(config, log_dir)
-    yield running
-    running.stop()
+    return module_processes.gateway(config)
 
 
 def test_body_is_forwarded_byte_for_byte_when_nothing_changes(gateway_to_recorder, engine):
@@ -125,31 +122,13 @@ def test_lone_surrogate_survives_a_rewrite(gateway_to_recorder, engine):
     assert json.loads(engine.received[-1].body)["messages"][0]["content"] == "\ud800"
 
 
-def raw_exchange(url: str, body: dict, scenario: str, rcvbuf: int | None = None, pause: float = 0) -> bytes:
+def raw_exchange(url: str, body: dict, scenario: str, receive_buffer: int | None = None, pause: float = 0) -> bytes:
     """POST on a raw socket and read until the gateway closes or finishes the answer."""
-    import socket
-    import time
-    from urllib.parse import urlsplit
-
-    parts = urlsplit(url)
-    data = json.dumps(body).encode()
-    sock = socket.socket()
-    if rcvbuf:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
-    sock.settimeout(15)
-    sock.connect((parts.hostname, parts.port))
-    sock.sendall(
-        f"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-        f"X-Test-Scenario: {scenario}\r\nConnection: close\r\nContent-Length: {len(data)}\r\n\r\n".encode()
-        + data
-    )
-    if pause:
-        time.sleep(pause)  # a client that does not read for a while (that is the point of the test)
-    received = b""
-    while chunk := sock.recv(1 << 20):
-        received += chunk
-    sock.close()
-    return received
+    with RawConnection(url, receive_buffer=receive_buffer) as connection:
+        connection.send(json_request(body, headers={"X-Test-Scenario": scenario, "Connection": "close"}))
+        if pause:
+            time.sleep(pause)  # a client that does not read for a while (that is the point of the test)
+        return connection.read_until_close()
 
 
 def test_non_sse_answer_cut_midway_is_cut_not_patched(gateway_to_recorder):
@@ -161,26 +140,18 @@ def test_non_sse_answer_cut_midway_is_cut_not_patched(gateway_to_recorder):
 
 
 def test_sse_cut_mid_event_ends_the_event_then_reports(gateway_to_recorder):
-    received = raw_exchange(
-        gateway_to_recorder.url, {"model": "org/model-a", "owned_by": "strict"}, "stalled-mid-event"
-    )
-    body = dechunk(received.split(b"\r\n\r\n", 1)[1])
+    with RawConnection(gateway_to_recorder.url) as connection:
+        connection.send(
+            json_request(
+                {"model": "org/model-a", "owned_by": "strict"},
+                headers={"X-Test-Scenario": "stalled-mid-event", "Connection": "close"},
+            )
+        )
+        body = connection.read_answer().body
     # the half event is closed off, so that the error is an event of its own, then [DONE]
     assert b'{"del\n\ndata: {"error"' in body
     assert body.endswith(b"\n\ndata: [DONE]\n\n")
     assert b"engine_timeout" in body
-
-
-def dechunk(data: bytes) -> bytes:
-    """The payload of an HTTP/1.1 chunked body."""
-    out = b""
-    while data:
-        size_line, _, data = data.partition(b"\r\n")
-        size = int(size_line, 16)
-        if size == 0:
-            break
-        out, data = out + data[:size], data[size + 2 :]
-    return out
 
 
 def test_slow_client_is_not_an_idle_engine(gateway_to_recorder):
@@ -189,7 +160,7 @@ def test_slow_client_is_not_an_idle_engine(gateway_to_recorder):
         gateway_to_recorder.url,
         {"model": "org/model-a", "owned_by": "strict"},
         "big-fast-stream",
-        rcvbuf=4096,
+        receive_buffer=4096,
         pause=1.5,
     )
     assert b"data: [DONE]" in received
@@ -265,17 +236,13 @@ class OneRequestPerConnectionEngine:
         self._server.close()
 
 
-def test_request_on_a_connection_the_engine_just_closed_is_sent_again(log_dir, tmp_path):
-    engine = OneRequestPerConnectionEngine()
+def test_request_on_a_connection_the_engine_just_closed_is_sent_again(processes, tmp_path):
+    engine = processes.add(OneRequestPerConnectionEngine())
     config = write_routing_map(
         tmp_path / "routes.yaml", [{"name": "e", "model": "m", "owned_by": "x", "url": engine.url}]
     )
-    gateway = start_gateway(config, log_dir)
-    try:
-        for _ in range(3):
-            answer = post(gateway.url + "/v1/chat/completions", {"model": "m"})
-            assert answer.status == 200, answer.body
-        assert engine.connections >= 3  # each reuse failed and a fresh connection served the request
-    finally:
-        gateway.stop()
-        engine.stop()
+    gateway = processes.gateway(config)
+    for _ in range(3):
+        answer = post(gateway.url + "/v1/chat/completions", {"model": "m"})
+        assert answer.status == 200, answer.body
+    assert engine.connections >= 3  # each reuse failed and a fresh connection served the request

@@ -5,14 +5,15 @@ from __future__ import annotations
 
 import resource
 import threading
-from collections.abc import Iterator
 
 import pytest
+import yaml
 
-from tests.conftest import write_routing_map
+from gateway_app.auth import hash_key
 from tests.raw_http import RawConnection, request_head
 from tests.recording_engine import RecordingEngine
-from tests.support import RunningProcess, start_gateway
+from tests.routes import write_routing_map
+from tests.support import ConfigMapVolume, RunningProcess
 from tests.web import get, metric_value, post, wait_for
 
 CHAT = "/v1/chat/completions"
@@ -29,22 +30,18 @@ LIMITS = {
 
 
 @pytest.fixture(scope="module")
-def engine() -> Iterator[RecordingEngine]:
-    running = RecordingEngine().start()
-    yield running
-    running.stop()
+def engine(module_processes) -> RecordingEngine:
+    return module_processes.recording_engine()
 
 
 @pytest.fixture(scope="module")
-def gateway(engine: RecordingEngine, log_dir, tmp_path_factory) -> Iterator[RunningProcess]:
+def gateway(engine: RecordingEngine, module_processes, tmp_path_factory) -> RunningProcess:
     config = write_routing_map(
         tmp_path_factory.mktemp("front-door") / "routes.yaml",
         [{"name": "e", "model": "m", "owned_by": "vllm", "url": engine.url}],
         settings={"max_body_bytes": 512 * 1024, "client_limits": LIMITS},
     )
-    running = start_gateway(config, log_dir)
-    yield running
-    running.stop()
+    return module_processes.gateway(config)
 
 
 def assert_openai_error(answer, status: int, code: str) -> dict:
@@ -235,15 +232,15 @@ def test_at_the_connection_limit_idle_connections_make_room(gateway):
             connection.close()
 
 
-def test_with_every_connection_busy_a_new_one_gets_503(log_dir, tmp_path):
+def test_with_every_connection_busy_a_new_one_gets_503(processes, tmp_path):
     """Connections whose requests are being served are never evicted: past the limit, 503 at once."""
-    engine = RecordingEngine().start()
+    engine = processes.recording_engine()
     config = write_routing_map(
         tmp_path / "routes.yaml",
         [{"name": "e", "model": "m", "owned_by": "vllm", "url": engine.url}],
         settings={"client_limits": {"max_connections": 3}},
     )
-    gateway = start_gateway(config, log_dir)
+    gateway = processes.gateway(config)
     busy = [RawConnection(gateway.url) for _ in range(3)]
     try:
         for connection in busy:  # the engine holds these for 30 s
@@ -251,11 +248,9 @@ def test_with_every_connection_busy_a_new_one_gets_503(log_dir, tmp_path):
         wait_for(lambda: sum(r.path == CHAT for r in engine.received) == 3, message="three requests at the engine")
         with RawConnection(gateway.url) as refused:
             assert_openai_error(refused.read_answer(), 503, "gateway_overloaded")
-    finally:
+    finally:  # before the gateway stops: it would wait for these requests to end
         for connection in busy:
             connection.close()
-        gateway.stop()
-        engine.stop()
 
 
 @pytest.mark.parametrize(
@@ -283,25 +278,20 @@ def test_a_trailing_slash_is_a_plain_404_never_a_redirect(gateway, path, code):
         assert answer.header("location") is None
 
 
-def test_1100_half_open_connections_under_a_1024_file_limit(log_dir, tmp_path):
+def test_1100_half_open_connections_under_a_1024_file_limit(processes, tmp_path):
     """The original failure: half-open connections exhausted the descriptors, real requests were reset and
     a revoked key stayed valid because the keys file could no longer be read. Under the same limit, a
     normal request is served and a changed keys file takes effect."""
-    import yaml
-
-    from gateway_app.auth import hash_key
-    from tests.support import ConfigMapVolume
-
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if soft < 2000:
         resource.setrlimit(resource.RLIMIT_NOFILE, (min(hard, 4096), hard))
-    engine = RecordingEngine().start()
+    engine = processes.recording_engine()
     keys = ConfigMapVolume(tmp_path / "keys", "keys.yaml")
     keys.publish(yaml.safe_dump({"keys": [{"name": "old", "sha256": hash_key("sk-old")}]}))
     config = write_routing_map(
         tmp_path / "routes.yaml", [{"name": "e", "model": "m", "owned_by": "vllm", "url": engine.url}]
     )
-    gateway = start_gateway(config, log_dir, extra_args=["--keys-file", str(keys.path)], fd_limit=1024)
+    gateway = processes.gateway(config, extra_args=["--keys-file", str(keys.path)], fd_limit=1024)
     half_open: list[RawConnection] = []
     try:
         for index in range(1100):
@@ -326,8 +316,7 @@ def test_1100_half_open_connections_under_a_1024_file_limit(log_dir, tmp_path):
     finally:
         for connection in half_open:
             connection.close()
-        gateway.stop()
-        engine.stop()
+    gateway.stop()  # on purpose: its log is then complete
     assert "Too many open files" not in gateway.log()
 
 

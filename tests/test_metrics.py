@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from tests.conftest import LLAMA
+from tests.routes import LLAMA, tutorial_routing, write_routing_map
+from tests.support import free_port
 from tests.web import get, metric_value, post
 
 CHAT = "/v1/chat/completions"
@@ -94,23 +95,17 @@ def test_latency_histograms_keep_streams_apart(gateway):
         assert metric_value(text, "llm_gateway_time_to_first_byte_seconds_count", stream=stream) >= 1
 
 
-def test_metrics_on_their_own_port_leave_the_api_port(tutorial_engines, log_dir, tmp_path):
+def test_metrics_on_their_own_port_leave_the_api_port(tutorial_engines, processes, tmp_path):
     """With --metrics-port, /metrics (key names, traffic, engine URLs) is not on the API port at all."""
-    from tests.conftest import tutorial_routing, write_routing_map
-    from tests.support import free_port, start_gateway
-
     metrics_port = free_port()
     config = write_routing_map(tmp_path / "routes.yaml", tutorial_routing(tutorial_engines))
-    gateway = start_gateway(config, log_dir, extra_args=["--metrics-port", str(metrics_port)])
-    try:
-        assert post(gateway.url + CHAT, {"model": LLAMA, "messages": HI}).status == 200
-        on_api = get(gateway.url + "/metrics")
-        assert on_api.status == 404 and on_api.json()["error"]["code"] == "not_found"
-        metrics_url = f"http://127.0.0.1:{metrics_port}"
-        scraped = get(metrics_url + "/metrics")
-        assert scraped.status == 200 and scraped.headers["content-type"].startswith("text/plain")
-        assert metric_value(scraped.body.decode(), "llm_gateway_requests_total", model=LLAMA, status="200") == 1
-        assert get(metrics_url + "/v1/models").status == 404  # the metrics port serves nothing else
-        assert get(metrics_url + "/healthz").status == 404
-    finally:
-        gateway.stop()
+    gateway = processes.gateway(config, extra_args=["--metrics-port", str(metrics_port)])
+    assert post(gateway.url + CHAT, {"model": LLAMA, "messages": HI}).status == 200
+    on_api = get(gateway.url + "/metrics")
+    assert on_api.status == 404 and on_api.json()["error"]["code"] == "not_found"
+    metrics_url = f"http://127.0.0.1:{metrics_port}"
+    scraped = get(metrics_url + "/metrics")
+    assert scraped.status == 200 and scraped.headers["content-type"].startswith("text/plain")
+    assert metric_value(scraped.body.decode(), "llm_gateway_requests_total", model=LLAMA, status="200") == 1
+    assert get(metrics_url + "/v1/models").status == 404  # the metrics port serves nothing else
+    assert get(metrics_url + "/healthz").status == 404

@@ -18,7 +18,7 @@ def test_dockerfile_passes_hadolint():
     assert result.returncode == 0, result.stdout + result.stderr
 
 
-def test_wheel_installs_into_a_fresh_venv_and_serves(tmp_path):
+def test_wheel_installs_into_a_fresh_venv_and_serves(processes, tmp_path):
     wheels = tmp_path / "wheels"
     subprocess.run(
         [sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "-w", str(wheels), str(REPO_ROOT)],
@@ -60,9 +60,6 @@ def test_wheel_installs_into_a_fresh_venv_and_serves(tmp_path):
             stderr=subprocess.STDOUT,
             cwd=workdir,
         )
-    sim = RunningProcess(process=process, url=f"http://127.0.0.1:{port}", log_path=log_path)
-    try:
-        wait_until_ready(sim, "/health")
-        assert get(sim.url + "/v1/models").json()["data"][0]["id"] == "m"
-    finally:
-        sim.stop()
+    sim = processes.add(RunningProcess(process=process, url=f"http://127.0.0.1:{port}", log_path=log_path))
+    wait_until_ready(sim, "/health")
+    assert get(sim.url + "/v1/models").json()["data"][0]["id"] == "m"

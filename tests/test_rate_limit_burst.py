@@ -13,8 +13,6 @@ import math
 import socket
 import time
 from collections import Counter
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,9 +21,9 @@ import pytest
 import yaml
 
 from gateway_app.auth import hash_key
-from tests.conftest import LLAMA, write_routing_map
 from tests.redis_server import RedisServer
-from tests.support import RunningProcess, start_gateway
+from tests.routes import LLAMA, write_routing_map
+from tests.support import Processes, RunningProcess
 from tests.web import Answer, get, metric_value, post, wait_for
 
 CHAT = "/v1/chat/completions"
@@ -68,23 +66,20 @@ def engine(tutorial_engines) -> RunningProcess:
 
 
 @pytest.fixture
-def redis(tmp_path) -> Iterator[RedisServer]:
-    server = RedisServer(tmp_path).start()
-    yield server
-    server.stop()
+def redis(processes, tmp_path) -> RedisServer:
+    return processes.add(RedisServer(tmp_path)).start()
 
 
-@contextmanager
 def shared_gateways(
     redis_url: str,
     engine: RunningProcess,
-    log_dir: Path,
+    processes: Processes,
     tmp_path: Path,
     keys: list[dict],
     count: int = 2,
     fail_open: bool = True,
-) -> Iterator[list[RunningProcess]]:
-    """`count` gateways in front of one engine, their limits counted in one Redis; all stopped on exit."""
+) -> list[RunningProcess]:
+    """`count` gateways in front of one engine, their limits counted in one Redis."""
     config = write_routing_map(
         tmp_path / "routes.yaml",
         [{"name": "vllm-llama", "model": LLAMA, "owned_by": "vllm", "url": engine.url}],
@@ -93,14 +88,7 @@ def shared_gateways(
     keys_file = tmp_path / "keys.yaml"
     keys_file.write_text(yaml.safe_dump({"keys": keys}))
     args = ["--keys-file", str(keys_file), "--redis-url", redis_url]
-    gateways: list[RunningProcess] = []
-    try:
-        for _ in range(count):
-            gateways.append(start_gateway(config, log_dir, extra_args=args))
-        yield gateways
-    finally:
-        for gateway in gateways:
-            gateway.stop()
+    return [processes.gateway(config, extra_args=args) for _ in range(count)]
 
 
 def key_entry(name: str, key: str, **limits: int) -> dict:
@@ -143,40 +131,40 @@ def interleaved(burst: list[tuple[str, dict]], other: list[tuple[str, dict]]) ->
 
 
 @pytest.mark.parametrize("fail_open", [True, False], ids=["fail-open", "fail-closed"])
-def test_a_burst_over_two_gateways_admits_exactly_the_limit(redis, engine, log_dir, tmp_path, fail_open):
+def test_a_burst_over_two_gateways_admits_exactly_the_limit(redis, engine, processes, tmp_path, fail_open):
     keys = [
         key_entry("burst", KEY_BURST, requests_per_minute=LIMIT),
         key_entry("other", KEY_OTHER, requests_per_minute=1000),
     ]
-    with shared_gateways(redis.url, engine, log_dir, tmp_path, keys, fail_open=fail_open) as gateways:
-        burst = send_burst(gateways, interleaved([(KEY_BURST, BODY)] * BURST, [(KEY_OTHER, BODY)] * OTHER_REQUESTS))
-        admitted = burst.statuses(KEY_BURST)[200]
-        print(f"admitted {admitted} of {BURST} in {burst.seconds:.2f}s; statuses {dict(burst.statuses(KEY_BURST))}")
-        assert burst.statuses(KEY_BURST)[503] == 0 and burst.statuses(KEY_OTHER)[503] == 0
-        assert LIMIT <= admitted <= burst.most_admitted(LIMIT), f"{admitted} admitted in {burst.seconds:.2f}s"
-        assert burst.statuses(KEY_BURST) == {200: admitted, 429: BURST - admitted}
-        assert burst.codes(KEY_BURST, 429) == {"rate_limit_requests": BURST - admitted}
-        # the other key has its own bucket: the burst does not touch it
-        assert burst.statuses(KEY_OTHER) == {200: OTHER_REQUESTS}
-        assert {r.headers["x-ratelimit-limit-requests"] for r in burst.replies if r.key == KEY_OTHER} == {"1000"}
-        for gateway in gateways:
-            metrics = get(gateway.url + "/metrics").body.decode()
-            assert metric_value(metrics, "llm_gateway_rate_limit_store_errors_total") == 0
-            assert "rate-limit store unreachable" not in gateway.log()
+    gateways = shared_gateways(redis.url, engine, processes, tmp_path, keys, fail_open=fail_open)
+    burst = send_burst(gateways, interleaved([(KEY_BURST, BODY)] * BURST, [(KEY_OTHER, BODY)] * OTHER_REQUESTS))
+    admitted = burst.statuses(KEY_BURST)[200]
+    print(f"admitted {admitted} of {BURST} in {burst.seconds:.2f}s; statuses {dict(burst.statuses(KEY_BURST))}")
+    assert burst.statuses(KEY_BURST)[503] == 0 and burst.statuses(KEY_OTHER)[503] == 0
+    assert LIMIT <= admitted <= burst.most_admitted(LIMIT), f"{admitted} admitted in {burst.seconds:.2f}s"
+    assert burst.statuses(KEY_BURST) == {200: admitted, 429: BURST - admitted}
+    assert burst.codes(KEY_BURST, 429) == {"rate_limit_requests": BURST - admitted}
+    # the other key has its own bucket: the burst does not touch it
+    assert burst.statuses(KEY_OTHER) == {200: OTHER_REQUESTS}
+    assert {r.headers["x-ratelimit-limit-requests"] for r in burst.replies if r.key == KEY_OTHER} == {"1000"}
+    for gateway in gateways:
+        metrics = get(gateway.url + "/metrics").body.decode()
+        assert metric_value(metrics, "llm_gateway_rate_limit_store_errors_total") == 0
+        assert "rate-limit store unreachable" not in gateway.log()
 
 
-def test_a_token_burst_admits_exactly_the_token_limit(redis, engine, log_dir, tmp_path):
+def test_a_token_burst_admits_exactly_the_token_limit(redis, engine, processes, tmp_path):
     body = body_costing_what_it_uses(engine)
     cost = estimate(body)
     keys = [key_entry("burst", KEY_BURST, tokens_per_minute=LIMIT * cost)]
-    with shared_gateways(redis.url, engine, log_dir, tmp_path, keys) as gateways:
-        burst = send_burst(gateways, [(KEY_BURST, body)] * BURST)
-        admitted = burst.statuses(KEY_BURST)[200]
-        print(f"admitted {admitted} of {BURST} in {burst.seconds:.2f}s ({cost} tokens each)")
-        # LIMIT requests' worth of tokens, refilling one request's worth a second
-        assert LIMIT <= admitted <= burst.most_admitted(LIMIT), f"{admitted} admitted in {burst.seconds:.2f}s"
-        assert burst.statuses(KEY_BURST) == {200: admitted, 429: BURST - admitted}
-        assert burst.codes(KEY_BURST, 429) == {"rate_limit_tokens": BURST - admitted}
+    gateways = shared_gateways(redis.url, engine, processes, tmp_path, keys)
+    burst = send_burst(gateways, [(KEY_BURST, body)] * BURST)
+    admitted = burst.statuses(KEY_BURST)[200]
+    print(f"admitted {admitted} of {BURST} in {burst.seconds:.2f}s ({cost} tokens each)")
+    # LIMIT requests' worth of tokens, refilling one request's worth a second
+    assert LIMIT <= admitted <= burst.most_admitted(LIMIT), f"{admitted} admitted in {burst.seconds:.2f}s"
+    assert burst.statuses(KEY_BURST) == {200: admitted, 429: BURST - admitted}
+    assert burst.codes(KEY_BURST, 429) == {"rate_limit_tokens": BURST - admitted}
 
 
 def estimate(body: dict) -> int:
@@ -197,61 +185,61 @@ def body_costing_what_it_uses(engine: RunningProcess) -> dict:
 
 
 @pytest.mark.parametrize("fail_open", [True, False], ids=["fail-open", "fail-closed"])
-def test_redis_stopped_is_decided_per_call_and_limits_return_with_it(redis, engine, log_dir, tmp_path, fail_open):
+def test_redis_stopped_is_decided_per_call_and_limits_return_with_it(redis, engine, processes, tmp_path, fail_open):
     keys = [key_entry("burst", KEY_BURST, requests_per_minute=2)]
-    with shared_gateways(redis.url, engine, log_dir, tmp_path, keys, count=1, fail_open=fail_open) as (gateway,):
+    (gateway,) = shared_gateways(redis.url, engine, processes, tmp_path, keys, count=1, fail_open=fail_open)
 
-        def request() -> Answer:
-            return post(gateway.url + CHAT, BODY, headers=bearer(KEY_BURST))
+    def request() -> Answer:
+        return post(gateway.url + CHAT, BODY, headers=bearer(KEY_BURST))
 
-        assert [request().status for _ in range(3)] == [200, 200, 429]
-        redis.stop()
-        during = [request() for _ in range(3)]
-        if fail_open:
-            assert [a.status for a in during] == [200, 200, 200]  # served without counting
-            assert all("x-ratelimit-limit-requests" not in a.headers for a in during)
-        else:
-            assert [a.status for a in during] == [503, 503, 503]
-            assert {a.json()["error"]["code"] for a in during} == {"rate_limiter_unavailable"}
-            assert {a.headers["retry-after"] for a in during} == {"1"}
-        metrics = get(gateway.url + "/metrics").body.decode()
-        assert metric_value(metrics, "llm_gateway_rate_limit_store_errors_total") == 3  # one per failed call
-        assert gateway.log().count("rate-limit store unreachable") == 1  # one line per change, not per call
+    assert [request().status for _ in range(3)] == [200, 200, 429]
+    redis.stop()
+    during = [request() for _ in range(3)]
+    if fail_open:
+        assert [a.status for a in during] == [200, 200, 200]  # served without counting
+        assert all("x-ratelimit-limit-requests" not in a.headers for a in during)
+    else:
+        assert [a.status for a in during] == [503, 503, 503]
+        assert {a.json()["error"]["code"] for a in during} == {"rate_limiter_unavailable"}
+        assert {a.headers["retry-after"] for a in during} == {"1"}
+    metrics = get(gateway.url + "/metrics").body.decode()
+    assert metric_value(metrics, "llm_gateway_rate_limit_store_errors_total") == 3  # one per failed call
+    assert gateway.log().count("rate-limit store unreachable") == 1  # one line per change, not per call
 
-        redis.start()  # same port, empty: the bucket is full again, the scripts must be loaded again
-        # No switch keeps limits off for a while: the first request once Redis answers is counted.
-        assert "x-ratelimit-limit-requests" in request().headers
-        wait_for(lambda: request().status == 429, timeout=15, message="limits enforced again after Redis returned")
-        assert gateway.log().count("rate-limit store reachable again") == 1
+    redis.start()  # same port, empty: the bucket is full again, the scripts must be loaded again
+    # No switch keeps limits off for a while: the first request once Redis answers is counted.
+    assert "x-ratelimit-limit-requests" in request().headers
+    wait_for(lambda: request().status == 429, timeout=15, message="limits enforced again after Redis returned")
+    assert gateway.log().count("rate-limit store reachable again") == 1
 
 
-def test_a_redis_that_never_answers_is_an_outage_per_call(engine, log_dir, tmp_path):
+def test_a_redis_that_never_answers_is_an_outage_per_call(engine, processes, tmp_path):
     keys = [key_entry("burst", KEY_BURST, requests_per_minute=LIMIT), key_entry("other", KEY_OTHER)]
     with socket.socket() as silent:  # the kernel accepts connections to it; nothing ever reads or answers
         silent.bind(("127.0.0.1", 0))
         silent.listen(64)
         url = f"redis://127.0.0.1:{silent.getsockname()[1]}/0"
-        with shared_gateways(url, engine, log_dir, tmp_path, keys, count=1, fail_open=False) as (gateway,):
-            started = time.monotonic()
-            answer = post(gateway.url + CHAT, BODY, headers=bearer(KEY_BURST))
-            print(f"one call refused after {time.monotonic() - started:.2f}s")
-            assert answer.status == 503 and answer.json()["error"]["code"] == "rate_limiter_unavailable"
-            burst = send_burst([gateway], [(KEY_BURST, BODY)] * 20 + [(KEY_OTHER, BODY)] * 5)
-            print(f"20 calls refused in {burst.seconds:.2f}s")
-            assert burst.statuses(KEY_BURST) == {503: 20}
-            assert burst.statuses(KEY_OTHER) == {200: 5}  # no limits, no call to Redis
-            assert "no answer from Redis within 1s" in gateway.log()
+        (gateway,) = shared_gateways(url, engine, processes, tmp_path, keys, count=1, fail_open=False)
+        started = time.monotonic()
+        answer = post(gateway.url + CHAT, BODY, headers=bearer(KEY_BURST))
+        print(f"one call refused after {time.monotonic() - started:.2f}s")
+        assert answer.status == 503 and answer.json()["error"]["code"] == "rate_limiter_unavailable"
+        burst = send_burst([gateway], [(KEY_BURST, BODY)] * 20 + [(KEY_OTHER, BODY)] * 5)
+        print(f"20 calls refused in {burst.seconds:.2f}s")
+        assert burst.statuses(KEY_BURST) == {503: 20}
+        assert burst.statuses(KEY_OTHER) == {200: 5}  # no limits, no call to Redis
+        assert "no answer from Redis within 1s" in gateway.log()
 
 
-def test_scripts_flushed_from_redis_are_loaded_again(redis, engine, log_dir, tmp_path):
+def test_scripts_flushed_from_redis_are_loaded_again(redis, engine, processes, tmp_path):
     keys = [key_entry("burst", KEY_BURST, requests_per_minute=3)]
-    with shared_gateways(redis.url, engine, log_dir, tmp_path, keys, count=1) as (gateway,):
+    (gateway,) = shared_gateways(redis.url, engine, processes, tmp_path, keys, count=1)
 
-        def status() -> int:
-            return post(gateway.url + CHAT, BODY, headers=bearer(KEY_BURST)).status
+    def status() -> int:
+        return post(gateway.url + CHAT, BODY, headers=bearer(KEY_BURST)).status
 
-        assert status() == 200
-        assert redis.command("SCRIPT", "FLUSH").startswith(b"+OK")
-        assert [status(), status(), status()] == [200, 200, 429]
-        metrics = get(gateway.url + "/metrics").body.decode()
-        assert metric_value(metrics, "llm_gateway_rate_limit_store_errors_total") == 0
+    assert status() == 200
+    assert redis.command("SCRIPT", "FLUSH").startswith(b"+OK")
+    assert [status(), status(), status()] == [200, 200, 429]
+    metrics = get(gateway.url + "/metrics").body.decode()
+    assert metric_value(metrics, "llm_gateway_rate_limit_store_errors_total") == 0

@@ -6,14 +6,12 @@ from __future__ import annotations
 import json
 import signal
 import threading
-from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from tests.conftest import write_routing_map
-from tests.recording_engine import RecordingEngine
-from tests.support import RunningProcess, start_gateway, start_simulator
+from tests.routes import write_routing_map
+from tests.support import Processes, RunningProcess
 from tests.web import get, metric_value, post, sse_events, wait_for
 
 CHAT = "/v1/chat/completions"
@@ -38,104 +36,83 @@ def served_by(sim: RunningProcess) -> float:
 
 
 @pytest.fixture
-def four_replicas(log_dir) -> Iterator[list[RunningProcess]]:
-    sims = []
-    try:
-        sims.append(start_simulator("vllm", "m", log_dir, ttft_ms=300))  # the slow one
-        for _ in range(3):
-            sims.append(start_simulator("vllm", "m", log_dir, ttft_ms=5))
-        yield sims
-    finally:
-        for sim in sims:
-            sim.stop()
+def four_replicas(processes) -> list[RunningProcess]:
+    slow = processes.simulator("vllm", "m", ttft_ms=300)
+    return [slow, *(processes.simulator("vllm", "m", ttft_ms=5) for _ in range(3))]
 
 
-def share_of_slow_replica(replicas, log_dir, tmp_path, balancing: str) -> float:
+def share_of_slow_replica(replicas, processes: Processes, tmp_path, balancing: str) -> float:
     config = write_routing_map(
         tmp_path / f"routes-{balancing}.yaml",
         [{"name": "e", "model": "m", "owned_by": "vllm", "urls": [s.url for s in replicas]}],
         settings={"balancing": balancing},
     )
-    gateway = start_gateway(config, log_dir)
-    try:
-        before = [served_by(sim) for sim in replicas]
-        with ThreadPoolExecutor(8) as pool:
-            statuses = list(
-                pool.map(lambda _: post(gateway.url + CHAT, {"model": "m", "messages": HI}).status, range(200))
-            )
-        assert statuses == [200] * 200
-        counts = [served_by(sim) - b for sim, b in zip(replicas, before, strict=False)]
-        assert sum(counts) == 200
-        return counts[0] / 200
-    finally:
-        gateway.stop()
+    gateway = processes.gateway(config)
+    before = [served_by(sim) for sim in replicas]
+    with ThreadPoolExecutor(8) as pool:
+        statuses = list(pool.map(lambda _: post(gateway.url + CHAT, {"model": "m", "messages": HI}).status, range(200)))
+    assert statuses == [200] * 200
+    counts = [served_by(sim) - b for sim, b in zip(replicas, before, strict=False)]
+    assert sum(counts) == 200
+    gateway.stop()  # the next gateway is measured alone
+    return counts[0] / 200
 
 
-def test_slow_replica_gets_clearly_fewer_requests_than_with_round_robin(four_replicas, log_dir, tmp_path):
-    rotation = share_of_slow_replica(four_replicas, log_dir, tmp_path, "round_robin")
-    balanced = share_of_slow_replica(four_replicas, log_dir, tmp_path, "power_of_two")
+def test_slow_replica_gets_clearly_fewer_requests_than_with_round_robin(four_replicas, processes, tmp_path):
+    rotation = share_of_slow_replica(four_replicas, processes, tmp_path, "round_robin")
+    balanced = share_of_slow_replica(four_replicas, processes, tmp_path, "power_of_two")
     assert rotation > 0.2  # a quarter, whatever its speed
     assert balanced < 0.15 and balanced < rotation / 2
 
 
-def test_replica_killed_under_load_loses_no_request(log_dir, tmp_path):
-    sims = [start_simulator("vllm", "m", log_dir, ttft_ms=20) for _ in range(2)]
+def test_replica_killed_under_load_loses_no_request(processes, tmp_path):
+    sims = [processes.simulator("vllm", "m", ttft_ms=20) for _ in range(2)]
     config = write_routing_map(
         tmp_path / "routes.yaml", [{"name": "e", "model": "m", "owned_by": "vllm", "urls": [s.url for s in sims]}]
     )
-    gateway = start_gateway(config, log_dir)
-    try:
-        results = []
+    gateway = processes.gateway(config)
+    results = []
 
-        def client() -> None:
-            for _ in range(40):
-                results.append(post(gateway.url + CHAT, {"model": "m", "messages": HI}).status)
+    def client() -> None:
+        for _ in range(40):
+            results.append(post(gateway.url + CHAT, {"model": "m", "messages": HI}).status)
 
-        threads = [threading.Thread(target=client) for _ in range(4)]
-        for thread in threads:
-            thread.start()
-        wait_for(lambda: len(results) >= 20, message="load running")
-        sims[0].process.send_signal(signal.SIGKILL)  # mid-load, requests in flight on it
-        for thread in threads:
-            thread.join(60)
-        assert results == [200] * 160
-        metrics = get(gateway.url + "/metrics").body.decode()
-        assert metric_value(metrics, "llm_gateway_retries_total", engine="e") >= 1
-    finally:
-        gateway.stop()
-        for sim in sims:
-            sim.stop()
+    threads = [threading.Thread(target=client) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    wait_for(lambda: len(results) >= 20, message="load running")
+    sims[0].process.send_signal(signal.SIGKILL)  # mid-load, requests in flight on it
+    for thread in threads:
+        thread.join(60)
+    assert results == [200] * 160
+    metrics = get(gateway.url + "/metrics").body.decode()
+    assert metric_value(metrics, "llm_gateway_retries_total", engine="e") >= 1
 
 
-def test_failing_replica_is_ejected_then_returns(log_dir, tmp_path):
-    flaky, steady = RecordingEngine().start(), RecordingEngine().start()
+def test_failing_replica_is_ejected_then_returns(processes, tmp_path):
+    flaky, steady = processes.recording_engine(), processes.recording_engine()
     config = write_routing_map(
         tmp_path / "routes.yaml",
         [{"name": "e", "model": "m", "owned_by": "vllm", "urls": [flaky.url, steady.url]}],
         settings={"health": {"interval": 0.2, "ejection_base": 30}},
     )
-    gateway = start_gateway(config, log_dir)
+    gateway = processes.gateway(config)
     available = lambda url: metric_value(  # noqa: E731
         get(gateway.url + "/metrics").body.decode(), "llm_gateway_endpoint_available", endpoint=url
     )
-    try:
-        flaky.fail_with = 500
-        for _ in range(10):  # a 500 ejects; later requests avoid the flaky replica
-            post(gateway.url + CHAT, {"model": "m"})
-        wait_for(lambda: available(flaky.url) == 0, message="flaky replica ejected")
-        before = len(flaky.received)
-        assert all(post(gateway.url + CHAT, {"model": "m"}).status == 200 for _ in range(10))
-        assert len([r for r in flaky.received[before:] if r.path != "/health"]) == 0
-        flaky.fail_with = None  # recovers: the next passing health check brings it back
-        wait_for(lambda: available(flaky.url) == 1, message="flaky replica back")
-    finally:
-        gateway.stop()
-        flaky.stop()
-        steady.stop()
+    flaky.fail_with = 500
+    for _ in range(10):  # a 500 ejects; later requests avoid the flaky replica
+        post(gateway.url + CHAT, {"model": "m"})
+    wait_for(lambda: available(flaky.url) == 0, message="flaky replica ejected")
+    before = len(flaky.received)
+    assert all(post(gateway.url + CHAT, {"model": "m"}).status == 200 for _ in range(10))
+    assert len([r for r in flaky.received[before:] if r.path != "/health"]) == 0
+    flaky.fail_with = None  # recovers: the next passing health check brings it back
+    wait_for(lambda: available(flaky.url) == 1, message="flaky replica back")
 
 
-def test_503_is_retried_on_another_replica_and_fallback_engine_takes_over(log_dir, tmp_path):
-    busy, spare = RecordingEngine().start(), RecordingEngine().start()
+def test_503_is_retried_on_another_replica_and_fallback_engine_takes_over(processes, tmp_path):
+    busy, spare = processes.recording_engine(), processes.recording_engine()
     busy.fail_with = 503
     config = write_routing_map(
         tmp_path / "routes.yaml",
@@ -144,22 +121,40 @@ def test_503_is_retried_on_another_replica_and_fallback_engine_takes_over(log_di
             {"name": "backup", "model": "m-small", "owned_by": "vllm", "url": spare.url},
         ],
     )
-    gateway = start_gateway(config, log_dir)
-    try:
+    gateway = processes.gateway(config)
+    answer = post(gateway.url + CHAT, {"model": "m", "messages": HI})
+    assert answer.status == 200 and answer.headers["x-gateway-engine"] == "backup"
+    assert json.loads(spare.received[-1].body)["model"] == "m-small"  # re-addressed to the fallback's model
+    spare.fail_with = 503  # nobody can take it: the engine's own 503 is what the client gets
+    answer = post(gateway.url + CHAT, {"model": "m", "messages": HI})
+    assert answer.status == 503 and answer.json()["error"]["message"] == "failing on purpose"
+
+
+def test_a_request_served_by_the_fallback_engine_is_counted(processes, tmp_path):
+    spare = processes.recording_engine()
+    config = write_routing_map(
+        tmp_path / "routes.yaml",
+        [
+            {"name": "primary", "model": "m", "owned_by": "vllm", "url": "http://127.0.0.1:9", "fallback": "backup"},
+            {"name": "backup", "model": "m-small", "owned_by": "vllm", "url": spare.url},
+        ],
+    )
+    gateway = processes.gateway(config)
+
+    def fallbacks(**labels: str) -> float:
+        return metric_value(get(gateway.url + "/metrics").body.decode(), "llm_gateway_fallbacks_total", **labels)
+
+    for served in (1, 2):
         answer = post(gateway.url + CHAT, {"model": "m", "messages": HI})
         assert answer.status == 200 and answer.headers["x-gateway-engine"] == "backup"
-        assert json.loads(spare.received[-1].body)["model"] == "m-small"  # re-addressed to the fallback's model
-        spare.fail_with = 503  # nobody can take it: the engine's own 503 is what the client gets
-        answer = post(gateway.url + CHAT, {"model": "m", "messages": HI})
-        assert answer.status == 503 and answer.json()["error"]["message"] == "failing on purpose"
-    finally:
-        gateway.stop()
-        busy.stop()
-        spare.stop()
+        assert fallbacks(engine="primary", fallback="backup") == served
+    answer = post(gateway.url + CHAT, {"model": "m-small", "messages": HI})  # the backup asked for by name
+    assert answer.status == 200 and answer.headers["x-gateway-engine"] == "backup"
+    assert fallbacks() == 2  # no fallback there: every series together still counts two
 
 
-def test_overloaded_engine_answers_429_with_retry_after(log_dir, tmp_path):
-    sim = start_simulator("vllm", "m", log_dir, ttft_ms=1500)
+def test_overloaded_engine_answers_429_with_retry_after(processes, tmp_path):
+    sim = processes.simulator("vllm", "m", ttft_ms=1500)
     config = write_routing_map(
         tmp_path / "routes.yaml",
         [
@@ -172,157 +167,126 @@ def test_overloaded_engine_answers_429_with_retry_after(log_dir, tmp_path):
             },
         ],
     )
-    gateway = start_gateway(config, log_dir)
-    try:
-        with ThreadPoolExecutor(3) as pool:
-            answers = list(pool.map(lambda _: post(gateway.url + CHAT, {"model": "m", "messages": HI}), range(3)))
-        statuses = sorted(a.status for a in answers)
-        assert statuses == [200, 429, 429]  # one served; one queued past its timeout; one found the queue full
-        refused = next(a for a in answers if a.status == 429)
-        assert refused.json()["error"]["code"] == "engine_overloaded" and int(refused.headers["retry-after"]) >= 1
-        metrics = get(gateway.url + "/metrics").body.decode()
-        assert metric_value(metrics, "llm_gateway_engine_queue_wait_seconds_count", engine="e") >= 1
-    finally:
-        gateway.stop()
-        sim.stop()
+    gateway = processes.gateway(config)
+    with ThreadPoolExecutor(3) as pool:
+        answers = list(pool.map(lambda _: post(gateway.url + CHAT, {"model": "m", "messages": HI}), range(3)))
+    statuses = sorted(a.status for a in answers)
+    assert statuses == [200, 429, 429]  # one served; one queued past its timeout; one found the queue full
+    refused = next(a for a in answers if a.status == 429)
+    assert refused.json()["error"]["code"] == "engine_overloaded" and int(refused.headers["retry-after"]) >= 1
+    metrics = get(gateway.url + "/metrics").body.decode()
+    assert metric_value(metrics, "llm_gateway_engine_queue_wait_seconds_count", engine="e") >= 1
 
 
-def test_session_affinity_keeps_a_session_on_one_replica(log_dir, tmp_path):
-    engines = [RecordingEngine().start() for _ in range(3)]
+def test_session_affinity_keeps_a_session_on_one_replica(processes, tmp_path):
+    engines = [processes.recording_engine() for _ in range(3)]
     config = write_routing_map(
         tmp_path / "routes.yaml",
         [{"name": "e", "model": "m", "owned_by": "vllm", "urls": [e.url for e in engines]}],
         settings={"affinity": {"header": "x-session-id", "body_user": True}},
     )
-    gateway = start_gateway(config, log_dir)
-    try:
-        for session in ("alice", "bob", "carol"):
-            for _ in range(5):
-                post(gateway.url + CHAT, {"model": "m"}, headers={"X-Session-Id": session})
-            got = [
-                sum(1 for r in e.received if r.path == CHAT and r.headers.get("x-session-id") == session)
-                for e in engines
-            ]
-            assert sorted(got) == [0, 0, 5], (session, got)
-        for user in ("user-1", "user-2"):  # the OpenAI `user` field works the same way
-            for _ in range(4):
-                post(gateway.url + CHAT, {"model": "m", "user": user})
-            got = [
-                sum(1 for r in e.received if r.path == CHAT and f'"user": "{user}"'.encode() in r.body) for e in engines
-            ]
-            assert sorted(got) == [0, 0, 4], (user, got)
-    finally:
-        gateway.stop()
-        for engine in engines:
-            engine.stop()
+    gateway = processes.gateway(config)
+    for session in ("alice", "bob", "carol"):
+        for _ in range(5):
+            post(gateway.url + CHAT, {"model": "m"}, headers={"X-Session-Id": session})
+        got = [
+            sum(1 for r in e.received if r.path == CHAT and r.headers.get("x-session-id") == session) for e in engines
+        ]
+        assert sorted(got) == [0, 0, 5], (session, got)
+    for user in ("user-1", "user-2"):  # the OpenAI `user` field works the same way
+        for _ in range(4):
+            post(gateway.url + CHAT, {"model": "m", "user": user})
+        got = [sum(1 for r in e.received if r.path == CHAT and f'"user": "{user}"'.encode() in r.body) for e in engines]
+        assert sorted(got) == [0, 0, 4], (user, got)
 
 
-def test_sigterm_lets_50_open_streams_finish(log_dir, tmp_path):
-    sim = start_simulator("vllm", "m", log_dir, itl_ms=100)
+def test_sigterm_lets_50_open_streams_finish(processes, tmp_path):
+    sim = processes.simulator("vllm", "m", itl_ms=100)
     config = write_routing_map(
         tmp_path / "routes.yaml", [{"name": "e", "model": "m", "owned_by": "vllm", "url": sim.url}]
     )
-    gateway = start_gateway(config, log_dir)
-    try:
-        with ThreadPoolExecutor(50) as pool:  # 60 tokens at 100 ms: 6 s streams, ample time to open all 50
-            futures = [
-                pool.submit(
-                    post,
-                    gateway.url + CHAT,
-                    {"model": "m", "messages": HI, "max_tokens": 60, "stream": True},
-                    timeout=60,
-                )
-                for _ in range(50)
-            ]
-            wait_for(
-                lambda: (
-                    metric_value(get(gateway.url + "/metrics").body.decode(), "llm_gateway_requests_in_flight") == 50
-                ),
-                timeout=20,
-                message="50 streams open",
+    gateway = processes.gateway(config)
+    with ThreadPoolExecutor(50) as pool:  # 60 tokens at 100 ms: 6 s streams, ample time to open all 50
+        futures = [
+            pool.submit(
+                post,
+                gateway.url + CHAT,
+                {"model": "m", "messages": HI, "max_tokens": 60, "stream": True},
+                timeout=60,
             )
-            gateway.process.send_signal(signal.SIGTERM)
-            # At once: no new connection is accepted (so readiness fails), while the 50 streams go on.
-            wait_for(lambda: not accepts_connections(gateway.url), timeout=5, message="listener closed")
-            assert not all(future.done() for future in futures)
-            answers = [future.result() for future in futures]
-        for answer in answers:
-            events = sse_events(answer.body)
-            assert events[-1] == "[DONE]"
-            assert sum(1 for e in events[:-1] for c in json.loads(e)["choices"] if c["delta"].get("content")) == 60
-        assert gateway.process.wait(timeout=30) == 0
-    finally:
-        gateway.stop()
-        sim.stop()
-
-
-def test_replica_killed_mid_stream_ends_the_stream_cleanly(log_dir, tmp_path):
-    sim = start_simulator("vllm", "m", log_dir, itl_ms=100)
-    config = write_routing_map(
-        tmp_path / "routes.yaml", [{"name": "e", "model": "m", "owned_by": "vllm", "url": sim.url}]
-    )
-    gateway = start_gateway(config, log_dir)
-    try:
-        with ThreadPoolExecutor(1) as pool:
-            future = pool.submit(
-                post, gateway.url + CHAT, {"model": "m", "messages": HI, "max_tokens": 100, "stream": True}
-            )
-            wait_for(
-                lambda: metric_value(get(gateway.url + "/metrics").body.decode(), "llm_gateway_requests_in_flight") == 1
-            )
-            sim.process.send_signal(signal.SIGKILL)
-            answer = future.result(timeout=30)
-        assert answer.status == 200
+            for _ in range(50)
+        ]
+        wait_for(
+            lambda: metric_value(get(gateway.url + "/metrics").body.decode(), "llm_gateway_requests_in_flight") == 50,
+            timeout=20,
+            message="50 streams open",
+        )
+        gateway.process.send_signal(signal.SIGTERM)
+        # At once: no new connection is accepted (so readiness fails), while the 50 streams go on.
+        wait_for(lambda: not accepts_connections(gateway.url), timeout=5, message="listener closed")
+        assert not all(future.done() for future in futures)
+        answers = [future.result() for future in futures]
+    for answer in answers:
         events = sse_events(answer.body)
         assert events[-1] == "[DONE]"
-        assert json.loads(events[-2])["error"]["code"] == "engine_unreachable"
-    finally:
-        gateway.stop()
-        sim.stop()
+        assert sum(1 for e in events[:-1] for c in json.loads(e)["choices"] if c["delta"].get("content")) == 60
+    assert gateway.process.wait(timeout=30) == 0
 
 
-def test_readyz_can_require_a_reachable_engine(log_dir, tmp_path):
-    engine = RecordingEngine().start()
+def test_replica_killed_mid_stream_ends_the_stream_cleanly(processes, tmp_path):
+    sim = processes.simulator("vllm", "m", itl_ms=100)
+    config = write_routing_map(
+        tmp_path / "routes.yaml", [{"name": "e", "model": "m", "owned_by": "vllm", "url": sim.url}]
+    )
+    gateway = processes.gateway(config)
+    with ThreadPoolExecutor(1) as pool:
+        future = pool.submit(
+            post, gateway.url + CHAT, {"model": "m", "messages": HI, "max_tokens": 100, "stream": True}
+        )
+        wait_for(
+            lambda: metric_value(get(gateway.url + "/metrics").body.decode(), "llm_gateway_requests_in_flight") == 1
+        )
+        sim.process.send_signal(signal.SIGKILL)
+        answer = future.result(timeout=30)
+    assert answer.status == 200
+    events = sse_events(answer.body)
+    assert events[-1] == "[DONE]"
+    assert json.loads(events[-2])["error"]["code"] == "engine_unreachable"
+
+
+def test_readyz_can_require_a_reachable_engine(processes, tmp_path):
+    engine = processes.recording_engine()
     config = write_routing_map(
         tmp_path / "routes.yaml",
         [{"name": "e", "model": "m", "owned_by": "vllm", "url": engine.url}],
         settings={"ready_requires_engine": True, "health": {"interval": 0.2}},
     )
-    gateway = start_gateway(config, log_dir)
-    try:
-        engine.fail_with = 500  # its /health fails too
-        wait_for(lambda: get(gateway.url + "/readyz").status == 503, message="not ready without an engine")
-        assert get(gateway.url + "/healthz").status == 200  # alive all the same
-        engine.fail_with = None
-        wait_for(lambda: get(gateway.url + "/readyz").status == 200, message="ready again")
-    finally:
-        gateway.stop()
-        engine.stop()
+    gateway = processes.gateway(config)
+    engine.fail_with = 500  # its /health fails too
+    wait_for(lambda: get(gateway.url + "/readyz").status == 503, message="not ready without an engine")
+    assert get(gateway.url + "/healthz").status == 200  # alive all the same
+    engine.fail_with = None
+    wait_for(lambda: get(gateway.url + "/readyz").status == 200, message="ready again")
 
 
-def test_passive_ejection_alone_keeps_a_failing_replica_out(log_dir, tmp_path):
+def test_passive_ejection_alone_keeps_a_failing_replica_out(processes, tmp_path):
     """/health passes, real requests fail with 500: only what requests experience can eject it."""
-    flaky, steady = RecordingEngine().start(), RecordingEngine().start()
+    flaky, steady = processes.recording_engine(), processes.recording_engine()
     flaky.fail_with, flaky.fail_health = 500, False
     config = write_routing_map(
         tmp_path / "routes.yaml",
         [{"name": "e", "model": "m", "owned_by": "vllm", "urls": [flaky.url, steady.url]}],
         settings={"health": {"interval": 60, "ejection_base": 60}},
     )
-    gateway = start_gateway(config, log_dir)
-    try:
-        statuses = [post(gateway.url + CHAT, {"model": "m"}).status for _ in range(20)]
-        chat_requests = [r for r in flaky.received if r.path == CHAT]
-        assert len(chat_requests) == 1  # one failure, then ejected for the rest
-        assert statuses.count(500) == 1 and statuses.count(200) == 19
-    finally:
-        gateway.stop()
-        flaky.stop()
-        steady.stop()
+    gateway = processes.gateway(config)
+    statuses = [post(gateway.url + CHAT, {"model": "m"}).status for _ in range(20)]
+    chat_requests = [r for r in flaky.received if r.path == CHAT]
+    assert len(chat_requests) == 1  # one failure, then ejected for the rest
+    assert statuses.count(500) == 1 and statuses.count(200) == 19
 
 
-def test_a_fallback_engine_keeps_its_own_concurrency_limit(log_dir, tmp_path):
-    backup = start_simulator("vllm", "m", log_dir, ttft_ms=1500)
+def test_a_fallback_engine_keeps_its_own_concurrency_limit(processes, tmp_path):
+    backup = processes.simulator("vllm", "m", ttft_ms=1500)
     config = write_routing_map(
         tmp_path / "routes.yaml",
         [
@@ -336,13 +300,9 @@ def test_a_fallback_engine_keeps_its_own_concurrency_limit(log_dir, tmp_path):
             },
         ],
     )
-    gateway = start_gateway(config, log_dir)
-    try:
-        with ThreadPoolExecutor(2) as pool:
-            answers = list(pool.map(lambda _: post(gateway.url + CHAT, {"model": "m", "messages": HI}), range(2)))
-        assert sorted(a.status for a in answers) == [200, 429]
-        refused = next(a for a in answers if a.status == 429)
-        assert refused.json()["error"]["code"] == "engine_overloaded"
-    finally:
-        gateway.stop()
-        backup.stop()
+    gateway = processes.gateway(config)
+    with ThreadPoolExecutor(2) as pool:
+        answers = list(pool.map(lambda _: post(gateway.url + CHAT, {"model": "m", "messages": HI}), range(2)))
+    assert sorted(a.status for a in answers) == [200, 429]
+    refused = next(a for a in answers if a.status == 429)
+    assert refused.json()["error"]["code"] == "engine_overloaded"

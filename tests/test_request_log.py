@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
+import re
+from pathlib import Path
 
 import pytest
 
-from tests.conftest import LLAMA, write_routing_map
 from tests.recording_engine import RecordingEngine
-from tests.support import RunningProcess, start_gateway
+from tests.routes import LLAMA, write_routing_map
+from tests.support import RunningProcess
 from tests.web import get, post, wait_for
 
 CHAT = "/v1/chat/completions"
@@ -17,14 +18,12 @@ PROMPT = "SECRET-PROMPT-TEXT-4711"
 
 
 @pytest.fixture(scope="module")
-def engine() -> Iterator[RecordingEngine]:
-    recording = RecordingEngine().start()
-    yield recording
-    recording.stop()
+def engine(module_processes) -> RecordingEngine:
+    return module_processes.recording_engine()
 
 
 @pytest.fixture(scope="module")
-def logged_gateway(engine, tutorial_engines, log_dir, tmp_path_factory) -> Iterator[RunningProcess]:
+def logged_gateway(engine, tutorial_engines, module_processes, tmp_path_factory) -> RunningProcess:
     config = write_routing_map(
         tmp_path_factory.mktemp("log") / "routes.yaml",
         [
@@ -33,9 +32,7 @@ def logged_gateway(engine, tutorial_engines, log_dir, tmp_path_factory) -> Itera
             {"name": "down", "model": "down-model", "owned_by": "vllm", "url": "http://127.0.0.1:9"},
         ],
     )
-    running = start_gateway(config, log_dir, extra_args=["--log-format", "json"])
-    yield running
-    running.stop()
+    return module_processes.gateway(config, extra_args=["--log-format", "json"])
 
 
 def log_line(gateway: RunningProcess, request_id: str) -> dict:
@@ -110,3 +107,40 @@ def test_log_line_of_a_failed_request(logged_gateway):
     post(logged_gateway.url + CHAT, {"model": "no-such"}, headers={"X-Request-Id": "fail-log-2"})
     line = log_line(logged_gateway, "fail-log-2")
     assert line["status"] == 404 and line["error_kind"] == "model_not_found" and "model" not in line
+
+
+def routes_to(engine: RecordingEngine, path: Path) -> Path:
+    return write_routing_map(
+        path,
+        [
+            {"name": "rec", "model": "rec-model", "owned_by": "vllm", "url": engine.url},
+            {"name": "down", "model": "down-model", "owned_by": "vllm", "url": "http://127.0.0.1:9"},
+        ],
+    )
+
+
+def test_no_access_log_writes_no_request_line_but_still_logs_errors(engine, processes, tmp_path):
+    gateway = processes.gateway(
+        routes_to(engine, tmp_path / "routes.yaml"), extra_args=["--log-format", "json", "--no-access-log"]
+    )
+    assert post(gateway.url + CHAT, {"model": "rec-model"}, headers={"X-Request-Id": "quiet-200"}).status == 200
+    assert post(gateway.url + CHAT, {"model": "down-model"}, headers={"X-Request-Id": "quiet-502"}).status == 502
+    assert post(gateway.url + CHAT, {"model": "no-such"}, headers={"X-Request-Id": "quiet-404"}).status == 404
+    gateway.stop()  # on purpose: the request log is flushed at shutdown, so the file now holds all it ever will
+    lines = [json.loads(line) for line in gateway.log().splitlines() if line.startswith("{")]
+    assert lines and "quiet-" not in gateway.log()
+    assert [line for line in lines if "request_id" in line or "path" in line] == []
+    # the gateway's own lines are still written, the failing engine's warning among them
+    assert [line for line in lines if line["level"] == "warning" and "engine down" in line["message"]], lines
+
+
+def test_log_format_text_writes_request_lines_as_text(engine, processes, tmp_path):
+    gateway = processes.gateway(routes_to(engine, tmp_path / "routes.yaml"), extra_args=["--log-format", "text"])
+    assert post(gateway.url + CHAT, {"model": "rec-model"}, headers={"X-Request-Id": "text-log-1"}).status == 200
+    gateway.stop()  # on purpose: the request log is flushed at shutdown
+    lines = gateway.log().splitlines()
+    (line,) = [line for line in lines if "text-log-1" in line]
+    assert re.fullmatch(r"\d{4}-\d\d-\d\dT[\d:.]+\+00:00 200 /v1/chat/completions .+", line), line
+    fields = dict(field.split("=", 1) for field in line.split()[3:])
+    assert fields["request_id"] == "text-log-1" and fields["engine"] == "rec" and fields["model"] == "rec-model"
+    assert lines and not any(line.startswith("{") for line in lines)  # the gateway's own lines are text too

@@ -14,8 +14,9 @@ import openai
 import pytest
 
 from gateway_app.simulator import build_simulator_app
-from tests.support import RunningProcess, start_simulator
-from tests.web import open_raw_request, wait_for
+from tests.raw_http import RawConnection, json_request
+from tests.support import Processes, RunningProcess
+from tests.web import wait_for
 
 MODEL = "meta-llama/Llama-3.2-1B-Instruct"
 ENGINES = ("vllm", "sglang")
@@ -33,14 +34,8 @@ def sim_log_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def _start_each_engine(log_dir: Path, **timing: float) -> Iterator[dict[str, RunningProcess]]:
-    started: dict[str, RunningProcess] = {}
-    try:
-        for engine in ENGINES:
-            started[engine] = start_simulator(engine, MODEL, log_dir, **timing)
-        yield started
-    finally:
-        for process in started.values():
-            process.stop()
+    with Processes(log_dir) as started:
+        yield {engine: started.simulator(engine, MODEL, **timing) for engine in ENGINES}
 
 
 @pytest.fixture(scope="module")
@@ -400,16 +395,10 @@ def test_a_client_leaving_mid_stream_aborts_its_request(slow: dict[str, RunningP
     sim, running = slow[engine], RUNNING[engine]
     wait_for(lambda: metric(sim, running) == 0, timeout=5, message="idle before the test")
     # 1000 tokens at ITL_S take 50 s: only an abort frees the engine within the deadline below.
-    sock = open_raw_request(sim.url, "/v1/chat/completions", chat_body(max_tokens=1000, stream=True))
-    try:
-        received = b""
-        while b"tok1 " not in received:
-            data = sock.recv(65536)
-            assert data, "stream ended early"
-            received += data
+    with RawConnection(sim.url) as connection:
+        connection.send(json_request(chat_body(max_tokens=1000, stream=True)))
+        connection.read_until(b"tok1 ")
         assert metric(sim, running) == 1
-    finally:
-        sock.close()
     wait_for(lambda: metric(sim, running) == 0, timeout=5, message="running gauge back to 0 after the disconnect")
 
 
@@ -417,11 +406,9 @@ def test_a_client_leaving_mid_stream_aborts_its_request(slow: dict[str, RunningP
 def test_a_client_leaving_before_a_non_streaming_answer_aborts_it(slow: dict[str, RunningProcess], engine: str) -> None:
     sim, running = slow[engine], RUNNING[engine]
     wait_for(lambda: metric(sim, running) == 0, timeout=5, message="idle before the test")
-    sock = open_raw_request(sim.url, "/v1/chat/completions", chat_body(max_tokens=1000))
-    try:
+    with RawConnection(sim.url) as connection:
+        connection.send(json_request(chat_body(max_tokens=1000)))
         wait_for(lambda: metric(sim, running) == 1, timeout=5, message="the request is running")
-    finally:
-        sock.close()
     wait_for(lambda: metric(sim, running) == 0, timeout=5, message="running gauge back to 0 after the disconnect")
     # The aborted request generated far fewer tokens than it asked for, and was not a success.
     generated = metric(sim, "vllm:generation_tokens_total" if engine == "vllm" else "sglang:generation_tokens_total")

@@ -4,34 +4,30 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Iterator
 
 import pytest
 
-from tests.conftest import write_routing_map
-from tests.support import RunningProcess, start_gateway, start_simulator
-from tests.web import get, metric_value, open_raw_request, post, sse_events, wait_for
+from tests.raw_http import RawConnection, json_request
+from tests.routes import write_routing_map
+from tests.support import RunningProcess
+from tests.web import get, metric_value, post, sse_events, wait_for
 
 CHAT = "/v1/chat/completions"
 HI = [{"role": "user", "content": "hi"}]
 
 
 @pytest.fixture(scope="module")
-def slow_first_token(log_dir) -> Iterator[RunningProcess]:
-    sim = start_simulator("vllm", "think-model", log_dir, ttft_ms=30000)
-    yield sim
-    sim.stop()
+def slow_first_token(module_processes) -> RunningProcess:
+    return module_processes.simulator("vllm", "think-model", ttft_ms=30000)
 
 
 @pytest.fixture(scope="module")
-def slow_tokens(log_dir) -> Iterator[RunningProcess]:
-    sim = start_simulator("sglang", "drip-model", log_dir, itl_ms=400)
-    yield sim
-    sim.stop()
+def slow_tokens(module_processes) -> RunningProcess:
+    return module_processes.simulator("sglang", "drip-model", itl_ms=400)
 
 
 @pytest.fixture(scope="module")
-def stream_gateway(slow_first_token, slow_tokens, log_dir, tmp_path_factory) -> Iterator[RunningProcess]:
+def stream_gateway(slow_first_token, slow_tokens, module_processes, tmp_path_factory) -> RunningProcess:
     config = write_routing_map(
         tmp_path_factory.mktemp("streams") / "routes.yaml",
         [
@@ -54,9 +50,7 @@ def stream_gateway(slow_first_token, slow_tokens, log_dir, tmp_path_factory) -> 
             },
         ],
     )
-    running = start_gateway(config, log_dir)
-    yield running
-    running.stop()
+    return module_processes.gateway(config)
 
 
 def running_requests(sim: RunningProcess, name: str) -> float:
@@ -64,9 +58,9 @@ def running_requests(sim: RunningProcess, name: str) -> float:
 
 
 def test_client_leaving_a_non_streaming_wait_closes_the_engine_request(stream_gateway, slow_first_token):
-    sock = open_raw_request(stream_gateway.url, CHAT, {"model": "think-model", "messages": HI})
-    wait_for(lambda: running_requests(slow_first_token, "vllm:num_requests_running") == 1, message="engine busy")
-    sock.close()
+    with RawConnection(stream_gateway.url) as connection:
+        connection.send(json_request({"model": "think-model", "messages": HI}))
+        wait_for(lambda: running_requests(slow_first_token, "vllm:num_requests_running") == 1, message="engine busy")
     wait_for(
         lambda: running_requests(slow_first_token, "vllm:num_requests_running") == 0,
         timeout=3,
@@ -77,17 +71,11 @@ def test_client_leaving_a_non_streaming_wait_closes_the_engine_request(stream_ga
 
 
 def test_client_leaving_mid_stream_closes_the_engine_request(stream_gateway, slow_tokens):
-    sock = open_raw_request(
-        stream_gateway.url, CHAT, {"model": "drip-model", "messages": HI, "max_tokens": 100, "stream": True}
-    )
-    received = b""
-    while b"data:" not in received:
-        chunk = sock.recv(65536)
-        assert chunk, f"gateway closed the connection early: {received!r}"
-        received += chunk
-    assert b"text/event-stream" in received
-    assert running_requests(slow_tokens, "sglang:num_running_reqs") == 1
-    sock.close()
+    with RawConnection(stream_gateway.url) as connection:
+        connection.send(json_request({"model": "drip-model", "messages": HI, "max_tokens": 100, "stream": True}))
+        received = connection.read_until(b"data:")
+        assert b"text/event-stream" in received
+        assert running_requests(slow_tokens, "sglang:num_running_reqs") == 1
     wait_for(
         lambda: running_requests(slow_tokens, "sglang:num_running_reqs") == 0, timeout=3, message="engine stream closed"
     )

@@ -2,16 +2,14 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
 import pytest
 from aiohttp import web
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
 
 from tests.background_server import BackgroundServer
-from tests.conftest import write_routing_map
 from tests.recording_engine import RecordingEngine
-from tests.support import RunningProcess, start_gateway
+from tests.routes import write_routing_map
+from tests.support import RunningProcess
 from tests.web import post, wait_for
 
 CHAT = "/v1/chat/completions"
@@ -43,19 +41,16 @@ class OtlpCollector:
 
 
 @pytest.fixture(scope="module")
-def traced(log_dir, tmp_path_factory) -> Iterator[tuple[RunningProcess, OtlpCollector, RecordingEngine]]:
-    collector, engine = OtlpCollector().start(), RecordingEngine().start()
+def traced(module_processes, tmp_path_factory) -> tuple[RunningProcess, OtlpCollector, RecordingEngine]:
+    collector, engine = module_processes.add(OtlpCollector().start()), module_processes.recording_engine()
     config = write_routing_map(
         tmp_path_factory.mktemp("trace") / "routes.yaml",
         [{"name": "rec", "model": "org/m", "owned_by": "vllm", "url": engine.url}],
     )
-    gateway = start_gateway(
-        config, log_dir, extra_args=["--otlp-endpoint", collector.url], env={"OTEL_BSP_SCHEDULE_DELAY": "100"}
+    gateway = module_processes.gateway(
+        config, extra_args=["--otlp-endpoint", collector.url], env={"OTEL_BSP_SCHEDULE_DELAY": "100"}
     )
-    yield gateway, collector, engine
-    gateway.stop()
-    collector.stop()
-    engine.stop()
+    return gateway, collector, engine
 
 
 def attributes(span) -> dict:

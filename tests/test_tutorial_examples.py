@@ -7,7 +7,7 @@ import json
 import openai
 import pytest
 
-from tests.conftest import LLAMA, PHI
+from tests.routes import LLAMA, PHI
 from tests.web import get, post, sse_events
 
 

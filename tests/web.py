@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import socket
 import urllib.error
 import urllib.request
 from dataclasses import dataclass
@@ -60,22 +59,6 @@ def metric_value(metrics_text: str, name: str, **labels: str) -> float:
         if all(f'{key}="{val}"' in label_text for key, val in labels.items()):
             total += float(value)
     return total
-
-
-def open_raw_request(url: str, path: str, body: dict) -> socket.socket:
-    """Send a POST on a raw socket and return it unread, to play a client that goes away."""
-    import socket
-    from urllib.parse import urlsplit
-
-    parts = urlsplit(url)
-    data = json.dumps(body).encode()
-    sock = socket.create_connection((parts.hostname, parts.port), timeout=10)
-    sock.sendall(
-        f"POST {path} HTTP/1.1\r\nHost: {parts.netloc}\r\nContent-Type: application/json\r\n"
-        f"Content-Length: {len(data)}\r\n\r\n".encode()
-        + data
-    )
-    return sock
 
 
 def wait_for(condition, timeout: float = 10.0, interval: float = 0.05, message: str = "condition") -> None:
