@@ -1,18 +1,22 @@
-"""Gateway overhead benchmark: the same load sent to an engine simulator directly and through the gateway.
+"""Gateway overhead benchmark: the same load sent to an engine simulator directly, through a bare relay
+and through the gateway.
 
-The gateway's cost is the difference between the two, so both run as real processes on loopback,
-pinned apart (gateway on CPU 1; simulator and this load generator on CPU 0) so that the gateway's CPU
-time per request can be read from /proc without the load generator's work mixed in. Then the same
-gateway is compared with gateways that check API keys and rate limits (bench/access.py), and a gateway
-that writes its access log with one that does not (bench/access_log.py).
+The gateway's cost is the difference between direct and through it, so all run as real processes on
+loopback, pinned apart (gateway on CPU 1; simulator and this load generator on CPU 0) so that the gateway's
+CPU time per request can be read from /proc without the load generator's work mixed in. The bare relay
+(bare_relay.py: uvicorn + aiohttp and nothing else, on the gateway's CPU) is the least the gateway's stack
+can do; the gateway's CPU over the relay's is what our own code costs. Then the same gateway is compared
+with gateways that check API keys and rate limits (bench/access.py), and a gateway that writes its access
+log with one that does not (bench/access_log.py).
 
-    .venv/bin/python bench/bench.py [--duration S] [--concurrency 1,16] [--max-tokens 16]
+    .venv/bin/python bench/bench.py [--duration S] [--concurrency 1,16] [--max-tokens 16] [--stream-tokens 256]
+                                    [--no-relay] [--gateway-log json|off]
                                     [--access open,keys+memory,keys+redis|none] [--no-logging] [--output PATH]
 
 The helpers live next to this script: processes.py (start, pin, measure, stop), load.py (the requests
-and what a scenario measures), access.py and access_log.py (the comparisons), environment.py (the machine
-and commit the JSON records), plot.py (the PNG next to the JSON). memory.py and balance.py are two more
-benchmarks built on them.
+and what a scenario measures), bare_relay.py (the baseline), access.py and access_log.py (the comparisons),
+environment.py (the machine and commit the JSON records), plot.py (the PNG next to the JSON). memory.py and
+balance.py are two more benchmarks built on them.
 """
 
 from __future__ import annotations
@@ -20,7 +24,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -31,10 +35,10 @@ from environment import describe, format_load
 from load import Pids, ScenarioResult, fmt, run_client, run_scenario
 from processes import (
     REPO_ROOT,
-    Servers,
     choose_pinning,
     process_group,
     run_and_report,
+    start_relay,
     start_servers,
 )
 
@@ -43,6 +47,25 @@ MODEL = "bench-model"
 TARGET_CPU_MS_NON_STREAM = 0.5
 TARGET_CPU_MS_STREAM_16 = 1.0
 TARGET_ADDED_P50_MS_C1 = 1.0
+TARGET_MODES = ("non-stream", "stream")  # the modes the targets above are set for (streams of 16 tokens)
+
+
+@dataclass(frozen=True)
+class Target:
+    """Where one series of scenarios sends its requests, and whose CPU it reads."""
+
+    name: str  # "direct", "relay" or "gateway"
+    url: str
+    pids: Pids  # for "relay", Pids.gateway is the relay's process
+
+
+def modes(args: argparse.Namespace) -> list[tuple[str, bool, int]]:
+    """(name, stream, max_tokens) of each measured mode: non-streaming and streaming with --max-tokens,
+    and streams of --stream-tokens when that is another length."""
+    chosen = [("non-stream", False, args.max_tokens), ("stream", True, args.max_tokens)]
+    if args.stream_tokens and args.stream_tokens != args.max_tokens:
+        chosen.append((f"stream-{args.stream_tokens}", True, args.stream_tokens))
+    return chosen
 
 
 # --- report ----------------------------------------------------------------------------------------
@@ -68,10 +91,36 @@ def compare(results: list[ScenarioResult]) -> list[dict[str, Any]]:
     return rows
 
 
+def versus_relay(results: list[ScenarioResult]) -> list[dict[str, Any]]:
+    """The gateway's CPU per request against the bare relay's at the same mode and concurrency: what our own
+    code costs over the stack it runs on. `gateway_over_relay_percent` is gateway / relay − 1."""
+    by_key = {(r.target, r.mode, r.concurrency): r for r in results}
+    rows = []
+    for r in results:
+        relay = by_key.get(("relay", r.mode, r.concurrency))
+        if r.target != "gateway" or relay is None:
+            continue
+        gateway_ms, relay_ms = r.gateway_cpu_ms_per_request, relay.gateway_cpu_ms_per_request
+        if gateway_ms is None or not relay_ms:
+            continue
+        rows.append(
+            {
+                "mode": r.mode,
+                "concurrency": r.concurrency,
+                "relay_cpu_ms_per_request": relay_ms,
+                "gateway_cpu_ms_per_request": gateway_ms,
+                "added_cpu_ms_per_request": gateway_ms - relay_ms,
+                "gateway_over_relay_percent": (gateway_ms / relay_ms - 1) * 100,
+                "added_p50_ms": None if r.p50_ms is None or relay.p50_ms is None else r.p50_ms - relay.p50_ms,
+            }
+        )
+    return rows
+
+
 def targets(results: list[ScenarioResult], comparisons: list[dict[str, Any]], max_tokens: int) -> list[dict[str, Any]]:
     rows = []
     for r in results:
-        if r.target != "gateway" or r.gateway_cpu_ms_per_request is None:
+        if r.target != "gateway" or r.gateway_cpu_ms_per_request is None or r.mode not in TARGET_MODES:
             continue
         limit = TARGET_CPU_MS_NON_STREAM if r.mode == "non-stream" else TARGET_CPU_MS_STREAM_16
         what = "non-streaming request" if r.mode == "non-stream" else f"{max_tokens}-token stream"
@@ -86,7 +135,7 @@ def targets(results: list[ScenarioResult], comparisons: list[dict[str, Any]], ma
             }
         )
     for c in comparisons:
-        if c["concurrency"] == 1:
+        if c["concurrency"] == 1 and c["mode"] in TARGET_MODES:
             rows.append(
                 {
                     "target": f"added p50 latency, {c['mode']}, c=1",
@@ -122,6 +171,21 @@ def print_report(results: list[ScenarioResult], comparisons: list[dict[str, Any]
     for r in results:
         if r.error_examples:
             print(f"  errors in {r.target}/{r.mode}/c={r.concurrency}: {'; '.join(r.error_examples)}")
+    if any(r.target == "relay" for r in results):
+        print("  relay rows: the gw columns are the bare relay's own process")
+
+
+def print_versus_relay(rows: list[dict[str, Any]]) -> None:
+    print("\ngateway vs bare relay: CPU ms per request; gw/relay = gateway / relay − 1, what our own code costs")
+    print(
+        f"{'mode':<10} {'conc':>4} {'relay cpu/req':>13} {'gw cpu/req':>10} {'+cpu/req':>8} {'gw/relay':>8} {'+p50 ms':>7}"
+    )
+    for row in rows:
+        print(
+            f"{row['mode']:<10} {row['concurrency']:>4} {row['relay_cpu_ms_per_request']:>13.3f} "
+            f"{row['gateway_cpu_ms_per_request']:>10.3f} {fmt(row['added_cpu_ms_per_request'], 3, sign=True):>8} "
+            f"{row['gateway_over_relay_percent']:>+6.0f} % {fmt(row['added_p50_ms'], 3, sign=True):>7}"
+        )
 
 
 def print_targets(goals: list[dict[str, Any]]) -> None:
@@ -135,17 +199,27 @@ def print_targets(goals: list[dict[str, Any]]) -> None:
 # --- main ------------------------------------------------------------------------------------------
 
 
-async def run_load(args: argparse.Namespace, servers: Servers) -> list[ScenarioResult]:
+async def run_load(args: argparse.Namespace, load_targets: list[Target]) -> list[ScenarioResult]:
     results = []
-    pids = Pids(gateway=servers.gateway.pid, simulator=servers.simulator.pid)
-    # Direct and gateway runs alternate so that drift on a shared machine hits both alike.
+    # Direct, relay and gateway runs take turns so that drift on a shared machine hits them alike.
     for concurrency in args.concurrency:
-        for stream in (False, True):
-            for target, url in (("direct", servers.simulator_url), ("gateway", servers.gateway_url)):
-                result = await run_scenario(target, url, stream, concurrency, args, pids, model=MODEL)
+        for mode, stream, max_tokens in modes(args):
+            for target in load_targets:
+                result = await run_scenario(
+                    target.name,
+                    target.url,
+                    stream,
+                    concurrency,
+                    args,
+                    target.pids,
+                    model=MODEL,
+                    max_tokens=max_tokens,
+                    mode=mode,
+                )
                 print(
-                    f"  {target:<8} {result.mode:<10} c={concurrency:<3} {result.requests_per_s:8.0f} req/s, "
-                    f"p50 {fmt(result.p50_ms)} ms, {result.errors} errors",
+                    f"  {target.name:<8} {result.mode:<10} c={concurrency:<3} {result.requests_per_s:8.0f} req/s, "
+                    f"p50 {fmt(result.p50_ms)} ms, cpu {fmt(result.gateway_cpu_ms_per_request, 3)} ms/req, "
+                    f"{result.errors} errors",
                     flush=True,
                 )
                 results.append(result)
@@ -158,9 +232,14 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
     if pinning.load_generator:
         os.sched_setaffinity(0, pinning.load_generator)
     with process_group() as group:
-        servers = start_servers(group, pinning, MODEL)
-        gateways = access.start_gateways(group, pinning, servers, args.access, MODEL) if args.access else []
-        logging_gateways = access_log.start_gateways(group, pinning, servers, MODEL) if args.logging else []
+        # The gateway as in production: the access log on, JSON, stderr to a file (its log in the bench's
+        # temporary directory); --gateway-log off starts it with --no-access-log instead.
+        servers = start_servers(group, pinning, MODEL, access_log.LOG_ARGS[args.gateway_log])
+        gateway_pids = Pids(gateway=servers.gateway.pid, simulator=servers.simulator.pid)
+        gateway_log = access_log.LoggingGateway(
+            args.gateway_log, servers.gateway_url, gateway_pids, group.log_dir / "gateway.log"
+        )
+        access_log.check_logging([gateway_log], MODEL)
         pinned = {
             "gateway": sorted(os.sched_getaffinity(servers.gateway.pid)),
             "simulator": sorted(os.sched_getaffinity(servers.simulator.pid)),
@@ -168,21 +247,38 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
         }
         print(
             f"simulator {servers.simulator_url} (pid {servers.simulator.pid}), "
-            f"gateway {servers.gateway_url} (pid {servers.gateway.pid}); CPUs {pinned}",
+            f"gateway {servers.gateway_url} (pid {servers.gateway.pid}, access log {args.gateway_log}); CPUs {pinned}",
             flush=True,
         )
+        load_targets = [Target("direct", servers.simulator_url, gateway_pids)]
+        if args.relay:  # on the gateway's CPU, so that its CPU time is its own as the gateway's is
+            relay, relay_url = start_relay(group, pinning.gateway, servers.simulator_url)
+            pinned["relay"] = sorted(os.sched_getaffinity(relay.pid))
+            print(f"bare relay {relay_url} (pid {relay.pid}); CPUs {pinned['relay']}", flush=True)
+            load_targets.append(Target("relay", relay_url, Pids(gateway=relay.pid, simulator=servers.simulator.pid)))
+        load_targets.append(Target("gateway", servers.gateway_url, gateway_pids))
+        gateways = access.start_gateways(group, pinning, servers, args.access, MODEL) if args.access else []
+        logging_gateways = access_log.start_gateways(group, pinning, servers, MODEL) if args.logging else []
         access.print_gateways(gateways)
         access_log.print_gateways(logging_gateways)
-        results = run_client(run_load(args, servers))
+        results = run_client(run_load(args, load_targets))
         access_results = run_client(access.run_access(args, gateways, MODEL)) if gateways else []
         store = access.store_health(gateways)
         logging_turns = run_client(access_log.run_logging(args, logging_gateways, MODEL)) if logging_gateways else []
         lines_written = access_log.written(logging_gateways)
+        gateway_lines = access_log.written([gateway_log])[args.gateway_log]
     load_average_at_end = os.getloadavg()
     comparisons = compare(results)
+    relay_comparisons = versus_relay(results)
     goals = targets(results, comparisons, args.max_tokens)
     print()
     print_report(results, comparisons)
+    if relay_comparisons:
+        print_versus_relay(relay_comparisons)
+    print(
+        f"  the gateway's access log ({args.gateway_log}): {gateway_lines['lines']:,} lines for "
+        f"{gateway_lines['requests_answered']:,} requests answered"
+    )
     access_section = access.report(access_results, store, args.max_tokens) if access_results else None
     if access_section is not None:
         access.print_report(access_section)
@@ -203,12 +299,17 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
             "warmup_s": args.warmup,
             "concurrency": args.concurrency,
             "max_tokens": args.max_tokens,
+            "stream_tokens": args.stream_tokens,
+            "relay": args.relay,
+            "gateway_log": args.gateway_log,
             "model": MODEL,
             "access": args.access,
             "logging": args.logging,
         },
         "scenarios": [asdict(r) for r in results],
         "gateway_vs_direct": comparisons,
+        "gateway_vs_relay": relay_comparisons,
+        "gateway_access_log": {"log": args.gateway_log, **gateway_lines},
         "targets": goals,
     }
     if access_section is not None:
@@ -233,7 +334,26 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--duration", type=float, default=10.0, help="measured seconds per scenario")
     parser.add_argument("--warmup", type=float, default=1.0, help="uncounted seconds before each scenario")
     parser.add_argument("--concurrency", type=concurrency_list, default=[1, 16], help="comma-separated, e.g. 1,16")
-    parser.add_argument("--max-tokens", type=int, default=16)
+    parser.add_argument("--max-tokens", type=int, default=16, help="tokens per request of non-stream and stream")
+    parser.add_argument(
+        "--stream-tokens",
+        type=int,
+        default=256,
+        help="one more streaming mode, stream-N, with streams of N tokens (default 256; 0 to leave it out)",
+    )
+    parser.add_argument(
+        "--relay",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="measure the bare uvicorn + aiohttp relay (bench/bare_relay.py) next to the gateway (default: on)",
+    )
+    parser.add_argument(
+        "--gateway-log",
+        choices=tuple(access_log.LOG_ARGS),
+        default="json",
+        help="the measured gateway's access log: json (as in production: one JSON line per request, stderr to "
+        "a file) or off (--no-access-log); default: json",
+    )
     parser.add_argument(
         "--access",
         type=access.configuration_list,

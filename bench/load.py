@@ -38,8 +38,8 @@ class Sample:
 
 @dataclass
 class ScenarioResult:
-    target: str  # "direct" or "gateway"
-    mode: str  # "non-stream" or "stream"
+    target: str  # "direct", "relay" (bench/bare_relay.py) or "gateway"
+    mode: str  # "non-stream" or "stream" (both --max-tokens), or e.g. "stream-256"
     concurrency: int
     requests: int  # successful requests in the measured window
     errors: int
@@ -49,6 +49,7 @@ class ScenarioResult:
     p90_ms: float | None
     p99_ms: float | None
     first_chunk_p50_ms: float | None
+    # Of the process in front of the simulator (Pids.gateway): the gateway, or the bare relay; None for direct.
     gateway_cpu_ms_per_request: float | None
     gateway_busy_percent: float  # of its one CPU; near 100 means the gateway, not the engine, is the limit
     simulator_cpu_ms_per_request: float
@@ -212,11 +213,14 @@ async def run_scenario(
     model: str,
     api_key: str | None = None,
     include_usage: bool = True,
+    max_tokens: int | None = None,
+    mode: str | None = None,
 ) -> ScenarioResult:
     """Warm up, then measure; `include_usage=False` sends streams without `stream_options`, and a usage
-    chunk in the answer then counts as an error."""
+    chunk in the answer then counts as an error. `max_tokens` defaults to `args.max_tokens`, and `mode`
+    (the name in the results) to "stream" or "non-stream"."""
     url = f"{base_url}/v1/chat/completions"
-    body = request_body(stream, args.max_tokens, model, include_usage)
+    body = request_body(stream, args.max_tokens if max_tokens is None else max_tokens, model, include_usage)
     headers = {"Content-Type": "application/json"}
     if api_key is not None:
         headers["Authorization"] = f"Bearer {api_key}"
@@ -238,11 +242,11 @@ async def run_scenario(
     completed = len(samples) or 1  # CPU is spent on failed requests too
     return ScenarioResult(
         target=target,
-        mode="stream" if stream else "non-stream",
+        mode=mode or ("stream" if stream else "non-stream"),
         concurrency=concurrency,
         **summarize(samples, seconds),
         first_chunk_p50_ms=percentile(first_chunks, 50) if stream else None,
-        gateway_cpu_ms_per_request=gw_cpu * 1000 / completed if target == "gateway" else None,
+        gateway_cpu_ms_per_request=gw_cpu * 1000 / completed if target != "direct" else None,
         gateway_busy_percent=gw_cpu * 100 / seconds,
         simulator_cpu_ms_per_request=sim_cpu * 1000 / completed,
         load_generator_cpu_ms_per_request=client_cpu * 1000 / completed,

@@ -265,12 +265,28 @@ class Servers:
     gateway_url: str
 
 
-def start_servers(group: ProcessGroup, pinning: Pinning, model: str) -> Servers:
-    """The simulator, then an open gateway (no keys, no limits) in front of it."""
+def start_servers(
+    group: ProcessGroup,
+    pinning: Pinning,
+    model: str,
+    gateway_args: tuple[str, ...] = (),
+) -> Servers:
+    """The simulator, then an open gateway (no keys, no limits) in front of it, started with `gateway_args`."""
     simulator, sim_url = start_simulator(group, "simulator", pinning.simulator, model)
     gw_port = free_port()
-    gateway = start_gateway(group, "gateway", pinning, routing_map(model, sim_url), gw_port)
+    gateway = start_gateway(group, "gateway", pinning, routing_map(model, sim_url), gw_port, gateway_args)
     return Servers(simulator, sim_url, gateway, f"http://127.0.0.1:{gw_port}")
+
+
+def start_relay(group: ProcessGroup, cpus: tuple[int, ...], upstream_url: str) -> tuple[subprocess.Popen[bytes], str]:
+    """bench/bare_relay.py in front of `upstream_url` on a free loopback port, ready when this returns; the
+    process and its base URL."""
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    script = REPO_ROOT / "bench" / "bare_relay.py"
+    relay = group.start("relay", [sys.executable, str(script), "--upstream", upstream_url, "--port", str(port)], cpus)
+    group.wait_ready("relay", relay, http_ok(f"{url}/healthz"))
+    return relay, url
 
 
 def start_simulator(
