@@ -188,7 +188,6 @@ class GuardedHttpProtocol(HttpToolsProtocol):
         self.body_started = self.body_last_read = 0.0  # loop time: the body's clock, once it is on one
         self.body_bytes = 0  # received since its clock started
         self.send_timer: asyncio.TimerHandle | None = None
-        self.replaying_head = False  # parsing a head again without its Upgrade: its callbacks are not news
         self.closing_reason: str | None = None  # set once the connection is being refused or abandoned
         self.drained = 0
 
@@ -329,29 +328,13 @@ class GuardedHttpProtocol(HttpToolsProtocol):
         self.cycle.more_body = True
         self.awaiting_head = False
         self.guard.reading_body[self] = None
-        self.parser = httptools.HttpRequestParser(self)
+        self.parser = httptools.HttpRequestParser(_ReplayTarget(self))
         self.parser.set_dangerous_leniencies(lenient_data_after_close=True)
-        self.replaying_head = True
         self.feed(b"".join(head) + rest)
 
     # Parser callbacks
 
-    def on_message_begin(self) -> None:
-        if not self.replaying_head:
-            super().on_message_begin()
-
-    def on_url(self, url: bytes) -> None:
-        if not self.replaying_head:
-            super().on_url(url)
-
-    def on_header(self, name: bytes, value: bytes) -> None:
-        if not self.replaying_head:
-            super().on_header(name, value)
-
     def on_headers_complete(self) -> None:
-        if self.replaying_head:
-            self.replaying_head = False
-            return
         self.cancel_head_timer()
         self.awaiting_head = False
         measured, self.head_measured = self.head_measured, False
@@ -506,6 +489,39 @@ class GuardedHttpProtocol(HttpToolsProtocol):
             if timer is not None:
                 timer.cancel()
         self.body_timer = self.send_timer = None
+
+
+class _ReplayTarget:
+    """The parser callbacks of a head parsed again without its Upgrade: that head's own callbacks are
+    news to nobody and are dropped; from its body on, everything goes to the connection as usual."""
+
+    def __init__(self, connection: GuardedHttpProtocol) -> None:
+        self.connection = connection
+        self.in_head = True
+
+    def on_message_begin(self) -> None:
+        if not self.in_head:
+            self.connection.on_message_begin()
+
+    def on_url(self, url: bytes) -> None:
+        if not self.in_head:
+            self.connection.on_url(url)
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        if not self.in_head:
+            self.connection.on_header(name, value)
+
+    def on_headers_complete(self) -> None:
+        if self.in_head:
+            self.in_head = False
+        else:
+            self.connection.on_headers_complete()
+
+    def on_body(self, body: bytes) -> None:
+        self.connection.on_body(body)
+
+    def on_message_complete(self) -> None:
+        self.connection.on_message_complete()
 
 
 def reset(transport: asyncio.Transport) -> None:

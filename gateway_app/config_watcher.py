@@ -74,11 +74,17 @@ class WatchedFile(Generic[Loaded]):
         folder = self.path.absolute().parent
         try:
             async for _changes in watchfiles.awatch(
-                folder, watch_filter=None, stop_event=self._stop, debounce=300, recursive=False
+                folder, watch_filter=self._concerns_us, stop_event=self._stop, debounce=300, recursive=False
             ):
                 await self.reload()
         except Exception:  # e.g. the folder vanished; keep serving what we have
             log.exception("watching %s stopped; changes to the %s will not be picked up", folder, self.what)
+
+    def _concerns_us(self, change: watchfiles.Change, path: str) -> bool:
+        """The file itself, or the volume's `..data` link and `..<timestamp>` folders; not the other
+        files of its folder (a log written next to the routing map must not make it reload)."""
+        name = Path(path).name
+        return name == self.path.name or name.startswith("..")
 
     def stop(self) -> None:
         self._stop.set()

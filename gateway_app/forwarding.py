@@ -46,9 +46,9 @@ CLIENT_CLOSED = 499  # nginx's status for "client closed the request", used in m
 RETRYABLE_STATUSES = frozenset({502, 503})
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)  # not frozen: built for every request, and a frozen dataclass is slow to build
 class ForwardRequest:
-    """An admitted request, as the forwarder needs it."""
+    """An admitted request, as the forwarder needs it (read-only by convention)."""
 
     path: str  # the OpenAI path, e.g. /v1/chat/completions
     engine: Engine  # the engine routing chose
@@ -64,7 +64,7 @@ class ForwardRequest:
     started: float  # perf_counter() when the request arrived
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class ForwardResult:
     status: int  # 499 when the client went away
     engine: Engine  # the engine that answered: the fallback after a fallback
@@ -111,7 +111,7 @@ class _EngineAnswer:
     body: bytes
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class _Retryable:
     """An attempt that failed before any byte went to the client: another replica may do better."""
 
@@ -168,8 +168,8 @@ class Exchange:
         """The whole exchange, behind the routed engine's concurrency gate and total timeout; never
         raises but for cancellation (the client went away)."""
         engine, metrics = self.request.engine, self.forwarder.metrics
-        in_flight = metrics.child(metrics.in_flight, engine.model, engine.name)
-        in_flight.inc()
+        in_flight = metrics.in_flight_of(engine.model, engine.name)
+        in_flight.count += 1
         gate = engine.gate
         admitted = False
         try:
@@ -195,7 +195,7 @@ class Exchange:
             log.exception("unexpected error while forwarding to engine %s", self.engine.name)
             await self._fail(Failure.INTERNAL)
         finally:
-            in_flight.dec()
+            in_flight.count -= 1
             if admitted and gate is not None:
                 gate.release()
         self.finished = True  # not when cancelled: the client left first

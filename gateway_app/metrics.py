@@ -35,12 +35,25 @@ CONNECTION_CLOSE_REASONS = (
 FIRST_BYTE_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
 
 
+class InFlight:
+    """Requests being forwarded to one engine right now."""
+
+    __slots__ = ("count",)
+
+    def __init__(self) -> None:
+        self.count = 0
+
+    def read(self) -> float:
+        return float(self.count)
+
+
 class GatewayMetrics:
     """All gateway metrics in their own registry (the app may be built more than once in a process)."""
 
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
         self._children: dict[tuple[MetricWrapperBase, tuple[str, ...]], Any] = {}
+        self._in_flight: dict[tuple[str, str], InFlight] = {}
         ProcessCollector(registry=self.registry)
         PlatformCollector(registry=self.registry)
         route = ("model", "engine", "endpoint")
@@ -213,6 +226,16 @@ class GatewayMetrics:
         if child is None:
             child = self._children[key] = metric.labels(*labels)
         return child
+
+    def in_flight_of(self, model: str, engine: str) -> InFlight:
+        """The count behind `llm_gateway_requests_in_flight{model, engine}`: a plain number the hot path
+        moves, read when Prometheus scrapes."""
+        key = (model, engine)
+        count = self._in_flight.get(key)
+        if count is None:
+            count = self._in_flight[key] = InFlight()
+            self.in_flight.labels(model, engine).set_function(count.read)
+        return count
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

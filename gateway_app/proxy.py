@@ -49,7 +49,7 @@ REFUSAL_REASONS: dict[type, str] = {
 }
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class _Admitted:
     """A request that passed authentication, routing and limits."""
 

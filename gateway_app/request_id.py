@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import os
+import random
 import re
 from dataclasses import dataclass
 
@@ -10,9 +10,11 @@ from starlette.types import Message, Send
 
 REQUEST_ID_HEADER = b"x-request-id"
 _SAFE_REQUEST_ID = re.compile(rb"^[A-Za-z0-9._:@/+=-]{1,128}$")
+# Ids must be unique, not secret: a seeded generator, without a system call per request.
+_RANDOM = random.Random()
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class RequestIds:
     own: str  # on the answer and in the log line
     for_engine: str  # sent to the engine as its request id
@@ -33,9 +35,9 @@ def request_ids(headers: list[tuple[bytes, bytes]]) -> RequestIds:
         if name == REQUEST_ID_HEADER:
             if _SAFE_REQUEST_ID.match(value):
                 own = value.decode("ascii")
-                return RequestIds(own, f"{own}-{os.urandom(4).hex()}")
+                return RequestIds(own, f"{own}-{_RANDOM.getrandbits(32):08x}")
             break
-    own = os.urandom(12).hex()
+    own = f"{_RANDOM.getrandbits(96):024x}"
     return RequestIds(own, own)
 
 

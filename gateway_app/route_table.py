@@ -56,7 +56,7 @@ class ModelRoute:
     default: Engine
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Resolution:
     engine: Engine
     # True when the client named the model by an alias: the body must then carry the real id.
