@@ -27,8 +27,6 @@ class Failure(StrEnum):
     ENGINE_OVERLOADED = "engine_overloaded"
 
 
-UPSTREAM_FAILURES = frozenset(Failure) - {Failure.CLIENT_DISCONNECT, Failure.ENGINE_OVERLOADED}
-
 # What the client is told, by kind: the error class (status, type, code) and its message.
 _ANSWERS: dict[Failure, tuple[type[GatewayError], str]] = {
     Failure.CONNECT: (EngineUnreachable, "The engine `{engine}` is unreachable."),

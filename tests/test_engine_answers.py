@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 from aiohttp import web
 
+from gateway_app.failures import Failure
 from tests.background_server import BackgroundServer
 from tests.raw_http import RawConnection, request_head
 from tests.routes import write_routing_map
@@ -118,7 +119,7 @@ def test_an_oversized_error_answer_is_not_read_to_its_end(gateway, mode):
     assert answer.json()["error"]["code"] == "engine_bad_answer"
     assert rss_mib(gateway.process.pid) - before < 64
     metrics = get(gateway.url + "/metrics").body.decode()
-    assert metric_value(metrics, "llm_gateway_upstream_errors_total", engine="careless", kind="bad_answer") >= 1
+    assert metric_value(metrics, "llm_gateway_upstream_errors_total", engine="careless", kind=Failure.BAD_ANSWER) >= 1
 
 
 def test_a_whole_answer_reaches_the_client_before_the_engine_has_finished_it(gateway, engine):

@@ -9,6 +9,7 @@ from collections.abc import Iterator
 
 import pytest
 
+from gateway_app.failures import Failure
 from tests.raw_http import RawConnection, request_head
 from tests.routes import LLAMA, PHI, write_routing_map
 from tests.support import RunningProcess
@@ -233,7 +234,7 @@ def test_an_engine_that_never_completes_the_handshake_is_504_after_the_connect_t
     def connect_timeouts() -> float:
         metrics = get(error_gateway.url + "/metrics").body.decode()
         return metric_value(
-            metrics, "llm_gateway_upstream_errors_total", engine="unconnectable", kind="timeout_connect"
+            metrics, "llm_gateway_upstream_errors_total", engine="unconnectable", kind=Failure.TIMEOUT_CONNECT
         )
 
     before = connect_timeouts()
@@ -250,8 +251,10 @@ def test_an_engine_that_never_completes_the_handshake_is_504_after_the_connect_t
 def test_upstream_errors_are_counted_by_kind(error_gateway):
     post(error_gateway.url + CHAT, {"model": "down-model", "messages": HI})
     metrics = get(error_gateway.url + "/metrics").body.decode()
-    assert metric_value(metrics, "llm_gateway_upstream_errors_total", engine="down", kind="connect") >= 1
-    assert metric_value(metrics, "llm_gateway_upstream_errors_total", engine="slow", kind="timeout_first_byte") >= 1
+    assert metric_value(metrics, "llm_gateway_upstream_errors_total", engine="down", kind=Failure.CONNECT) >= 1
+    assert (
+        metric_value(metrics, "llm_gateway_upstream_errors_total", engine="slow", kind=Failure.TIMEOUT_FIRST_BYTE) >= 1
+    )
 
 
 def test_an_engine_left_out_of_the_model_list_is_logged_once_not_per_call(
