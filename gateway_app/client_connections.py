@@ -44,6 +44,7 @@ from uvicorn.server import ServerState
 
 from gateway_app.config import ClientLimits
 from gateway_app.errors import GatewayError, GatewayOverloaded, InvalidRequest, RequestHeaderTooLarge, RequestTimeout
+from gateway_app.exchange_clock import CLIENT_GONE_EXTENSION
 from gateway_app.log_setup import ThrottledWarning
 from gateway_app.metrics import GatewayMetrics
 
@@ -190,6 +191,9 @@ class GuardedHttpProtocol(HttpToolsProtocol):
         self.send_timer: asyncio.TimerHandle | None = None
         self.closing_reason: str | None = None  # set once the connection is being refused or abandoned
         self.drained = 0
+        # Told when the connection is lost: the requests being forwarded (exchange_clock.watch_client).
+        self.gone_callbacks: dict[Callable[[], None], None] = {}
+        self.client_gone_extension = {"watch": self.watch_client}
 
     # Connection life
 
@@ -214,6 +218,18 @@ class GuardedHttpProtocol(HttpToolsProtocol):
         self.guard.closed(self)
         self.cancel_timers()
         super().connection_lost(exc)
+        for callback in list(self.gone_callbacks):
+            callback()
+        self.gone_callbacks.clear()
+
+    def watch_client(self, callback: Callable[[], None]) -> Callable[[], None]:
+        """`callback()` when this connection is lost (before the returned function is called)."""
+        self.gone_callbacks[callback] = None
+
+        def unwatch() -> None:
+            self.gone_callbacks.pop(callback, None)
+
+        return unwatch
 
     def abandon(self, reason: str) -> None:
         """Close at once, dropping what is queued for a client that does not read (a plain close would
@@ -359,6 +375,7 @@ class GuardedHttpProtocol(HttpToolsProtocol):
             )
             raise _Refused
         self.guard.reading_body[self] = None
+        self.scope.setdefault("extensions", {})[CLIENT_GONE_EXTENSION] = self.client_gone_extension  # type: ignore[assignment]
         super().on_headers_complete()
         cycle = self.cycle
         cycle.on_response = lambda: self.on_response_done(cycle)

@@ -1,12 +1,12 @@
 """Getting one request answered by an engine: replicas, retries, fallback, and the relay back.
 
-`Forwarder.forward` takes a `ForwardRequest` (what routing and admission decided) and returns a
+`Forwarder.exchange` takes a `ForwardRequest` (what routing and admission decided) and returns a
 `ForwardResult` (what happened, for metrics, limits, traces and the log). Given the engine that routing
 chose, it tries its replicas (then its fallback engine) until one takes the request, and relays the
-answer chunk by chunk as it arrives. The exchange and a watch on the client connection run in one task
-group: when the client goes away the exchange is cancelled, which closes the engine connection so that
-the engine stops generating. Failures are told honestly: a JSON error before any byte went out, an SSE
-error event inside a stream, a cut connection inside any other answer.
+answer chunk by chunk as it arrives. Its time limits and its client leaving are kept by the request's
+`ExchangeClock` (exchange_clock.py): when the client goes away the exchange is cancelled, which closes
+the engine connection so that the engine stops generating. Failures are told honestly: a JSON error
+before any byte went out, an SSE error event inside a stream, a cut connection inside any other answer.
 """
 
 from __future__ import annotations
@@ -17,11 +17,12 @@ import time
 from dataclasses import dataclass
 
 import aiohttp
-from starlette.types import Receive, Send
+from starlette.types import Send
 
 from gateway_app.balancer import choose
 from gateway_app.concurrency import ConcurrencyGate, EngineBusy
 from gateway_app.errors import GatewayError, sse_error_event
+from gateway_app.exchange_clock import ExchangeClock
 from gateway_app.failures import Failure, failure_error
 from gateway_app.log_setup import ThrottledWarning
 from gateway_app.metrics import GatewayMetrics
@@ -76,18 +77,6 @@ class ForwardResult:
     stream: bool  # the answer was an SSE stream
 
 
-class ClientGone(Exception):
-    """The client closed its connection before its answer was complete."""
-
-
-async def client_gone(receive: Receive) -> None:
-    """Raise ClientGone when the client goes away. After the body is read, the only message left to
-    come is `http.disconnect`; run this beside the exchange in a task group."""
-    while (await receive())["type"] != "http.disconnect":
-        pass
-    raise ClientGone
-
-
 class Forwarder:
     """Gets admitted requests answered by engines: one per process, over the process's engine session."""
 
@@ -125,7 +114,7 @@ class Exchange:
 
     __slots__ = (
         "forwarder", "request", "send", "engine", "replica", "status", "failure", "response_started",
-        "sse", "at_event_boundary", "bytes_sent", "first_byte_at", "usage", "finished",
+        "sse", "at_event_boundary", "bytes_sent", "first_byte_at", "usage", "finished", "clock",
     )  # fmt: skip
 
     def __init__(self, forwarder: Forwarder, request: ForwardRequest, send: Send) -> None:
@@ -164,14 +153,15 @@ class Exchange:
             self.sse,
         )
 
-    async def run(self) -> None:
+    async def run(self, clock: ExchangeClock) -> None:
         """The whole exchange, behind the routed engine's concurrency gate and total timeout; never
-        raises but for cancellation (the client went away)."""
+        raises but for cancellation (the client went away). `clock` keeps its time limits."""
         engine, metrics = self.request.engine, self.forwarder.metrics
         in_flight = metrics.in_flight_of(engine.model, engine.name)
         in_flight.count += 1
         gate = engine.gate
         admitted = False
+        self.clock = clock
         try:
             if gate is not None:
                 waited = await gate.acquire(engine.name)
@@ -274,7 +264,7 @@ class Exchange:
         self.replica = replica
         try:
             try:
-                async with asyncio.timeout(timeouts.first_byte):
+                with self.clock.limit(timeouts.first_byte, Failure.TIMEOUT_FIRST_BYTE):
                     sent_at = time.perf_counter()
                     response = await self._send_request(replica)
                     answered_at = time.perf_counter()
@@ -393,13 +383,15 @@ class Exchange:
                 self._count_tokens(find_usage(chunk))
             return True
         idle = self.engine.timeouts.idle
-        loop = asyncio.get_running_loop()
+        clock = self.clock
+        loop_time = asyncio.get_running_loop().time
         older = previous = b""
         sse = self.sse
         events = 0  # SSE events relayed: a token count when the engine reports no usage
         usage_filter = UsageChunkFilter() if self.request.strip_usage and streaming else None
         try:
-            async with asyncio.timeout(None) as idle_deadline:
+            # The idle limit runs only while waiting for the engine, never while a slow client reads.
+            with clock.limit(None, Failure.TIMEOUT_IDLE):
                 while chunk:
                     if usage_filter is not None:
                         chunk = usage_filter.feed(chunk)
@@ -411,9 +403,9 @@ class Exchange:
                             self.at_event_boundary = chunk.endswith(b"\n\n")
                     older, previous = previous, chunk
                     if idle is not None:
-                        idle_deadline.reschedule(loop.time() + idle)
+                        clock.expire_at(loop_time() + idle, Failure.TIMEOUT_IDLE)
                         chunk = await response.content.readany()
-                        idle_deadline.reschedule(None)
+                        clock.pause()
                     else:
                         chunk = await response.content.readany()
         except TimeoutError:

@@ -13,12 +13,13 @@ from prometheus_client import (
     CollectorRegistry,
     Counter,
     Gauge,
-    Histogram,
     PlatformCollector,
     ProcessCollector,
     generate_latest,
 )
 from prometheus_client.metrics import MetricWrapperBase
+
+from gateway_app.plain_metrics import PlainCounter, PlainHistogram
 
 DURATION_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)
 CONNECTION_CLOSE_REASONS = (
@@ -57,7 +58,7 @@ class GatewayMetrics:
         ProcessCollector(registry=self.registry)
         PlatformCollector(registry=self.registry)
         route = ("model", "engine", "endpoint")
-        self.requests = Counter(
+        self.requests = PlainCounter(
             "llm_gateway_requests",
             "Requests answered, by the engine that served them and the HTTP status.",
             (*route, "status"),
@@ -65,14 +66,14 @@ class GatewayMetrics:
         )
         # `stream` keeps apart what differs by nature: a non-streaming answer's first byte comes with
         # the whole generation, a stream's with its first token.
-        self.duration = Histogram(
+        self.duration = PlainHistogram(
             "llm_gateway_request_duration_seconds",
             "Time from the request to the last byte of the answer.",
             (*route, "stream"),
             buckets=DURATION_BUCKETS,
             registry=self.registry,
         )
-        self.first_byte = Histogram(
+        self.first_byte = PlainHistogram(
             "llm_gateway_time_to_first_byte_seconds",
             "Time from the request to the engine's first chunk for streams, to its response headers otherwise.",
             (*route, "stream"),
@@ -85,14 +86,14 @@ class GatewayMetrics:
             ("engine", "model", "owned_by"),
             registry=self.registry,
         )
-        self.client_requests = Counter(
+        self.client_requests = PlainCounter(
             "llm_gateway_client_requests",
             "Requests by API key name (`anonymous` with authentication off, empty without a valid key) and "
             "status class: who sends the traffic.",
             ("client", "status_class"),
             registry=self.registry,
         )
-        self.time_per_output_token = Histogram(
+        self.time_per_output_token = PlainHistogram(
             "llm_gateway_time_per_output_token_seconds",
             "For streams: time from the first chunk to the last, divided by the output tokens after the first "
             "(the inter-token latency clients see through the gateway).",
@@ -137,7 +138,7 @@ class GatewayMetrics:
             ("engine",),
             registry=self.registry,
         )
-        self.queue_wait = Histogram(
+        self.queue_wait = PlainHistogram(
             "llm_gateway_engine_queue_wait_seconds",
             "Time requests waited for a place at an engine.",
             ("engine",),
@@ -150,13 +151,13 @@ class GatewayMetrics:
             ("engine", "endpoint"),
             registry=self.registry,
         )
-        self.prompt_tokens = Counter(
+        self.prompt_tokens = PlainCounter(
             "llm_gateway_prompt_tokens",
             "Prompt tokens, from the usage the engines report.",
             ("model", "engine"),
             registry=self.registry,
         )
-        self.completion_tokens = Counter(
+        self.completion_tokens = PlainCounter(
             "llm_gateway_completion_tokens",
             "Completion tokens, from the usage the engines report.",
             ("model", "engine"),
@@ -218,9 +219,12 @@ class GatewayMetrics:
         for reason in CONNECTION_CLOSE_REASONS:  # zero from the start, so that rates and alerts see them
             self.client_connections_closed.labels(reason)
 
-    def child(self, metric: MetricWrapperBase, *labels: str) -> Any:
+    def child(self, metric: MetricWrapperBase | PlainCounter | PlainHistogram, *labels: str) -> Any:
         """`metric.labels(*labels)`, remembered: the hot path asks for the same few children again and
-        again, and `labels()` validates and locks each time. (Not for metrics that are cleared.)"""
+        again, and `labels()` validates and locks each time. (Not for metrics that are cleared.) The
+        per-request metrics are plain ones (plain_metrics.py), whose children are plain numbers."""
+        if isinstance(metric, (PlainCounter, PlainHistogram)):
+            return metric.labels(*labels)
         key = (metric, labels)
         child = self._children.get(key)
         if child is None:

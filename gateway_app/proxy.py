@@ -7,7 +7,6 @@ forward; afterwards, settle the rate-limit estimate, end the trace span, write t
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import time
 from dataclasses import dataclass
@@ -17,7 +16,8 @@ from starlette.types import Receive, Scope, Send
 
 from gateway_app.auth import Client, Unauthorized
 from gateway_app.errors import GatewayError, GatewayOverloaded, InternalError
-from gateway_app.forwarding import CLIENT_CLOSED, ClientGone, ForwardRequest, ForwardResult, client_gone
+from gateway_app.exchange_clock import ClientGone, ExchangeClock, watch_client
+from gateway_app.forwarding import CLIENT_CLOSED, ForwardRequest, ForwardResult
 from gateway_app.rate_limit import Decision, LimiterUnavailable, Limits, RateLimited
 from gateway_app.request_body import (
     Body,
@@ -159,18 +159,13 @@ class ProxyEndpoint:
             started=started,
         )
         exchange = runtime.forwarder.exchange(request, send)
-        accounted = False
+        clock = ExchangeClock()
         try:
-            async with asyncio.TaskGroup() as group:
-                watch = group.create_task(client_gone(receive))
-                await exchange.run()
-                watch.cancel()  # answered: what the client does now is no longer this request's business
-                accounted = True
-                self._account(exchange.result(), ids, started, admitted, stream, span)
-        except* ClientGone:
+            with clock, watch_client(scope, receive, clock):
+                await exchange.run(clock)
+        except ClientGone:
             exchange.client_left()
-            if not accounted:
-                self._account(exchange.result(), ids, started, admitted, stream, span)
+        self._account(exchange.result(), ids, started, admitted, stream, span)
 
     def _account(
         self,

@@ -109,3 +109,35 @@ def test_metrics_on_their_own_port_leave_the_api_port(tutorial_engines, processe
     assert metric_value(scraped.body.decode(), "llm_gateway_requests_total", model=LLAMA, status="200") == 1
     assert get(metrics_url + "/v1/models").status == 404  # the metrics port serves nothing else
     assert get(metrics_url + "/healthz").status == 404
+
+
+def test_plain_metrics_expose_what_prometheus_clients_own_would():
+    """The per-request metrics are moved without locks (plain_metrics.py); Prometheus must not see a
+    difference: same samples, same values, bucket edges included (a value on an edge is in its bucket)."""
+    from prometheus_client import CollectorRegistry, Counter, Histogram
+
+    from gateway_app.plain_metrics import PlainCounter, PlainHistogram
+
+    ours, theirs = CollectorRegistry(), CollectorRegistry()
+    buckets = (0.005, 0.01, 0.25, 1, 60)
+    plain_counter = PlainCounter("x_requests", "help", ("engine", "status"), registry=ours)
+    counter = Counter("x_requests", "help", ("engine", "status"), registry=theirs)
+    plain_histogram = PlainHistogram("x_seconds", "help", ("engine",), registry=ours, buckets=buckets)
+    histogram = Histogram("x_seconds", "help", ("engine",), registry=theirs, buckets=buckets)
+    for engine, status, seconds in [("a", "200", 0.01), ("a", "200", 0.3), ("b", "503", 61.0), ("a", "429", 0.0)]:
+        plain_counter.labels(engine, status).inc()
+        counter.labels(engine, status).inc()
+        plain_histogram.labels(engine).observe(seconds)
+        histogram.labels(engine).observe(seconds)
+
+    def samples(registry: CollectorRegistry) -> set[tuple[str, tuple[tuple[str, str], ...], float]]:
+        return {
+            (s.name, tuple(sorted(s.labels.items())), round(s.value, 9))
+            for family in registry.collect()
+            for s in family.samples
+            if not s.name.endswith("_created")
+        }
+
+    assert samples(ours) == samples(theirs)
+    created = {s.name for family in ours.collect() for s in family.samples if s.name.endswith("_created")}
+    assert created == {"x_requests_created", "x_seconds_created"}

@@ -3,13 +3,18 @@
 from __future__ import annotations
 
 import json
+import threading
 import time
 
 import pytest
+import uvicorn
 
+from gateway_app.app import GatewayApp
+from gateway_app.request_log import RequestLog
+from gateway_app.server import load_setup
 from tests.raw_http import RawConnection, json_request
 from tests.routes import write_routing_map
-from tests.support import RunningProcess
+from tests.support import RunningProcess, free_port
 from tests.web import get, metric_value, post, sse_events, wait_for
 
 CHAT = "/v1/chat/completions"
@@ -79,6 +84,39 @@ def test_client_leaving_mid_stream_closes_the_engine_request(stream_gateway, slo
     wait_for(
         lambda: running_requests(slow_tokens, "sglang:num_running_reqs") == 0, timeout=3, message="engine stream closed"
     )
+
+
+def test_client_leaving_is_noticed_under_another_asgi_server(slow_first_token, tmp_path):
+    """Served by uvicorn's own protocol, which does not tell of a lost connection the way ours does
+    (exchange_clock.CLIENT_GONE_EXTENSION), the gateway watches for `http.disconnect` instead."""
+    config = write_routing_map(
+        tmp_path / "routes.yaml",
+        [{"name": "think-plain", "model": "think-model", "owned_by": "vllm", "url": slow_first_token.url}],
+    )
+    app = GatewayApp(load_setup(config, None, None, None, RequestLog(enabled=False)))
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, http="httptools", log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    try:
+        wait_for(lambda: server.started, message="in-process gateway started")
+        with RawConnection(f"http://127.0.0.1:{port}") as connection:
+            connection.send(json_request({"model": "think-model", "messages": HI}))
+            wait_for(lambda: running_requests(slow_first_token, "vllm:num_requests_running") == 1, message="busy")
+        wait_for(
+            lambda: running_requests(slow_first_token, "vllm:num_requests_running") == 0,
+            timeout=3,
+            message="engine request closed",
+        )
+        metrics = app_metrics(port)
+        assert metric_value(metrics, "llm_gateway_client_disconnects_total", engine="think-plain") == 1
+    finally:
+        server.should_exit = True
+        thread.join(10)
+
+
+def app_metrics(port: int) -> str:
+    return get(f"http://127.0.0.1:{port}/metrics").body.decode()
 
 
 def test_chunks_arrive_as_the_engine_sends_them(stream_gateway):
