@@ -260,6 +260,7 @@ def test_alert_rules_evaluate_on_real_metrics(prometheus: PrometheusServer) -> N
     rules = evaluated()
     assert {r["name"] for r in rules} == {
         "LLMGatewayHighErrorRatio", "LLMGatewayNoReadyEngine", "LLMGatewaySlowTimeToFirstByte", "LLMGatewayRestarted",
+        "LLMGatewayConfigReloadFailed",
     }  # fmt: skip
     assert [(r["name"], r.get("lastError")) for r in rules if r["health"] != "ok"] == []
 

@@ -59,7 +59,7 @@ def test_schema_and_values_agree() -> None:
         if where in ("", ".gateway", ".engineDefaults", ".ingress", ".serviceMonitor", ".networkPolicy", ".auth",
                      ".engineApiKey", ".redis", ".tests", ".grafanaDashboard", ".prometheusRule",
                      ".prometheusRule.errorRatio", ".prometheusRule.noReadyEngine", ".prometheusRule.timeToFirstByte",
-                     ".prometheusRule.gatewayRestarts"):  # fmt: skip
+                     ".prometheusRule.gatewayRestarts", ".prometheusRule.configReloadFailed", ".persistence"):  # fmt: skip
             assert set(properties) - {"global"} <= set(values), f"{where}: schema keys with no default"
 
     walk(VALUES, SCHEMA, "")

@@ -26,7 +26,13 @@ GATEWAY = "my-llm-llm-gateway"
 DASHBOARD_FILE = CHART_DIR / "dashboards" / "llm-gateway.json"
 RULES_FILE = CHART_DIR / "rules" / "llm-gateway.rules.yaml"
 RULES_TEST = Path(__file__).resolve().parent / "llm-gateway-alerts.test.yaml"
-ALERTS = {"LLMGatewayHighErrorRatio", "LLMGatewayNoReadyEngine", "LLMGatewaySlowTimeToFirstByte", "LLMGatewayRestarted"}
+ALERTS = {
+    "LLMGatewayHighErrorRatio",
+    "LLMGatewayNoReadyEngine",
+    "LLMGatewaySlowTimeToFirstByte",
+    "LLMGatewayRestarted",
+    "LLMGatewayConfigReloadFailed",
+}
 RULES_HEADER = """\
 # The llm-gateway alert rules with the chart's default thresholds, for a Prometheus without the Prometheus
 # Operator (list this file under rule_files). With the Operator, set prometheusRule.enabled instead.

@@ -15,7 +15,18 @@ Each resolved entry keeps the user's keys and adds:
 {{- define "llm-gateway.engines" -}}
 {{- $root := . -}}
 {{- /* Keys of engineDefaults that only make sense for GPU engines; simulators never inherit them. */ -}}
-{{- $gpuOnly := list "runtimeClassName" "gpuResource" "shmSize" "hfToken" "modelStorage" "podSecurityContext" "securityContext" "terminationGracePeriodSeconds" "startupTimeoutSeconds" -}}
+{{- /* Keys of engineDefaults that only make sense for GPU engines; simulators never inherit them (a
+       simulator needs no GPU node, so the GPU nodes' nodeSelector, tolerations and affinity stay off it). */ -}}
+{{- $gpuOnly := list "runtimeClassName" "gpuResource" "shmSize" "hfToken" "modelStorage" "podSecurityContext" "securityContext" "terminationGracePeriodSeconds" "startupTimeoutSeconds" "nodeSelector" "tolerations" "affinity" "extraVolumes" "extraVolumeMounts" "initContainers" "envFrom" "probes" -}}
+{{- /* engineDefaults keys merged with the engine's rather than replaced (see below). */ -}}
+{{- $mergedMaps := list "hfToken" "modelStorage" "nodeSelector" "podAnnotations" "podLabels" "podSecurityContext" "securityContext" "probes" "podDisruptionBudget" "autoscaling" -}}
+{{- $namedLists := dict "extraVolumes" "name" "extraVolumeMounts" "mountPath" "initContainers" "name" -}}
+{{- /* Flags the chart passes, and the value to set instead. */ -}}
+{{- $servedName := "set servedModelName instead: the gateway routes by the name the chart passes, and an engine serving another name answers 404" -}}
+{{- $listen := "remove it: the chart makes the engine listen on 0.0.0.0:8000, where its Service and probes point" -}}
+{{- $parallel := "set gpus instead: the chart passes the tensor-parallel size from gpus and requests that many GPUs for the pod" -}}
+{{- $model := "set model instead" -}}
+{{- $chartFlags := dict "--served-model-name" $servedName "--port" $listen "--host" $listen "--tensor-parallel-size" $parallel "-tp" $parallel "--tp" $parallel "--tp-size" $parallel "--api-key" "set engineApiKey instead: the gateway must send the key the engines check" "--model" $model "--model-path" $model "--engine" "set simulate instead" -}}
 {{- $gatewayService := include "llm-gateway.fullname" $root -}}
 {{- $resolved := list -}}
 {{- $nameAt := dict -}}
@@ -83,14 +94,70 @@ Each resolved entry keeps the user's keys and adds:
 {{- end -}}
 
 {{- if $e.deployed -}}
-{{- /* Defaults: a key set on the engine wins whole; simulators skip the GPU-only keys. */ -}}
+{{- $gpu := ne $kind "simulator" -}}
+{{- /* Defaults. Maps merge key by key (the engine's key wins, null drops the default's); lists of named
+       items merge by name (by mountPath for mounts); envFrom adds to the default's; any other key set on
+       the engine replaces the default's. Simulators skip the GPU-only keys. */ -}}
 {{- range $key, $value := $root.Values.engineDefaults -}}
-{{- if and (not (hasKey $e $key)) (or (ne $kind "simulator") (not (has $key $gpuOnly))) -}}
+{{- if or $gpu (not (has $key $gpuOnly)) -}}
+{{- if not (hasKey $e $key) -}}
 {{- $_ := set $e $key (deepCopy $value) -}}
+{{- else if and (has $key $mergedMaps) (kindIs "map" $value) (kindIs "map" (get $e $key)) -}}
+{{- $merged := deepCopy $value -}}
+{{- $own := get $e $key -}}
+{{- /* A Secret name and a value are two ways to give one token: the engine's choice drops the other. */ -}}
+{{- if and (eq $key "hfToken") (or $own.existingSecret $own.value) -}}
+{{- $_ := unset $merged "existingSecret" -}}
+{{- $_ := unset $merged "value" -}}
+{{- end -}}
+{{- include "llm-gateway.mergeInto" (dict "dst" $merged "src" $own) -}}
+{{- $_ := set $e $key $merged -}}
+{{- else if and (hasKey $namedLists $key) (kindIs "slice" $value) (kindIs "slice" (get $e $key)) -}}
+{{- $field := get $namedLists $key -}}
+{{- $ownNames := list -}}
+{{- range get $e $key }}{{ $ownNames = append $ownNames (get . $field) }}{{ end -}}
+{{- $merged := list -}}
+{{- range $value }}{{ if not (has (get . $field) $ownNames) }}{{ $merged = append $merged (deepCopy .) }}{{ end }}{{ end -}}
+{{- $_ := set $e $key (concat $merged (get $e $key)) -}}
+{{- else if and (eq $key "envFrom") (kindIs "slice" $value) (kindIs "slice" (get $e $key)) -}}
+{{- $_ := set $e $key (concat (deepCopy $value) (get $e $key)) -}}
 {{- end -}}
 {{- end -}}
+{{- end -}}
+{{- $autoscaling := $e.autoscaling | default dict -}}
+{{- $_ := set $e "scaledByKeda" (and $autoscaling.enabled true) -}}
 {{- $_ := set $e "replicas" (ternary $e.replicas 1 (hasKey $e "replicas") | int) -}}
 {{- $_ := set $e "gpus" ($e.gpus | default 1 | int) -}}
+
+{{- /* KEDA: a Prometheus to ask, and bounds that make sense. */ -}}
+{{- if $e.scaledByKeda -}}
+{{- if not $autoscaling.serverAddress -}}
+{{- fail (printf "%s: autoscaling.enabled needs autoscaling.serverAddress, the Prometheus KEDA queries (e.g. http://prometheus-operated.monitoring.svc:9090)" $where) -}}
+{{- end -}}
+{{- if gt ($autoscaling.minReplicas | int) ($autoscaling.maxReplicas | int) -}}
+{{- fail (printf "%s: autoscaling.minReplicas (%v) is larger than autoscaling.maxReplicas (%v)" $where $autoscaling.minReplicas $autoscaling.maxReplicas) -}}
+{{- end -}}
+{{- end -}}
+{{- /* A PodDisruptionBudget for an engine that may have several pods, allowing at least one eviction. */ -}}
+{{- $budget := $e.podDisruptionBudget | default dict -}}
+{{- $most := ternary ($autoscaling.maxReplicas | int) $e.replicas $e.scaledByKeda -}}
+{{- $_ := set $e "disruptionBudget" (and $budget.enabled (gt $most 1)) -}}
+{{- if $e.disruptionBudget -}}
+{{- $fewest := ternary ($autoscaling.minReplicas | int) $e.replicas $e.scaledByKeda -}}
+{{- $pods := ternary (printf "autoscaling.minReplicas (%d)" $fewest) (printf "replicas (%d)" $fewest) $e.scaledByKeda -}}
+{{- include "llm-gateway.checkDisruptionBudget" (dict "budget" $budget "fewest" $fewest "pods" $pods "what" (printf "%s: podDisruptionBudget" $where)) -}}
+{{- end -}}
+
+{{- /* Command-line flags the chart sets from values: a second copy would serve a name the routing map
+       does not know, listen where no Service points, or use GPUs the pod did not ask for. */ -}}
+{{- range $arg := $e.extraArgs | default list -}}
+{{- $flag := first (splitList "=" $arg) -}}
+{{- if hasPrefix "--" $flag -}}{{- $flag = replace "_" "-" $flag -}}{{- end -}}
+{{- $instead := get $chartFlags $flag -}}
+{{- if and $instead (or (ne $flag "--engine") (eq $kind "simulator")) -}}
+{{- fail (printf "%s: extraArgs: %s is set by the chart; %s" $where $flag $instead) -}}
+{{- end -}}
+{{- end -}}
 
 {{- /* Image: the engine's fields over the preset's; the simulator's preset falls back to the gateway image. */ -}}
 {{- $preset := get $root.Values.enginePresets $kind -}}
@@ -110,9 +177,19 @@ Each resolved entry keeps the user's keys and adds:
 {{- $_ := set $e "imageRef" (include "llm-gateway.imageRef" (dict "image" $img "what" $where)) -}}
 {{- $_ := set $e "pullPolicy" ($img.pullPolicy | default "IfNotPresent") -}}
 
-{{- /* Resources: the engine's or the preset's, whole; GPU engines always get their GPUs. */ -}}
-{{- $res := deepCopy (ternary $e.resources $preset.resources (hasKey $e "resources") | default dict) -}}
-{{- if ne $kind "simulator" -}}
+{{- /* Resources: the preset's, scaled by gpus for GPU engines (the preset is sized for one GPU), with the
+       engine's requests and limits merged over them (null drops one); GPU engines always get their GPUs. */ -}}
+{{- $res := deepCopy ($preset.resources | default dict) -}}
+{{- if and $gpu (gt $e.gpus 1) -}}
+{{- range $part := list "requests" "limits" -}}
+{{- $quantities := get $res $part | default dict -}}
+{{- range $name, $quantity := $quantities -}}
+{{- $_ := set $quantities $name (include "llm-gateway.scaleQuantity" (dict "quantity" $quantity "by" $e.gpus)) -}}
+{{- end -}}
+{{- end -}}
+{{- end -}}
+{{- include "llm-gateway.mergeInto" (dict "dst" $res "src" ($e.resources | default dict)) -}}
+{{- if $gpu -}}
 {{- $limits := $res.limits | default dict -}}
 {{- $requests := $res.requests | default dict -}}
 {{- $_ := set $limits $e.gpuResource $e.gpus -}}
@@ -123,15 +200,54 @@ Each resolved entry keeps the user's keys and adds:
 {{- if and $token.existingSecret $token.value -}}
 {{- fail (printf "%s: hfToken: set existingSecret or value, not both" $where) -}}
 {{- end -}}
+{{- /* /dev/shm from engineDefaults is sized for one GPU, like the preset: it grows with gpus. */ -}}
+{{- if and $e.shmSize (not (hasKey $raw "shmSize")) (gt $e.gpus 1) -}}
+{{- $_ := set $e "shmSize" (include "llm-gateway.scaleQuantity" (dict "quantity" $e.shmSize "by" $e.gpus)) -}}
+{{- end -}}
 {{- $storage := $e.modelStorage | default dict -}}
-{{- if and (eq (toString $storage.type) "pvc") (not $storage.claimName) -}}
-{{- fail (printf "%s: modelStorage.type pvc needs modelStorage.claimName" $where) -}}
+{{- if eq (toString $storage.type) "pvc" -}}
+{{- if not $storage.claimName -}}
+{{- if not $root.Values.persistence.enabled -}}
+{{- fail (printf "%s: modelStorage.type pvc needs modelStorage.claimName (an existing claim), or persistence.enabled: true (the chart's claim)" $where) -}}
+{{- end -}}
+{{- $_ := set $storage "claimName" (include "llm-gateway.modelsClaimName" $root) -}}
+{{- $_ := set $storage "chartClaim" true -}}
+{{- end -}}
+{{- end -}}
+{{- /* The model cache on the node's disk: reserve what it may grow to, so the scheduler counts it. */ -}}
+{{- if and (eq (toString $storage.type) "emptyDir") $storage.sizeLimit (not (hasKey $requests "ephemeral-storage")) -}}
+{{- $_ := set $requests "ephemeral-storage" $storage.sizeLimit -}}
 {{- end -}}
 {{- end -}}
 {{- $_ := set $e "resolvedResources" $res -}}
 
-{{- /* Strategy: the engine's or engineDefaults', else the kind's preset (GPU engines: Recreate). */ -}}
-{{- $strategy := deepCopy ($e.strategy | default $preset.strategy | default dict) -}}
+{{- /* extraVolumes and extraVolumeMounts may not take the names and paths of the chart's own volumes. */ -}}
+{{- $storage := $e.modelStorage | default dict -}}
+{{- $chartVolumes := dict -}}
+{{- if not $gpu }}{{ $_ := set $chartVolumes "tmp" "/tmp" }}{{ end -}}
+{{- if and $gpu $e.shmSize }}{{ $_ := set $chartVolumes "dshm" "/dev/shm" }}{{ end -}}
+{{- if and $gpu (ne (toString ($storage.type | default "none")) "none") }}{{ $_ := set $chartVolumes "models" (trimSuffix "/" ($storage.mountPath | default "/models")) }}{{ end -}}
+{{- range $e.extraVolumes | default list -}}
+{{- if hasKey $chartVolumes .name -}}
+{{- fail (printf "%s: extraVolumes: the name %q is the chart's own volume; choose another name" $where .name) -}}
+{{- end -}}
+{{- end -}}
+{{- range $e.extraVolumeMounts | default list -}}
+{{- if has (trimSuffix "/" .mountPath) (values $chartVolumes) -}}
+{{- fail (printf "%s: extraVolumeMounts: %s is where the chart mounts its own volume; set modelStorage.mountPath or shmSize instead, or choose another path" $where .mountPath) -}}
+{{- end -}}
+{{- end -}}
+
+{{- /* Strategy: the engine's or engineDefaults', else the kind's preset (GPU engines: Recreate; with
+       several replicas, or under KEDA, one pod at a time and never a surge pod waiting for a GPU). */ -}}
+{{- $strategy := deepCopy ($e.strategy | default dict) -}}
+{{- if not $strategy -}}
+{{- if and $gpu (or (gt $e.replicas 1) $e.scaledByKeda) -}}
+{{- $strategy = dict "type" "RollingUpdate" "rollingUpdate" (dict "maxSurge" 0 "maxUnavailable" 1) -}}
+{{- else -}}
+{{- $strategy = deepCopy ($preset.strategy | default dict) -}}
+{{- end -}}
+{{- end -}}
 {{- if and (eq (toString $strategy.type) "Recreate") (not (kindIs "invalid" $strategy.rollingUpdate)) -}}
 {{- fail (printf "%s: strategy type Recreate takes no rollingUpdate (Kubernetes refuses the pair); drop rollingUpdate or use type RollingUpdate" $where) -}}
 {{- end -}}

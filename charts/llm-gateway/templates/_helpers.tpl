@@ -153,3 +153,62 @@ checks that the two agree).
 {{ include "llm-gateway.selectorLabels" . }}
 app.kubernetes.io/component: redis
 {{- end }}
+
+{{/*
+Merge the map .src into the map .dst in place: maps merge key by key, a null in .src removes the key,
+anything else from .src replaces .dst's (lists whole). Unlike sprig's mergeOverwrite, an empty value
+("", false, 0) from .src wins too. Takes (dict "dst" $map "src" $map); renders nothing.
+*/}}
+{{- define "llm-gateway.mergeInto" -}}
+{{- $dst := .dst -}}
+{{- range $key, $value := .src -}}
+{{- if kindIs "invalid" $value -}}
+{{- $_ := unset $dst $key -}}
+{{- else if and (kindIs "map" $value) (kindIs "map" (get $dst $key)) -}}
+{{- include "llm-gateway.mergeInto" (dict "dst" (get $dst $key) "src" $value) -}}
+{{- else -}}
+{{- $_ := set $dst $key (deepCopy $value) -}}
+{{- end -}}
+{{- end -}}
+{{- end }}
+
+{{/*
+A Kubernetes quantity times a whole number, in the quantity's own unit: "8Gi" x 4 = "32Gi", "500m" x 2 =
+"1000m", "1.5" x 2 = "3". Takes (dict "quantity" "8Gi" "by" 4).
+*/}}
+{{- define "llm-gateway.scaleQuantity" -}}
+{{- $text := toString .quantity -}}
+{{- $number := regexFind "^[0-9]+(\\.[0-9]+)?" $text -}}
+{{- $unit := trimPrefix $number $text -}}
+{{- if contains "." $number -}}
+{{- printf "%v%s" (mulf (float64 $number) .by) $unit -}}
+{{- else -}}
+{{- printf "%d%s" (mul (int64 $number) .by) $unit -}}
+{{- end -}}
+{{- end }}
+
+{{/* The PersistentVolumeClaim for model weights that the chart creates (persistence.enabled). */}}
+{{- define "llm-gateway.modelsClaimName" -}}
+{{- printf "%s-models" (include "llm-gateway.fullname" .) | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{/*
+Refuses a PodDisruptionBudget that allows no eviction at all: minAvailable of at least the fewest pods
+there are (or 100%), or maxUnavailable 0 (or 0%). Every node drain would then wait forever. Takes
+(dict "budget" {minAvailable, maxUnavailable} "fewest" 2 "pods" "gateway.replicas (2)" "what" "gateway.podDisruptionBudget").
+*/}}
+{{- define "llm-gateway.checkDisruptionBudget" -}}
+{{- $min := .budget.minAvailable -}}
+{{- $hint := "a node drain could never evict a pod and would wait forever; set minAvailable below it, or use maxUnavailable: 1 (and minAvailable: null)" -}}
+{{- if not (kindIs "invalid" $min) -}}
+{{- if kindIs "string" $min -}}
+{{- if ge (trimSuffix "%" $min | int) 100 -}}
+{{- fail (printf "%s.minAvailable %q keeps every pod: %s" .what $min $hint) -}}
+{{- end -}}
+{{- else if ge ($min | int) (.fewest | int) -}}
+{{- fail (printf "%s.minAvailable (%v) is at least %s: %s" .what $min .pods $hint) -}}
+{{- end -}}
+{{- else if eq (trimSuffix "%" (toString .budget.maxUnavailable)) "0" -}}
+{{- fail (printf "%s.maxUnavailable %v lets no pod go: a node drain would wait forever; set it to 1 or more" .what .budget.maxUnavailable) -}}
+{{- end -}}
+{{- end }}

@@ -1,0 +1,375 @@
+"""Engines as rendered from engineDefaults, presets and the engine's own keys: merged, scaled with gpus, kept
+off GPU nodes when simulated, refused with a message naming the value when they would fail silently; and the
+production knobs (storage, disruption budgets, KEDA, exposure) rendered valid for Kubernetes."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import pytest
+
+from tests.chart.conftest import CHART_DIR, Helm, Rendered
+from tests.chart.kubernetes_definitions import PREFIX, derive
+from tests.chart.test_chart_render import KUBE_VERSIONS, validate_object
+
+SCHEMA_ERROR = "values don't meet the specifications of the schema"
+GATEWAY = "my-llm-llm-gateway"
+GPU_NODES = {
+    "nodeSelector": {"nvidia.com/gpu.present": "true"},
+    "tolerations": [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}],
+    "affinity": {"nodeAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": {"nodeSelectorTerms": [
+        {"matchExpressions": [{"key": "gpu", "operator": "In", "values": ["a100"]}]}]}}},
+}  # fmt: skip
+
+
+def engine(name: str = "a", **fields: Any) -> dict[str, Any]:
+    return {"name": name, "engine": "vllm", "model": "m", **fields}
+
+
+def pod(rendered: Rendered, name: str) -> dict[str, Any]:
+    return rendered.get("Deployment", name)["spec"]["template"]["spec"]
+
+
+def container(rendered: Rendered, name: str) -> dict[str, Any]:
+    return pod(rendered, name)["containers"][0]
+
+
+def env_of(rendered: Rendered, name: str) -> dict[str, Any]:
+    return {item["name"]: item for item in container(rendered, name).get("env", [])}
+
+
+def assert_valid(rendered: Rendered) -> None:
+    for doc in rendered.docs:
+        for version in KUBE_VERSIONS:
+            validate_object(doc, version)
+
+
+# --- engineDefaults merge with the engine's keys -------------------------------------------------------
+
+
+def test_engine_token_key_keeps_the_default_secret(helm: Helm) -> None:
+    rendered = helm.template(
+        values={
+            "engineDefaults": {"hfToken": {"existingSecret": "hf-token-secret", "key": "token"}},
+            "engines": [engine("a", hfToken={"key": "hf_token"}), engine("b", engine="sglang", hfToken={"value": "v"})],
+        }
+    )
+    assert env_of(rendered, "a")["HF_TOKEN"]["valueFrom"]["secretKeyRef"] == {
+        "name": "hf-token-secret",
+        "key": "hf_token",
+    }
+    # a value of its own replaces the default's Secret (one token, two ways to give it)
+    assert env_of(rendered, "b")["HF_TOKEN"]["valueFrom"]["secretKeyRef"] == {"name": "b-hf-token", "key": "token"}
+
+
+def test_engine_mount_path_keeps_the_default_storage(helm: Helm) -> None:
+    rendered = helm.template(
+        values={
+            "engineDefaults": {"modelStorage": {"type": "pvc", "claimName": "x"}},
+            "engines": [engine("a", modelStorage={"mountPath": "/cache"})],
+        }
+    )
+    volumes = {v["name"]: v for v in pod(rendered, "a")["volumes"]}
+    assert volumes["models"]["persistentVolumeClaim"] == {"claimName": "x", "readOnly": False}
+    assert {"name": "models", "mountPath": "/cache", "readOnly": False} in container(rendered, "a")["volumeMounts"]
+    assert env_of(rendered, "a")["HF_HOME"]["value"] == "/cache/huggingface"
+
+
+def test_engine_resources_merge_over_the_preset(helm: Helm) -> None:
+    rendered = helm.template(
+        values={"engines": [engine("a", resources={"requests": {"memory": "6Gi"}, "limits": {"memory": None}})]}
+    )
+    resources = container(rendered, "a")["resources"]
+    assert resources["requests"]["cpu"] == "2" and resources["requests"]["memory"] == "6Gi"
+    assert "memory" not in resources["limits"]  # null drops the preset's value
+    assert resources["limits"]["nvidia.com/gpu"] == 1
+
+
+@pytest.mark.parametrize("example", ["example1", "example2"])
+def test_tutorial_engines_keep_the_presets_cpu_request(renders: dict[str, Rendered], example: str) -> None:
+    for deployment in renders[example].of_kind("Deployment"):
+        if deployment["metadata"]["name"] != GATEWAY:
+            assert deployment["spec"]["template"]["spec"]["containers"][0]["resources"]["requests"]["cpu"] == "2"
+
+
+def test_simulators_stay_off_gpu_nodes(helm: Helm) -> None:
+    rendered = helm.template(
+        values={
+            "engineDefaults": GPU_NODES,
+            "engines": [engine("a"), engine("s", engine="simulator", model="n"),
+                        engine("t", engine="simulator", model="o", nodeSelector={"pool": "cpu"})],
+        }
+    )  # fmt: skip
+    assert all(pod(rendered, "a")[key] == value for key, value in GPU_NODES.items())
+    assert not set(GPU_NODES) & set(pod(rendered, "s"))
+    assert pod(rendered, "t")["nodeSelector"] == {"pool": "cpu"}  # its own keys still apply
+
+
+# --- extraArgs may not repeat the chart's flags --------------------------------------------------------
+
+OWNED_FLAGS = {
+    "--served-model-name": "set servedModelName instead",
+    "--served_model_name": "set servedModelName instead",
+    "--port": "remove it: the chart makes the engine listen on 0.0.0.0:8000",
+    "--host": "remove it: the chart makes the engine listen on 0.0.0.0:8000",
+    "--tensor-parallel-size": "set gpus instead",
+    "-tp": "set gpus instead",
+    "--tp": "set gpus instead",
+    "--api-key": "set engineApiKey instead",
+    "--model": "set model instead",
+    "--model-path": "set model instead",
+}
+
+
+@pytest.mark.parametrize("form", ["separate", "equals"])
+@pytest.mark.parametrize("flag", OWNED_FLAGS)
+def test_extra_args_may_not_repeat_the_charts_flags(helm: Helm, flag: str, form: str) -> None:
+    args = [f"{flag}=4"] if form == "equals" else [flag, "4"]
+    message = helm.template_error(
+        values={"engines": [engine("a", extraArgs=["--gpu-memory-utilization", "0.9", *args])]}
+    )
+    shown = flag.replace("_", "-")
+    assert f'engines[0] "a": extraArgs: {shown} is set by the chart; {OWNED_FLAGS[flag]}' in message, message
+
+
+def test_extra_args_near_misses_are_accepted(helm: Helm) -> None:
+    args = ["--max-model-len", "4096", "--port-range=1", "--tokenizer", "x", "--engine", "y"]
+    rendered = helm.template(values={"engines": [engine("a", extraArgs=args)]})
+    assert container(rendered, "a")["args"][-len(args) :] == args
+
+
+# --- Kubernetes types in values are Kubernetes' own definitions -----------------------------------------
+
+REFUSED_KUBERNETES_VALUES = {
+    "env value that is a number": ({"engines": [engine(env=[{"name": "X", "value": 1}])]}, "engines/0/env/0/value"),
+    "misspelt nodeAffinity": ({"engineDefaults": {"affinity": {"nodeAfinity": {}}}}, "engineDefaults/affinity"),
+    "misspelt toleration effect": (
+        {"engines": [engine(tolerations=[{"key": "k", "operator": "Exists", "efect": "NoSchedule"}])]},
+        "engines/0/tolerations/0",
+    ),
+    "misspelt gateway toleration": ({"gateway": {"tolerations": [{"keys": "k"}]}}, "gateway/tolerations/0"),
+    "misspelt volume source": ({"engines": [engine(extraVolumes=[{"name": "v", "configmap": {}}])]}, "engines/0/extraVolumes/0"),
+    "init container without name": ({"engineDefaults": {"initContainers": [{"image": "busybox:1"}]}}, "engineDefaults/initContainers/0"),
+    "unknown probe": ({"engines": [engine(probes={"ready": {}})]}, "engines/0/probes"),
+    "pod security context typo": ({"engines": [engine(podSecurityContext={"runAsNonroot": True})]}, "engines/0/podSecurityContext"),
+    "PDB minAvailable that is no number": ({"gateway": {"podDisruptionBudget": {"minAvailable": "fifty"}}}, "gateway/podDisruptionBudget/minAvailable"),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("case", REFUSED_KUBERNETES_VALUES)
+def test_schema_refuses_what_kubernetes_would(helm: Helm, case: str) -> None:
+    values, path = REFUSED_KUBERNETES_VALUES[case]
+    message = helm.template_error(values=values)
+    assert SCHEMA_ERROR in message and f"/{path}'" in message, message
+
+
+def test_schema_embeds_the_kubernetes_definitions() -> None:
+    """values.schema.json holds exactly the definitions derived from Kubernetes' OpenAPI schemas, closed
+    objects closed (rewrite them with `python -m tests.chart.kubernetes_definitions`)."""
+    schema = json.loads((CHART_DIR / "values.schema.json").read_text())
+    embedded = {name: body for name, body in schema["definitions"].items() if name.startswith(PREFIX)}
+    assert embedded == derive()
+    assert embedded["io.k8s.api.core.v1.Toleration"]["additionalProperties"] is False
+    assert embedded["io.k8s.api.core.v1.EnvVar"]["properties"]["value"]["type"] == ["string", "null"]
+
+
+# --- gpus scale what is sized for one GPU; the model cache is bounded -----------------------------------
+
+
+def test_more_gpus_scale_the_presets_memory_and_shm(helm: Helm) -> None:
+    rendered = helm.template(
+        values={"engines": [engine("a", gpus=4), engine("b", engine="sglang", gpus=4, shmSize="1Gi", resources={"limits": {"memory": "20Gi"}})]}
+    )  # fmt: skip
+    assert container(rendered, "a")["resources"] == {
+        "requests": {"cpu": "8", "memory": "32Gi", "nvidia.com/gpu": 4, "ephemeral-storage": "40Gi"},
+        "limits": {"memory": "64Gi", "nvidia.com/gpu": 4},
+    }
+    volumes = {v["name"]: v for v in pod(rendered, "a")["volumes"]}
+    assert volumes["dshm"]["emptyDir"]["sizeLimit"] == "8Gi"
+    # what the engine sets itself is taken as it is
+    assert container(rendered, "b")["resources"]["limits"]["memory"] == "20Gi"
+    assert {v["name"]: v for v in pod(rendered, "b")["volumes"]}["dshm"]["emptyDir"]["sizeLimit"] == "1Gi"
+    assert container(rendered, "b")["args"][-2:] == ["--tp", "4"]
+
+
+def test_default_model_cache_is_bounded_and_requested(renders: dict[str, Rendered]) -> None:
+    rendered = renders["example1"]
+    volumes = {v["name"]: v for v in pod(rendered, "vllm-llama-32-1b")["volumes"]}
+    assert volumes["models"]["emptyDir"] == {"sizeLimit": "40Gi"}
+    assert container(rendered, "vllm-llama-32-1b")["resources"]["requests"]["ephemeral-storage"] == "40Gi"
+    # hostPath weights take no ephemeral storage
+    assert "ephemeral-storage" not in container(rendered, "vllm-phi-tiny-moe")["resources"]["requests"]
+
+
+# --- Disruption budgets never block a drain ------------------------------------------------------------
+
+REFUSED_BUDGETS = {
+    "gateway minAvailable at the autoscaler's minimum": (
+        {"gateway": {"autoscaling": {"enabled": True, "minReplicas": 2}, "podDisruptionBudget": {"enabled": True, "minAvailable": 2}}},
+        "gateway.podDisruptionBudget.minAvailable (2) is at least gateway.autoscaling.minReplicas (2): a node drain could never evict a pod",
+    ),
+    "gateway minAvailable above its replicas": (
+        {"gateway": {"replicas": 2, "podDisruptionBudget": {"enabled": True, "minAvailable": 3}}},
+        "gateway.podDisruptionBudget.minAvailable (3) is at least gateway.replicas (2)",
+    ),
+    "gateway minAvailable 100%": (
+        {"gateway": {"podDisruptionBudget": {"enabled": True, "minAvailable": "100%"}}},
+        'gateway.podDisruptionBudget.minAvailable "100%" keeps every pod',
+    ),
+    "gateway maxUnavailable 0": (
+        {"gateway": {"podDisruptionBudget": {"enabled": True, "maxUnavailable": 0}}},
+        "gateway.podDisruptionBudget.maxUnavailable 0 lets no pod go",
+    ),
+    "engine minAvailable at its replicas": (
+        {"engines": [engine("a", replicas=2, podDisruptionBudget={"minAvailable": 2})]},
+        'engines[0] "a": podDisruptionBudget.minAvailable (2) is at least replicas (2)',
+    ),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("case", REFUSED_BUDGETS)
+def test_budgets_that_block_every_drain_are_refused(helm: Helm, case: str) -> None:
+    values, fragment = REFUSED_BUDGETS[case]
+    assert fragment in helm.template_error(values=values)
+
+
+def test_engine_budget_and_rollout_for_several_replicas(helm: Helm) -> None:
+    rendered = helm.template(values={"engines": [engine("a", replicas=3), engine("b", engine="sglang", model="n")]})
+    (budget,) = [b for b in rendered.of_kind("PodDisruptionBudget")]
+    assert budget["metadata"]["name"] == "a" and budget["spec"]["maxUnavailable"] == 1
+    assert budget["spec"]["selector"]["matchLabels"]["llm-gateway/engine"] == "a"
+    one_at_a_time = {"type": "RollingUpdate", "rollingUpdate": {"maxSurge": 0, "maxUnavailable": 1}}
+    assert rendered.get("Deployment", "a")["spec"]["strategy"] == one_at_a_time  # never a spare GPU
+    assert rendered.get("Deployment", "b")["spec"]["strategy"]["type"] == "Recreate"
+    assert_valid(rendered)
+
+
+# --- Cross-entry errors name the values, not the test hook ---------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "values",
+    [
+        {"engines": [engine("a"), engine("a", engine="sglang")]},
+        {"engines": [engine("a", default=True), engine("b", engine="sglang", default=True)]},
+        {"auth": {"enabled": True, "keys": [{"name": "a", "sha256": "0" * 64}, {"name": "a", "sha256": "1" * 64}]}},
+    ],
+)
+def test_cross_entry_errors_are_reported_against_the_values(helm: Helm, values: dict[str, Any]) -> None:
+    message = helm.template_error(values=values)
+    assert "llm-gateway/templates/values/checks.yaml" in message, message
+    assert "tests/test-models.yaml" not in message, message
+
+
+# --- Knobs -------------------------------------------------------------------------------------------
+
+
+def test_probe_overrides_merge_and_replace_the_handler(helm: Helm) -> None:
+    probes = {"startup": {"failureThreshold": 360}, "liveness": {"exec": {"command": ["true"]}}}
+    rendered = helm.template(values={"engines": [engine("a", probes=probes)]})
+    engine_container = container(rendered, "a")
+    assert engine_container["startupProbe"]["failureThreshold"] == 360
+    assert engine_container["startupProbe"]["httpGet"] == {"path": "/health", "port": "http"}
+    assert engine_container["livenessProbe"] == {"exec": {"command": ["true"]}, "periodSeconds": 20, "timeoutSeconds": 10,
+                                                 "failureThreshold": 6}  # fmt: skip
+    assert_valid(rendered)
+
+
+@pytest.mark.parametrize(
+    ("fields", "fragment"),
+    [
+        (
+            {"extraVolumes": [{"name": "dshm", "emptyDir": {}}]},
+            'extraVolumes: the name "dshm" is the chart\'s own volume',
+        ),
+        (
+            {"extraVolumeMounts": [{"name": "x", "mountPath": "/models/"}]},
+            "extraVolumeMounts: /models/ is where the chart mounts",
+        ),
+    ],
+)
+def test_extra_volumes_keep_off_the_charts(helm: Helm, fields: dict[str, Any], fragment: str) -> None:
+    assert f'engines[0] "a": {fragment}' in helm.template_error(values={"engines": [engine("a", **fields)]})
+
+
+def test_named_lists_merge_by_name_and_env_from_adds(helm: Helm) -> None:
+    rendered = helm.template(
+        values={
+            "engineDefaults": {
+                "extraVolumes": [{"name": "t", "configMap": {"name": "default"}}, {"name": "u", "emptyDir": {}}],
+                "envFrom": [{"secretRef": {"name": "s3"}}],
+            },
+            "engines": [engine("a", extraVolumes=[{"name": "t", "configMap": {"name": "own"}}],
+                               envFrom=[{"configMapRef": {"name": "c"}}])],
+        }
+    )  # fmt: skip
+    volumes = {v["name"]: v for v in pod(rendered, "a")["volumes"]}
+    assert volumes["t"]["configMap"] == {"name": "own"} and "u" in volumes
+    assert container(rendered, "a")["envFrom"] == [{"secretRef": {"name": "s3"}}, {"configMapRef": {"name": "c"}}]
+
+
+def test_chart_claim_is_shared_and_kept(renders: dict[str, Rendered]) -> None:
+    rendered = renders["all-features"]
+    (claim,) = rendered.of_kind("PersistentVolumeClaim")
+    assert claim["metadata"]["name"] == f"{GATEWAY}-models"
+    assert claim["metadata"]["annotations"]["helm.sh/resource-policy"] == "keep"
+    assert claim["spec"] == {"accessModes": ["ReadWriteMany"], "storageClassName": "fast-rwx",
+                             "resources": {"requests": {"storage": "200Gi"}}}  # fmt: skip
+    volumes = {v["name"]: v for v in pod(rendered, "vllm-llama-32-1b")["volumes"]}
+    assert volumes["models"]["persistentVolumeClaim"]["claimName"] == f"{GATEWAY}-models"
+
+
+def test_keda_owns_the_engines_replicas(helm: Helm, renders: dict[str, Rendered]) -> None:
+    autoscaling = {"enabled": True, "serverAddress": "http://prometheus:9090", "maxReplicas": 4}
+    rendered = helm.template(
+        values={
+            "engineDefaults": {"autoscaling": autoscaling},
+            "engines": [engine("a"), engine("b", engine="sglang"), engine("s", engine="simulator", simulate="sglang", model="n"),
+                        engine("c", model="o", autoscaling={"enabled": False})],
+        }
+    )  # fmt: skip
+    queries = {
+        s["metadata"]["name"]: s["spec"]["triggers"][0]["metadata"]["query"] for s in rendered.of_kind("ScaledObject")
+    }
+    assert queries == {
+        "a": 'sum(vllm:num_requests_waiting{namespace="llm", service="a"}) or vector(0)',
+        "b": 'sum(sglang:num_queue_reqs{namespace="llm", service="b"}) or vector(0)',
+        "s": 'sum(sglang:num_queue_reqs{namespace="llm", service="s"}) or vector(0)',
+    }
+    for name in ("a", "b", "s"):
+        assert "replicas" not in rendered.get("Deployment", name)["spec"], name
+    assert rendered.get("Deployment", "c")["spec"]["replicas"] == 1
+    scaled = rendered.get("ScaledObject", "a")["spec"]
+    assert (scaled["minReplicaCount"], scaled["maxReplicaCount"], scaled["scaleTargetRef"]["name"]) == (1, 4, "a")
+    assert {b["metadata"]["name"] for b in rendered.of_kind("PodDisruptionBudget")} == {"a", "b", "s"}
+    assert_valid(rendered)
+    assert "replicas" not in renders["all-features"].get("Deployment", "sglang-llama-32-1b")["spec"]
+
+
+def test_keda_needs_a_prometheus(helm: Helm) -> None:
+    message = helm.template_error(values={"engines": [engine("a", autoscaling={"enabled": True})]})
+    assert 'engines[0] "a": autoscaling.enabled needs autoscaling.serverAddress' in message
+
+
+def test_ingress_with_several_hosts_and_a_host_less_rule(helm: Helm) -> None:
+    hosts = [{"host": "a.example.com", "paths": [{"path": "/v1"}, {"path": "/healthz", "pathType": "Exact"}]},
+             {"host": "b.example.com"}, {"paths": [{"path": "/v1"}]}]  # fmt: skip
+    rendered = helm.template(values={"ingress": {"enabled": True, "hosts": hosts, "tls": {"enabled": True}}})
+    ingress = rendered.get("Ingress", GATEWAY)
+    rules = ingress["spec"]["rules"]
+    assert [r.get("host") for r in rules] == ["a.example.com", "b.example.com", None]
+    assert [(p["path"], p["pathType"]) for p in rules[0]["http"]["paths"]] == [("/v1", "Prefix"), ("/healthz", "Exact")]
+    assert rules[1]["http"]["paths"][0]["path"] == "/"
+    assert ingress["spec"]["tls"] == [{"hosts": ["a.example.com", "b.example.com"], "secretName": f"{GATEWAY}-tls"}]
+    assert_valid(rendered)
+
+
+def test_http_route_to_the_api_port(renders: dict[str, Rendered], helm: Helm) -> None:
+    route = renders["all-features"].get("HTTPRoute", GATEWAY)
+    assert route["spec"]["parentRefs"] == [{"name": "public", "namespace": "gateway-system", "sectionName": "https"}]
+    assert route["spec"]["hostnames"] == ["llm.example.com"]
+    (rule,) = route["spec"]["rules"]
+    assert rule["matches"] == [{"path": {"type": "PathPrefix", "value": "/v1"}}]
+    assert rule["backendRefs"] == [{"name": GATEWAY, "port": 80}]  # the Service's API port, never metrics
+    assert "httpRoute.enabled: set httpRoute.parentRefs" in helm.template_error(values={"httpRoute": {"enabled": True}})
