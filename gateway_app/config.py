@@ -167,7 +167,19 @@ class Settings(_Strict):
         return self
 
 
-def _checked_url(url: str) -> str:
+def read_engine_key(path: str | Path) -> str:
+    """An engine credential file: the whole file, surrounding whitespace removed; ValueError when it
+    cannot be read or does not hold one key on one line."""
+    try:
+        key = Path(path).read_bytes().decode("utf-8", errors="replace").strip()
+    except OSError as error:
+        raise ValueError(f"cannot read {path}: {error.strerror or error}") from None
+    if not key or any(char in key for char in "\r\n\0"):
+        raise ValueError(f"{path} must hold one key on one line")
+    return key
+
+
+def _checked_url(url: str, base: bool = False) -> str:
     """An engine URL as the gateway uses it, or ValueError saying what is wrong with it."""
     parts = urlsplit(url)
     if parts.scheme not in ("http", "https") or not parts.hostname:
@@ -180,8 +192,11 @@ def _checked_url(url: str) -> str:
         _ = parts.port  # urlsplit checks the port only when asked
     except ValueError:
         raise ValueError(f"has a bad port, got {url!r}") from None
-    if parts.path.rstrip("/").endswith("/v1"):
-        raise ValueError(f"is the engine's root, where /health and /v1/... live: drop the trailing /v1 from {url!r}")
+    if not base and parts.path.rstrip("/").endswith("/v1"):
+        raise ValueError(
+            f"is the engine's root, where /health and /v1/... live: drop the trailing /v1 from {url!r} "
+            "(or give an OpenAI-compatible provider's base URL as `base_url`)"
+        )
     return url.rstrip("/")
 
 
@@ -193,6 +208,15 @@ class EngineSpec(_Strict):
     owned_by: str = Field(min_length=1)
     url: str | None = None
     urls: tuple[str, ...] = ()  # several replicas of the engine, balanced request by request
+    # An OpenAI-compatible provider's base URL, as the OpenAI SDK takes it (https://host/v1, or a root
+    # without /v1): a client's /v1/chat/completions goes to <base_url>/chat/completions.
+    base_url: str | None = None
+    # Checked for health on each replica; null: no active checks (failed requests still eject a replica).
+    # Default: /health, and none for a base_url (hosted providers seldom have one).
+    health_path: str | None = Field(default="/health", pattern=r"^/[^\s?#]*$")
+    # This engine's own credential (a mounted Secret), sent as `Authorization: Bearer` instead of the
+    # shared engine key; re-read when the file changes.
+    api_key_file: str | None = None
     default: bool = False
     aliases: tuple[str, ...] = ()
     headers: dict[str, str] = Field(default_factory=dict)
@@ -203,15 +227,43 @@ class EngineSpec(_Strict):
 
     @model_validator(mode="after")
     def _one_way_to_reach_it(self) -> EngineSpec:
-        if self.url is None and not self.urls:
-            raise ValueError("@url: required field is missing (or give `urls`, a list of replica URLs)")
-        if self.url is not None and self.urls:
-            raise ValueError("@urls: give either `url` or `urls`, not both")
+        given = [name for name in ("url", "urls", "base_url") if getattr(self, name)]
+        if not given:
+            raise ValueError(
+                "@url: required field is missing (or give `urls`, a list of replica URLs, or `base_url`, "
+                "an OpenAI-compatible provider's base URL)"
+            )
+        if len(given) > 1:
+            raise ValueError(f"@{given[1]}: give one of url, urls and base_url, not {' and '.join(given)}")
+        if self.discovery is not None and self.base_url is not None:
+            raise ValueError("@discovery: an engine reached by base_url has no pods to discover")
         return self
 
     @property
+    def checked_health_path(self) -> str | None:
+        """The path of the active health check, or None. A base_url engine is checked only when asked:
+        a hosted provider seldom has /health, and is judged by its answers alone."""
+        if self.base_url is not None and "health_path" not in self.model_fields_set:
+            return None
+        return self.health_path
+
+    @property
     def endpoints(self) -> tuple[str, ...]:
+        if self.base_url is not None:
+            return (self.base_url,)
         return (self.url,) if self.url is not None else self.urls
+
+    @field_validator("base_url")
+    @classmethod
+    def _check_base_url(cls, url: str | None) -> str | None:
+        return None if url is None else _checked_url(url, base=True)
+
+    @field_validator("api_key_file")
+    @classmethod
+    def _check_api_key_file(cls, path: str | None) -> str | None:
+        if path is not None:
+            read_engine_key(path)  # a file that cannot be read, or holds no key, is refused now
+        return path
 
     @field_validator("urls")
     @classmethod

@@ -97,6 +97,16 @@ class EngineUnreachable(GatewayError):
     code = "engine_unreachable"
 
 
+class EngineNotFound(GatewayError):
+    """The engine's host name does not resolve: most often an engine just removed from the chart's values,
+    whose Service is gone while this gateway still routes to it until it reloads the routing map."""
+
+    status = 503
+    error_type = "upstream_error"
+    code = "engine_not_found"
+    retry_after = 5
+
+
 class EngineBadAnswer(GatewayError):
     """An engine answer the gateway will not relay (an error body past the size it reads)."""
 

@@ -10,11 +10,19 @@ from __future__ import annotations
 from enum import StrEnum
 
 from gateway_app.config import Timeouts
-from gateway_app.errors import EngineBadAnswer, EngineTimeout, EngineUnreachable, GatewayError, InternalError
+from gateway_app.errors import (
+    EngineBadAnswer,
+    EngineNotFound,
+    EngineTimeout,
+    EngineUnreachable,
+    GatewayError,
+    InternalError,
+)
 
 
 class Failure(StrEnum):
-    CONNECT = "connect"  # no connection (refused, reset, DNS) on every replica tried
+    CONNECT = "connect"  # no connection (refused, reset) on every replica tried
+    NOT_FOUND = "engine_not_found"  # its host name does not resolve (e.g. its Service was just removed)
     TIMEOUT_CONNECT = "timeout_connect"
     TIMEOUT_FIRST_BYTE = "timeout_first_byte"
     TIMEOUT_IDLE = "timeout_idle"  # silence in the middle of an answer
@@ -30,6 +38,11 @@ class Failure(StrEnum):
 # What the client is told, by kind: the error class (status, type, code) and its message.
 _ANSWERS: dict[Failure, tuple[type[GatewayError], str]] = {
     Failure.CONNECT: (EngineUnreachable, "The engine `{engine}` is unreachable."),
+    Failure.NOT_FOUND: (
+        EngineNotFound,
+        "The engine `{engine}` cannot be found: its host name does not resolve. If it was just removed from "
+        "the configuration, this gateway stops routing to it when it reloads its routing map.",
+    ),
     Failure.TIMEOUT_CONNECT: (EngineTimeout, "Timed out connecting to the engine `{engine}` after {t.connect} s."),
     Failure.TIMEOUT_FIRST_BYTE: (EngineTimeout, "The engine `{engine}` did not answer within {t.first_byte} s."),
     Failure.TIMEOUT_IDLE: (

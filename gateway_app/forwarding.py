@@ -287,14 +287,15 @@ class Exchange:
                 return None
             except aiohttp.ClientError as exc:
                 replica.failed(health)
+                kind = Failure.NOT_FOUND if isinstance(exc, aiohttp.ClientConnectorDNSError) else Failure.CONNECT
                 ENGINE_WARNINGS.warn(
-                    f"{engine.name}:connect",
+                    f"{engine.name}:{kind}",
                     "engine %s at %s: request failed: %s",
                     engine.name,
                     replica.url,
                     _reason(exc),
                 )
-                return _Retryable(Failure.CONNECT, failure_error(Failure.CONNECT, engine.name, timeouts))
+                return _Retryable(kind, failure_error(kind, engine.name, timeouts))
             status = response.status
             replica.failed(health) if status >= 500 else replica.succeeded()
             headers = headers_for_client(response.raw_headers)
@@ -327,12 +328,13 @@ class Exchange:
         connection fails before the engine has read it, so sending it again is safe.
         """
         request, engine = self.request, self.engine
-        headers = headers_for_engine(request.client_headers, engine.headers + request.engine_auth)
+        auth = engine.credential.headers if engine.credential is not None else request.engine_auth
+        headers = headers_for_engine(request.client_headers, engine.headers + auth)
         headers.append(("X-Request-Id", request.engine_request_id))  # vLLM takes it as its own request id
         if request.traceparent is not None:  # tracing on: the engine's spans become children of ours
             headers = [(n, v) for n, v in headers if n.lower() not in ("traceparent", "tracestate")]
             headers.append(("traceparent", request.traceparent))
-        url = replica.url + request.path
+        url = replica.url + engine.path_on_engine(request.path)
         session = self.forwarder.session
         body = request.payload.for_model(engine.model)
         try:

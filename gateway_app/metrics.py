@@ -109,7 +109,7 @@ class GatewayMetrics:
         )
         self.upstream_errors = Counter(
             "llm_gateway_upstream_errors",
-            "Failures talking to an engine, by kind (connect, timeout_first_byte, timeout_idle, "
+            "Failures talking to an engine, by kind (connect, engine_not_found, timeout_first_byte, timeout_idle, "
             "timeout_total, broken_stream).",
             ("engine", "kind"),
             registry=self.registry,

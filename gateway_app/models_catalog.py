@@ -86,8 +86,10 @@ class ModelCatalog:
             return "no replica"
         try:
             async with self._session.get(
-                replica.url + "/v1/models",
-                headers=dict(engine.headers + self._snapshot().engine_auth),
+                replica.url + engine.path_on_engine("/v1/models"),
+                headers=dict(
+                    engine.headers + (engine.credential.headers if engine.credential else self._snapshot().engine_auth)
+                ),
                 timeout=timeout,
             ) as response:
                 if response.status != 200:

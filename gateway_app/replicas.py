@@ -31,13 +31,14 @@ DiscoveryKey = tuple[str, str, int, tuple[str, ...]]
 class Replica:
     """One replica: its URL, requests outstanding on it, and its health."""
 
-    __slots__ = ("url", "outstanding", "failures", "ejected_until", "healthy", "latency", "latency_at")
+    __slots__ = ("url", "health_path", "outstanding", "failures", "ejected_until", "healthy", "latency", "latency_at")
 
     LATENCY_WEIGHT = 0.2  # of a new sample in the moving average
     LATENCY_FRESH_SECONDS = 10.0  # older than this, the average says nothing about the replica now
 
     def __init__(self, url: str) -> None:
         self.url = url
+        self.health_path: str | None = "/health"  # None: no active checks (the routing map's health_path)
         self.outstanding = 0
         self.latency = 0.0  # moving average of the time to the engine's first byte, seconds
         self.latency_at = -1e9  # monotonic time of the last sample
@@ -107,6 +108,8 @@ class ReplicaRegistry:
     def pool_for(self, spec: EngineSpec) -> ReplicaPool:
         """A new pool of the configured URLs, or the shared pool of the Service it discovers."""
         configured = tuple(self.replica(url) for url in spec.endpoints)
+        for replica in configured:
+            replica.health_path = spec.checked_health_path
         key = discovery_key(spec)
         if key is None:
             return ReplicaPool(configured)
@@ -162,7 +165,7 @@ class HealthChecker(PeriodicTask):
         registry: ReplicaRegistry,
         session: aiohttp.ClientSession,
         settings: Callable[[], HealthSettings],
-        headers: Callable[[], dict[str, str]],
+        headers: Callable[[Replica], dict[str, str]],
     ) -> None:
         super().__init__(lambda: settings().interval)
         self._registry = registry
@@ -171,9 +174,15 @@ class HealthChecker(PeriodicTask):
         self._headers = headers
 
     async def check(self, replica: Replica, settings: HealthSettings) -> None:
+        if replica.health_path is None:  # judged by its answers alone
+            if not replica.healthy:
+                replica.healthy = True
+            return
         try:
             async with self._session.get(
-                replica.url + "/health", headers=self._headers(), timeout=aiohttp.ClientTimeout(total=settings.timeout)
+                replica.url + replica.health_path,
+                headers=self._headers(replica),
+                timeout=aiohttp.ClientTimeout(total=settings.timeout),
             ) as response:
                 healthy = response.status == 200
         except (aiohttp.ClientError, TimeoutError):

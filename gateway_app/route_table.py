@@ -13,6 +13,7 @@ import aiohttp
 from gateway_app.auth import may_use
 from gateway_app.concurrency import ConcurrencyGate
 from gateway_app.config import RoutingMap, Settings, Timeouts
+from gateway_app.engine_credentials import Credential, EngineCredentials
 from gateway_app.errors import ModelNotFound
 from gateway_app.replicas import DiscoveryKey, ReplicaPool, ReplicaRegistry, discovery_key
 
@@ -38,6 +39,8 @@ class Engine:
     gate: ConcurrencyGate | None = None
     discovery: DiscoveryKey | None = None  # when the engine's pods are discovered
     default: bool = False  # serves requests for its model that name no owned_by
+    credential: Credential | None = None  # its own key (api_key_file), instead of the shared one
+    base_url: bool = False  # its replica URL is an OpenAI base URL: /v1/x is sent to <url>/x
     # Derived once here rather than on every request.
     client_timeout: aiohttp.ClientTimeout = field(init=False)
     name_header: bytes = field(init=False)
@@ -45,6 +48,10 @@ class Engine:
     def __post_init__(self) -> None:
         object.__setattr__(self, "client_timeout", aiohttp.ClientTimeout(total=None, connect=self.timeouts.connect))
         object.__setattr__(self, "name_header", self.name.encode())
+
+    def path_on_engine(self, path: str) -> str:
+        """Where a client's path is on this engine's replica URL."""
+        return path[3:] if self.base_url and path.startswith("/v1/") else path
 
 
 @dataclass(frozen=True, slots=True)
@@ -69,10 +76,13 @@ def _listing(names: list[str]) -> str:
     return shown + (f" and {more} more" if more > 0 else "")
 
 
-def build_routes(routing_map: RoutingMap, registry: ReplicaRegistry | None = None) -> RouteTable:
+def build_routes(
+    routing_map: RoutingMap, registry: ReplicaRegistry | None = None, credentials: EngineCredentials | None = None
+) -> RouteTable:
     """The route table of a routing map. The registry carries what outlives a reload (replica health,
-    discovered pods, engine queues) into the new table's engines."""
+    discovered pods, engine queues) into the new table's engines; `credentials`, the engines' own keys."""
     registry = registry if registry is not None else ReplicaRegistry()
+    credentials = credentials if credentials is not None else EngineCredentials()
     defaults = routing_map.settings.timeouts
     engines = tuple(
         Engine(
@@ -87,6 +97,8 @@ def build_routes(routing_map: RoutingMap, registry: ReplicaRegistry | None = Non
             gate=registry.gate_for(spec.name, spec.concurrency),
             discovery=discovery_key(spec),
             default=spec.default,
+            credential=credentials.credential_for(spec.api_key_file) if spec.api_key_file else None,
+            base_url=spec.base_url is not None,
         )
         for spec in routing_map.engines
     )

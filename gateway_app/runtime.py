@@ -25,6 +25,7 @@ from gateway_app.concurrency import ConcurrencyGate
 from gateway_app.config import RoutingMap, load_routing_map
 from gateway_app.config_watcher import WatchedFile
 from gateway_app.discovery import DiscoveryManager, KubernetesAPI
+from gateway_app.engine_credentials import EngineCredentials, bearer
 from gateway_app.forwarding import Forwarder
 from gateway_app.metrics import GatewayMetrics
 from gateway_app.models_catalog import ModelCatalog
@@ -33,7 +34,7 @@ from gateway_app.replicas import HealthChecker, Replica, ReplicaRegistry
 from gateway_app.request_body import BodyMemoryBudget
 from gateway_app.request_log import RequestLog
 from gateway_app.route_table import build_routes
-from gateway_app.snapshot import Snapshot, engine_auth_headers
+from gateway_app.snapshot import Snapshot
 from gateway_app.upstream import create_session
 
 if TYPE_CHECKING:  # imported only when tracing is on: its packages are an optional extra
@@ -74,8 +75,11 @@ class Runtime:
         self.request_log = setup.request_log
         self.tracer = setup.tracer
         self.replicas = ReplicaRegistry()
+        self.credentials = EngineCredentials()
         self.snapshot = Snapshot(
-            build_routes(setup.routing_map, self.replicas), setup.keys, engine_auth_headers(setup.engine_key)
+            build_routes(setup.routing_map, self.replicas, self.credentials),
+            setup.keys,
+            bearer(setup.engine_key),
         )
         self.limiter: Limiter = (
             RedisLimiter(
@@ -93,9 +97,7 @@ class Runtime:
         self.discovery = DiscoveryManager(
             KubernetesAPI.from_environment(), session, self.replicas, self._describe_replicas
         )
-        self.health = HealthChecker(
-            self.replicas, session, lambda: self.snapshot.settings.health, lambda: dict(self.snapshot.engine_auth)
-        )
+        self.health = HealthChecker(self.replicas, session, lambda: self.snapshot.settings.health, self._health_headers)
         self.services = ServiceGroup()
         self._files = self._watched_files(setup)
         self.metrics.request_body_bytes.set_function(lambda: self.body_budget.held)
@@ -108,7 +110,13 @@ class Runtime:
         except BaseException:
             await session.close()
             raise
-        services: list[Service] = [runtime.health, runtime.discovery, runtime.request_log, *runtime._files]
+        services: list[Service] = [
+            runtime.health,
+            runtime.discovery,
+            runtime.request_log,
+            runtime.credentials,
+            *runtime._files,
+        ]
         for service in services:
             runtime.services.start(service)
         runtime.discovery.sync(runtime.snapshot.routes)
@@ -125,7 +133,8 @@ class Runtime:
     # What a reload changes: one new snapshot, swapped whole.
 
     def apply_routing_map(self, routing_map: RoutingMap) -> None:
-        routes = build_routes(routing_map, self.replicas)
+        routes = build_routes(routing_map, self.replicas, self.credentials)
+        self.credentials.retain(spec.api_key_file for spec in routing_map.engines if spec.api_key_file)
         self.snapshot = dataclasses.replace(self.snapshot, routes=routes)
         self.limiter.configure(routing_map.settings.limits)
         self.discovery.sync(routes)
@@ -135,7 +144,14 @@ class Runtime:
         self.snapshot = dataclasses.replace(self.snapshot, keys=keys)
 
     def apply_engine_key(self, key: str) -> None:
-        self.snapshot = dataclasses.replace(self.snapshot, engine_auth=engine_auth_headers(key))
+        self.snapshot = dataclasses.replace(self.snapshot, engine_auth=bearer(key))
+
+    def _health_headers(self, replica: Replica) -> dict[str, str]:
+        """The credential a replica's health check carries: its engine's own, else the shared one."""
+        for engine in self.snapshot.routes.engines:
+            if engine.credential is not None and replica in engine.pool.replicas:
+                return dict(engine.credential.headers)
+        return dict(self.snapshot.engine_auth)
 
     def _watched_files(self, setup: Setup) -> list[WatchedFile[Any]]:
         def count(file: str) -> Callable[[str], None]:

@@ -12,11 +12,6 @@ from gateway_app.rate_limit import Limits
 from gateway_app.route_table import RouteTable
 
 
-def engine_auth_headers(key: str | None) -> tuple[tuple[str, str], ...]:
-    """The gateway's own credential towards engines (their `--api-key`), sent as a Bearer token."""
-    return (("Authorization", f"Bearer {key}"),) if key else ()
-
-
 @dataclass(frozen=True, slots=True)
 class Snapshot:
     routes: RouteTable

@@ -86,7 +86,7 @@ class RecordingEngine:
         self.received.append(Received(request.path, dict(request.headers), body))
         if self.fail_with is not None and (self.fail_health or request.path != "/health"):
             return web.json_response({"error": {"message": "failing on purpose"}}, status=self.fail_with)
-        if request.path == "/v1/models" and self.models:
+        if request.path.endswith("/v1/models") and self.models:  # at a provider's base path too
             cards = [{"id": model, "object": "model", "owned_by": "vllm"} for model in self.models]
             return web.json_response({"object": "list", "data": cards})
         scenario = request.headers.get("X-Test-Scenario", "")

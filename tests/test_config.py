@@ -82,6 +82,18 @@ def test_json_is_accepted_too():
         ("engines:\n  - {name: a, model: m, owned_by: v, url: 'http://x/v1'}", "drop the trailing /v1"),
         ("engines:\n  - {name: a, model: m, owned_by: v, url: 'http://x', urls: ['http://y']}", "engines[0].urls"),
         ("engines:\n  - {name: a, model: m, owned_by: v, url: 'http://x', fallback: b}", "engines[0].fallback"),
+        (
+            "engines:\n  - {name: a, model: m, owned_by: v, url: 'http://x', base_url: 'https://y/v1'}",
+            "engines[0].base_url: give one of url, urls and base_url, not url and base_url",
+        ),
+        (
+            "engines:\n  - {name: a, model: m, owned_by: v, base_url: 'https://y/v1', api_key_file: /no/such/key}",
+            "engines[0].api_key_file: cannot read /no/such/key",
+        ),
+        (
+            "engines:\n  - {name: a, model: m, owned_by: v, url: 'http://x', health_path: health}",
+            "engines[0].health_path",
+        ),
         ("- a\n- b", "expected a mapping"),
     ],
 )
