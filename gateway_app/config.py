@@ -297,7 +297,8 @@ class EngineSpec(_Strict):
             if name.lower() in ("authorization", "x-api-key"):
                 raise ValueError(
                     f"{name!r}: a credential does not belong in the routing map (a ConfigMap); "
-                    "give the engine key with --engine-api-key-file (a Secret)"
+                    "give the engine key with api_key_file (this engine's) or --engine-api-key-file (every "
+                    "engine's), files mounted from a Secret"
                 )
             if any(char in headers[name] for char in "\r\n\0"):
                 raise ValueError(f"the value of {name!r} must not contain line breaks")

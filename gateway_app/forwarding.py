@@ -109,6 +109,16 @@ class _Retryable:
     answer: _EngineAnswer | None = None  # the engine's own 502/503, relayed if nothing does better
 
 
+@dataclass(slots=True)
+class _Opened:
+    """An answer under way: its head went to the client, its first chunk is in hand, its replica busy."""
+
+    replica: Replica
+    response: aiohttp.ClientResponse
+    first: bytes
+    streaming: bool  # relayed chunk by chunk to its end (SSE, or no Content-Length)
+
+
 class Exchange:
     """One request's way to an engine and back. Its state is its own; `result()` is what it tells."""
 
@@ -167,13 +177,19 @@ class Exchange:
                 waited = await gate.acquire(engine.name)
                 admitted = True
                 metrics.child(metrics.queue_wait, engine.name).observe(waited)
+            # The relay runs here rather than inside the attempt that opened the answer: every chunk
+            # resumes each coroutine between the event loop and `readany()`, the fewer the cheaper.
             total = engine.timeouts.total
             if total is None:
-                await self._try_replicas()
+                opened = await self._try_replicas()
+                if opened is not None:
+                    await self._relay(opened)
             else:
                 try:
                     async with asyncio.timeout(total):
-                        await self._try_replicas()
+                        opened = await self._try_replicas()
+                        if opened is not None:
+                            await self._relay(opened)
                 except TimeoutError:
                     await self._fail(Failure.TIMEOUT_TOTAL)
         except EngineBusy as error:
@@ -193,16 +209,16 @@ class Exchange:
 
     def count(self) -> None:
         """The request's metrics, credited to the engine that answered."""
-        request, metrics = self.request, self.forwarder.metrics
-        labels = (self.engine.model, self.engine.name, request.path)
-        metrics.child(metrics.requests, *labels, str(self.status)).inc()
-        stream = "true" if self.sse else "false"
-        metrics.child(metrics.duration, *labels, stream).observe(time.perf_counter() - request.started)
+        request, engine = self.request, self.engine
+        stats = self.forwarder.metrics.route_stats(engine.model, engine.name, request.path)
+        stats.answered(self.status).inc()
+        stats.duration[self.sse].observe(time.perf_counter() - request.started)
         if self.first_byte_at is not None:
-            metrics.child(metrics.first_byte, *labels, stream).observe(self.first_byte_at - request.started)
+            stats.first_byte[self.sse].observe(self.first_byte_at - request.started)
 
-    async def _try_replicas(self) -> None:
-        """Try the engine's replicas, then its fallback engine, until one takes the request; relay its answer.
+    async def _try_replicas(self) -> _Opened | None:
+        """Try the engine's replicas, then its fallback engine, until one takes the request: the answer
+        opened, or None when the request was answered otherwise (an error, or nothing left to relay).
 
         Only failures before any byte went to the client are retried: a connection that could not be
         made and a 502/503 answer. A bounded number of attempts, within a deadline.
@@ -235,8 +251,8 @@ class Exchange:
                     metrics.child(metrics.retries, routed.name).inc()
                 tried.append(replica)
                 outcome = await self._attempt(replica)
-                if outcome is None:
-                    return
+                if not isinstance(outcome, _Retryable):
+                    return outcome
                 last = outcome
         finally:
             for gate in held:
@@ -247,19 +263,21 @@ class Exchange:
             await self._fail(last.failure, last.error)
         else:
             await self._fail(Failure.CONNECT, message=f"The engine `{routed.name}` has no endpoint to try.")
+        return None
 
     def _choose(self, tried: list[Replica]) -> Replica | None:
         settings = self.request.routes.settings
         return choose(self.engine.pool, time.monotonic(), self.request.affinity_key, tried, settings.balancing)
 
-    async def _attempt(self, replica: Replica) -> _Retryable | None:
-        """One try on one replica: None once answered (or failed for good), or what went wrong when the
-        request may go to another replica."""
+    async def _attempt(self, replica: Replica) -> _Opened | _Retryable | None:
+        """One try on one replica: the answer opened (its head sent, the replica held until it is
+        relayed), None once answered otherwise (or failed for good), or what went wrong when the request
+        may go to another replica."""
         engine = self.engine
         timeouts = engine.timeouts
         health = self.request.routes.settings.health
         response: aiohttp.ClientResponse | None = None
-        complete = False
+        opened = False
         replica.outstanding += 1
         self.replica = replica
         try:
@@ -310,16 +328,13 @@ class Exchange:
             self.response_started = True
             self.status = status
             self.request.payload.release()  # no retry from here on: the body need not outlive a long answer
-            complete = await self._relay(response, first, streaming)
-            if not complete:
-                replica.failed(health)
-            return None
+            opened = True
+            return _Opened(replica, response, first, streaming)
         finally:
-            replica.outstanding -= 1
-            if response is not None:
-                # A finished answer returns its connection to the pool; anything else closes it,
-                # which is how an engine learns that nobody waits for its tokens any more.
-                response.release() if complete else response.close()
+            if not opened:
+                replica.outstanding -= 1
+                if response is not None:
+                    response.close()
 
     async def _send_request(self, replica: Replica) -> aiohttp.ClientResponse:
         """POST to the engine, once more on a fresh connection if a pooled one turned out to be closed.
@@ -370,65 +385,77 @@ class Exchange:
         await self.send({"type": "http.response.body", "body": answer.body})
         self.status = answer.status
 
-    async def _relay(self, response: aiohttp.ClientResponse, chunk: bytes, streaming: bool) -> bool:
+    async def _relay(self, opened: _Opened) -> None:
         """Chunks go out as they come in, streams and whole answers alike; only the last two are kept, to
-        find the usage (it closes a stream, and ends a JSON answer).
+        find the usage (it closes a stream, and ends a JSON answer). Then the replica and the connection
+        are given back: a finished answer returns its connection to the pool; anything else closes it,
+        which is how an engine learns that nobody waits for its tokens any more.
 
-        Returns True when the engine's answer was relayed to its end. The idle timer runs only while
-        waiting for the engine, never while a slow client takes its time to read.
+        The idle timer runs only while waiting for the engine, never while a slow client takes its time
+        to read. One function on purpose: each chunk resumes every coroutine between the event loop and
+        `readany()`, and a stream has thousands.
         """
-        send = self.send
-        if not streaming and len(chunk) == response.content_length:  # the usual JSON answer: all in one read
-            await send({"type": "http.response.body", "body": chunk})
-            self.bytes_sent = len(chunk)
-            if self.status == 200 and USAGE_KEY in chunk:
-                self._count_tokens(find_usage(chunk))
-            return True
-        idle = self.engine.timeouts.idle
-        clock = self.clock
-        loop_time = asyncio.get_running_loop().time
-        older = previous = b""
-        sse = self.sse
-        events = 0  # SSE events relayed: a token count when the engine reports no usage
-        usage_filter = UsageChunkFilter() if self.request.strip_usage and streaming else None
+        replica, response, chunk, send = opened.replica, opened.response, opened.first, self.send
+        complete = False
         try:
-            # The idle limit runs only while waiting for the engine, never while a slow client reads.
-            with clock.limit(None, Failure.TIMEOUT_IDLE):
-                while chunk:
-                    if usage_filter is not None:
-                        chunk = usage_filter.feed(chunk)
-                    if chunk:
-                        await send({"type": "http.response.body", "body": chunk, "more_body": True})
-                        self.bytes_sent += len(chunk)
-                        if sse:
-                            events += chunk.count(b"data:")
-                            self.at_event_boundary = chunk.endswith(b"\n\n")
-                    older, previous = previous, chunk
-                    if idle is not None:
-                        clock.expire_at(loop_time() + idle, Failure.TIMEOUT_IDLE)
-                        chunk = await response.content.readany()
-                        clock.pause()
-                    else:
-                        chunk = await response.content.readany()
-        except TimeoutError:
-            await self._fail(Failure.TIMEOUT_IDLE, keep_status=True)
-            return False
-        except aiohttp.ClientError as exc:
-            engine = self.engine
-            ENGINE_WARNINGS.warn(f"{engine.name}:broke", "engine %s: answer broke off: %s", engine.name, _reason(exc))
-            await self._fail(Failure.BROKEN_STREAM, keep_status=True)
-            return False
-        if usage_filter is not None:
-            await send({"type": "http.response.body", "body": usage_filter.flush(), "more_body": False})
-            self._count_tokens(usage_filter.usage)
-        else:
-            await send({"type": "http.response.body", "body": b"", "more_body": False})
-            tail = older + previous
-            if (sse or self.status == 200) and USAGE_KEY in tail:
-                self._count_tokens(find_usage(tail))
-        if sse:
-            self._observe_token_pace(events)
-        return True
+            if not opened.streaming and len(chunk) == response.content_length:  # a JSON answer in one read
+                await send({"type": "http.response.body", "body": chunk})
+                self.bytes_sent = len(chunk)
+                complete = True
+                if self.status == 200 and USAGE_KEY in chunk:
+                    self._count_tokens(find_usage(chunk))
+                return
+            idle = self.engine.timeouts.idle
+            clock = self.clock
+            loop_time = asyncio.get_running_loop().time
+            older = previous = b""
+            sse = self.sse
+            events = 0  # SSE events relayed: a token count when the engine reports no usage
+            usage_filter = UsageChunkFilter() if self.request.strip_usage and opened.streaming else None
+            try:
+                with clock.limit(None, Failure.TIMEOUT_IDLE):
+                    while chunk:
+                        if usage_filter is not None:
+                            chunk = usage_filter.feed(chunk)
+                        if chunk:
+                            await send({"type": "http.response.body", "body": chunk, "more_body": True})
+                            self.bytes_sent += len(chunk)
+                            if sse:
+                                events += chunk.count(b"data:")
+                                self.at_event_boundary = chunk.endswith(b"\n\n")
+                        older, previous = previous, chunk
+                        if idle is not None:
+                            clock.expire_at(loop_time() + idle, Failure.TIMEOUT_IDLE)
+                            chunk = await response.content.readany()
+                            clock.pause()
+                        else:
+                            chunk = await response.content.readany()
+            except TimeoutError:
+                replica.failed(self.request.routes.settings.health)
+                await self._fail(Failure.TIMEOUT_IDLE, keep_status=True)
+                return
+            except aiohttp.ClientError as exc:
+                replica.failed(self.request.routes.settings.health)
+                engine = self.engine
+                ENGINE_WARNINGS.warn(
+                    f"{engine.name}:broke", "engine %s: answer broke off: %s", engine.name, _reason(exc)
+                )
+                await self._fail(Failure.BROKEN_STREAM, keep_status=True)
+                return
+            complete = True
+            if usage_filter is not None:
+                await send({"type": "http.response.body", "body": usage_filter.flush(), "more_body": False})
+                self._count_tokens(usage_filter.usage)
+            else:
+                await send({"type": "http.response.body", "body": b"", "more_body": False})
+                tail = older + previous
+                if (sse or self.status == 200) and USAGE_KEY in tail:
+                    self._count_tokens(find_usage(tail))
+            if sse:
+                self._observe_token_pace(events)
+        finally:
+            replica.outstanding -= 1
+            response.release() if complete else response.close()
 
     def _observe_token_pace(self, events: int) -> None:
         """One observation per stream, not per token: the mean gap between output tokens."""
@@ -469,9 +496,10 @@ class Exchange:
     def _count_tokens(self, usage: tuple[int, int] | None) -> None:
         self.usage = usage
         if usage is not None:
-            engine, metrics = self.engine, self.forwarder.metrics
-            metrics.child(metrics.prompt_tokens, engine.model, engine.name).inc(usage[0])
-            metrics.child(metrics.completion_tokens, engine.model, engine.name).inc(usage[1])
+            engine = self.engine
+            stats = self.forwarder.metrics.route_stats(engine.model, engine.name, self.request.path)
+            stats.prompt_tokens.inc(usage[0])
+            stats.completion_tokens.inc(usage[1])
 
 
 def _with_stream_headers(headers: list[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:

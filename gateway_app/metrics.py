@@ -19,7 +19,7 @@ from prometheus_client import (
 )
 from prometheus_client.metrics import MetricWrapperBase
 
-from gateway_app.plain_metrics import PlainCounter, PlainHistogram
+from gateway_app.plain_metrics import CounterChild, PlainCounter, PlainHistogram
 
 DURATION_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)
 CONNECTION_CLOSE_REASONS = (
@@ -33,6 +33,7 @@ CONNECTION_CLOSE_REASONS = (
     "body_timeout",
     "send_timeout",
 )
+STATUS_CLASSES = {2: "2xx", 3: "3xx", 4: "4xx", 5: "5xx"}
 FIRST_BYTE_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
 
 
@@ -48,6 +49,36 @@ class InFlight:
         return float(self.count)
 
 
+class RouteStats:
+    """The per-request metrics of one (model, engine, path), resolved once and kept: a request moves
+    them without building label tuples."""
+
+    __slots__ = ("_requests", "_labels", "_by_status", "duration", "first_byte", "prompt_tokens", "completion_tokens")
+
+    def __init__(self, metrics: GatewayMetrics, model: str, engine: str, path: str) -> None:
+        self._requests = metrics.requests
+        self._labels = (model, engine, path)
+        self._by_status: dict[int, CounterChild] = {}
+        # by `stream`: [False] for whole answers, [True] for SSE streams
+        self.duration = (
+            metrics.duration.labels(model, engine, path, "false"),
+            metrics.duration.labels(model, engine, path, "true"),
+        )
+        self.first_byte = (
+            metrics.first_byte.labels(model, engine, path, "false"),
+            metrics.first_byte.labels(model, engine, path, "true"),
+        )
+        self.prompt_tokens = metrics.prompt_tokens.labels(model, engine)
+        self.completion_tokens = metrics.completion_tokens.labels(model, engine)
+
+    def answered(self, status: int) -> CounterChild:
+        """The `llm_gateway_requests_total` child of this status."""
+        child = self._by_status.get(status)
+        if child is None:
+            child = self._by_status[status] = self._requests.labels(*self._labels, str(status))
+        return child
+
+
 class GatewayMetrics:
     """All gateway metrics in their own registry (the app may be built more than once in a process)."""
 
@@ -55,6 +86,8 @@ class GatewayMetrics:
         self.registry = CollectorRegistry()
         self._children: dict[tuple[MetricWrapperBase, tuple[str, ...]], Any] = {}
         self._in_flight: dict[tuple[str, str], InFlight] = {}
+        self._route_stats: dict[tuple[str, str, str], RouteStats] = {}
+        self._client_requests: dict[tuple[str, int], CounterChild] = {}
         ProcessCollector(registry=self.registry)
         PlatformCollector(registry=self.registry)
         route = ("model", "engine", "endpoint")
@@ -230,6 +263,22 @@ class GatewayMetrics:
         if child is None:
             child = self._children[key] = metric.labels(*labels)
         return child
+
+    def client_request(self, client: str, status: int) -> CounterChild:
+        """The `llm_gateway_client_requests_total` child of a client and a status' class."""
+        key = (client, status // 100)
+        child = self._client_requests.get(key)
+        if child is None:
+            status_class = STATUS_CLASSES.get(status // 100, "other")
+            child = self._client_requests[key] = self.client_requests.labels(client, status_class)
+        return child
+
+    def route_stats(self, model: str, engine: str, path: str) -> RouteStats:
+        key = (model, engine, path)
+        stats = self._route_stats.get(key)
+        if stats is None:
+            stats = self._route_stats[key] = RouteStats(self, model, engine, path)
+        return stats
 
     def in_flight_of(self, model: str, engine: str) -> InFlight:
         """The count behind `llm_gateway_requests_in_flight{model, engine}`: a plain number the hot path

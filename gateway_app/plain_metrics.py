@@ -17,7 +17,6 @@ from collections.abc import Iterator, Sequence
 
 from prometheus_client import CollectorRegistry
 from prometheus_client.metrics_core import CounterMetricFamily, HistogramMetricFamily, Metric
-from prometheus_client.registry import Collector
 from prometheus_client.samples import Sample
 from prometheus_client.utils import floatToGoString
 
@@ -51,18 +50,21 @@ class HistogramChild:
         self.sum += amount
 
 
-class _PlainMetric(Collector):
+class _PlainMetric:
     """What a counter and a histogram share: a name, help, label names, and children by label values."""
 
     def __init__(self, name: str, documentation: str, labelnames: Sequence[str], registry: CollectorRegistry) -> None:
         self.name = name
         self.documentation = documentation
         self.labelnames = tuple(labelnames)
-        registry.register(self)
+        registry.register(self)  # a Collector by its shape: collect() and describe()
 
     def describe(self) -> list[Metric]:
         """Names only, so that the registry can refuse a duplicate without collecting."""
         return [Metric(self.name, self.documentation, self._type)]
+
+    def collect(self) -> Iterator[Metric]:
+        raise NotImplementedError
 
     _type = ""
 

@@ -34,7 +34,6 @@ from gateway_app.runtime import Runtime
 from gateway_app.snapshot import Snapshot
 from gateway_app.stream_usage import request_usage_chunk
 
-STATUS_CLASSES = {2: "2xx", 3: "3xx", 4: "4xx", 5: "5xx"}
 # Paths whose streams take `stream_options.include_usage` (the Responses API reports usage anyway).
 STREAM_OPTIONS_PATHS = frozenset({"/v1/chat/completions", "/v1/completions"})
 log = logging.getLogger("llm_gateway.proxy")
@@ -103,23 +102,27 @@ class ProxyEndpoint:
             self._log(ids, started, error.status, client_name, error_kind=error.code or error.error_type)
             return
         try:
+            # Forward it, then account for it: settle its rate-limit estimate, end its span, write its
+            # log line. (Here rather than in a coroutine of its own: every chunk of a stream resumes each
+            # coroutine between the event loop and the engine's answer.)
             admitted = _Admitted(client, body, fields, resolution, limits, decision)
-            await self._forward(scope, receive, send, ids, snapshot, started, admitted)
+            request, stream, span = self._forward_request(scope, ids, snapshot, started, admitted)
+            exchange = runtime.forwarder.exchange(request, send)
+            clock = ExchangeClock()
+            try:
+                with clock, watch_client(scope, receive, clock):
+                    await exchange.run(clock)
+            except ClientGone:
+                exchange.client_left()
+            self._account(exchange.result(), ids, started, admitted, stream, span)
         finally:
             body.release()
 
-    async def _forward(
-        self,
-        scope: Scope,
-        receive: Receive,
-        send: Send,
-        ids: RequestIds,
-        snapshot: Snapshot,
-        started: float,
-        admitted: _Admitted,
-    ) -> None:
-        """Forward an admitted request and account for it: settle its rate-limit estimate, end its span,
-        write its log line."""
+    def _forward_request(
+        self, scope: Scope, ids: RequestIds, snapshot: Snapshot, started: float, admitted: _Admitted
+    ) -> tuple[ForwardRequest, bool, Any]:
+        """What the forwarder needs to know of an admitted request; whether the client asked for a
+        stream; the request's trace span (None with tracing off)."""
         runtime = self.runtime
         fields, decision, limits = admitted.fields, admitted.decision, admitted.limits
         engine = admitted.resolution.engine
@@ -158,14 +161,7 @@ class ProxyEndpoint:
             strip_usage=strip_usage,
             started=started,
         )
-        exchange = runtime.forwarder.exchange(request, send)
-        clock = ExchangeClock()
-        try:
-            with clock, watch_client(scope, receive, clock):
-                await exchange.run(clock)
-        except ClientGone:
-            exchange.client_left()
-        self._account(exchange.result(), ids, started, admitted, stream, span)
+        return request, stream, span
 
     def _account(
         self,
@@ -218,8 +214,7 @@ class ProxyEndpoint:
 
     def _log(self, ids: RequestIds, started: float, status: int, client: str, **fields: object) -> None:
         """One line per request (never the prompt, the completion or a key), and who sent it."""
-        metrics = self.runtime.metrics
-        metrics.child(metrics.client_requests, client, STATUS_CLASSES.get(status // 100, "other")).inc()
+        self.runtime.metrics.client_request(client, status).inc()
         self.runtime.request_log.record(
             {
                 "request_id": ids.own,

@@ -7,7 +7,6 @@ The body is re-encoded only when it must change (an alias to replace, `owned_by`
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -37,13 +36,13 @@ class BodyMemoryBudget:
     that into a 503 for the newest, not an out-of-memory kill for everyone.
     """
 
-    def __init__(self, limit: Callable[[], int]) -> None:
-        self._limit = limit
+    def __init__(self, limit: int) -> None:
+        self.limit = limit  # set again when a reload changes client_limits.max_body_memory
         self.held = 0
 
     def could_hold(self, size: int) -> bool:
         """Whether `size` more bytes fit now (checked before a body is read; held only as they arrive)."""
-        return self.held + size <= self._limit()
+        return self.held + size <= self.limit
 
     def reserve(self, size: int) -> bool:
         if not self.could_hold(size):

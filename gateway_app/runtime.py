@@ -91,7 +91,7 @@ class Runtime:
             if setup.redis_url
             else MemoryLimiter()
         )
-        self.body_budget = BodyMemoryBudget(lambda: self.snapshot.settings.client_limits.max_body_memory)
+        self.body_budget = BodyMemoryBudget(self.snapshot.settings.client_limits.max_body_memory)
         self.catalog = ModelCatalog(session, lambda: self.snapshot)
         self.forwarder = Forwarder(session, self.metrics)
         self.discovery = DiscoveryManager(
@@ -136,6 +136,7 @@ class Runtime:
         routes = build_routes(routing_map, self.replicas, self.credentials)
         self.credentials.retain(spec.api_key_file for spec in routing_map.engines if spec.api_key_file)
         self.snapshot = dataclasses.replace(self.snapshot, routes=routes)
+        self.body_budget.limit = routing_map.settings.client_limits.max_body_memory
         self.limiter.configure(routing_map.settings.limits)
         self.discovery.sync(routes)
         self._describe_routes()

@@ -4,7 +4,7 @@ started with to its end."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from gateway_app.auth import ANONYMOUS, Client, KeyStore
 from gateway_app.config import Settings
@@ -17,10 +17,14 @@ class Snapshot:
     routes: RouteTable
     keys: KeyStore | None  # None: authentication is off
     engine_auth: tuple[tuple[str, str], ...]  # headers for every engine request
+    settings: Settings = field(init=False)  # the routes' settings, at hand
+    default_limits: Limits = field(init=False)  # for a client without limits of its own
 
-    @property
-    def settings(self) -> Settings:
-        return self.routes.settings
+    def __post_init__(self) -> None:
+        settings = self.routes.settings
+        object.__setattr__(self, "settings", settings)
+        limits = settings.limits
+        object.__setattr__(self, "default_limits", Limits(limits.requests_per_minute, limits.tokens_per_minute))
 
     def authenticate(self, headers: list[tuple[bytes, bytes]]) -> Client:
         keys = self.keys
@@ -28,7 +32,9 @@ class Snapshot:
 
     def limits_for(self, client: Client) -> Limits:
         """The client's own limits, else the map-wide defaults."""
-        defaults = self.routes.settings.limits
+        if client.requests_per_minute is None and client.tokens_per_minute is None:
+            return self.default_limits
+        defaults = self.default_limits
         return Limits(
             client.requests_per_minute if client.requests_per_minute is not None else defaults.requests_per_minute,
             client.tokens_per_minute if client.tokens_per_minute is not None else defaults.tokens_per_minute,
