@@ -17,6 +17,8 @@ from typing import Any
 import pytest
 import yaml
 
+from gateway_app.config import RoutingMap, parse_routing_map
+
 REPO_ROOT = Path(__file__).resolve().parents[2]
 CHART_DIR = REPO_ROOT / "charts" / "llm-gateway"
 EXAMPLES_DIR = CHART_DIR / "examples"
@@ -39,15 +41,31 @@ VALUE_SETS: dict[str, Path | None] = {
 EXAMPLES = ("example1", "example2", "cpu")
 
 
+def local_engine_keys(routing: dict[str, Any], directory: Path) -> dict[str, Any]:
+    """The routing map with each `api_key_file` pointed at a file under `directory` holding a test key.
+
+    The gateway reads the file when it loads the map, and the pod's path (where the kubelet mounts the
+    engine's Secret) does not exist here. The map is changed in place and returned.
+    """
+    for engine in routing["engines"]:
+        if "api_key_file" in engine:
+            local = directory / engine["name"] / "api-key"
+            local.parent.mkdir(parents=True, exist_ok=True)
+            local.write_text(f"sk-test-{engine['name']}\n")
+            engine["api_key_file"] = str(local)
+    return routing
+
+
 class HelmError(Exception):
     """helm exited non-zero; the message is its stderr."""
 
 
 @dataclass
 class Rendered:
-    """The parsed documents of one `helm template`."""
+    """The parsed documents of one `helm template`; `key_dir` holds test copies of the engines' key files."""
 
     docs: list[dict[str, Any]]
+    key_dir: Path | None = None
 
     def of_kind(self, kind: str) -> list[dict[str, Any]]:
         return [doc for doc in self.docs if doc["kind"] == kind]
@@ -65,6 +83,14 @@ class Rendered:
     @property
     def routing(self) -> dict[str, Any]:
         return yaml.safe_load(self.routing_text)
+
+    def load_routing(self) -> RoutingMap:
+        """The routing map through the gateway's loader, which reads each api_key_file: a test key under
+        key_dir stands in for the Secret the kubelet mounts in the pod."""
+        routing = self.routing
+        if self.key_dir is not None:
+            local_engine_keys(routing, self.key_dir)
+        return parse_routing_map(yaml.safe_dump(routing, sort_keys=False), "routes.yaml")
 
     def pod_specs(self) -> dict[str, dict[str, Any]]:
         """Every pod spec by owner name: Deployments' templates and bare Pods (the test hook)."""
@@ -115,7 +141,7 @@ class Helm:
         key = json.dumps(args)
         if key not in self._renders:
             docs = [doc for doc in yaml.safe_load_all(self.run(*args)) if doc]
-            self._renders[key] = Rendered(docs)
+            self._renders[key] = Rendered(docs, key_dir=self.work_dir / "engine-keys")
         return self._renders[key]
 
     def template_error(self, *files: Path | None, values: dict[str, Any] | None = None) -> str:

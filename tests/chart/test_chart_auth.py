@@ -16,7 +16,6 @@ import pytest
 import yaml
 
 from gateway_app.auth import parse_keys_file
-from gateway_app.config import parse_routing_map
 from tests.chart.conftest import EXAMPLES, NAMESPACE, VALUE_SETS, Helm, Rendered
 from tests.chart.test_chart_render import GATEWAY, rendered_notes
 
@@ -207,14 +206,14 @@ def test_auth_and_limits_are_off_by_default(renders: dict[str, Rendered], value_
     for name in deployed_engines(rendered):
         assert "--api-key" not in container(rendered, name)["args"], name
     assert not [d for d in rendered.of_kind("Deployment") if d["metadata"]["name"] == REDIS]
-    assert parse_routing_map(rendered.routing_text).settings.limits.requests_per_minute is None
+    assert rendered.load_routing().settings.limits.requests_per_minute is None
 
 
 # --- Rate limits and Redis ------------------------------------------------------------------------
 
 
 def test_settings_limits_reach_the_gateway(renders: dict[str, Rendered]) -> None:
-    limits = parse_routing_map(renders["secured"].routing_text).settings.limits
+    limits = renders["secured"].load_routing().settings.limits
     assert (limits.requests_per_minute, limits.tokens_per_minute) == (600, 200000)
     assert (limits.completion_tokens_estimate, limits.fail_open) == (128, False)
 

@@ -33,7 +33,7 @@ import yaml
 
 from gateway_app.auth import hash_key
 from gateway_app.config import parse_routing_map
-from tests.chart.conftest import EXAMPLES, NAMESPACE, VALUE_SETS, Helm, Rendered
+from tests.chart.conftest import EXAMPLES, NAMESPACE, VALUE_SETS, Helm, Rendered, local_engine_keys
 from tests.support import (
     ConfigMapVolume,
     RunningProcess,
@@ -95,8 +95,17 @@ def test_gateway_routes_the_rendered_map(
     routing = helm.template(VALUE_SETS[value_set]).routing
     assert [engine for engine in routing["engines"] if "discovery" in engine]  # on by default: kept as rendered
     for engine in routing["engines"]:
-        # every engine here is owned_by vllm or sglang: a simulator of that kind stands in for it
-        engine["url"] = simulators.url_for(engine["owned_by"], engine["model"])
+        # a simulator of the engine's kind stands in for it (of vllm for a provider's owned_by), reached the
+        # way the chart wrote: its root as url or urls, or its /v1 as an OpenAI-compatible base_url
+        kind = engine["owned_by"] if engine["owned_by"] in ("vllm", "sglang") else "vllm"
+        simulator = simulators.url_for(kind, engine["model"])
+        if "base_url" in engine:
+            engine["base_url"] = simulator + "/v1"
+        elif "urls" in engine:
+            engine["urls"] = [simulator]
+        else:
+            engine["url"] = simulator
+    local_engine_keys(routing, contract_logs / f"engine-keys-{value_set}")
     config = contract_logs / f"routes-{value_set}.yaml"
     config.write_text(yaml.safe_dump(routing, sort_keys=False))
     parse_routing_map(config.read_text())  # still the gateway's format after the rewrite

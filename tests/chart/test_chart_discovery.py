@@ -15,7 +15,6 @@ from urllib.parse import parse_qs, urlsplit
 import pytest
 import yaml
 
-from gateway_app.config import parse_routing_map
 from tests.chart.conftest import NAMESPACE, VALUE_SETS, Helm, Rendered
 from tests.chart.test_chart_contract import command_line
 from tests.chart.test_chart_render import GATEWAY, gateway_pod
@@ -64,7 +63,7 @@ def test_discovery_off_sends_to_the_services(helm: Helm) -> None:
     assert not [route for route in rendered.routing["engines"] if "discovery" in route]
     assert not rendered.of_kind("Role") and not rendered.of_kind("RoleBinding")
     assert set(token_mounts(rendered).values()) == {False}
-    parse_routing_map(rendered.routing_text)
+    rendered.load_routing()
 
 
 def test_no_rbac_without_deployed_engines(helm: Helm) -> None:

@@ -8,8 +8,9 @@ import json
 from typing import Any
 
 import pytest
+import yaml
 
-from tests.chart.conftest import CHART_DIR, Helm, Rendered
+from tests.chart.conftest import CHART_DIR, NAMESPACE, Helm, Rendered
 from tests.chart.kubernetes_definitions import PREFIX, derive
 from tests.chart.test_chart_render import KUBE_VERSIONS, validate_object
 
@@ -373,3 +374,118 @@ def test_http_route_to_the_api_port(renders: dict[str, Rendered], helm: Helm) ->
     assert rule["matches"] == [{"path": {"type": "PathPrefix", "value": "/v1"}}]
     assert rule["backendRefs"] == [{"name": GATEWAY, "port": 80}]  # the Service's API port, never metrics
     assert "httpRoute.enabled: set httpRoute.parentRefs" in helm.template_error(values={"httpRoute": {"enabled": True}})
+
+
+# --- Engines running elsewhere: replicas, OpenAI-compatible base URLs, health paths, own keys --------
+
+KEYS_DIR = "/var/run/secrets/llm-gateway/engine-keys"
+
+
+def external(name: str = "x", **fields: Any) -> dict[str, Any]:
+    return {"name": name, "ownedBy": "remote", "model": f"model-{name}", **fields}
+
+
+ELSEWHERE = {
+    "engines": [
+        engine("a", engine="simulator", healthPath="/ready"),
+        external("pool", urls=["http://10.0.0.1:8000", "https://10.0.0.2:8443/"]),
+        external("groq", baseUrl="https://api.groq.com/openai/v1", healthPath=None, apiKeySecret={"name": "groq-key"}),
+        external("pplx", baseUrl="https://api.perplexity.ai", apiKeySecret={"name": "pplx", "key": "token"}),
+        external("root", url="http://10.0.0.3:8000", healthPath="/v1/models"),
+    ]
+}
+
+
+def test_engines_elsewhere_in_the_routing_map(helm: Helm) -> None:
+    rendered = helm.template(values=ELSEWHERE)
+    routes = {route["name"]: route for route in rendered.routing["engines"]}
+    common = {"url", "urls", "base_url", "health_path", "api_key_file"}
+    assert {name: {k: v for k, v in route.items() if k in common} for name, route in routes.items()} == {
+        "a": {"url": f"http://a.{NAMESPACE}.svc.cluster.local:8000", "health_path": "/ready"},
+        "pool": {"urls": ["http://10.0.0.1:8000", "https://10.0.0.2:8443/"]},
+        "groq": {"base_url": "https://api.groq.com/openai/v1", "health_path": None,
+                 "api_key_file": f"{KEYS_DIR}/groq/api-key"},
+        "pplx": {"base_url": "https://api.perplexity.ai", "api_key_file": f"{KEYS_DIR}/pplx/api-key"},
+        "root": {"url": "http://10.0.0.3:8000", "health_path": "/v1/models"},
+    }  # fmt: skip
+    # null is written as null (checks off), unset not at all (the gateway's default)
+    text = rendered.routing_text
+    assert text.count("health_path: null") == 1 and text.count("health_path:") == 3, text
+    # the gateway's loader takes every field, and keeps the default for what the chart left out
+    loaded = {spec.name: spec for spec in rendered.load_routing().engines}
+    assert [loaded[name].checked_health_path for name in ("a", "pool", "groq", "pplx", "root")] == [
+        "/ready", "/health", None, None, "/v1/models"
+    ]  # fmt: skip
+    assert loaded["pool"].endpoints == ("http://10.0.0.1:8000", "https://10.0.0.2:8443")
+
+
+def test_engine_keys_are_mounted_from_their_secrets(helm: Helm) -> None:
+    rendered = helm.template(values=ELSEWHERE)
+    gateway = pod(rendered, GATEWAY)
+    (volume,) = [v for v in gateway["volumes"] if v["name"] == "engine-keys"]
+    assert volume["projected"] == {
+        "sources": [
+            {"secret": {"name": "groq-key", "items": [{"key": "api-key", "path": "groq/api-key"}]}},
+            {"secret": {"name": "pplx", "items": [{"key": "token", "path": "pplx/api-key"}]}},
+        ],
+        "defaultMode": 0o440,
+    }
+    mounts = [m for m in gateway["containers"][0]["volumeMounts"] if m["name"] == "engine-keys"]
+    assert mounts == [{"name": "engine-keys", "mountPath": KEYS_DIR, "readOnly": True}]
+    # each api_key_file is the file that volume puts under that mount
+    for route in rendered.routing["engines"]:
+        if "api_key_file" in route:
+            assert route["api_key_file"] == f"{KEYS_DIR}/{route['name']}/api-key"
+    assert_valid(rendered)
+    # no engine of its own key: no volume, and the gateway's pod is the one it was
+    plain = pod(helm.template(), GATEWAY)
+    assert "engine-keys" not in {v["name"] for v in plain["volumes"]}
+
+
+@pytest.mark.parametrize(
+    ("entry", "fragment"),
+    [
+        (external(url="http://h:8000", baseUrl="https://h/v1"), "set baseUrl (an OpenAI-compatible base URL"),
+        (external(urls=["http://h:8000"], baseUrl="https://h/v1"), "or url/urls (an engine's root"),
+        (external(url="http://h:8000", urls=["http://g:8000"]), "set url (one replica) or urls (several), not both"),
+        (engine(urls=["http://h:8000"]), "set either engine (the chart deploys it) or url, urls or baseUrl"),
+        (engine(baseUrl="https://h/v1"), "set either engine (the chart deploys it) or url, urls or baseUrl"),
+        (engine(apiKeySecret={"name": "k"}), "apiKeySecret is only for url, urls and baseUrl entries; a deployed engine checks the shared engineApiKey"),
+        (external(baseUrl="https://h/v1", headers={"Authorization": "Bearer sk"}), "headers: Authorization would be written in plain text"),
+        (external(url="http://h:8000", headers={"x-api-key": "sk"}), "give the key with apiKeySecret (a Secret) instead"),
+        ({"name": "x", "model": "m"}, "set engine (vllm, sglang or simulator) to deploy one, or url, urls or baseUrl"),
+    ],
+)  # fmt: skip
+def test_engines_elsewhere_refused_with_a_message(helm: Helm, entry: dict[str, Any], fragment: str) -> None:
+    message = helm.template_error(values={"engines": [engine("a"), entry]})
+    assert f'engines[1] "{entry["name"]}": ' in message and fragment in message, message
+
+
+@pytest.mark.parametrize(
+    ("entry", "path"),
+    [
+        (external(urls=[]), "engines/0/urls"),
+        (external(urls=["http://h:8000", "http://h:8000"]), "engines/0/urls"),
+        (external(urls=["http://h:8000/v1"]), "engines/0/urls/0"),
+        (external(urls=["h:8000"]), "engines/0/urls/0"),
+        (external(baseUrl="api.groq.com/openai/v1"), "engines/0/baseUrl"),
+        (external(baseUrl="https://api.example.com/v1?x=1"), "engines/0/baseUrl"),
+        (external(url="http://h:8000", healthPath="health"), "engines/0/healthPath"),
+        (external(url="http://h:8000", apiKeySecret={"key": "api-key"}), "engines/0/apiKeySecret"),
+        (external(url="http://h:8000", apiKeySecret={"name": "Bad_Name"}), "engines/0/apiKeySecret/name"),
+        (external(url="http://h:8000", apiKeySecret={"name": "k", "item": "x"}), "engines/0/apiKeySecret"),
+    ],
+)
+def test_schema_refuses_bad_engines_elsewhere(helm: Helm, entry: dict[str, Any], path: str) -> None:
+    message = helm.template_error(values={"engines": [entry]})
+    assert SCHEMA_ERROR in message and f"/{path}'" in message, message
+
+
+def test_readme_provider_example_renders(helm: Helm) -> None:
+    readme = (CHART_DIR / "README.md").read_text()
+    (block,) = [b for b in readme.split("```yaml\n")[1:] if "apiKeySecret" in b.split("```")[0]]
+    values = yaml.safe_load(block.split("```")[0])
+    routes = {route["name"]: route for route in helm.template(values=values).routing["engines"]}
+    assert routes["groq-llama"]["base_url"] == "https://api.groq.com/openai/v1"
+    assert routes["groq-llama"]["health_path"] is None
+    assert routes["groq-llama"]["api_key_file"] == f"{KEYS_DIR}/groq-llama/api-key"

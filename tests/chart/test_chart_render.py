@@ -13,7 +13,7 @@ import pytest
 import yaml
 
 from gateway_app.cli import _build_parser as gateway_cli
-from gateway_app.config import ClientLimits, EngineSpec, RoutingMap, parse_routing_map
+from gateway_app.config import ClientLimits, EngineSpec, RoutingMap
 from tests.chart.conftest import CHART_DIR, EXAMPLES, NAMESPACE, RELEASE, VALUE_SETS, Helm, HelmError, Rendered
 
 KUBE_VERSIONS = ("1.30.0", kubernetes_validate.latest_version())
@@ -341,14 +341,15 @@ def test_all_features_renders_every_template(renders: dict[str, Rendered]) -> No
 @pytest.mark.parametrize("value_set", VALUE_SETS)
 def test_routing_map_loads_in_the_gateway(renders: dict[str, Rendered], value_set: str) -> None:
     rendered = renders[value_set]
-    routing = parse_routing_map(rendered.routing_text, f"{value_set} routes.yaml")
+    routing = rendered.load_routing()
     deployments = {d["metadata"]["name"]: d for d in rendered.of_kind("Deployment")}
     services = {s["metadata"]["name"]: s for s in rendered.of_kind("Service")}
     for engine in routing.engines:
-        url = urlsplit(engine.url)
-        if engine.name not in deployments:  # an external `url:` entry: the chart deploys nothing for it
+        if engine.name not in deployments:  # an external url/urls/baseUrl entry: the chart deploys nothing for it
             assert engine.name not in services
             continue
+        assert engine.url is not None, engine.name
+        url = urlsplit(engine.url)
         assert url.scheme == "http" and url.port == 8000 and not url.path
         assert url.hostname == f"{engine.name}.{NAMESPACE}.svc.cluster.local"
         service = services[engine.name]
@@ -370,12 +371,16 @@ def test_routing_map_renders_only_known_keys(renders: dict[str, Rendered]) -> No
     routing = renders["all-features"].routing
     assert set(routing) == set(RoutingMap.model_fields) == {"settings", "engines"}
     rendered_keys = set()
+    deployments = {d["metadata"]["name"] for d in renders["all-features"].of_kind("Deployment")}
     for engine in routing["engines"]:
-        assert set(engine) <= set(EngineSpec.model_fields) - {"urls"}, engine["name"]  # one url: the Service
+        assert set(engine) <= set(EngineSpec.model_fields), engine["name"]
+        if engine["name"] in deployments:  # one url: the Service; the key is the shared engineApiKey
+            assert not {"urls", "base_url", "api_key_file"} & set(engine), engine["name"]
         rendered_keys |= set(engine)
     # all-features exercises every key the chart can render
-    assert rendered_keys == {"name", "model", "owned_by", "url", "discovery", "default", "aliases", "headers",
-                             "timeouts", "fallback", "concurrency"}  # fmt: skip
+    assert rendered_keys == {"name", "model", "owned_by", "url", "urls", "base_url", "health_path", "api_key_file",
+                             "discovery", "default", "aliases", "headers", "timeouts", "fallback",
+                             "concurrency"}  # fmt: skip
 
 
 def test_routing_map_owned_by_and_served_names(renders: dict[str, Rendered]) -> None:
@@ -862,7 +867,7 @@ def nginx_size(size_bytes: int) -> str:
 
 def gateway_body_limit(rendered: Rendered) -> int:
     """The request body limit the gateway applies when it loads this render's routing map."""
-    return parse_routing_map(rendered.routing_text).settings.max_body_bytes
+    return rendered.load_routing().settings.max_body_bytes
 
 
 @pytest.mark.parametrize("value_set", [*EXAMPLES, "all-features"])

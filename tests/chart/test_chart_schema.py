@@ -154,11 +154,11 @@ REFUSED_BY_TEMPLATES: dict[str, tuple[dict[str, Any], list[str]]] = {
     ),
     "url without ownedBy": (
         {"engines": [{"name": "a", "url": "http://h:8000", "model": "m"}]},
-        ['engines[0] "a": a url entry needs ownedBy'],
+        ['engines[0] "a": an entry with url, urls or baseUrl needs ownedBy'],
     ),
     "ownedBy on a deployed engine": (
         {"engines": [engine(ownedBy="foo")]},
-        ['engines[0] "a": ownedBy is only for url entries; a vllm engine is owned_by "vllm"'],
+        ['engines[0] "a": ownedBy is only for url, urls and baseUrl entries; a vllm engine is owned_by "vllm"'],
     ),
     "simulate on a real engine": ({"engines": [engine(simulate="sglang")]}, ['engines[0] "a": simulate is only']),
     "latest engine image": ({"engines": [engine(image={"tag": "latest"})]}, ["vllm/vllm-openai:latest is not allowed"]),
@@ -416,7 +416,7 @@ def test_a_good_override_is_accepted(helm: Helm) -> None:
         }
     )
     assert [r["name"] for r in rendered.routing["engines"]] == ["a", "b", "c", "d", "e", "f"]
-    routing = parse_routing_map(rendered.routing_text)
+    routing = rendered.load_routing()
     assert routing.engines[5].fallback == "c" and routing.engines[5].concurrency.limit == 1
     limits = routing.settings.client_limits
     assert (limits.max_body_memory, limits.max_connections, limits.head_timeout) == (2 * MIB, None, 0.5)

@@ -9,12 +9,12 @@ Each resolved entry keeps the user's keys and adds:
   deployed     true unless kind is external
   servedModel  the id clients send (servedModelName, else model) = the routing map's `model`
   owns         the routing map's owned_by
-  routeUrl     where the gateway sends this engine's requests
+  routeUrl     where the gateway sends this engine's requests (for NOTES: urls joined, or baseUrl)
+  apiKeyFile   external engines with apiKeySecret: where the gateway pods mount that key
   imageRef, pullPolicy, resolvedResources, resolvedStrategy, replicas, gpus   (deployed engines)
 */}}
 {{- define "llm-gateway.engines" -}}
 {{- $root := . -}}
-{{- /* Keys of engineDefaults that only make sense for GPU engines; simulators never inherit them. */ -}}
 {{- /* Keys of engineDefaults that only make sense for GPU engines; simulators never inherit them (a
        simulator needs no GPU node, so the GPU nodes' nodeSelector, tolerations and affinity stay off it). */ -}}
 {{- $gpuOnly := list "runtimeClassName" "gpuResource" "shmSize" "hfToken" "modelStorage" "podSecurityContext" "securityContext" "terminationGracePeriodSeconds" "startupTimeoutSeconds" "nodeSelector" "tolerations" "affinity" "extraVolumes" "extraVolumeMounts" "initContainers" "envFrom" "probes" -}}
@@ -36,12 +36,27 @@ Each resolved entry keeps the user's keys and adds:
 {{- $e := deepCopy $raw -}}
 {{- $where := printf "engines[%d] %q" $i (toString $e.name) -}}
 
-{{- /* Exactly one of engine / url. */ -}}
-{{- if and $e.engine $e.url -}}
-{{- fail (printf "%s: set either engine (the chart deploys it) or url (an engine running elsewhere), not both" $where) -}}
+{{- /* Exactly one of engine / url / urls / baseUrl; the external engines' own keys only on them. */ -}}
+{{- if and $e.engine (or $e.url $e.urls $e.baseUrl) -}}
+{{- fail (printf "%s: set either engine (the chart deploys it) or url, urls or baseUrl (an engine running elsewhere), not both" $where) -}}
 {{- end -}}
-{{- if and (not $e.engine) (not $e.url) -}}
-{{- fail (printf "%s: set engine (vllm, sglang or simulator) to deploy one, or url to route to one running elsewhere" $where) -}}
+{{- if and (not $e.engine) (not (or $e.url $e.urls $e.baseUrl)) -}}
+{{- fail (printf "%s: set engine (vllm, sglang or simulator) to deploy one, or url, urls or baseUrl to route to one running elsewhere" $where) -}}
+{{- end -}}
+{{- if and $e.urls $e.url -}}
+{{- fail (printf "%s: set url (one replica) or urls (several), not both" $where) -}}
+{{- end -}}
+{{- if and $e.baseUrl (or $e.url $e.urls) -}}
+{{- fail (printf "%s: set baseUrl (an OpenAI-compatible base URL, e.g. https://api.groq.com/openai/v1) or url/urls (an engine's root, where /health and /v1/... live), not both" $where) -}}
+{{- end -}}
+{{- if and $e.engine $e.apiKeySecret -}}
+{{- fail (printf "%s: apiKeySecret is only for url, urls and baseUrl entries; a deployed engine checks the shared engineApiKey, which the gateway sends to it" $where) -}}
+{{- end -}}
+{{- /* A credential in headers would land in plain text in the routing ConfigMap (and the gateway refuses it). */ -}}
+{{- range $header, $_ := $e.headers | default dict -}}
+{{- if has (lower $header) (list "authorization" "x-api-key") -}}
+{{- fail (printf "%s: headers: %s would be written in plain text into the routing ConfigMap; give the key with apiKeySecret (a Secret) instead" $where $header) -}}
+{{- end -}}
 {{- end -}}
 {{- $kind := $e.engine | default "external" -}}
 {{- $_ := set $e "kind" $kind -}}
@@ -56,7 +71,7 @@ Each resolved entry keeps the user's keys and adds:
 {{- fail (printf "%s: the name is taken by the gateway's own Service; rename the engine or set fullnameOverride" $where) -}}
 {{- end -}}
 
-{{- /* owned_by: fixed by the engine kind, given by the user only for url entries. */ -}}
+{{- /* owned_by: fixed by the engine kind, given by the user only for url/urls/baseUrl entries. */ -}}
 {{- if $e.simulate -}}
 {{- if ne $kind "simulator" -}}
 {{- fail (printf "%s: simulate is only for engine: simulator" $where) -}}
@@ -64,14 +79,17 @@ Each resolved entry keeps the user's keys and adds:
 {{- end -}}
 {{- if eq $kind "external" -}}
 {{- if not $e.ownedBy -}}
-{{- fail (printf "%s: a url entry needs ownedBy (the owned_by clients send to pick this engine)" $where) -}}
+{{- fail (printf "%s: an entry with url, urls or baseUrl needs ownedBy (the owned_by clients send to pick this engine)" $where) -}}
 {{- end -}}
 {{- $_ := set $e "owns" $e.ownedBy -}}
-{{- $_ := set $e "routeUrl" $e.url -}}
+{{- $_ := set $e "routeUrl" ($e.url | default $e.baseUrl | default (join ", " ($e.urls | default list))) -}}
+{{- with $e.apiKeySecret -}}
+{{- $_ := set $e "apiKeyFile" (printf "%s/%s/api-key" (include "llm-gateway.engineKeysDir" $root) $e.name) -}}
+{{- end -}}
 {{- else -}}
 {{- $owns := ternary ($e.simulate | default "vllm") $kind (eq $kind "simulator") -}}
 {{- if $e.ownedBy -}}
-{{- fail (printf "%s: ownedBy is only for url entries; a %s engine is owned_by %q" $where $kind $owns) -}}
+{{- fail (printf "%s: ownedBy is only for url, urls and baseUrl entries; a %s engine is owned_by %q" $where $kind $owns) -}}
 {{- end -}}
 {{- $_ := set $e "owns" $owns -}}
 {{- $_ := set $e "routeUrl" (printf "http://%s.%s.svc.%s:8000" $e.name $root.Release.Namespace $root.Values.clusterDomain) -}}
@@ -307,7 +325,20 @@ engines:
   - name: {{ .name | toJson }}
     model: {{ .servedModel | toJson }}
     owned_by: {{ .owns | toJson }}
+    {{- if .urls }}
+    urls: {{ toJson .urls }}
+    {{- else if .baseUrl }}
+    base_url: {{ .baseUrl | toJson }}
+    {{- else }}
     url: {{ .routeUrl | toJson }}
+    {{- end }}
+    {{- /* Only when set: null turns active checks off, unset keeps the gateway's default. */}}
+    {{- if hasKey . "healthPath" }}
+    health_path: {{ toJson .healthPath }}
+    {{- end }}
+    {{- with .apiKeyFile }}
+    api_key_file: {{ toJson . }}
+    {{- end }}
     {{- if and $discovery .deployed }}
     discovery: {service: {{ .name | toJson }}, namespace: {{ $namespace | toJson }}, port: 8000}
     {{- end }}

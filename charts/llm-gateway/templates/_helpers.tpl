@@ -94,6 +94,13 @@ true
 {{- end }}
 
 {{/*
+Where the gateway pods mount the per-engine keys (engines[].apiKeySecret): <dir>/<engine name>/api-key.
+*/}}
+{{- define "llm-gateway.engineKeysDir" -}}
+/var/run/secrets/llm-gateway/engine-keys
+{{- end }}
+
+{{/*
 An image reference from {repository, tag, digest}; refuses a missing tag or "latest" (a moving tag
 makes rollouts irreproducible and defeats IfNotPresent). Takes (dict "image" $img "what" "gateway").
 */}}
