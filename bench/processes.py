@@ -270,22 +270,27 @@ def start_servers(
     pinning: Pinning,
     model: str,
     gateway_args: tuple[str, ...] = (),
+    more_engines: str = "",
 ) -> Servers:
-    """The simulator, then an open gateway (no keys, no limits) in front of it, started with `gateway_args`."""
+    """The simulator, then an open gateway (no keys, no limits) in front of it, started with `gateway_args`;
+    `more_engines` (lines of `engine_entry`) are routed by the same gateway, to engines started before."""
     simulator, sim_url = start_simulator(group, "simulator", pinning.simulator, model)
     gw_port = free_port()
-    gateway = start_gateway(group, "gateway", pinning, routing_map(model, sim_url), gw_port, gateway_args)
+    routes = routing_map(model, sim_url) + more_engines
+    gateway = start_gateway(group, "gateway", pinning, routes, gw_port, gateway_args)
     return Servers(simulator, sim_url, gateway, f"http://127.0.0.1:{gw_port}")
 
 
-def start_relay(group: ProcessGroup, cpus: tuple[int, ...], upstream_url: str) -> tuple[subprocess.Popen[bytes], str]:
+def start_relay(
+    group: ProcessGroup, cpus: tuple[int, ...], upstream_url: str, name: str = "relay"
+) -> tuple[subprocess.Popen[bytes], str]:
     """bench/bare_relay.py in front of `upstream_url` on a free loopback port, ready when this returns; the
-    process and its base URL."""
+    process and its base URL. `name` names its log, so that two relays do not share one."""
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     script = REPO_ROOT / "bench" / "bare_relay.py"
-    relay = group.start("relay", [sys.executable, str(script), "--upstream", upstream_url, "--port", str(port)], cpus)
-    group.wait_ready("relay", relay, http_ok(f"{url}/healthz"))
+    relay = group.start(name, [sys.executable, str(script), "--upstream", upstream_url, "--port", str(port)], cpus)
+    group.wait_ready(name, relay, http_ok(f"{url}/healthz"))
     return relay, url
 
 
@@ -323,8 +328,13 @@ def start_simulator(
     return simulator, url
 
 
+def engine_entry(name: str, model: str, simulator_url: str) -> str:
+    """One engine of a routing map's `engines:` list, as a YAML line."""
+    return f'  - {{name: {name}, model: {model}, owned_by: vllm, url: "{simulator_url}"}}\n'
+
+
 def routing_map(model: str, simulator_url: str, settings: str = "") -> str:
-    engine = f'engines:\n  - {{name: bench-vllm, model: {model}, owned_by: vllm, url: "{simulator_url}"}}\n'
+    engine = "engines:\n" + engine_entry("bench-vllm", model, simulator_url)
     return (f"settings: {settings}\n" if settings else "") + engine
 
 
