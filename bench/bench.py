@@ -16,7 +16,7 @@ log with one that does not (bench/access_log.py).
 The helpers live next to this script: processes.py (start, pin, measure, stop), load.py (the requests
 and what a scenario measures), bare_relay.py (the baseline), access.py and access_log.py (the comparisons),
 environment.py (the machine and commit the JSON records), plot.py (the PNG next to the JSON). memory.py and
-balance.py are two more benchmarks built on them.
+balance.py are two more benchmarks built on them; compare.py runs this tree against another commit, turn by turn.
 """
 
 from __future__ import annotations
