@@ -62,12 +62,18 @@ class WatchedFile(Generic[Loaded]):
             log.error("%s change refused, still serving the previous one: %s", self.what, error)
             return False
         if raw == self._loaded:
+            self._refused = None  # back to the content in service
             return None
         self._apply(value)
         self._loaded, self._refused = raw, None
         self._count("success")
         log.info("%s reloaded from %s", self.what, self.path)
         return True
+
+    @property
+    def refused(self) -> bool:
+        """Whether the file on disk is one that was refused: the previous content is still in service."""
+        return self._refused is not None
 
     async def run(self) -> None:
         """Watch until `stop()`; never raises, so a watcher problem cannot take the gateway down."""

@@ -202,6 +202,13 @@ class GatewayMetrics:
             ("file", "result"),
             registry=self.registry,
         )
+        self.config_file_refused = Gauge(
+            "llm_gateway_config_file_refused",
+            "1 while a mounted file (routing_map, api_keys, engine_api_key) holds content the gateway refused: "
+            "it serves the last good one.",
+            ("file",),
+            registry=self.registry,
+        )
         self.rejected = Counter(
             "llm_gateway_rejected_requests",
             "Requests refused before reaching an engine, by reason (auth, forbidden_model, rate_limit_requests, "

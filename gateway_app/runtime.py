@@ -100,6 +100,8 @@ class Runtime:
         self.health = HealthChecker(self.replicas, session, lambda: self.snapshot.settings.health, self._health_headers)
         self.services = ServiceGroup()
         self._files = self._watched_files(setup)
+        for watched, label in self._files:
+            self.metrics.config_file_refused.labels(label).set_function(functools.partial(_refused, watched))
         self.metrics.request_body_bytes.set_function(lambda: self.body_budget.held)
 
     @classmethod
@@ -115,7 +117,7 @@ class Runtime:
             runtime.discovery,
             runtime.request_log,
             runtime.credentials,
-            *runtime._files,
+            *(watched for watched, _ in runtime._files),
         ]
         for service in services:
             runtime.services.start(service)
@@ -154,44 +156,43 @@ class Runtime:
                 return dict(engine.credential.headers)
         return dict(self.snapshot.engine_auth)
 
-    def _watched_files(self, setup: Setup) -> list[WatchedFile[Any]]:
+    def _watched_files(self, setup: Setup) -> list[tuple[WatchedFile[Any], str]]:
+        """The mounted files to keep in service, each with its `file` label."""
+
         def count(file: str) -> Callable[[str], None]:
             return lambda result: self.metrics.config_reloads.labels(file, result).inc()
 
-        files: list[WatchedFile[Any]] = []
+        files: list[tuple[WatchedFile[Any], str]] = []
         if setup.routing_file is not None:
-            files.append(
-                WatchedFile(
-                    setup.routing_file.path,
-                    "routing map",
-                    load_routing_map,
-                    self.apply_routing_map,
-                    count("routing_map"),
-                    setup.routing_file.loaded,
-                )  # fmt: skip
+            routing: WatchedFile[Any] = WatchedFile(
+                setup.routing_file.path,
+                "routing map",
+                load_routing_map,
+                self.apply_routing_map,
+                count("routing_map"),
+                setup.routing_file.loaded,
             )
+            files.append((routing, "routing_map"))
         if setup.keys_file is not None:
-            files.append(
-                WatchedFile(
-                    setup.keys_file.path,
-                    "API keys",
-                    load_keys_file,
-                    self.apply_keys,
-                    count("api_keys"),
-                    setup.keys_file.loaded,
-                )  # fmt: skip
+            watched = WatchedFile(
+                setup.keys_file.path,
+                "API keys",
+                load_keys_file,
+                self.apply_keys,
+                count("api_keys"),
+                setup.keys_file.loaded,
             )
+            files.append((watched, "api_keys"))
         if setup.engine_key_file is not None:
-            files.append(
-                WatchedFile(
-                    setup.engine_key_file.path,
-                    "engine API key",
-                    load_engine_key,
-                    self.apply_engine_key,
-                    count("engine_api_key"),
-                    setup.engine_key_file.loaded,
-                )  # fmt: skip
+            engine_key: WatchedFile[Any] = WatchedFile(
+                setup.engine_key_file.path,
+                "engine API key",
+                load_engine_key,
+                self.apply_engine_key,
+                count("engine_api_key"),
+                setup.engine_key_file.loaded,
             )
+            files.append((engine_key, "engine_api_key"))
         return files
 
     def _describe_routes(self) -> None:
@@ -223,6 +224,10 @@ class Runtime:
                 metrics.endpoint_available.labels(engine.name, replica.url).set_function(
                     functools.partial(_available, replica)
                 )
+
+
+def _refused(watched: WatchedFile[Any]) -> float:
+    return float(watched.refused)
 
 
 def _queued(gate: ConcurrencyGate) -> float:

@@ -73,6 +73,7 @@ def test_reload_valid_then_invalid_while_streams_are_in_flight(engines, processe
     wait_for(lambda: metric_value(get(gateway.url + "/metrics").body.decode(), "llm_gateway_requests_in_flight") == 1)
     volume.publish(routing(engines, default="sglang", alias="m-latest"))
     wait_for(lambda: reloads(gateway, "success") == 1, message="reload")
+    assert file_refused(gateway) == 0
     assert thread.is_alive(), "the stream ended before the reload: the test proves nothing"
     assert post(gateway.url + CHAT, {"model": "m", "messages": HI}).headers["x-gateway-engine"] == "sglang-m"
     assert post(gateway.url + CHAT, {"model": "m-latest", "messages": HI}).status == 200
@@ -95,6 +96,15 @@ def test_reload_valid_then_invalid_while_streams_are_in_flight(engines, processe
     answer = post(gateway.url + CHAT, {"model": "m-latest", "messages": HI})
     assert answer.status == 200 and answer.headers["x-gateway-engine"] == "sglang-m"  # old table still serves
     assert reloads(gateway, "success") == 1
+    assert file_refused(gateway) == 1  # as long as the bad file is mounted (what the alert watches)
+    volume.publish(routing(engines, default="sglang", alias="m-latest"))  # the values fixed: the file in service
+    wait_for(lambda: file_refused(gateway) == 0, message="the refused file replaced")
+    assert reloads(gateway, "success") == 1  # nothing new to load
+
+
+def file_refused(gateway: RunningProcess) -> float:
+    metrics = get(gateway.url + "/metrics").body.decode()
+    return metric_value(metrics, "llm_gateway_config_file_refused", file="routing_map")
 
 
 def test_plain_file_rewrite_is_picked_up(engines, processes, tmp_path):

@@ -100,22 +100,18 @@ groups:
 {{- with $rule.configReloadFailed }}{{ if .enabled }}
       # A routing map or keys file that the gateway refused stays out of service: the pod keeps the last
       # good one, and nothing else shows it (helm upgrade --wait succeeds, the pods stay ready). The
-      # gateway only creates a file's failure series at its first failure, so a series that is new within
-      # the window counts too (increase() needs two samples).
+      # gateway says so for as long as the refused file is mounted; `for` rides out a rollout, whose old
+      # pods may briefly get a map that names a file only the new pods mount.
       - alert: LLMGatewayConfigReloadFailed
-        expr: |-
-          sum by (namespace, job, instance, file) (increase(llm_gateway_config_reloads_total{result="failure"}[{{ .window }}])) > 0
-          or
-          sum by (namespace, job, instance, file) (
-            llm_gateway_config_reloads_total{result="failure"} unless llm_gateway_config_reloads_total{result="failure"} offset {{ .window }}
-          ) > 0
+        expr: max by (namespace, job, instance, file) (llm_gateway_config_file_refused) > 0
+        for: {{ .for }}
         labels:
           severity: {{ .severity }}
           {{- with $rule.alertLabels }}
           {{- toYaml . | nindent 10 }}
           {{- end }}
         annotations:
-          summary: {{ `Gateway {{ $labels.instance }} refused a new {{ $labels.file }}` | quote }}
-          description: {{ printf "%s%s%s" `The gateway at {{ $labels.instance }} ({{ $labels.job }}) refused a changed {{ $labels.file }} file in the last ` .window ` and still serves the previous one: routes or keys changed with helm upgrade are not in service. The gateway's log names the error (look for "change refused"); fix the values and upgrade again.` | quote }}
+          summary: {{ `Gateway {{ $labels.instance }} refused its {{ $labels.file }}` | quote }}
+          description: {{ printf "%s%s%s" `The gateway at {{ $labels.instance }} ({{ $labels.job }}) refused the mounted {{ $labels.file }} file for at least ` .for ` and still serves the previous one: routes or keys changed with helm upgrade are not in service. The gateway's log names the error (look for "change refused"); fix the values and upgrade again.` | quote }}
 {{- end }}{{ end }}
 {{- end }}
