@@ -223,7 +223,11 @@ class GuardedHttpProtocol(HttpToolsProtocol):
         self.gone_callbacks.clear()
 
     def watch_client(self, callback: Callable[[], None]) -> Callable[[], None]:
-        """`callback()` when this connection is lost (before the returned function is called)."""
+        """`callback()` when this connection is lost (before the returned function is called), soon
+        when it is lost already (the client may leave while its request waits to be admitted)."""
+        if self.transport.is_closing() or (self.cycle is not None and self.cycle.disconnected):
+            self.loop.call_soon(callback)
+            return _nothing
         self.gone_callbacks[callback] = None
 
         def unwatch() -> None:
@@ -506,6 +510,10 @@ class GuardedHttpProtocol(HttpToolsProtocol):
             if timer is not None:
                 timer.cancel()
         self.body_timer = self.send_timer = None
+
+
+def _nothing() -> None:
+    return None
 
 
 class _ReplayTarget:

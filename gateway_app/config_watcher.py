@@ -41,6 +41,7 @@ class WatchedFile(Generic[Loaded]):
         self._count = count
         self._loaded = loaded
         self._refused: bytes | None = None  # so a bad file is reported once, not on every event
+        self._refusing = False  # the file on disk is not the one in service
         self._stop = asyncio.Event()
 
     async def reload(self) -> bool | None:
@@ -58,14 +59,21 @@ class WatchedFile(Generic[Loaded]):
             if current is not None and current in (self._loaded, self._refused):
                 return None  # unchanged, or already refused
             self._refused = current
+            self._refusing = True  # an unreadable file (current None) is refused all the same
             self._count("failure")
             log.error("%s change refused, still serving the previous one: %s", self.what, error)
             return False
         if raw == self._loaded:
-            self._refused = None  # back to the content in service
+            self._refused, self._refusing = None, False  # back to the content in service
             return None
-        self._apply(value)
-        self._loaded, self._refused = raw, None
+        try:
+            self._apply(value)
+        except Exception:  # valid, yet putting it into service failed: keep serving the previous one
+            self._refused, self._refusing = raw, True
+            self._count("failure")
+            log.exception("%s change could not be put into service, still serving the previous one", self.what)
+            return False
+        self._loaded, self._refused, self._refusing = raw, None, False
         self._count("success")
         log.info("%s reloaded from %s", self.what, self.path)
         return True
@@ -73,7 +81,7 @@ class WatchedFile(Generic[Loaded]):
     @property
     def refused(self) -> bool:
         """Whether the file on disk is one that was refused: the previous content is still in service."""
-        return self._refused is not None
+        return self._refusing
 
     async def run(self) -> None:
         """Watch until `stop()`; never raises, so a watcher problem cannot take the gateway down."""

@@ -34,25 +34,31 @@ def _stamp(path: str) -> tuple[int, int, int] | None:
 class Credential:
     """One engine's key, as the headers sent with each of its requests."""
 
-    __slots__ = ("path", "headers", "stamp")
+    __slots__ = ("path", "headers", "stamp", "refused")
 
     def __init__(self, path: str) -> None:
         self.path = path
-        self.stamp = _stamp(path)
-        self.headers = bearer(read_engine_key(path))  # checked when the routing map was loaded
+        self.stamp: tuple[int, int, int] | None = None
+        self.headers: tuple[tuple[str, str], ...] = ()
+        self.refused = False  # the file holds no usable key now (the last good one stays in use)
+        self.refresh()  # the routing map's check read it already; it may have gone since
 
     def refresh(self) -> None:
         """Read the file again if it changed; a file that went bad keeps the last good key in use."""
         stamp = _stamp(self.path)
-        if stamp == self.stamp:
+        if stamp is not None and stamp == self.stamp:
             return
         self.stamp = stamp
         try:
             self.headers = bearer(read_engine_key(self.path))
         except ValueError as error:
-            log.warning("engine credential %s: %s; the previous key stays in use", self.path, error)
+            if not self.refused:
+                log.warning("engine credential %s: %s; the previous key stays in use", self.path, error)
+            self.refused = True
             return
-        log.info("engine credential %s changed; the new key is in use", self.path)
+        if self.refused or stamp is not None:
+            log.info("engine credential %s read; its key is in use", self.path)
+        self.refused = False
 
 
 class EngineCredentials(PeriodicTask):
@@ -69,6 +75,10 @@ class EngineCredentials(PeriodicTask):
         else:
             credential.refresh()
         return credential
+
+    def any_refused(self) -> float:
+        """1 while some engine's key file holds no usable key (for `llm_gateway_config_file_refused`)."""
+        return float(any(credential.refused for credential in self._by_path.values()))
 
     def retain(self, paths: Iterable[str]) -> None:
         """Forget the files no engine names any more."""

@@ -135,9 +135,10 @@ class _Limit:
     ) -> None:
         clock = self._clock
         clock._deadline = None
-        if clock.fired is self._reason and clock._uncancelled(exc_type):
+        if clock.fired is self._reason:
             clock.fired = None  # taken back: the exchange goes on (to tell the client of the timeout)
-            raise TimeoutError from exc
+            if clock._uncancelled(exc_type):
+                raise TimeoutError from exc
 
 
 def watch_client(scope: Scope, receive: Receive, clock: ExchangeClock) -> AbstractContextManager[Any]:
@@ -175,6 +176,7 @@ class _TaskWatch:
 
     def __enter__(self) -> None:
         self._task = asyncio.get_running_loop().create_task(self._wait())
+        self._task.add_done_callback(_retrieve)
 
     def __exit__(self, *exc_info: object) -> None:
         if self._task is not None:
@@ -184,3 +186,10 @@ class _TaskWatch:
         while (await self._receive())["type"] != "http.disconnect":
             pass
         self._callback()
+
+
+def _retrieve(task: asyncio.Task[None]) -> None:
+    """A watch that failed (its `receive()` raised) has nothing to say: read its exception so that
+    asyncio does not log it as never retrieved."""
+    if not task.cancelled():
+        task.exception()

@@ -124,7 +124,7 @@ class Exchange:
 
     __slots__ = (
         "forwarder", "request", "send", "engine", "replica", "status", "failure", "response_started",
-        "sse", "at_event_boundary", "bytes_sent", "first_byte_at", "usage", "finished", "clock",
+        "sse", "at_event_boundary", "bytes_sent", "first_byte_at", "usage", "finished", "clock", "held",
     )  # fmt: skip
 
     def __init__(self, forwarder: Forwarder, request: ForwardRequest, send: Send) -> None:
@@ -172,6 +172,7 @@ class Exchange:
         gate = engine.gate
         admitted = False
         self.clock = clock
+        self.held: list[ConcurrencyGate] = []  # fallback engines' gates entered on the way, held to the end
         try:
             if gate is not None:
                 waited = await gate.acquire(engine.name)
@@ -202,6 +203,8 @@ class Exchange:
             await self._fail(Failure.INTERNAL)
         finally:
             in_flight.count -= 1
+            for held in self.held:
+                held.release()
             if admitted and gate is not None:
                 gate.release()
         self.finished = True  # not when cancelled: the client left first
@@ -212,9 +215,9 @@ class Exchange:
         request, engine = self.request, self.engine
         stats = self.forwarder.metrics.route_stats(engine.model, engine.name, request.path)
         stats.answered(self.status).inc()
-        stats.duration[self.sse].observe(time.perf_counter() - request.started)
+        stats.duration(self.sse).observe(time.perf_counter() - request.started)
         if self.first_byte_at is not None:
-            stats.first_byte[self.sse].observe(self.first_byte_at - request.started)
+            stats.first_byte(self.sse).observe(self.first_byte_at - request.started)
 
     async def _try_replicas(self) -> _Opened | None:
         """Try the engine's replicas, then its fallback engine, until one takes the request: the answer
@@ -230,33 +233,28 @@ class Exchange:
         tried: list[Replica] = []
         visited = {routed.name}
         last: _Retryable | None = None
-        held: list[ConcurrencyGate] = []  # the fallback engines' concurrency gates entered on the way
-        try:
-            for attempt in range(retries.max_attempts):
-                replica = self._choose(tried)
-                while replica is None:  # every replica of this engine was tried: on to its fallback
-                    fallback = routes.engine_named(self.engine.fallback) if self.engine.fallback else None
-                    if fallback is None or fallback.name in visited:
-                        break
-                    if fallback.gate is not None:  # a fallback is bound by its own limit (EngineBusy: 429)
-                        await fallback.gate.acquire(fallback.name)
-                        held.append(fallback.gate)
-                    self.engine, tried = fallback, []
-                    visited.add(fallback.name)
-                    metrics.child(metrics.fallbacks, routed.name, fallback.name).inc()
-                    replica = self._choose(tried)
-                if replica is None or (attempt and time.perf_counter() > deadline):
+        for attempt in range(retries.max_attempts):
+            replica = self._choose(tried)
+            while replica is None:  # every replica of this engine was tried: on to its fallback
+                fallback = routes.engine_named(self.engine.fallback) if self.engine.fallback else None
+                if fallback is None or fallback.name in visited:
                     break
-                if attempt:
-                    metrics.child(metrics.retries, routed.name).inc()
-                tried.append(replica)
-                outcome = await self._attempt(replica)
-                if not isinstance(outcome, _Retryable):
-                    return outcome
-                last = outcome
-        finally:
-            for gate in held:
-                gate.release()
+                if fallback.gate is not None:  # a fallback is bound by its own limit (EngineBusy: 429)
+                    await fallback.gate.acquire(fallback.name)
+                    self.held.append(fallback.gate)
+                self.engine, tried = fallback, []
+                visited.add(fallback.name)
+                metrics.child(metrics.fallbacks, routed.name, fallback.name).inc()
+                replica = self._choose(tried)
+            if replica is None or (attempt and time.perf_counter() > deadline):
+                break
+            if attempt:
+                metrics.child(metrics.retries, routed.name).inc()
+            tried.append(replica)
+            outcome = await self._attempt(replica)
+            if not isinstance(outcome, _Retryable):
+                return outcome
+            last = outcome
         if last is not None and last.answer is not None:  # the engine's own 502/503, relayed as it said it
             await self._relay_error_answer(last.answer)
         elif last is not None:
@@ -343,8 +341,7 @@ class Exchange:
         connection fails before the engine has read it, so sending it again is safe.
         """
         request, engine = self.request, self.engine
-        auth = engine.credential.headers if engine.credential is not None else request.engine_auth
-        headers = headers_for_engine(request.client_headers, engine.headers + auth)
+        headers = headers_for_engine(request.client_headers, engine.headers + engine.auth_headers(request.engine_auth))
         headers.append(("X-Request-Id", request.engine_request_id))  # vLLM takes it as its own request id
         if request.traceparent is not None:  # tracing on: the engine's spans become children of ours
             headers = [(n, v) for n, v in headers if n.lower() not in ("traceparent", "tracestate")]
@@ -498,8 +495,9 @@ class Exchange:
         if usage is not None:
             engine = self.engine
             stats = self.forwarder.metrics.route_stats(engine.model, engine.name, self.request.path)
-            stats.prompt_tokens.inc(usage[0])
-            stats.completion_tokens.inc(usage[1])
+            prompt, completion = stats.tokens()
+            prompt.inc(usage[0])
+            completion.inc(usage[1])
 
 
 def _with_stream_headers(headers: list[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:

@@ -19,7 +19,7 @@ from prometheus_client import (
 )
 from prometheus_client.metrics import MetricWrapperBase
 
-from gateway_app.plain_metrics import CounterChild, PlainCounter, PlainHistogram
+from gateway_app.plain_metrics import CounterChild, HistogramChild, PlainCounter, PlainHistogram
 
 DURATION_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)
 CONNECTION_CLOSE_REASONS = (
@@ -51,32 +51,49 @@ class InFlight:
 
 class RouteStats:
     """The per-request metrics of one (model, engine, path), resolved once and kept: a request moves
-    them without building label tuples."""
+    them without building label tuples. A child is made at its first use, as `labels()` would (no zero
+    series for a stream that never happened)."""
 
-    __slots__ = ("_requests", "_labels", "_by_status", "duration", "first_byte", "prompt_tokens", "completion_tokens")
+    __slots__ = ("_metrics", "_labels", "_by_status", "_duration", "_first_byte", "_prompt", "_completion")
 
     def __init__(self, metrics: GatewayMetrics, model: str, engine: str, path: str) -> None:
-        self._requests = metrics.requests
+        self._metrics = metrics
         self._labels = (model, engine, path)
         self._by_status: dict[int, CounterChild] = {}
-        # by `stream`: [False] for whole answers, [True] for SSE streams
-        self.duration = (
-            metrics.duration.labels(model, engine, path, "false"),
-            metrics.duration.labels(model, engine, path, "true"),
-        )
-        self.first_byte = (
-            metrics.first_byte.labels(model, engine, path, "false"),
-            metrics.first_byte.labels(model, engine, path, "true"),
-        )
-        self.prompt_tokens = metrics.prompt_tokens.labels(model, engine)
-        self.completion_tokens = metrics.completion_tokens.labels(model, engine)
+        self._duration: dict[bool, HistogramChild] = {}  # by stream
+        self._first_byte: dict[bool, HistogramChild] = {}
+        self._prompt: CounterChild | None = None
+        self._completion: CounterChild | None = None
 
     def answered(self, status: int) -> CounterChild:
         """The `llm_gateway_requests_total` child of this status."""
         child = self._by_status.get(status)
         if child is None:
-            child = self._by_status[status] = self._requests.labels(*self._labels, str(status))
+            child = self._by_status[status] = self._metrics.requests.labels(*self._labels, str(status))
         return child
+
+    def duration(self, stream: bool) -> HistogramChild:
+        child = self._duration.get(stream)
+        if child is None:
+            child = self._duration[stream] = self._metrics.duration.labels(*self._labels, _STREAM[stream])
+        return child
+
+    def first_byte(self, stream: bool) -> HistogramChild:
+        child = self._first_byte.get(stream)
+        if child is None:
+            child = self._first_byte[stream] = self._metrics.first_byte.labels(*self._labels, _STREAM[stream])
+        return child
+
+    def tokens(self) -> tuple[CounterChild, CounterChild]:
+        """The prompt and completion token counters of this model and engine."""
+        if self._prompt is None or self._completion is None:
+            model, engine = self._labels[0], self._labels[1]
+            self._prompt = self._metrics.prompt_tokens.labels(model, engine)
+            self._completion = self._metrics.completion_tokens.labels(model, engine)
+        return self._prompt, self._completion
+
+
+_STREAM = {False: "false", True: "true"}
 
 
 class GatewayMetrics:
@@ -204,8 +221,8 @@ class GatewayMetrics:
         )
         self.config_file_refused = Gauge(
             "llm_gateway_config_file_refused",
-            "1 while a mounted file (routing_map, api_keys, engine_api_key) holds content the gateway refused: "
-            "it serves the last good one.",
+            "1 while a mounted file (routing_map, api_keys, engine_api_key; api_key_files: any engine's own key "
+            "file) holds content the gateway refused: it serves the last good one.",
             ("file",),
             registry=self.registry,
         )

@@ -87,9 +87,7 @@ class ModelCatalog:
         try:
             async with self._session.get(
                 replica.url + engine.path_on_engine("/v1/models"),
-                headers=dict(
-                    engine.headers + (engine.credential.headers if engine.credential else self._snapshot().engine_auth)
-                ),
+                headers=dict(engine.headers + engine.auth_headers(self._snapshot().engine_auth)),
                 timeout=timeout,
             ) as response:
                 if response.status != 200:

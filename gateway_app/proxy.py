@@ -15,7 +15,7 @@ from typing import Any
 from starlette.types import Receive, Scope, Send
 
 from gateway_app.auth import Client, Unauthorized
-from gateway_app.errors import GatewayError, GatewayOverloaded, InternalError
+from gateway_app.errors import GatewayError, GatewayOverloaded, InternalError, NotFound
 from gateway_app.exchange_clock import ClientGone, ExchangeClock, watch_client
 from gateway_app.forwarding import CLIENT_CLOSED, ForwardRequest, ForwardResult
 from gateway_app.rate_limit import Decision, LimiterUnavailable, Limits, RateLimited
@@ -66,6 +66,7 @@ class ProxyEndpoint:
     def __init__(self, runtime: Runtime, path: str) -> None:
         self.runtime = runtime
         self.path = path
+        self.openai_path = path.startswith("/v1/")  # what a provider reached by `base_url` serves
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send, ids: RequestIds) -> None:
         runtime = self.runtime
@@ -82,6 +83,12 @@ class ProxyEndpoint:
             fields = parse_routing_fields(body.data)
             # What a key may not use does not exist for it: same answer as an unknown model.
             resolution = snapshot.routes.resolve(fields.model, fields.owned_by, client.allowed_models)
+            if resolution.engine.base_url and not self.openai_path:
+                raise NotFound(
+                    f"The engine `{resolution.engine.name}` is an OpenAI-compatible provider (`base_url`): "
+                    f"it serves the /v1/ paths, not {self.path}.",
+                    code="not_found",
+                )
             limits = snapshot.limits_for(client)
             if limits.active:
                 estimate = self._token_estimate(body.data, fields, settings.limits.completion_tokens_estimate)

@@ -78,14 +78,19 @@ class ReplicaPool:
     """The replicas one engine routes to right now. Discovery replaces `replicas` in one assignment;
     an engine without discovery keeps its configured list."""
 
-    __slots__ = ("configured", "replicas", "turn")
+    __slots__ = ("configured", "replicas", "turn", "health_path")
 
-    def __init__(self, configured: tuple[Replica, ...]) -> None:
+    def __init__(self, configured: tuple[Replica, ...], health_path: str | None = "/health") -> None:
         self.configured = configured
         self.replicas = configured
         self.turn = 0  # for round-robin
+        self.health_path = health_path  # the engine's, for the pods discovery adds too
+        for replica in configured:
+            replica.health_path = health_path
 
     def update(self, discovered: tuple[Replica, ...]) -> None:
+        for replica in discovered:
+            replica.health_path = self.health_path
         self.replicas = discovered or self.configured  # no ready pod: the Service URL is the best bet
 
 
@@ -108,14 +113,17 @@ class ReplicaRegistry:
     def pool_for(self, spec: EngineSpec) -> ReplicaPool:
         """A new pool of the configured URLs, or the shared pool of the Service it discovers."""
         configured = tuple(self.replica(url) for url in spec.endpoints)
-        for replica in configured:
-            replica.health_path = spec.checked_health_path
+        health_path = spec.checked_health_path
         key = discovery_key(spec)
         if key is None:
-            return ReplicaPool(configured)
+            return ReplicaPool(configured, health_path)
         pool = self._pools.get(key)
         if pool is None or pool.configured != configured:
-            pool = self._pools[key] = ReplicaPool(configured)
+            pool = self._pools[key] = ReplicaPool(configured, health_path)
+        elif pool.health_path != health_path:  # the same Service, checked elsewhere from now on
+            pool.health_path = health_path
+            for replica in (*pool.configured, *pool.replicas):
+                replica.health_path = health_path
         return pool
 
     def gate_for(self, name: str, settings: Concurrency) -> ConcurrencyGate | None:

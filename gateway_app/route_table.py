@@ -49,6 +49,13 @@ class Engine:
         object.__setattr__(self, "client_timeout", aiohttp.ClientTimeout(total=None, connect=self.timeouts.connect))
         object.__setattr__(self, "name_header", self.name.encode())
 
+    def auth_headers(self, shared: tuple[tuple[str, str], ...]) -> tuple[tuple[str, str], ...]:
+        """The credential this engine gets: its own (`api_key_file`), else the shared engine key, which
+        never leaves for a provider reached by `base_url` (it is this cluster's key, not theirs)."""
+        if self.credential is not None:
+            return self.credential.headers
+        return () if self.base_url else shared
+
     def path_on_engine(self, path: str) -> str:
         """Where a client's path is on this engine's replica URL."""
         return path[3:] if self.base_url and path.startswith("/v1/") else path

@@ -102,6 +102,7 @@ class Runtime:
         self._files = self._watched_files(setup)
         for watched, label in self._files:
             self.metrics.config_file_refused.labels(label).set_function(functools.partial(_refused, watched))
+        self.metrics.config_file_refused.labels("api_key_files").set_function(self.credentials.any_refused)
         self.metrics.request_body_bytes.set_function(lambda: self.body_budget.held)
 
     @classmethod
@@ -150,11 +151,12 @@ class Runtime:
         self.snapshot = dataclasses.replace(self.snapshot, engine_auth=bearer(key))
 
     def _health_headers(self, replica: Replica) -> dict[str, str]:
-        """The credential a replica's health check carries: its engine's own, else the shared one."""
+        """The credential a replica's health check carries: that of the (first) engine it serves."""
+        shared = self.snapshot.engine_auth
         for engine in self.snapshot.routes.engines:
-            if engine.credential is not None and replica in engine.pool.replicas:
-                return dict(engine.credential.headers)
-        return dict(self.snapshot.engine_auth)
+            if replica in engine.pool.replicas:
+                return dict(engine.auth_headers(shared))
+        return dict(shared)
 
     def _watched_files(self, setup: Setup) -> list[tuple[WatchedFile[Any], str]]:
         """The mounted files to keep in service, each with its `file` label."""

@@ -81,3 +81,32 @@ def test_gateway_follows_the_ready_pods_of_a_service(pods, processes, tmp_path):
     wait_for(lambda: available(PODS[1]) == 0, timeout=5, message="pods gone")
     answer = post(gateway.url + CHAT, {"model": "m", "messages": HI})
     assert answer.status == 502  # back on the configured URL (the Service), where nothing answers here
+
+
+def test_discovered_pods_are_checked_at_the_engines_health_path(pods, processes, tmp_path):
+    """`health_path` applies to every pod discovery finds, not only to the configured Service URL."""
+    port, _ = pods
+    api = processes.add(FakeKubeAPI().start())
+    api.slices["svc-a"] = endpoint_slice("svc-a", "engine-svc", port, [(PODS[0], True)])
+    config = write_routing_map(
+        tmp_path / "routes.yaml",
+        [
+            {
+                "name": "e",
+                "model": "m",
+                "owned_by": "vllm",
+                "url": f"http://127.0.0.1:{free_port()}",
+                "discovery": {"service": "engine-svc", "namespace": "llm", "port": port},
+                "health_path": "/no-such-health-path",  # the simulator answers it 404: unhealthy
+            }
+        ],
+        settings={"health": {"interval": 0.2}},
+    )
+    gateway = processes.gateway(config, env={"LLM_GATEWAY_KUBE_API": api.url})
+
+    def available() -> float:
+        text = get(gateway.url + "/metrics").body.decode()
+        return metric_value(text, "llm_gateway_endpoint_available", endpoint=f"http://{PODS[0]}:{port}")
+
+    wait_for(lambda: f"http://{PODS[0]}:{port}" in get(gateway.url + "/metrics").body.decode(), message="discovered")
+    wait_for(lambda: available() == 0, timeout=5, message="the pod judged at the engine's health path")

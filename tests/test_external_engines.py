@@ -45,6 +45,7 @@ def gateway(provider, provider_key, module_processes, tmp_path_factory) -> Runni
                 "api_key_file": str(provider_key),
             },
             {"name": "removed", "model": "gone-model", "owned_by": "vllm", "url": "http://removed-engine.invalid:8000"},
+            {"name": "keyless", "model": "free-model", "owned_by": "provider", "base_url": provider.url + "/free"},
         ],
         settings={"health": {"interval": 0.1}, "retries": {"max_attempts": 1}},
     )
@@ -92,3 +93,36 @@ def test_an_engine_whose_name_does_not_resolve_gets_a_clear_503(gateway):
     assert answer.headers["retry-after"] == "5"
     metrics = get(gateway.url + "/metrics").body.decode()
     assert metric_value(metrics, "llm_gateway_upstream_errors_total", engine="removed", kind="engine_not_found") >= 1
+
+
+def test_the_shared_engine_key_never_goes_to_a_provider(gateway, provider):
+    """--engine-api-key-file is this cluster's key for its own engines: a base_url engine without a key
+    file of its own gets no Authorization at all."""
+    assert post(gateway.url + "/v1/chat/completions", {"model": "free-model", "messages": HI}).status == 200
+    assert provider.received[-1].path == "/free/chat/completions"
+    assert "Authorization" not in provider.received[-1].headers
+
+
+def test_a_provider_serves_only_the_openai_paths(gateway, provider):
+    before = len(provider.received)
+    answer = post(gateway.url + "/tokenize", {"model": "provider-model", "prompt": "hi"})
+    assert answer.status == 404
+    assert "serves the /v1/ paths, not /tokenize" in answer.json()["error"]["message"]
+    assert not any(r.path.endswith("/tokenize") for r in provider.received[before:])
+
+
+def test_a_key_file_that_goes_bad_keeps_the_last_key_and_says_so(gateway, provider, provider_key):
+    def refused() -> float:
+        metrics = get(gateway.url + "/metrics").body.decode()
+        return metric_value(metrics, "llm_gateway_config_file_refused", file="api_key_files")
+
+    current = provider_key.read_text()
+    assert refused() == 0
+    provider_key.write_text("")  # a Secret emptied by mistake
+    try:
+        wait_for(lambda: refused() == 1, timeout=15, interval=0.5, message="the empty key file refused")
+        post(gateway.url + "/v1/chat/completions", {"model": "provider-model", "messages": HI})
+        assert provider.received[-1].headers["Authorization"] == f"Bearer {current.strip()}"
+    finally:
+        provider_key.write_text(current)
+    wait_for(lambda: refused() == 0, timeout=15, interval=0.5, message="the key file fixed")

@@ -10,6 +10,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
+from tests.raw_http import RawConnection, json_request
 from tests.routes import write_routing_map
 from tests.support import Processes, RunningProcess
 from tests.web import get, metric_value, post, sse_events, wait_for
@@ -306,3 +307,28 @@ def test_a_fallback_engine_keeps_its_own_concurrency_limit(processes, tmp_path):
     assert sorted(a.status for a in answers) == [200, 429]
     refused = next(a for a in answers if a.status == 429)
     assert refused.json()["error"]["code"] == "engine_overloaded"
+
+
+def test_a_fallback_engine_keeps_its_limit_for_the_whole_stream(processes, tmp_path):
+    """The fallback's place is held until its answer is relayed to the end, not only until its first chunk."""
+    backup = processes.simulator("vllm", "m", itl_ms=200)
+    config = write_routing_map(
+        tmp_path / "routes.yaml",
+        [
+            {"name": "primary", "model": "m", "owned_by": "vllm", "url": "http://127.0.0.1:9", "fallback": "backup"},
+            {
+                "name": "backup",
+                "model": "m",
+                "owned_by": "backup",
+                "url": backup.url,
+                "concurrency": {"limit": 1, "queue": 0},
+            },
+        ],
+    )
+    gateway = processes.gateway(config)
+    with RawConnection(gateway.url) as first:
+        first.send(json_request({"model": "m", "messages": HI, "max_tokens": 20, "stream": True}))
+        first.read_until(b"data:")  # under way on the fallback, tokens 200 ms apart
+        second = post(gateway.url + CHAT, {"model": "m", "messages": HI})
+        assert second.status == 429
+        assert second.json()["error"]["code"] == "engine_overloaded"

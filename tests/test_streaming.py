@@ -3,16 +3,20 @@
 from __future__ import annotations
 
 import json
+import socket
 import threading
 import time
 
 import pytest
 import uvicorn
+import yaml
 
 from gateway_app.app import GatewayApp
+from gateway_app.auth import hash_key
 from gateway_app.request_log import RequestLog
 from gateway_app.server import load_setup
 from tests.raw_http import RawConnection, json_request
+from tests.redis_server import RedisServer
 from tests.routes import write_routing_map
 from tests.support import RunningProcess, free_port
 from tests.web import get, metric_value, post, sse_events, wait_for
@@ -84,6 +88,49 @@ def test_client_leaving_mid_stream_closes_the_engine_request(stream_gateway, slo
     wait_for(
         lambda: running_requests(slow_tokens, "sglang:num_running_reqs") == 0, timeout=3, message="engine stream closed"
     )
+
+
+def test_client_leaving_while_its_request_waits_for_admission_is_noticed(slow_first_token, processes, tmp_path):
+    """A client that hangs up while the gateway waits for the rate-limit store (paused here) is gone before
+    its exchange starts: the exchange must know it at once, not open an engine request for nobody."""
+    redis = processes.add(RedisServer(tmp_path)).start()
+    keys = tmp_path / "keys.yaml"
+    keys.write_text(yaml.safe_dump({"keys": [{"name": "team", "sha256": hash_key("sk-team")}]}))
+    config = write_routing_map(
+        tmp_path / "routes.yaml",
+        [{"name": "think-limited", "model": "think-model", "owned_by": "vllm", "url": slow_first_token.url}],
+        settings={"limits": {"requests_per_minute": 100000}},
+    )
+    gateway = processes.gateway(config, extra_args=["--keys-file", str(keys), "--redis-url", redis.url])
+    assert (
+        post(gateway.url + CHAT, {"model": "nope", "messages": HI}, headers={"Authorization": "Bearer sk-team"}).status
+        == 404
+    )
+
+    def body_bytes_held() -> float:
+        return metric_value(get(gateway.url + "/metrics").body.decode(), "llm_gateway_request_body_bytes")
+
+    with socket.create_connection(("127.0.0.1", redis.port), timeout=5) as store:
+        store.sendall(b"*4\r\n$6\r\nCLIENT\r\n$5\r\nPAUSE\r\n$4\r\n2000\r\n$3\r\nALL\r\n")
+        assert store.recv(64).startswith(b"+OK")
+    with RawConnection(gateway.url) as connection:
+        connection.send(
+            json_request({"model": "think-model", "messages": HI}, headers={"Authorization": "Bearer sk-team"})
+        )
+        wait_for(lambda: body_bytes_held() > 0, message="the request waits for admission")
+    wait_for(
+        lambda: (
+            metric_value(
+                get(gateway.url + "/metrics").body.decode(),
+                "llm_gateway_client_disconnects_total",
+                engine="think-limited",
+            )
+            == 1
+        ),
+        timeout=8,
+        message="the client's leaving counted",
+    )
+    assert running_requests(slow_first_token, "vllm:num_requests_running") == 0
 
 
 def test_client_leaving_is_noticed_under_another_asgi_server(slow_first_token, tmp_path):
