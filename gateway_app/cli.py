@@ -10,6 +10,7 @@ import os
 import sys
 
 from gateway_app import __version__
+from gateway_app.simulator.engine_model import GpuProfile
 
 ENGINE_KINDS = ("vllm", "sglang")
 LOG_LEVELS = ("debug", "info", "warning", "error")
@@ -114,8 +115,65 @@ def _build_parser() -> argparse.ArgumentParser:
     simulate.add_argument("--model", required=True, metavar="ID", help="the model id the simulated engine serves")
     simulate.add_argument("--host", default="0.0.0.0", help="address to listen on")
     simulate.add_argument("--port", type=int, default=8000, help="port to listen on; 0 picks a free one")
-    simulate.add_argument("--ttft-ms", type=float, default=0.0, metavar="MS", help="delay before the first token")
-    simulate.add_argument("--itl-ms", type=float, default=0.0, metavar="MS", help="delay between two tokens")
+    simulate.add_argument(
+        "--timing",
+        default="fixed",
+        choices=("fixed", "gpu"),
+        help="fixed: every token at the --ttft-ms/--itl-ms pace whatever the load (for overhead benchmarks); "
+        "gpu: an engine model with a prefix cache, a batch and a waiting queue (the options below)",
+    )
+    simulate.add_argument(
+        "--ttft-ms", type=float, default=0.0, metavar="MS", help="delay before the first token (--timing fixed)"
+    )
+    simulate.add_argument(
+        "--itl-ms", type=float, default=0.0, metavar="MS", help="delay between two tokens (--timing fixed)"
+    )
+    gpu = GpuProfile()  # the engine model's defaults: a ~1B model on one mid-range GPU
+    simulate.add_argument(
+        "--prefill-tokens-per-s",
+        type=float,
+        default=gpu.prefill_tokens_per_s,
+        metavar="N",
+        help="prompt tokens computed per second; only tokens missing from the prefix cache cost, and one "
+        "prefill runs at a time (--timing gpu)",
+    )
+    simulate.add_argument(
+        "--decode-ms",
+        type=float,
+        default=gpu.decode_ms,
+        metavar="MS",
+        help="time per output token when the request runs alone (--timing gpu)",
+    )
+    simulate.add_argument(
+        "--decode-ms-per-running",
+        type=float,
+        default=gpu.decode_ms_per_running,
+        metavar="MS",
+        help="extra time per output token for each other running request (--timing gpu)",
+    )
+    simulate.add_argument(
+        "--max-running",
+        type=int,
+        default=gpu.max_running,
+        metavar="N",
+        help="requests running at once; more wait in a FIFO queue (--timing gpu)",
+    )
+    simulate.add_argument(
+        "--cache-blocks",
+        type=int,
+        default=gpu.cache_blocks,
+        metavar="N",
+        help="KV-cache capacity in blocks, shared by running requests and the prefix cache, least recently "
+        "used cached blocks evicted first (--timing gpu)",
+    )
+    simulate.add_argument(
+        "--block-tokens",
+        type=int,
+        default=gpu.block_tokens,
+        metavar="N",
+        help="tokens per KV-cache block, like vLLM's --block-size; a token is 4 characters of the prompt "
+        "(--timing gpu)",
+    )
     simulate.add_argument("--log-level", default="warning", choices=LOG_LEVELS, help="the least severe level logged")
     simulate.add_argument(
         "--api-key",
@@ -142,7 +200,8 @@ def _build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = _build_parser().parse_args(argv)
+    parser = _build_parser()
+    args = parser.parse_args(argv)
     if args.command == "serve":
         from gateway_app.server import serve_gateway
 
@@ -176,6 +235,21 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "simulate":
         from gateway_app.simulator import serve_simulator
 
+        gpu = None
+        if args.timing == "gpu":
+            if args.ttft_ms or args.itl_ms:
+                parser.error("--ttft-ms and --itl-ms set the fixed timing; the gpu timing has its own options")
+            try:
+                gpu = GpuProfile(
+                    prefill_tokens_per_s=args.prefill_tokens_per_s,
+                    decode_ms=args.decode_ms,
+                    decode_ms_per_running=args.decode_ms_per_running,
+                    max_running=args.max_running,
+                    cache_blocks=args.cache_blocks,
+                    block_tokens=args.block_tokens,
+                )
+            except ValueError as error:
+                parser.error(str(error))
         return serve_simulator(
             engine=args.engine,
             model=args.model,
@@ -185,6 +259,7 @@ def main(argv: list[str] | None = None) -> int:
             itl_ms=args.itl_ms,
             log_level=args.log_level,
             api_key=args.api_key or _env("LLM_GATEWAY_SIMULATOR_API_KEY"),
+            gpu=gpu,
         )
     from gateway_app.demo import run_demo
 

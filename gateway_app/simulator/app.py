@@ -17,11 +17,13 @@ import orjson
 from starlette.types import Message, Receive, Scope, Send
 
 from gateway_app.responses import send_bytes
+from gateway_app.simulator.engine_model import GpuEngine, GpuProfile
 from gateway_app.simulator.engines import EngineBehaviour, StaticResponse, engine_named
 from gateway_app.simulator.errors import RequestError
-from gateway_app.simulator.generation import Completion, Pacing, embedding_data
+from gateway_app.simulator.generation import Completion, embedding_data
 from gateway_app.simulator.metrics import METRICS_CONTENT_TYPE, EngineMetrics
 from gateway_app.simulator.protocol import GenerationRequest, parse_chat, parse_completion, parse_embedding
+from gateway_app.simulator.timing import Pacing, Timing
 
 PostHandler = Callable[[bytes, Receive, Send], Awaitable[None]]
 
@@ -35,25 +37,35 @@ _SSE_START: Message = {
 
 
 def build_simulator_app(
-    engine: str, model: str, ttft_ms: float = 0.0, itl_ms: float = 0.0, api_key: str | None = None
+    engine: str,
+    model: str,
+    ttft_ms: float = 0.0,
+    itl_ms: float = 0.0,
+    api_key: str | None = None,
+    gpu: GpuProfile | None = None,
 ) -> SimulatorApp:
     """An ASGI app answering as `engine` ("vllm" or "sglang") serving `model`.
 
-    Each app has its own metrics registry, so several can run in one process. With `api_key`, the
-    `/v1` routes want `Authorization: Bearer <api_key>`, as both engines do when started with `--api-key`.
+    Tokens come at the fixed pace `ttft_ms`/`itl_ms`, or from the engine model when `gpu` is given.
+    Each app has its own metrics registry and engine state, so several can run in one process. With
+    `api_key`, the `/v1` routes want `Authorization: Bearer <api_key>`, as both engines do when started
+    with `--api-key`.
     """
-    return SimulatorApp(engine_named(engine), model, Pacing(ttft_ms / 1000.0, itl_ms / 1000.0), api_key)
+    timing: Timing = GpuEngine(gpu) if gpu is not None else Pacing(ttft_ms / 1000.0, itl_ms / 1000.0)
+    return SimulatorApp(engine_named(engine), model, timing, api_key)
 
 
 class SimulatorApp:
     """One simulated engine serving one model."""
 
-    def __init__(self, engine: EngineBehaviour, model: str, pacing: Pacing, api_key: str | None = None) -> None:
+    def __init__(self, engine: EngineBehaviour, model: str, timing: Timing, api_key: str | None = None) -> None:
         self._authorization = f"Bearer {api_key}".encode() if api_key else None
         self.engine = engine
         self.model = model
-        self.pacing = pacing
-        self.metrics = EngineMetrics(engine, model)
+        self.timing = timing
+        # The engine model counts tokens from the prompt's characters and hashes its text.
+        self._with_text = timing.load is not None
+        self.metrics = EngineMetrics(engine, model, timing.load)
         self._static_routes = engine.static_routes(model)
         self._post_routes: dict[str, PostHandler] = {
             "/v1/chat/completions": self._chat,
@@ -101,7 +113,7 @@ class SimulatorApp:
 
     async def _chat(self, body: bytes, receive: Receive, send: Send) -> None:
         try:
-            request = parse_chat(body, self.engine, self.model)
+            request = parse_chat(body, self.engine, self.model, self._with_text)
         except RequestError as error:
             await self._send_error(send, error)
             return
@@ -109,7 +121,7 @@ class SimulatorApp:
 
     async def _completions(self, body: bytes, receive: Receive, send: Send) -> None:
         try:
-            request = parse_completion(body, self.engine, self.model)
+            request = parse_completion(body, self.engine, self.model, self._with_text)
         except RequestError as error:
             await self._send_error(send, error)
             return
@@ -117,15 +129,17 @@ class SimulatorApp:
 
     async def _embeddings(self, body: bytes, receive: Receive, send: Send) -> None:
         try:
-            request = parse_embedding(body, self.engine, self.model)
+            request = parse_embedding(body, self.engine, self.model, self._with_text)
         except RequestError as error:
             await self._send_error(send, error)
             return
 
         async def embed() -> None:
-            # An embedding costs one forward pass: it is ready when a first token would be.
-            with self.metrics.track(request.prompt_tokens, 0) as tracker:
-                await self.pacing.until_token(tracker.start, 0)
+            # An embedding costs one forward pass: it is ready when a first token would be. No text for
+            # the prefix cache: pooling models do not cache prefixes.
+            tracker = self.metrics.track(request.prompt_tokens, 0)
+            with tracker, self.timing.schedule("", request.prompt_tokens) as schedule:
+                await schedule.prefill()
                 payload = self.engine.embedding_response(
                     request.response_model, embedding_data(request.inputs), request.prompt_tokens
                 )
@@ -148,22 +162,28 @@ class SimulatorApp:
 
     async def _answer(self, completion: Completion, send: Send) -> None:
         request: GenerationRequest = completion.request
-        with self.metrics.track(request.prompt_tokens, request.max_tokens) as tracker:
-            await self.pacing.until_token(tracker.start, 0)
+        tracker = self.metrics.track(request.prompt_tokens, request.max_tokens)
+        with tracker, self.timing.schedule(request.prompt_text, request.prompt_tokens) as schedule:
+            await schedule.prefill()
             tracker.tokens_done(1)
             if request.max_tokens > 1:
-                await self.pacing.until_token(tracker.start, request.max_tokens - 1)
+                await schedule.decode(request.max_tokens - 1)
                 tracker.tokens_done(request.max_tokens - 1)
             tracker.finish()
-            await _send_json(send, 200, completion.response())
+            await _send_json(send, 200, completion.response(schedule.cached_tokens))
 
     async def _stream(self, completion: Completion, send: Send) -> None:
-        count = completion.request.max_tokens
-        with self.metrics.track(completion.request.prompt_tokens, count) as tracker:
+        request: GenerationRequest = completion.request
+        count = request.max_tokens
+        tracker = self.metrics.track(request.prompt_tokens, count)
+        with tracker, self.timing.schedule(request.prompt_text, request.prompt_tokens) as schedule:
             # Headers go out at once, as from the engines' StreamingResponse; events follow the pace.
             await send(_SSE_START)
             for index in range(count):
-                await self.pacing.until_token(tracker.start, index)
+                if index == 0:
+                    await schedule.prefill()
+                else:
+                    await schedule.decode(1)
                 tracker.tokens_done()
                 event = completion.token_event(index)
                 if index == 0:
@@ -172,7 +192,7 @@ class SimulatorApp:
                 if last:
                     tracker.finish()
                     # The last token and what follows it are produced at the same instant: one write.
-                    event += completion.closing_events()
+                    event += completion.closing_events(schedule.cached_tokens)
                 await send({"type": "http.response.body", "body": event, "more_body": not last})
 
     async def _run(self, work: Coroutine[Any, Any, None], receive: Receive) -> None:
@@ -183,7 +203,7 @@ class SimulatorApp:
         reports the disconnect as an `http.disconnect` from `receive`, so that is watched
         concurrently. At zero latency `work` never waits, so there is nothing to watch.
         """
-        if self.pacing.instant:
+        if self.timing.instant:
             await work
             return
         work_task = asyncio.create_task(work)

@@ -41,6 +41,10 @@ class MetricNames:
     ttft_buckets: tuple[float, ...]
     itl_buckets: tuple[float, ...]
     e2e_buckets: tuple[float, ...]
+    # Prefix cache: vLLM counts tokens looked up and tokens found (counters), SGLang reports a hit rate.
+    prefix_cache_queries: str | None = None
+    prefix_cache_hits: str | None = None
+    cache_hit_rate: str | None = None
 
 
 @dataclass(frozen=True)
@@ -105,13 +109,17 @@ class EngineBehaviour:
         """Status code and JSON body of a refusal, in this engine's shape."""
         raise NotImplementedError
 
-    def usage(self, prompt_tokens: int, completion_tokens: int) -> dict[str, Any]:
+    def usage(self, prompt_tokens: int, completion_tokens: int, cached_tokens: int | None = None) -> dict[str, Any]:
+        """`cached_tokens`: the prompt tokens found in the prefix cache, None when nothing reports them."""
         return {
             "prompt_tokens": prompt_tokens,
             "total_tokens": prompt_tokens + completion_tokens,
             "completion_tokens": completion_tokens,
-            "prompt_tokens_details": None,
+            "prompt_tokens_details": self.prompt_tokens_details(cached_tokens),
         }
+
+    def prompt_tokens_details(self, cached_tokens: int | None) -> dict[str, int] | None:
+        raise NotImplementedError
 
     def chat_message(self, text: str) -> dict[str, Any]:
         """The `message` of a non-streaming chat choice."""
@@ -169,6 +177,8 @@ class Vllm(EngineBehaviour):
                      10.0, 20.0, 40.0, 80.0),
         e2e_buckets=(0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0, 50.0, 60.0,
                      120.0, 240.0, 480.0, 960.0, 1920.0, 7680.0),
+        prefix_cache_queries="vllm:prefix_cache_queries",
+        prefix_cache_hits="vllm:prefix_cache_hits",
     )
     # fmt: on
 
@@ -201,6 +211,10 @@ class Vllm(EngineBehaviour):
             f"({max_tokens} > {MAX_MODEL_LEN} - {prompt_tokens}).",
             param="max_tokens",
         )
+
+    def prompt_tokens_details(self, cached_tokens: int | None) -> dict[str, int] | None:
+        # As vLLM run with --enable-prompt-tokens-details: reported only when some tokens were cached.
+        return {"cached_tokens": cached_tokens} if cached_tokens else None
 
     def render_error(self, error: RequestError) -> tuple[int, dict[str, Any]]:
         param: str | None
@@ -297,6 +311,7 @@ class Sglang(EngineBehaviour):
                      0.1, 0.2, 0.4, 0.6, 0.8, 1.0, 2.0, 4.0, 6.0, 8.0),
         e2e_buckets=(0.1, 0.2, 0.4, 0.6, 0.8, 1.0, 2.0, 4.0, 6.0, 8.0, 10.0, 20.0, 40.0, 60.0, 80.0, 100.0,
                      200.0, 400.0, 800.0),
+        cache_hit_rate="sglang:cache_hit_rate",
     )
     # fmt: on
 
@@ -350,8 +365,12 @@ class Sglang(EngineBehaviour):
             message, kind = error.message, "BadRequestError"
         return 400, {"object": "error", "message": message, "type": kind, "param": None, "code": 400}
 
-    def usage(self, prompt_tokens: int, completion_tokens: int) -> dict[str, Any]:
-        return {**super().usage(prompt_tokens, completion_tokens), "reasoning_tokens": 0}
+    def usage(self, prompt_tokens: int, completion_tokens: int, cached_tokens: int | None = None) -> dict[str, Any]:
+        return {**super().usage(prompt_tokens, completion_tokens, cached_tokens), "reasoning_tokens": 0}
+
+    def prompt_tokens_details(self, cached_tokens: int | None) -> dict[str, int] | None:
+        # As SGLang run with --enable-cache-report: reported on every answer, zero included.
+        return None if cached_tokens is None else {"cached_tokens": cached_tokens}
 
     def chat_message(self, text: str) -> dict[str, Any]:
         return {"role": "assistant", "content": text, "reasoning_content": None, "tool_calls": None}

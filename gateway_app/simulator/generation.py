@@ -1,4 +1,4 @@
-"""The simulated model: its pace, its (deterministic) words, and the bodies and SSE events carrying them.
+"""The simulated model's (deterministic) words, and the bodies and SSE events carrying them.
 
 Rendering is shared by both engines; what differs (extra fields, where finish_reason goes) comes
 from the `EngineBehaviour`. Everything is built with orjson and no sleep happens at zero latency, so that the
@@ -7,7 +7,6 @@ simulator is never what a gateway benchmark measures.
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
 import itertools
 import math
@@ -38,33 +37,6 @@ def generated_text(count: int) -> str:
     return _TEXT[: _TEXT_ENDS[count - 1]] if count else ""
 
 
-class Pacing:
-    """When each token is due: the first after `ttft_s`, then one every `itl_s`.
-
-    Deadlines are computed from the request's start, not chained from the previous sleep, so a
-    long stream does not drift by the event loop's per-sleep overshoot.
-    """
-
-    def __init__(self, ttft_s: float, itl_s: float) -> None:
-        if ttft_s < 0 or itl_s < 0:
-            raise ValueError("ttft and itl must not be negative")
-        self.ttft_s = ttft_s
-        self.itl_s = itl_s
-        # At zero latency nothing sleeps and nothing waits for a disconnect: the answer is immediate.
-        self.instant = ttft_s == 0 and itl_s == 0
-
-    async def until_token(self, start: float, index: int) -> None:
-        """Sleep until token `index` (0-based) is due; `start` is a `time.monotonic()` reading.
-
-        Not `loop.time()`: uvloop's is cached per loop iteration, at millisecond resolution.
-        """
-        if self.instant:
-            return
-        delay = start + self.ttft_s + index * self.itl_s - time.monotonic()
-        if delay > 0:
-            await asyncio.sleep(delay)
-
-
 class Completion:
     """The body and SSE events of one chat or text completion."""
 
@@ -82,8 +54,8 @@ class Completion:
             template = self._event([self._choice(placeholder, None)])
             self._token_prefix, self._token_suffix = template.rsplit(orjson.dumps("\0"), 1)
 
-    def response(self) -> dict[str, Any]:
-        """The non-streaming answer."""
+    def response(self, cached_tokens: int | None = None) -> dict[str, Any]:
+        """The non-streaming answer; `cached_tokens` as in `EngineBehaviour.usage`."""
         request, engine = self.request, self.engine
         text = generated_text(request.max_tokens)
         choice: dict[str, Any] = {"index": 0}
@@ -98,7 +70,7 @@ class Completion:
             "created": self.created,
             "model": request.response_model,
             "choices": [choice],
-            "usage": engine.usage(request.prompt_tokens, request.max_tokens),
+            "usage": engine.usage(request.prompt_tokens, request.max_tokens, cached_tokens),
             **engine.response_extras(),
         }
 
@@ -118,13 +90,13 @@ class Completion:
         delta_or_text: dict[str, Any] | str = {"content": text} if self.chat else text
         return self._event([self._choice(delta_or_text, self.request.finish_reason if finish_here else None)])
 
-    def closing_events(self) -> bytes:
+    def closing_events(self, cached_tokens: int | None = None) -> bytes:
         """What follows the last token: SGLang's finish chunk, the usage chunk if asked, then [DONE]."""
         events = []
         if self.chat and self.engine.chat_finish_in_own_chunk:
             events.append(self._event([self._choice({}, self.request.finish_reason)]))
         if self.request.include_usage:
-            usage = self.engine.usage(self.request.prompt_tokens, self.request.max_tokens)
+            usage = self.engine.usage(self.request.prompt_tokens, self.request.max_tokens, cached_tokens)
             events.append(self._event([], usage=usage))
         events.append(b"data: [DONE]\n\n")
         return b"".join(events)

@@ -20,11 +20,12 @@ from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamil
 from prometheus_client.utils import floatToGoString
 
 from gateway_app.simulator.engines import MAX_MODEL_LEN, EngineBehaviour
+from gateway_app.simulator.timing import EngineLoad
 
 float_to_go: Callable[[float], str] = floatToGoString  # Prometheus's own float format ("+Inf"); untyped
 
 METRICS_CONTENT_TYPE = CONTENT_TYPE_LATEST.encode()
-# Tokens the simulated KV cache holds; a running request reserves its prompt plus its max_tokens.
+# Tokens the fixed timing's notional KV cache holds; a running request reserves its prompt plus its max_tokens.
 KV_CACHE_TOKENS = 8 * MAX_MODEL_LEN
 
 
@@ -54,16 +55,20 @@ class Histogram:
 
 
 class EngineMetrics:
-    """Load and latency series a load-aware gateway scrapes, updated by `RequestTracker`s."""
+    """Load and latency series a load-aware gateway scrapes, updated by `RequestTracker`s.
 
-    def __init__(self, engine: EngineBehaviour, model: str) -> None:
+    With the engine model (`load`), running and waiting requests, KV-cache usage and the prefix cache's
+    series are the model's own; with the fixed timing, every request in flight runs, nothing waits and
+    nothing is cached.
+    """
+
+    def __init__(self, engine: EngineBehaviour, model: str, load: EngineLoad | None = None) -> None:
         self.names = engine.metric_names
         labels = engine.metric_labels(model)
         self._labelnames = list(labels)
         self._labelvalues = list(labels.values())
-        self.running = 0
-        # The simulator never queues, but a scraper expects the series to exist.
-        self.waiting = 0
+        self.load = load
+        self.running = 0  # requests in flight
         self.reserved_tokens = 0
         self.prompt_tokens = 0
         self.generation_tokens = 0
@@ -81,20 +86,34 @@ class EngineMetrics:
 
     def collect(self) -> Iterator[Metric]:
         """The collector protocol: called by the registry on every scrape."""
-        names, labelnames, values = self.names, self._labelnames, self._labelvalues
-        gauges = (
-            (names.running, "Number of requests being generated.", self.running),
-            (names.waiting, "Number of requests waiting to be scheduled.", self.waiting),
-            (names.kv_cache_usage, "KV-cache usage; 1 means full.", min(self.reserved_tokens / KV_CACHE_TOKENS, 1.0)),
-        )
+        names, labelnames, values, load = self.names, self._labelnames, self._labelvalues, self.load
+        if load is None:
+            running, waiting, kv_usage = self.running, 0, min(self.reserved_tokens / KV_CACHE_TOKENS, 1.0)
+            queries = hits = 0
+            hit_rate = 0.0
+        else:
+            running, waiting, kv_usage = load.running, load.waiting, load.kv_cache_usage
+            queries, hits, hit_rate = load.prefix_cache_queries, load.prefix_cache_hits, load.last_cache_hit_rate
+        gauges = [
+            (names.running, "Number of requests being generated.", running),
+            (names.waiting, "Number of requests waiting to be scheduled.", waiting),
+            (names.kv_cache_usage, "KV-cache usage; 1 means full.", kv_usage),
+        ]
+        if names.cache_hit_rate is not None:
+            gauges.append((names.cache_hit_rate, "The prefix cache hit rate.", hit_rate))
         for name, documentation, value in gauges:
             gauge = GaugeMetricFamily(name, documentation, labels=labelnames)
             gauge.add_metric(values, value)
             yield gauge
-        counters = (
+        counters = [
             (names.prompt_tokens, "Number of prefill tokens processed.", self.prompt_tokens),
             (names.generation_tokens, "Number of generation tokens processed.", self.generation_tokens),
-        )
+        ]
+        if names.prefix_cache_queries is not None and names.prefix_cache_hits is not None:
+            counters.append(
+                (names.prefix_cache_queries, "Prefix cache queries, in terms of number of queried tokens.", queries)
+            )
+            counters.append((names.prefix_cache_hits, "Prefix cache hits, in terms of number of cached tokens.", hits))
         for name, documentation, value in counters:
             counter = CounterMetricFamily(name, documentation, labels=labelnames)
             counter.add_metric(values, value)

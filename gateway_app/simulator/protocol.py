@@ -17,8 +17,11 @@ from gateway_app.simulator.errors import RequestError
 
 # Tokens generated when a request sets no max_tokens; the "model" then stops by itself.
 DEFAULT_MAX_TOKENS = 16
-# Chat-template tokens a message costs besides its words (role markers, separators).
+# Chat-template tokens a message costs besides its words (role markers, separators), in the fixed timing.
 TOKENS_PER_MESSAGE = 4
+# The engine model's tokenizer: a token is 4 characters of the prompt as the model sees it (English text
+# averages about that with the Llama and GPT tokenizers), so that prefixes can be hashed block by block.
+CHARS_PER_TOKEN = 4
 
 
 @dataclass(frozen=True, slots=True)
@@ -32,6 +35,8 @@ class GenerationRequest:
     finish_reason: str
     stream: bool
     include_usage: bool
+    # The prompt as the model sees it (chat template applied), kept only for the engine model.
+    prompt_text: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -41,7 +46,21 @@ class EmbeddingRequest:
     prompt_tokens: int
 
 
-def parse_chat(raw: bytes, engine: EngineBehaviour, served_model: str) -> GenerationRequest:
+def approximate_tokens(text: str) -> int:
+    """The engine model's token count: `CHARS_PER_TOKEN` characters a token, rounded up."""
+    return -(-len(text) // CHARS_PER_TOKEN)
+
+
+def render_chat(messages: list[dict[str, Any]]) -> str:
+    """The prompt a chat template would make of `messages`: `<|role|>text<|end|>` each, then the
+    assistant's turn. Only the shape matters: equal leading messages render to an equal prefix."""
+    turns = [f"<|{message['role']}|>{_text(message.get('content'))}<|end|>" for message in messages]
+    return "".join(turns) + "<|assistant|>"
+
+
+def parse_chat(raw: bytes, engine: EngineBehaviour, served_model: str, with_text: bool = False) -> GenerationRequest:
+    """`with_text`: render the prompt and count its tokens from its characters, for the engine model;
+    otherwise count words, which costs next to nothing."""
     body = _json_object(raw)
     messages = body.get("messages")
     if "messages" not in body:
@@ -60,13 +79,20 @@ def parse_chat(raw: bytes, engine: EngineBehaviour, served_model: str) -> Genera
     stream, stream_options = _streaming(body, engine)
     _check_model(engine, requested_model, served_model)
     engine.check_messages(messages)
-    prompt_tokens = sum(_words(message.get("content")) + TOKENS_PER_MESSAGE for message in messages)
+    if with_text:
+        text = render_chat(messages)
+        prompt_tokens = approximate_tokens(text)
+    else:
+        text = ""
+        prompt_tokens = sum(_words(message.get("content")) + TOKENS_PER_MESSAGE for message in messages)
     return _generation(
-        engine, served_model, requested_model, max(prompt_tokens, 1), requested_max, stream, stream_options
+        engine, served_model, requested_model, max(prompt_tokens, 1), requested_max, stream, stream_options, text
     )
 
 
-def parse_completion(raw: bytes, engine: EngineBehaviour, served_model: str) -> GenerationRequest:
+def parse_completion(
+    raw: bytes, engine: EngineBehaviour, served_model: str, with_text: bool = False
+) -> GenerationRequest:
     body = _json_object(raw)
     prompts = _text_inputs(body, "prompt")
     requested_model = _model(body)
@@ -74,18 +100,26 @@ def parse_completion(raw: bytes, engine: EngineBehaviour, served_model: str) -> 
     stream, stream_options = _streaming(body, engine)
     _check_model(engine, requested_model, served_model)
     # A list of prompts is answered as one generation whose prompt is all of them.
-    prompt_tokens = sum(_words(prompt) for prompt in prompts)
+    if with_text:
+        text = "".join(prompts)
+        prompt_tokens = approximate_tokens(text)
+    else:
+        text = ""
+        prompt_tokens = sum(_words(prompt) for prompt in prompts)
     return _generation(
-        engine, served_model, requested_model, max(prompt_tokens, 1), requested_max, stream, stream_options
+        engine, served_model, requested_model, max(prompt_tokens, 1), requested_max, stream, stream_options, text
     )
 
 
-def parse_embedding(raw: bytes, engine: EngineBehaviour, served_model: str) -> EmbeddingRequest:
+def parse_embedding(
+    raw: bytes, engine: EngineBehaviour, served_model: str, with_text: bool = False
+) -> EmbeddingRequest:
     body = _json_object(raw)
     inputs = _text_inputs(body, "input")
     requested_model = _model(body)
     _check_model(engine, requested_model, served_model)
-    prompt_tokens = sum(max(_words(text), 1) for text in inputs)
+    count = approximate_tokens if with_text else _words
+    prompt_tokens = sum(max(count(text), 1) for text in inputs)
     return EmbeddingRequest(engine.response_model(requested_model, served_model), inputs, prompt_tokens)
 
 
@@ -97,6 +131,7 @@ def _generation(
     requested_max: int | None,
     stream: bool,
     stream_options: dict[str, Any] | None,
+    prompt_text: str,
 ) -> GenerationRequest:
     if requested_max is not None and requested_max < 1:
         raise engine.max_tokens_error(requested_max)
@@ -110,6 +145,7 @@ def _generation(
         finish_reason="stop" if requested_max is None else "length",
         stream=stream,
         include_usage=stream and engine.include_usage(stream_options),
+        prompt_text=prompt_text,
     )
 
 
@@ -189,3 +225,13 @@ def _words(content: Any) -> int:
         texts = (part.get("text") for part in content if isinstance(part, dict))
         return sum(len(text.split()) for text in texts if isinstance(text, str))
     return 0
+
+
+def _text(content: Any) -> str:
+    """A message's text: the string, or the text parts of multimodal content joined."""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        texts = (part.get("text") for part in content if isinstance(part, dict))
+        return "".join(text for text in texts if isinstance(text, str))
+    return ""

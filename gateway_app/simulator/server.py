@@ -10,6 +10,7 @@ import uvicorn
 from gateway_app.listener import bind_listener, http_url
 from gateway_app.shutdown import quiet_after_shutdown
 from gateway_app.simulator.app import build_simulator_app
+from gateway_app.simulator.engine_model import GpuProfile
 
 
 class _AnnouncingServer(uvicorn.Server):
@@ -34,16 +35,18 @@ def serve_simulator(
     itl_ms: float = 0.0,
     log_level: str = "warning",
     api_key: str | None = None,
+    gpu: GpuProfile | None = None,
 ) -> int:
     """Serve a simulated `engine` on host:port until SIGINT or SIGTERM; the exit code is 0, or 1 if the
-    address cannot be bound (a busy port, an unknown host)."""
+    address cannot be bound (a busy port, an unknown host). With `gpu`, the engine model sets the pace
+    instead of `ttft_ms`/`itl_ms`."""
     try:
         sock = bind_listener(host, port)
     except OSError as error:
         print(f"llm-gateway simulate: cannot listen on {host}:{port}: {error.strerror or error}", file=sys.stderr)
         return 1
     bound_port = sock.getsockname()[1]
-    app = build_simulator_app(engine, model, ttft_ms=ttft_ms, itl_ms=itl_ms, api_key=api_key)
+    app = build_simulator_app(engine, model, ttft_ms=ttft_ms, itl_ms=itl_ms, api_key=api_key, gpu=gpu)
     config = uvicorn.Config(
         app,
         loop="uvloop",
