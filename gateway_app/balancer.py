@@ -2,12 +2,14 @@
 
 - filter: replicas that are healthy and not ejected (when none is, the one whose ejection ends first,
   so that a fully failing engine is still tried rather than refused outright);
-- score: requests outstanding from this gateway, weighted by the replica's recent time to first byte
+- score: the replica's load (`Replica.load`: requests outstanding from this gateway, or what the engine
+  reports running and waiting when its metrics are read), weighted by its recent time to first byte
   (lower is better), so that an idle slow replica does not tie with an idle fast one;
 - pick: with an affinity key, rendezvous hashing over the candidates (the same key keeps its replica
-  while that replica stays healthy); otherwise the better of two picked at random ("power of two
-  choices"), which avoids the herd that always-least-loaded causes; or plain rotation. Policies live
-  behind `BalancingPolicy`.
+  while that replica stays healthy); otherwise the engine's policy: the better of two picked at random
+  ("power of two choices"), which avoids the herd that always-least-loaded causes; plain rotation; or
+  the replica that most likely holds the prompt's prefix in its cache, unless it is overloaded
+  (`CacheAware`). Policies live behind `BalancingPolicy`; each pick says why, for the metrics.
 """
 
 from __future__ import annotations
@@ -15,8 +17,10 @@ from __future__ import annotations
 import hashlib
 import random
 from collections.abc import Sequence
-from typing import Protocol
+from typing import NamedTuple, Protocol
 
+from gateway_app.config import CacheAwareSettings
+from gateway_app.prefix import Blocks, PrefixTable
 from gateway_app.replicas import Replica, ReplicaPool
 
 
@@ -31,7 +35,8 @@ def available(replicas: Sequence[Replica], now: float, exclude: Sequence[Replica
 def score(replica: Replica, now: float) -> float:
     """Expected wait: (requests ahead + this one) x recent time to first byte; plain load when unknown."""
     latency = replica.expected_latency(now)
-    return (replica.outstanding + 1) * latency if latency else float(replica.outstanding)
+    load = replica.load(now)
+    return (load + 1) * latency if latency else load
 
 
 _RNG = random.Random()
@@ -55,40 +60,114 @@ def pick_in_turn(candidates: Sequence[Replica], pool: ReplicaPool) -> Replica:
     return candidates[pool.turn % len(candidates)]
 
 
-class BalancingPolicy(Protocol):
-    """The pick step: one replica among the available candidates of a pool. A new policy is a new class
-    here and a name in `POLICIES` (and in `Settings.balancing`); nothing else changes."""
+def overloaded(load: float, lowest: float, settings: CacheAwareSettings) -> bool:
+    """SGLang's router's test of imbalance, applied to the preferred replica against the least loaded:
+    both further than `balance_abs_threshold` requests and more than `balance_rel_threshold` times."""
+    return load - lowest > settings.balance_abs_threshold and load > settings.balance_rel_threshold * lowest
 
-    def pick(self, candidates: Sequence[Replica], pool: ReplicaPool, now: float) -> Replica: ...
+
+class Pick(NamedTuple):
+    replica: Replica
+    decision: str  # why, for llm_gateway_balancing_decisions_total
+
+
+class BalancingPolicy(Protocol):
+    """The pick step: one replica among the available candidates of a pool, and why. A new policy is a
+    new class here and a name in `policy_named` (and in `config.BalancingPolicyName`); nothing else
+    changes. `prefix` is the prompt's block hashes (prefix.py), given only to `cache_aware` engines."""
+
+    name: str
+
+    def pick(self, candidates: Sequence[Replica], pool: ReplicaPool, now: float, prefix: Blocks | None) -> Pick: ...
 
 
 class LeastExpectedWaitOfTwo:
     """The better of two replicas picked at random ("power of two choices"): it avoids the herd that
     always-least-loaded causes."""
 
-    def pick(self, candidates: Sequence[Replica], pool: ReplicaPool, now: float) -> Replica:
-        return pick_least_loaded_of_two(candidates, now=now)
+    name = "power_of_two"
+
+    def pick(self, candidates: Sequence[Replica], pool: ReplicaPool, now: float, prefix: Blocks | None) -> Pick:
+        return Pick(pick_least_loaded_of_two(candidates, now=now), "least_loaded")
 
 
 class RoundRobin:
-    def pick(self, candidates: Sequence[Replica], pool: ReplicaPool, now: float) -> Replica:
-        return pick_in_turn(candidates, pool)
+    name = "round_robin"
+
+    def pick(self, candidates: Sequence[Replica], pool: ReplicaPool, now: float, prefix: Blocks | None) -> Pick:
+        return Pick(pick_in_turn(candidates, pool), "in_turn")
 
 
-POLICIES: dict[str, BalancingPolicy] = {"power_of_two": LeastExpectedWaitOfTwo(), "round_robin": RoundRobin()}
+class CacheAware:
+    """The replica that was sent the longest part of this prompt's prefix (its cache likely holds it),
+    unless that replica is overloaded next to the least loaded one; then, or when no replica holds enough
+    of the prompt (`min_match`), the better of two among the others. Either way the chosen replica is
+    recorded as holding the prompt's blocks, so a hot prefix that overflows its replica spreads to a few
+    (up to `prefix.HOLDERS_PER_BLOCK`), and the least loaded of those is preferred from then on.
+
+    One per engine: the table is the engine's (kept across reloads by the replica registry)."""
+
+    name = "cache_aware"
+
+    def __init__(self, table: PrefixTable, settings: CacheAwareSettings) -> None:
+        self.table = table
+        self.settings = settings
+
+    def pick(self, candidates: Sequence[Replica], pool: ReplicaPool, now: float, prefix: Blocks | None) -> Pick:
+        if not prefix:  # no prompt text to follow (embeddings, say)
+            return Pick(pick_least_loaded_of_two(candidates, now=now), "no_prefix")
+        by_url = {replica.url: replica for replica in candidates}
+        depth, holders = self.table.match(prefix, by_url)
+        if not depth or depth < self.settings.min_match * len(prefix):
+            pick = Pick(pick_least_loaded_of_two(candidates, now=now), "prefix_miss")
+        else:
+            loads = {replica.url: replica.load(now) for replica in candidates}
+            preferred = min(holders, key=loads.__getitem__)
+            load = loads[preferred]
+            if overloaded(load, min(loads.values()), self.settings):
+                lighter = [replica for replica in candidates if loads[replica.url] < load]
+                pick = Pick(pick_least_loaded_of_two(lighter, now=now), "load_override")
+            else:
+                pick = Pick(by_url[preferred], "prefix_hit")
+        self.table.record(prefix, pick.replica.url)
+        return pick
 
 
-def choose(
+POWER_OF_TWO = LeastExpectedWaitOfTwo()
+ROUND_ROBIN = RoundRobin()
+
+
+def policy_named(
+    name: str, table: PrefixTable | None = None, settings: CacheAwareSettings | None = None
+) -> BalancingPolicy:
+    """An engine's policy: the shared stateless ones, or a cache-aware one over the engine's table."""
+    if name == "cache_aware":
+        if table is None:
+            raise ValueError("cache_aware balancing needs the engine's prefix table")
+        return CacheAware(table, settings or CacheAwareSettings())
+    return ROUND_ROBIN if name == "round_robin" else POWER_OF_TWO
+
+
+def pick_replica(
     pool: ReplicaPool,
     now: float,
+    policy: BalancingPolicy = POWER_OF_TWO,
     affinity_key: str | None = None,
+    prefix: Blocks | None = None,
     exclude: Sequence[Replica] = (),
-    policy: str = "power_of_two",
-) -> Replica | None:
-    """Filter, then pick: by affinity when the request has a key, else by the policy."""
+) -> Pick | None:
+    """Filter, then pick: by affinity when the request has a key, else by the engine's policy."""
     candidates = available(pool.replicas, now, exclude)
     if not candidates:
         return None
     if affinity_key:
-        return pick_by_affinity(candidates, affinity_key)
-    return POLICIES[policy].pick(candidates, pool, now)
+        return Pick(pick_by_affinity(candidates, affinity_key), "affinity")
+    return policy.pick(candidates, pool, now, prefix)
+
+
+def choose(
+    pool: ReplicaPool, now: float, affinity_key: str | None = None, exclude: Sequence[Replica] = ()
+) -> Replica | None:
+    """The replica alone, by the less loaded of two, for what is not a client's request (the catalog)."""
+    pick = pick_replica(pool, now, POWER_OF_TWO, affinity_key, None, exclude)
+    return pick.replica if pick is not None else None

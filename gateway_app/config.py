@@ -92,6 +92,37 @@ class AffinitySettings(_Strict):
     body_user: bool = False  # use the OpenAI `user` field of the body
 
 
+BalancingPolicyName = Literal["power_of_two", "round_robin", "cache_aware"]
+
+
+class CacheAwareSettings(_Strict):
+    """How `cache_aware` balancing weighs a likely cached prefix against load (see balancer.py).
+
+    The replica that most likely holds the prompt's prefix is preferred unless it is overloaded: its load
+    exceeds the least loaded replica's by more than `balance_abs_threshold` requests *and* by more than
+    `balance_rel_threshold` times (SGLang's router uses the same two conditions, on its whole pool)."""
+
+    # Below this share of the prompt's blocks found on a replica, the prefix is not worth following.
+    min_match: float = Field(default=0.3, ge=0, le=1)
+    balance_abs_threshold: float = Field(default=2.0, ge=0)
+    balance_rel_threshold: float = Field(default=1.5, ge=1)
+    # Prompt blocks (256 characters each) remembered per engine, least recently used forgotten first.
+    table_blocks: int = Field(default=100_000, ge=1000, le=10_000_000)
+
+
+class EngineMetricsSettings(_Strict):
+    """Reading each replica's own load from its Prometheus `/metrics` (vLLM, SGLang), in the background."""
+
+    interval: float | None = Field(default=5.0, gt=0)  # seconds between two reads; null: never read
+    timeout: float = Field(default=1.0, gt=0)
+    max_bytes: int = Field(default=1024 * 1024, ge=16 * 1024)  # a larger answer is not read
+    # An engine answering 404 or something that is not Prometheus text is asked again only this late.
+    absent_retry: float = Field(default=300.0, gt=0)
+    # Whose replicas are read: the engines balanced `cache_aware` (default), or every engine with an URL
+    # of its own (`power_of_two` then weighs the engines' own queues too).
+    scrape: Literal["cache_aware", "all"] = "cache_aware"
+
+
 class Concurrency(_Strict):
     """Per-engine admission: at most `limit` requests at once, then a bounded wait queue, then 429."""
 
@@ -151,8 +182,11 @@ class Settings(_Strict):
     health: HealthSettings = HealthSettings()
     retries: RetrySettings = RetrySettings()
     affinity: AffinitySettings = AffinitySettings()
-    # How a replica is picked: the less loaded of two at random, or plain rotation (for comparison).
-    balancing: Literal["power_of_two", "round_robin"] = "power_of_two"
+    # How a replica is picked: the less loaded of two at random, plain rotation (for comparison), or by
+    # the prompt's prefix, bounded by load (an engine may override it).
+    balancing: BalancingPolicyName = "power_of_two"
+    cache_aware: CacheAwareSettings = CacheAwareSettings()
+    engine_metrics: EngineMetricsSettings = EngineMetricsSettings()
     # /readyz fails while no endpoint of any engine is healthy. Off by default: with every gateway pod
     # unready, clients get refused connections instead of an explanatory 502.
     ready_requires_engine: bool = False
@@ -224,6 +258,7 @@ class EngineSpec(_Strict):
     fallback: str | None = None  # the engine to try when none of this one's replicas can take a request
     concurrency: Concurrency = Concurrency()
     discovery: Discovery | None = None
+    balancing: BalancingPolicyName | None = None  # this engine's own; default: settings.balancing
 
     @model_validator(mode="after")
     def _one_way_to_reach_it(self) -> EngineSpec:

@@ -19,13 +19,14 @@ from dataclasses import dataclass
 import aiohttp
 from starlette.types import Send
 
-from gateway_app.balancer import choose
+from gateway_app.balancer import pick_replica
 from gateway_app.concurrency import ConcurrencyGate, EngineBusy
 from gateway_app.errors import GatewayError, sse_error_event
 from gateway_app.exchange_clock import ExchangeClock
 from gateway_app.failures import Failure, failure_error
 from gateway_app.log_setup import ThrottledWarning
 from gateway_app.metrics import GatewayMetrics
+from gateway_app.prefix import Blocks
 from gateway_app.replicas import Replica
 from gateway_app.request_body import EnginePayload
 from gateway_app.responses import send_error
@@ -63,6 +64,7 @@ class ForwardRequest:
     extra_headers: list[tuple[bytes, bytes]]  # added to the answer, e.g. x-ratelimit-*
     strip_usage: bool  # the gateway asked for the usage chunk, the client did not
     started: float  # perf_counter() when the request arrived
+    prefix: Blocks | None = None  # the prompt's block hashes, for a cache_aware engine (prefix.py)
 
 
 @dataclass(slots=True)
@@ -264,8 +266,13 @@ class Exchange:
         return None
 
     def _choose(self, tried: list[Replica]) -> Replica | None:
-        settings = self.request.routes.settings
-        return choose(self.engine.pool, time.monotonic(), self.request.affinity_key, tried, settings.balancing)
+        request, engine = self.request, self.engine
+        policy = engine.policy
+        pick = pick_replica(engine.pool, time.monotonic(), policy, request.affinity_key, request.prefix, tried)
+        if pick is None:
+            return None
+        self.forwarder.metrics.balancing_decision(engine.name, policy.name, pick.decision).inc()
+        return pick.replica
 
     async def _attempt(self, replica: Replica) -> _Opened | _Retryable | None:
         """One try on one replica: the answer opened (its head sent, the replica held until it is

@@ -18,6 +18,7 @@ from prometheus_client import (
     generate_latest,
 )
 from prometheus_client.metrics import MetricWrapperBase
+from prometheus_client.registry import Collector
 
 from gateway_app.plain_metrics import CounterChild, HistogramChild, PlainCounter, PlainHistogram
 
@@ -105,6 +106,7 @@ class GatewayMetrics:
         self._in_flight: dict[tuple[str, str], InFlight] = {}
         self._route_stats: dict[tuple[str, str, str], RouteStats] = {}
         self._client_requests: dict[tuple[str, int], CounterChild] = {}
+        self._engine_load: Collector | None = None
         ProcessCollector(registry=self.registry)
         PlatformCollector(registry=self.registry)
         route = ("model", "engine", "endpoint")
@@ -261,6 +263,21 @@ class GatewayMetrics:
             "Bytes of request bodies held now, all requests together (bounded by client_limits.max_body_memory).",
             registry=self.registry,
         )
+        self.balancing_decisions = PlainCounter(
+            "llm_gateway_balancing_decisions",
+            "Replica choices by engine, policy and decision: least_loaded (power_of_two), in_turn (round_robin), "
+            "affinity (an affinity key), prefix_hit (cache_aware: the replica likely holding the prompt's "
+            "prefix), load_override (that replica was overloaded), prefix_miss (no replica held enough of it), "
+            "no_prefix (no prompt text). Retries choose again.",
+            ("engine", "policy", "decision"),
+            registry=self.registry,
+        )
+        self.engine_balancing = Gauge(
+            "llm_gateway_engine_balancing",
+            "1 for each engine of the routing map in service: the balancing policy it uses.",
+            ("engine", "policy"),
+            registry=self.registry,
+        )
         self.config_engines = Gauge(
             "llm_gateway_config_engines",
             "Engines in the routing map being served.",
@@ -296,6 +313,16 @@ class GatewayMetrics:
             status_class = STATUS_CLASSES.get(status // 100, "other")
             child = self._client_requests[key] = self.client_requests.labels(client, status_class)
         return child
+
+    def show_engine_load(self, collector: Collector) -> None:
+        """The collector of the engines' own load (engine_load.py), in place of a previous runtime's."""
+        if self._engine_load is not None:
+            self.registry.unregister(self._engine_load)
+        self.registry.register(collector)
+        self._engine_load = collector
+
+    def balancing_decision(self, engine: str, policy: str, decision: str) -> CounterChild:
+        return self.balancing_decisions.labels(engine, policy, decision)
 
     def route_stats(self, model: str, engine: str, path: str) -> RouteStats:
         key = (model, engine, path)

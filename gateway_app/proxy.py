@@ -18,6 +18,7 @@ from gateway_app.auth import Client, Unauthorized
 from gateway_app.errors import GatewayError, GatewayOverloaded, InternalError, NotFound
 from gateway_app.exchange_clock import ClientGone, ExchangeClock, watch_client
 from gateway_app.forwarding import CLIENT_CLOSED, ForwardRequest, ForwardResult
+from gateway_app.prefix import prefix_blocks
 from gateway_app.rate_limit import Decision, LimiterUnavailable, Limits, RateLimited
 from gateway_app.request_body import (
     Body,
@@ -143,6 +144,8 @@ class ProxyEndpoint:
             strip_usage = request_usage_chunk(fields.document)
         stream = fields.document.get("stream") is True
         affinity_key = self._affinity_key(scope, fields, snapshot)
+        # Only for an engine balanced by prompt prefix (a fallback engine follows the routed one's choice).
+        prefix = prefix_blocks(fields.document) if engine.policy.name == "cache_aware" else None
         payload = EnginePayload(
             admitted.body,
             fields,
@@ -167,6 +170,7 @@ class ProxyEndpoint:
             extra_headers=[ids.header, *decision.headers()] if decision is not None else [ids.header],
             strip_usage=strip_usage,
             started=started,
+            prefix=prefix,
         )
         return request, stream, span
 

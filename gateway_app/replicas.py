@@ -1,5 +1,8 @@
 """Engine replicas and what the gateway knows of them: health, load, and the per-engine queue.
 
+A replica's load is what this gateway has outstanding on it, and, when its `/metrics` are read
+(engine_load.py), what the engine itself reports: requests running and waiting, KV-cache use.
+
 A *replica* is one running copy of an engine (a URL); an engine has one or several. What is known of a
 replica is kept by URL in a registry that outlives reloads of the routing map, so a reload does not
 forget that a replica is failing, and it is pruned to the URLs in use so that memory stays bounded. Two
@@ -20,6 +23,7 @@ from gateway_app.background import PeriodicTask
 from gateway_app.concurrency import ConcurrencyGate
 from gateway_app.config import Concurrency, EngineSpec, HealthSettings
 from gateway_app.log_setup import ThrottledWarning
+from gateway_app.prefix import PrefixTable
 
 log = logging.getLogger("llm_gateway.replicas")
 EJECTION_WARNINGS = ThrottledWarning(log)  # a replica failing every request: a line a minute, not one per request
@@ -31,10 +35,15 @@ DiscoveryKey = tuple[str, str, int, tuple[str, ...]]
 class Replica:
     """One replica: its URL, requests outstanding on it, and its health."""
 
-    __slots__ = ("url", "health_path", "outstanding", "failures", "ejected_until", "healthy", "latency", "latency_at")
+    __slots__ = (
+        "url", "health_path", "outstanding", "failures", "ejected_until", "healthy", "latency", "latency_at",
+        "engine_running", "engine_waiting", "kv_cache_usage", "engine_load_until", "metrics_absent_until",
+    )  # fmt: skip
 
     LATENCY_WEIGHT = 0.2  # of a new sample in the moving average
     LATENCY_FRESH_SECONDS = 10.0  # older than this, the average says nothing about the replica now
+    KV_CACHE_FULL = 0.9  # past this KV-cache use, an engine is about to queue or preempt
+    KV_CACHE_PENALTY = 4.0  # requests a full KV cache counts as, added from KV_CACHE_FULL up to 1.0
 
     def __init__(self, url: str) -> None:
         self.url = url
@@ -45,6 +54,12 @@ class Replica:
         self.failures = 0  # in a row
         self.ejected_until = 0.0  # monotonic time
         self.healthy = True  # the last active check's verdict (optimistic until the first one)
+        # As the engine's own /metrics last said, believed until `engine_load_until` (monotonic time).
+        self.engine_running = 0.0
+        self.engine_waiting = 0.0
+        self.kv_cache_usage = 0.0
+        self.engine_load_until = 0.0
+        self.metrics_absent_until = 0.0  # its /metrics answered no metrics: not asked again before then
 
     def available(self, now: float) -> bool:
         return self.healthy and now >= self.ejected_until
@@ -58,6 +73,24 @@ class Replica:
         """The recent average, or 0 when there is none: a replica not heard from lately gets a request
         again, so that a replica that recovered is noticed."""
         return self.latency if now - self.latency_at < self.LATENCY_FRESH_SECONDS else 0.0
+
+    def engine_reported(self, running: float, waiting: float, kv_cache_usage: float, until: float) -> None:
+        self.engine_running, self.engine_waiting, self.kv_cache_usage = running, waiting, kv_cache_usage
+        self.engine_load_until = until
+
+    def load(self, now: float) -> float:
+        """Requests at the replica: this gateway's outstanding ones, or all those the engine last reported
+        running and waiting when that is more (other gateways' traffic shows only there), plus its waiting
+        ones once more (a queued request waits for a whole turn), plus up to `KV_CACHE_PENALTY` as its KV
+        cache fills past `KV_CACHE_FULL`."""
+        if now >= self.engine_load_until:
+            return float(self.outstanding)
+        waiting = self.engine_waiting
+        load = max(float(self.outstanding), self.engine_running + waiting) + waiting
+        full = self.KV_CACHE_FULL
+        if self.kv_cache_usage > full:
+            load += self.KV_CACHE_PENALTY * (min(self.kv_cache_usage, 1.0) - full) / (1 - full)
+        return load
 
     def succeeded(self) -> None:
         self.failures = 0
@@ -103,6 +136,7 @@ class ReplicaRegistry:
         self._by_url: dict[str, Replica] = {}
         self._pools: dict[DiscoveryKey, ReplicaPool] = {}
         self._gates: dict[str, ConcurrencyGate] = {}
+        self._prefixes: dict[str, PrefixTable] = {}
 
     def replica(self, url: str) -> Replica:
         replica = self._by_url.get(url)
@@ -140,6 +174,17 @@ class ReplicaRegistry:
             gate = self._gates[name] = ConcurrencyGate(settings.limit, settings.queue, settings.queue_timeout)
         return gate
 
+    def prefix_table_for(self, name: str, capacity: int | None) -> PrefixTable | None:
+        """The engine's table of prompt prefixes (cache-aware balancing; None: not balanced so): the
+        same object as before a reload unless its size changed, so that a reload forgets nothing."""
+        if capacity is None:
+            self._prefixes.pop(name, None)
+            return None
+        table = self._prefixes.get(name)
+        if table is None or table.capacity != capacity:
+            table = self._prefixes[name] = PrefixTable(capacity)
+        return table
+
     def discovered(self, key: DiscoveryKey, urls: Iterable[str]) -> bool:
         """Put the ready pods of a Service in service; False when no engine uses that Service any more."""
         pool = self._pools.get(key)
@@ -154,6 +199,7 @@ class ReplicaRegistry:
         self._by_url = {url: replica for url, replica in self._by_url.items() if url in keep_urls}
         self._pools = {key: pool for key, pool in self._pools.items() if key in keep_keys}
         self._gates = {name: gate for name, gate in self._gates.items() if name in keep_engines}
+        self._prefixes = {name: table for name, table in self._prefixes.items() if name in keep_engines}
 
     def __iter__(self) -> Iterator[Replica]:
         return iter(list(self._by_url.values()))

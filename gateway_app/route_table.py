@@ -11,8 +11,9 @@ from dataclasses import dataclass, field
 import aiohttp
 
 from gateway_app.auth import may_use
+from gateway_app.balancer import POWER_OF_TWO, BalancingPolicy, policy_named
 from gateway_app.concurrency import ConcurrencyGate
-from gateway_app.config import RoutingMap, Settings, Timeouts
+from gateway_app.config import EngineSpec, RoutingMap, Settings, Timeouts
 from gateway_app.engine_credentials import Credential, EngineCredentials
 from gateway_app.errors import ModelNotFound
 from gateway_app.replicas import DiscoveryKey, ReplicaPool, ReplicaRegistry, discovery_key
@@ -41,6 +42,7 @@ class Engine:
     default: bool = False  # serves requests for its model that name no owned_by
     credential: Credential | None = None  # its own key (api_key_file), instead of the shared one
     base_url: bool = False  # its replica URL is an OpenAI base URL: /v1/x is sent to <url>/x
+    policy: BalancingPolicy = POWER_OF_TWO  # how one of its replicas is picked (balancer.py)
     # Derived once here rather than on every request.
     client_timeout: aiohttp.ClientTimeout = field(init=False)
     name_header: bytes = field(init=False)
@@ -90,7 +92,8 @@ def build_routes(
     discovered pods, engine queues) into the new table's engines; `credentials`, the engines' own keys."""
     registry = registry if registry is not None else ReplicaRegistry()
     credentials = credentials if credentials is not None else EngineCredentials()
-    defaults = routing_map.settings.timeouts
+    settings = routing_map.settings
+    defaults = settings.timeouts
     engines = tuple(
         Engine(
             name=spec.name,
@@ -106,10 +109,17 @@ def build_routes(
             default=spec.default,
             credential=credentials.credential_for(spec.api_key_file) if spec.api_key_file else None,
             base_url=spec.base_url is not None,
+            policy=_policy(spec, settings, registry),
         )
         for spec in routing_map.engines
     )
     return RouteTable(routing_map.settings, engines)
+
+
+def _policy(spec: EngineSpec, settings: Settings, registry: ReplicaRegistry) -> BalancingPolicy:
+    name = spec.balancing or settings.balancing
+    capacity = settings.cache_aware.table_blocks if name == "cache_aware" else None
+    return policy_named(name, registry.prefix_table_for(spec.name, capacity), settings.cache_aware)
 
 
 class RouteTable:

@@ -2,7 +2,8 @@
 
 The runtime owns the engine session, the replicas (health, discovered pods, queues), the rate limiter,
 the model catalog, the request-body budget, the forwarder, the metrics, the request log, the tracer and
-the background services (health checks, discovery, hot reload of mounted files, the log writer). It
+the background services (health checks, reading the engines' own load, discovery, hot reload of mounted
+files, the log writer). It
 holds the snapshot in service, which a reload replaces whole (`snapshot.py`).
 """
 
@@ -26,6 +27,7 @@ from gateway_app.config import RoutingMap, load_routing_map
 from gateway_app.config_watcher import WatchedFile
 from gateway_app.discovery import DiscoveryManager, KubernetesAPI
 from gateway_app.engine_credentials import EngineCredentials, bearer
+from gateway_app.engine_load import EngineLoadMetrics, EngineLoadReader
 from gateway_app.forwarding import Forwarder
 from gateway_app.metrics import GatewayMetrics
 from gateway_app.models_catalog import ModelCatalog
@@ -98,6 +100,8 @@ class Runtime:
             KubernetesAPI.from_environment(), session, self.replicas, self._describe_replicas
         )
         self.health = HealthChecker(self.replicas, session, lambda: self.snapshot.settings.health, self._health_headers)
+        self.engine_load = EngineLoadReader(lambda: self.snapshot.routes, session, self._health_headers)
+        self.metrics.show_engine_load(EngineLoadMetrics(self.engine_load))
         self.services = ServiceGroup()
         self._files = self._watched_files(setup)
         for watched, label in self._files:
@@ -115,6 +119,7 @@ class Runtime:
             raise
         services: list[Service] = [
             runtime.health,
+            runtime.engine_load,
             runtime.discovery,
             runtime.request_log,
             runtime.credentials,
@@ -205,8 +210,10 @@ class Runtime:
         metrics.config_last_reload.set(time.time())
         metrics.queue_length.clear()
         metrics.engine_info.clear()
+        metrics.engine_balancing.clear()
         for engine in routes.engines:
             metrics.engine_info.labels(engine.name, engine.model, engine.owned_by).set(1)
+            metrics.engine_balancing.labels(engine.name, engine.policy.name).set(1)
             if engine.gate is not None:
                 metrics.queue_length.labels(engine.name).set_function(functools.partial(_queued, engine.gate))
         self._describe_replicas()

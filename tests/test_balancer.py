@@ -6,7 +6,9 @@ import random
 import time
 from collections import Counter
 
-from gateway_app.balancer import available, choose, pick_by_affinity, pick_least_loaded_of_two
+import pytest
+
+from gateway_app.balancer import ROUND_ROBIN, available, pick_by_affinity, pick_least_loaded_of_two, pick_replica
 from gateway_app.config import HealthSettings
 from gateway_app.replicas import Replica as Endpoint
 from gateway_app.replicas import ReplicaPool as EndpointPool
@@ -71,7 +73,7 @@ def test_affinity_is_stable_and_moves_only_the_keys_of_a_lost_replica():
 
 def test_round_robin_rotates():
     pool = EndpointPool(tuple(endpoints(3)))
-    picks = [choose(pool, 0, policy="round_robin").url for _ in range(6)]
+    picks = [pick_replica(pool, 0, ROUND_ROBIN).replica.url for _ in range(6)]
     assert picks[:3] == picks[3:] and len(set(picks)) == 3
 
 
@@ -100,3 +102,21 @@ def test_thousands_of_failures_in_a_row_keep_the_longest_cool_down():
     for _ in range(5000):
         endpoint.failed(settings)
     assert 0 < endpoint.ejected_until - time.monotonic() <= 60
+
+
+def test_the_engines_own_queue_counts_while_its_reading_is_fresh():
+    idle_here, busy_elsewhere = endpoints(2)
+    busy_elsewhere.engine_reported(running=6, waiting=3, kv_cache_usage=0.5, until=100)
+    assert busy_elsewhere.load(now=50) == 6 + 3 + 3  # running and waiting, waiting once more
+    assert pick_least_loaded_of_two([idle_here, busy_elsewhere], random.Random(0), now=50) is idle_here
+    assert busy_elsewhere.load(now=100) == 0  # stale: only what this gateway sent it
+    busy_elsewhere.outstanding = 20  # more than the engine said: this gateway's own count wins
+    assert busy_elsewhere.load(now=50) == 20 + 3
+
+
+def test_a_full_kv_cache_adds_up_to_its_penalty():
+    (replica,) = endpoints(1)
+    replica.engine_reported(running=0, waiting=0, kv_cache_usage=0.95, until=100)
+    assert replica.load(now=0) == pytest.approx(Endpoint.KV_CACHE_PENALTY / 2)
+    replica.engine_reported(running=0, waiting=0, kv_cache_usage=1.0, until=100)
+    assert replica.load(now=0) == Endpoint.KV_CACHE_PENALTY

@@ -90,6 +90,7 @@ def prometheus(tmp_path_factory: pytest.TempPathFactory, module_processes: Proce
             "owned_by": "sglang",
             "url": sglang.url,
             "concurrency": {"limit": 4},
+            "balancing": "cache_aware",  # its replica choices by prompt prefix, for the balancing panel
         },
         {
             "name": "vllm-flaky",
@@ -102,7 +103,10 @@ def prometheus(tmp_path_factory: pytest.TempPathFactory, module_processes: Proce
         {"name": "vllm-idle", "model": "idle-model", "owned_by": "vllm", "url": f"http://127.0.0.1:{free_port()}"},
     ]
     assert {e["name"]: (e["model"], e["owned_by"]) for e in engines} == ROUTES
-    routes = write_routing_map(work / "routes.yaml", engines)
+    # The engines' own load read from their /metrics, for every engine (the engine-load panels).
+    routes = write_routing_map(
+        work / "routes.yaml", engines, settings={"engine_metrics": {"scrape": "all", "interval": 0.5}}
+    )
     keys = work / "keys.yaml"
     keys.write_text(json.dumps({"keys": [{"name": "team-a", "sha256": hashlib.sha256(KEY.encode()).hexdigest()}]}))
     # Two gateway pods, as the chart runs them; the traffic goes to the first one. Queries that join the

@@ -380,7 +380,7 @@ def test_routing_map_renders_only_known_keys(renders: dict[str, Rendered]) -> No
     # all-features exercises every key the chart can render
     assert rendered_keys == {"name", "model", "owned_by", "url", "urls", "base_url", "health_path", "api_key_file",
                              "discovery", "default", "aliases", "headers", "timeouts", "fallback",
-                             "concurrency"}  # fmt: skip
+                             "concurrency", "balancing"}  # fmt: skip
 
 
 def test_routing_map_owned_by_and_served_names(renders: dict[str, Rendered]) -> None:

@@ -354,6 +354,9 @@ engines:
     {{- with .timeouts }}
     timeouts: {{ toJson . }}
     {{- end }}
+    {{- with .balancing }}
+    balancing: {{ toJson . }}
+    {{- end }}
     {{- with .fallback }}
     fallback: {{ toJson . }}
     {{- end }}

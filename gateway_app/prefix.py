@@ -1,0 +1,122 @@
+"""Prompt prefixes, as cache-aware balancing sees them: chained hashes of fixed-size blocks of the prompt.
+
+An engine's prefix cache (vLLM's automatic prefix caching, SGLang's radix cache) reuses the work done on
+the start of a prompt it has seen. The gateway cannot know what each replica holds, but it knows where it
+sent each prompt: `PrefixTable` remembers, per engine, which replicas were last sent each block of prompt
+text. No tokenizer: the prompt text the gateway already parsed (chat `messages`, `prompt`, the Responses
+API's `instructions` and `input`) is cut into blocks of `BLOCK_CHARS` characters (about 64 tokens), and
+each block's hash covers every block before it, so equal hashes mean equal prefixes.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from typing import Any
+
+BLOCK_CHARS = 256
+MAX_BLOCKS = 64  # the first 16 Ki characters decide; the rest of a long prompt costs nothing
+MAX_CHARS = BLOCK_CHARS * MAX_BLOCKS
+Blocks = tuple[int, ...]  # a prompt's chained block hashes
+HOLDERS_PER_BLOCK = 3  # a hot prefix spreads over a few replicas; the table remembers up to this many
+
+
+def prompt_text(document: dict[str, Any]) -> str:
+    """The request's prompt as one string, in the order the engine reads it: each chat message's role and
+    text, or the completion prompt. At most about `MAX_CHARS` characters are gathered."""
+    parts: list[str] = []
+    size = 0
+    instructions = document.get("instructions")
+    if isinstance(instructions, str):
+        parts.append(instructions)
+        size += len(instructions)
+    messages = document.get("messages")
+    if messages is None:
+        messages = document.get("input")  # the Responses API: a string or a list of messages
+    if isinstance(messages, str):
+        parts.append(messages)
+    elif isinstance(messages, list):
+        for message in messages:
+            if size >= MAX_CHARS:
+                break
+            if not isinstance(message, dict):
+                continue
+            role = message.get("role")
+            parts.append(role if isinstance(role, str) else "")
+            parts.append("\n")
+            content = message.get("content")
+            if isinstance(content, str):
+                parts.append(content)
+                size += len(content)
+            elif isinstance(content, list):
+                for part in content:
+                    text = part.get("text") if isinstance(part, dict) else None
+                    if isinstance(text, str):
+                        parts.append(text)
+                        size += len(text)
+            parts.append("\n")
+    prompt = document.get("prompt")
+    if isinstance(prompt, str):
+        parts.append(prompt)
+    return "".join(parts)
+
+
+def prefix_blocks(document: dict[str, Any]) -> Blocks:
+    """The chained hashes of the prompt's blocks (the last one may be shorter), at most `MAX_BLOCKS`.
+
+    Python's own string hash: the fastest there is, and the table lives in this process only."""
+    text = prompt_text(document)
+    end = min(len(text), MAX_CHARS)
+    chained = 0
+    blocks = []
+    for start in range(0, end, BLOCK_CHARS):
+        chained = hash((chained, text[start : start + BLOCK_CHARS]))
+        blocks.append(chained)
+    return tuple(blocks)
+
+
+class PrefixTable:
+    """Block hash → the replica URLs that were last sent it (most recent last), with least-recently used
+    blocks forgotten past `capacity`. An approximation of what each replica's cache holds: an engine
+    evicts on its own schedule, and requests sent by other gateways are not seen."""
+
+    __slots__ = ("capacity", "_holders")
+
+    def __init__(self, capacity: int) -> None:
+        self.capacity = capacity
+        self._holders: OrderedDict[int, list[str]] = OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self._holders)
+
+    def match(self, blocks: Blocks, urls: set[str] | dict[str, Any]) -> tuple[int, list[str]]:
+        """How many blocks from the start some replica among `urls` holds, and which of them hold that
+        deepest block."""
+        depth, holders = 0, []
+        get = self._holders.get
+        for index, block in enumerate(blocks):
+            known = get(block)
+            if known is None:
+                break
+            present = [url for url in known if url in urls]
+            if not present:
+                break
+            depth, holders = index + 1, present
+        return depth, holders
+
+    def record(self, blocks: Blocks, url: str) -> None:
+        """The request's blocks went to `url`: they are likely in its cache now."""
+        table = self._holders
+        for block in blocks:
+            known = table.get(block)
+            if known is None:
+                table[block] = [url]
+            else:
+                if known[-1] != url:
+                    if url in known:
+                        known.remove(url)
+                    elif len(known) >= HOLDERS_PER_BLOCK:
+                        del known[0]
+                    known.append(url)
+                table.move_to_end(block)
+        while len(table) > self.capacity:
+            table.popitem(last=False)

@@ -1,0 +1,302 @@
+"""Cache-aware balancing and the engines' own load: prompt blocks, the prefix table and the pick as pure
+functions; then real gateways in front of simulators and stand-ins on loopback."""
+
+from __future__ import annotations
+
+import random
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+from aiohttp import web
+
+from gateway_app.balancer import CacheAware, pick_replica
+from gateway_app.config import CacheAwareSettings
+from gateway_app.engine_load import parse_engine_load
+from gateway_app.prefix import BLOCK_CHARS, HOLDERS_PER_BLOCK, MAX_BLOCKS, PrefixTable, prefix_blocks
+from gateway_app.replicas import Replica, ReplicaPool
+from tests.background_server import BackgroundServer
+from tests.recording_engine import FIXED_ANSWER
+from tests.routes import write_routing_map
+from tests.support import RunningProcess
+from tests.web import get, metric_value, post, wait_for
+
+CHAT = "/v1/chat/completions"
+
+
+def system_prompt(topic: str) -> str:
+    return f"You answer questions about {topic}. " + "Be precise and cite the manual. " * 40  # ~1.3 KB
+
+
+def turns(topic: str, count: int) -> list[list[dict]]:
+    """The message lists of a growing conversation, one per turn."""
+    messages = [{"role": "system", "content": system_prompt(topic)}]
+    conversation = []
+    for turn in range(count):
+        messages = [*messages, {"role": "user", "content": f"Question {turn} about {topic}?"}]
+        conversation.append(messages)
+        messages = [*messages, {"role": "assistant", "content": f"Answer {turn}. " * 20}]
+    return conversation
+
+
+# Prompt blocks
+
+
+def test_a_conversations_next_turn_starts_with_the_blocks_of_the_previous_one():
+    first, second = (prefix_blocks({"messages": m}) for m in turns("tides", 2))
+    full = len(first) - 1  # the last block of the first turn is partial
+    assert full >= 4 and second[:full] == first[:full] and len(second) > len(first)
+
+
+def test_different_system_prompts_differ_from_the_first_block():
+    a = prefix_blocks({"messages": turns("tides", 1)[0]})
+    b = prefix_blocks({"messages": turns("winds", 1)[0]})
+    assert a[0] != b[0]
+
+
+def test_text_parts_count_and_other_parts_do_not():
+    plain = {"messages": [{"role": "user", "content": "x" * 600}]}
+    parts = {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "u"}}] + [
+        {"type": "text", "text": "x" * 300}, {"type": "text", "text": "x" * 300}]}]}  # fmt: skip
+    assert prefix_blocks(plain) == prefix_blocks(parts)
+
+
+def test_completion_prompts_and_caps():
+    assert len(prefix_blocks({"prompt": "y" * (BLOCK_CHARS * 2 + 1)})) == 3
+    assert len(prefix_blocks({"prompt": "y" * BLOCK_CHARS * (MAX_BLOCKS + 50)})) == MAX_BLOCKS
+    assert prefix_blocks({"input": [1, 2]}) == () and prefix_blocks({}) == ()
+
+
+# The prefix table
+
+
+def test_the_deepest_held_block_decides_among_available_replicas():
+    table = PrefixTable(1000)
+    short, long = (1, 2), (1, 2, 3, 4)
+    table.record(short, "a")
+    table.record(long, "b")
+    assert table.match((1, 2, 3, 4, 5), {"a", "b"}) == (4, ["b"])
+    assert table.match((1, 2, 3, 4, 5), {"a"}) == (2, ["a"])  # b is gone: a holds the first two
+    assert table.match((9,), {"a", "b"}) == (0, [])
+
+
+def test_a_block_keeps_its_latest_holders_and_old_blocks_are_forgotten():
+    table = PrefixTable(1000)
+    for url in ("a", "b", "c", "d"):
+        table.record((1,), url)
+    assert table.match((1,), {"a", "b", "c", "d"}) == (1, ["b", "c", "d"][-HOLDERS_PER_BLOCK:])
+    small = PrefixTable(1000)
+    for block in range(1500):
+        small.record((block,), "a")
+    assert len(small) == 1000 and small.match((0,), {"a"}) == (0, []) and small.match((1499,), {"a"})[0] == 1
+
+
+# The cache-aware pick
+
+
+def replicas(count: int) -> ReplicaPool:
+    return ReplicaPool(tuple(Replica(f"http://10.0.0.{i}:8000") for i in range(count)))
+
+
+def test_a_known_prefix_returns_to_its_replica_until_that_one_is_overloaded():
+    pool = replicas(4)
+    policy = CacheAware(PrefixTable(1000), CacheAwareSettings(balance_abs_threshold=2, balance_rel_threshold=1.5))
+    blocks = prefix_blocks({"messages": turns("tides", 1)[0]})
+    first = pick_replica(pool, 0, policy, prefix=blocks)
+    assert first is not None and first.decision == "prefix_miss"
+    home = first.replica
+    for outstanding in range(3):  # up to min + 2: still its replica
+        home.outstanding = outstanding
+        pick = pick_replica(pool, 0, policy, prefix=blocks)
+        assert pick is not None and pick == (home, "prefix_hit")
+    home.outstanding = 3
+    spill = pick_replica(pool, 0, policy, prefix=blocks)
+    assert spill is not None and spill.decision == "load_override" and spill.replica is not home
+    # Both hold it now; the less loaded of them is preferred.
+    again = pick_replica(pool, 0, policy, prefix=blocks)
+    assert again == (spill.replica, "prefix_hit")
+
+
+def test_a_small_shared_part_of_a_prompt_is_not_followed():
+    pool = replicas(4)
+    policy = CacheAware(PrefixTable(1000), CacheAwareSettings(min_match=0.5))
+    common = "Shared preamble. " * 16  # one block
+    policy.pick(pool.replicas, pool, 0, prefix_blocks({"prompt": common + "a" * 2000}))
+    pick = policy.pick(pool.replicas, pool, 0, prefix_blocks({"prompt": common + "b" * 2000}))
+    assert pick.decision == "prefix_miss"
+    assert policy.pick(pool.replicas, pool, 0, None).decision == "no_prefix"
+
+
+# Reading the engines' metrics
+
+VLLM_TEXT = b"""# HELP vllm:num_requests_running Number of requests in model execution batches.
+# TYPE vllm:num_requests_running gauge
+vllm:num_requests_running{engine="0",model_name="m"} 3.0
+vllm:num_requests_running{engine="1",model_name="m"} 2.0
+# TYPE vllm:num_requests_waiting gauge
+vllm:num_requests_waiting{engine="0",model_name="m"} 4.0
+# TYPE vllm:kv_cache_usage_perc gauge
+vllm:kv_cache_usage_perc{engine="0",model_name="m"} 0.25
+vllm:kv_cache_usage_perc{engine="1",model_name="m"} 0.5
+# TYPE vllm:time_to_first_token_seconds histogram
+vllm:time_to_first_token_seconds_bucket{le="0.001",model_name="m"} 0.0
+"""
+SGLANG_TEXT = b"""# TYPE sglang:num_running_reqs gauge
+sglang:num_running_reqs{model_name="m"} 5
+# TYPE sglang:num_queue_reqs gauge
+sglang:num_queue_reqs{model_name="m"} 1
+# TYPE sglang:token_usage gauge
+sglang:token_usage{model_name="m"} 0.9
+"""
+
+
+def test_engine_load_is_read_from_vllm_and_sglang_text():
+    vllm = parse_engine_load(VLLM_TEXT)
+    assert vllm is not None and (vllm.running, vllm.waiting, vllm.kv_cache_usage) == (5, 4, 0.5)
+    sglang = parse_engine_load(SGLANG_TEXT)
+    assert sglang is not None and (sglang.running, sglang.waiting, sglang.kv_cache_usage) == (5, 1, 0.9)
+    assert parse_engine_load(FIXED_ANSWER) is None
+    assert parse_engine_load(b"# TYPE process_cpu_seconds_total counter\nprocess_cpu_seconds_total 1\n") is None
+
+
+# Real gateways
+
+
+def replica_counts(sims: list[RunningProcess]) -> list[float]:
+    """Requests each simulator has finished, from its own metrics."""
+    return [
+        metric_value(get(sim.url + "/metrics").body.decode(), "vllm:e2e_request_latency_seconds_count") for sim in sims
+    ]
+
+
+def cache_aware_gateway(processes, tmp_path, urls: list[str], **settings: object) -> RunningProcess:
+    config = write_routing_map(
+        tmp_path / "routes.yaml",
+        [{"name": "e", "model": "m", "owned_by": "vllm", "urls": urls, "balancing": "cache_aware"}],
+        settings=settings or None,
+    )
+    return processes.gateway(config)
+
+
+def test_each_conversation_stays_on_one_replica(processes, tmp_path):
+    sims = [processes.simulator("vllm", "m") for _ in range(4)]
+    gateway = cache_aware_gateway(processes, tmp_path, [s.url for s in sims])
+    homes = set()
+    for topic in ("tides", "winds", "rocks", "stars", "roots", "bees"):
+        before = replica_counts(sims)
+        for messages in turns(topic, 4):
+            assert post(gateway.url + CHAT, {"model": "m", "messages": messages, "max_tokens": 4}).status == 200
+        served = [after - b for after, b in zip(replica_counts(sims), before, strict=True)]
+        assert sorted(served) == [0, 0, 0, 4], (topic, served)
+        homes.add(served.index(4))
+    assert len(homes) > 1  # the conversations themselves spread
+    metrics = get(gateway.url + "/metrics").body.decode()
+    decisions = lambda kind: metric_value(  # noqa: E731
+        metrics, "llm_gateway_balancing_decisions_total", engine="e", policy="cache_aware", decision=kind
+    )
+    assert decisions("prefix_hit") == 18 and decisions("prefix_miss") == 6
+    assert metric_value(metrics, "llm_gateway_engine_balancing", engine="e", policy="cache_aware") == 1
+
+
+def test_a_hot_prefix_spreads_when_its_replica_is_busy(processes, tmp_path):
+    sims = [processes.simulator("vllm", "m", ttft_ms=300) for _ in range(4)]
+    gateway = cache_aware_gateway(processes, tmp_path, [s.url for s in sims])
+    hot = {"model": "m", "messages": turns("tides", 1)[0], "max_tokens": 4}
+    before = replica_counts(sims)
+    with ThreadPoolExecutor(16) as pool:
+        statuses = list(pool.map(lambda _: post(gateway.url + CHAT, hot).status, range(48)))
+    assert statuses == [200] * 48
+    served = [after - b for after, b in zip(replica_counts(sims), before, strict=True)]
+    assert sum(served) == 48 and sum(1 for count in served if count) >= 3, served
+    metrics = get(gateway.url + "/metrics").body.decode()
+    assert metric_value(metrics, "llm_gateway_balancing_decisions_total", decision="load_override") > 0
+
+
+class BusyEngine:
+    """An engine stand-in whose /metrics report a queue: what a loaded vLLM shows to other gateways."""
+
+    def __init__(self, waiting: int) -> None:
+        self.waiting = waiting
+        self.chats = 0
+        self.scrapes = 0
+
+    async def _metrics(self, request: web.Request) -> web.Response:
+        self.scrapes += 1
+        text = (
+            "# TYPE vllm:num_requests_running gauge\n"
+            'vllm:num_requests_running{model_name="m"} 8\n'
+            "# TYPE vllm:num_requests_waiting gauge\n"
+            f'vllm:num_requests_waiting{{model_name="m"}} {self.waiting}\n'
+            "# TYPE vllm:kv_cache_usage_perc gauge\n"
+            'vllm:kv_cache_usage_perc{model_name="m"} 0.95\n'
+        )
+        return web.Response(text=text, content_type="text/plain")
+
+    async def _chat(self, request: web.Request) -> web.Response:
+        self.chats += 1
+        return web.Response(body=FIXED_ANSWER, content_type="application/json")
+
+    async def _health(self, request: web.Request) -> web.Response:
+        return web.Response(text="ok")
+
+    def start(self) -> BusyEngine:
+        app = web.Application()
+        app.router.add_get("/metrics", self._metrics)
+        app.router.add_get("/health", self._health)
+        app.router.add_post(CHAT, self._chat)
+        app.router.add_post("/v1/completions", self._chat)
+        self._server = BackgroundServer(app).start()
+        self.url = self._server.url
+        return self
+
+    def stop(self) -> None:
+        self._server.stop()
+
+
+def test_the_engines_own_queue_is_read_shown_and_steers(processes, tmp_path):
+    busy = processes.add(BusyEngine(waiting=7).start())
+    idle = processes.simulator("vllm", "m")
+    gateway = cache_aware_gateway(processes, tmp_path, [busy.url, idle.url], engine_metrics={"interval": 0.2})
+
+    def load(url: str, kind: str) -> float:
+        metrics = get(gateway.url + "/metrics").body.decode()
+        return metric_value(metrics, "llm_gateway_engine_load", engine="e", endpoint=url, kind=kind)
+
+    wait_for(lambda: load(busy.url, "waiting") == 7, message="the busy engine's queue read")
+    assert load(busy.url, "running") == 8 and load(busy.url, "kv_cache_usage") == 0.95
+    read = lambda url: metric_value(  # noqa: E731
+        get(gateway.url + "/metrics").body.decode(), "llm_gateway_engine_metrics_read", engine="e", endpoint=url
+    )
+    wait_for(lambda: read(idle.url) == 1, message="the simulator's metrics read")
+    rng = random.Random(3)
+    for _ in range(20):  # distinct prompts: no prefix to follow, so the lighter replica wins every time
+        prompt = "".join(rng.choice("abcdefgh ") for _ in range(600))
+        assert post(gateway.url + "/v1/completions", {"model": "m", "prompt": prompt, "max_tokens": 2}).status == 200
+    assert busy.chats == 0
+
+
+def test_an_engine_without_metrics_is_marked_and_left_alone(processes, tmp_path):
+    plain = processes.recording_engine()  # answers /metrics with JSON, as an engine without metrics might
+    gateway = cache_aware_gateway(processes, tmp_path, [plain.url], engine_metrics={"interval": 0.1})
+    read = lambda: metric_value(  # noqa: E731
+        get(gateway.url + "/metrics").body.decode(), "llm_gateway_engine_metrics_read", engine="e", endpoint=plain.url
+    )
+    scrapes = lambda: sum(1 for r in plain.received if r.path == "/metrics")  # noqa: E731
+    wait_for(lambda: scrapes() >= 1, message="the first read")
+    time.sleep(1.0)  # ten intervals
+    assert scrapes() == 1 and read() == 0
+    assert post(gateway.url + CHAT, {"model": "m", "messages": [{"role": "user", "content": "hi"}]}).status == 200
+
+
+@pytest.mark.parametrize("balancing", ["power_of_two", "round_robin"])
+def test_other_policies_do_not_read_engine_metrics_by_default(processes, tmp_path, balancing):
+    plain = processes.recording_engine()
+    config = write_routing_map(
+        tmp_path / "routes.yaml",
+        [{"name": "e", "model": "m", "owned_by": "vllm", "urls": [plain.url], "balancing": balancing}],
+        settings={"engine_metrics": {"interval": 0.1}},
+    )
+    gateway = processes.gateway(config)
+    assert post(gateway.url + CHAT, {"model": "m"}).status == 200
+    time.sleep(0.5)
+    assert not any(r.path == "/metrics" for r in plain.received)
