@@ -414,3 +414,30 @@ def run_and_report(name: str, run: Callable[[], dict], output: Path) -> tuple[di
     output.write_text(json.dumps(report, indent=2) + "\n")
     print(f"\nwrote {output}")
     return report, 0
+
+
+def simulate_help() -> str:
+    """What `python -m gateway_app simulate --help` prints: which options this tree's simulator has."""
+    done = subprocess.run(
+        [sys.executable, "-m", "gateway_app", "simulate", "--help"], cwd=REPO_ROOT, capture_output=True, text=True
+    )
+    return done.stdout
+
+
+def start_simulators(
+    group: ProcessGroup,
+    names: list[str],
+    cpus: tuple[int, ...],
+    model: str,
+    extra_args: tuple[str, ...] = (),
+) -> list[tuple[subprocess.Popen[bytes], str]]:
+    """vLLM simulators started together (each with `extra_args`), on free loopback ports, all ready when
+    this returns; each process and its base URL, in the order of `names`."""
+    started = []
+    for name in names:
+        port = free_port()
+        argv = ["simulate", "--engine", "vllm", "--model", model, "--host", "127.0.0.1", "--port", str(port)]
+        started.append((name, group.start_gateway_app(name, [*argv, *extra_args], cpus), f"http://127.0.0.1:{port}"))
+    for name, simulator, url in started:
+        group.wait_ready(name, simulator, http_ok(f"{url}/health"))
+    return [(simulator, url) for _, simulator, url in started]
