@@ -79,10 +79,11 @@ def request_body(
     model: str,
     include_usage: bool = True,
     owned_by: str | None = None,
+    messages: list[dict[str, str]] | None = None,
 ) -> bytes:
     body: dict[str, Any] = {
         "model": model,
-        "messages": [{"role": "user", "content": "Say something"}],
+        "messages": messages or [{"role": "user", "content": "Say something"}],
         "max_tokens": max_tokens,
     }
     if owned_by is not None:
@@ -215,12 +216,14 @@ async def run_scenario(
     include_usage: bool = True,
     max_tokens: int | None = None,
     mode: str | None = None,
+    messages: list[dict[str, str]] | None = None,
 ) -> ScenarioResult:
     """Warm up, then measure; `include_usage=False` sends streams without `stream_options`, and a usage
-    chunk in the answer then counts as an error. `max_tokens` defaults to `args.max_tokens`, and `mode`
-    (the name in the results) to "stream" or "non-stream"."""
+    chunk in the answer then counts as an error. `max_tokens` defaults to `args.max_tokens`, `mode`
+    (the name in the results) to "stream" or "non-stream", `messages` to one short user message."""
     url = f"{base_url}/v1/chat/completions"
-    body = request_body(stream, args.max_tokens if max_tokens is None else max_tokens, model, include_usage)
+    max_tokens = args.max_tokens if max_tokens is None else max_tokens
+    body = request_body(stream, max_tokens, model, include_usage, messages=messages)
     headers = {"Content-Type": "application/json"}
     if api_key is not None:
         headers["Authorization"] = f"Bearer {api_key}"
