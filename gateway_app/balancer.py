@@ -60,6 +60,11 @@ def pick_in_turn(candidates: Sequence[Replica], pool: ReplicaPool) -> Replica:
     return candidates[pool.turn % len(candidates)]
 
 
+def least_loaded(candidates: Sequence[Replica], now: float, rng: random.Random = _RNG) -> Replica:
+    """The replica with the least load, ties broken at random (so that idle replicas share new prompts)."""
+    return min(candidates, key=lambda replica: (replica.load(now), rng.random()))
+
+
 def overloaded(load: float, lowest: float, settings: CacheAwareSettings) -> bool:
     """SGLang's router's test of imbalance, applied to the preferred replica against the least loaded:
     both further than `balance_abs_threshold` requests and more than `balance_rel_threshold` times."""
@@ -101,7 +106,7 @@ class RoundRobin:
 class CacheAware:
     """The replica that was sent the longest part of this prompt's prefix (its cache likely holds it),
     unless that replica is overloaded next to the least loaded one; then, or when no replica holds enough
-    of the prompt (`min_match`), the better of two among the others. Either way the chosen replica is
+    of the prompt (`min_match`), the least loaded (of the lighter ones). Either way the chosen replica is
     recorded as holding the prompt's blocks, so a hot prefix that overflows its replica spreads to a few
     (up to `prefix.HOLDERS_PER_BLOCK`), and the least loaded of those is preferred from then on.
 
@@ -119,14 +124,14 @@ class CacheAware:
         by_url = {replica.url: replica for replica in candidates}
         depth, holders = self.table.match(prefix, by_url)
         if not depth or depth < self.settings.min_match * len(prefix):
-            pick = Pick(pick_least_loaded_of_two(candidates, now=now), "prefix_miss")
+            pick = Pick(least_loaded(candidates, now), "prefix_miss")
         else:
             loads = {replica.url: replica.load(now) for replica in candidates}
             preferred = min(holders, key=loads.__getitem__)
             load = loads[preferred]
             if overloaded(load, min(loads.values()), self.settings):
                 lighter = [replica for replica in candidates if loads[replica.url] < load]
-                pick = Pick(pick_least_loaded_of_two(lighter, now=now), "load_override")
+                pick = Pick(least_loaded(lighter, now), "load_override")
             else:
                 pick = Pick(by_url[preferred], "prefix_hit")
         self.table.record(prefix, pick.replica.url)

@@ -104,7 +104,7 @@ class CacheAwareSettings(_Strict):
 
     # Below this share of the prompt's blocks found on a replica, the prefix is not worth following.
     min_match: float = Field(default=0.3, ge=0, le=1)
-    balance_abs_threshold: float = Field(default=2.0, ge=0)
+    balance_abs_threshold: float = Field(default=4.0, ge=0)
     balance_rel_threshold: float = Field(default=1.5, ge=1)
     # Prompt blocks (256 characters each) remembered per engine, least recently used forgotten first.
     table_blocks: int = Field(default=100_000, ge=1000, le=10_000_000)
