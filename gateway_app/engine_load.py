@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -54,12 +55,16 @@ class EngineLoad:
     kv_cache_usage: float  # 0 to 1, the fullest rank's
 
 
+MAX_SAMPLES = 1000  # lines of the known series parsed per read
+
+
 def parse_engine_load(text: bytes) -> EngineLoad | None:
     """The load in an engine's Prometheus text, or None when it holds none of the known series.
     ValueError when those lines are not Prometheus text."""
-    lines = b"\n".join(line for line in text.splitlines() if line.startswith(_WANTED_LINES))
-    if not lines:
+    wanted = [line for line in text.splitlines() if line.startswith(_WANTED_LINES)]
+    if not wanted:
         return None
+    lines = b"\n".join(wanted[:MAX_SAMPLES])  # a few per rank; thousands would only cost loop time
     totals = {"running": 0.0, "waiting": 0.0, "kv_cache_usage": 0.0}
     found = False
     for family in text_string_to_metric_families(lines.decode("utf-8", errors="replace") + "\n"):
@@ -67,8 +72,8 @@ def parse_engine_load(text: bytes) -> EngineLoad | None:
         if kind is None:
             continue
         for sample in family.samples:
-            if sample.name != family.name:
-                continue
+            if sample.name != family.name or not math.isfinite(sample.value) or sample.value < 0:
+                continue  # a broken reading must never make a replica look idle (NaN never compares)
             found = True
             if kind == "kv_cache_usage":
                 totals[kind] = max(totals[kind], sample.value)

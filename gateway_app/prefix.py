@@ -22,18 +22,28 @@ HOLDERS_PER_BLOCK = 3  # a hot prefix spreads over a few replicas; the table rem
 
 def prompt_text(document: dict[str, Any]) -> str:
     """The request's prompt as one string, in the order the engine reads it: each chat message's role and
-    text, or the completion prompt. At most about `MAX_CHARS` characters are gathered."""
+    text, or the completion prompt (a string, a list of strings, or token ids). At most about `MAX_CHARS`
+    characters are gathered, however large or oddly shaped the body."""
     parts: list[str] = []
     size = 0
+
+    def add(text: str) -> bool:
+        """Gather `text`; False once enough is gathered."""
+        nonlocal size
+        if size >= MAX_CHARS:
+            return False
+        parts.append(text[: MAX_CHARS - size])
+        size += min(len(text), MAX_CHARS - size)
+        return size < MAX_CHARS
+
     instructions = document.get("instructions")
     if isinstance(instructions, str):
-        parts.append(instructions)
-        size += len(instructions)
+        add(instructions)
     messages = document.get("messages")
     if messages is None:
         messages = document.get("input")  # the Responses API: a string or a list of messages
     if isinstance(messages, str):
-        parts.append(messages)
+        add(messages)
     elif isinstance(messages, list):
         for message in messages:
             if size >= MAX_CHARS:
@@ -41,22 +51,28 @@ def prompt_text(document: dict[str, Any]) -> str:
             if not isinstance(message, dict):
                 continue
             role = message.get("role")
-            parts.append(role if isinstance(role, str) else "")
-            parts.append("\n")
+            add((role if isinstance(role, str) else "") + "\n")
             content = message.get("content")
             if isinstance(content, str):
-                parts.append(content)
-                size += len(content)
+                add(content)
             elif isinstance(content, list):
                 for part in content:
+                    if size >= MAX_CHARS:
+                        break
                     text = part.get("text") if isinstance(part, dict) else None
                     if isinstance(text, str):
-                        parts.append(text)
-                        size += len(text)
-            parts.append("\n")
+                        add(text)
+            add("\n")
     prompt = document.get("prompt")
     if isinstance(prompt, str):
-        parts.append(prompt)
+        add(prompt)
+    elif isinstance(prompt, list):  # a batch of prompts, or token ids: the first decides the replica
+        first = prompt[0] if prompt else None
+        if isinstance(first, str):
+            add(first)
+        elif isinstance(first, int) or isinstance(first, list):
+            ids = prompt if isinstance(first, int) else first
+            add(" ".join(str(token) for token in ids[: MAX_CHARS // 2]))
     return "".join(parts)
 
 

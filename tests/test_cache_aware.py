@@ -300,3 +300,33 @@ def test_other_policies_do_not_read_engine_metrics_by_default(processes, tmp_pat
     assert post(gateway.url + CHAT, {"model": "m"}).status == 200
     time.sleep(0.5)
     assert not any(r.path == "/metrics" for r in plain.received)
+
+
+def test_any_shape_of_body_gives_bounded_blocks_and_never_fails():
+    """Odd but valid bodies: no exception, and no more than MAX_BLOCKS blocks however large the body."""
+    odd = [
+        {"messages": None},
+        {"messages": "plain"},
+        {"messages": [None, 5, "x", [1]]},
+        {"messages": [{"role": None, "content": [{"type": "image_url"}, {"text": None}, {"text": 5}]}]},
+        {"instructions": 5, "input": 7},
+        {"messages": [{"role": "user", "content": ""}] * 100_000},
+        {"messages": [{"role": "user", "content": [{"type": "text", "text": ""}] * 100_000}]},
+    ]
+    for document in odd:
+        assert len(prefix_blocks(document)) <= MAX_BLOCKS
+
+
+def test_list_prompts_and_token_ids_have_a_prefix():
+    strings = prefix_blocks({"prompt": ["a" * 600, "b" * 600]})
+    assert strings == prefix_blocks({"prompt": "a" * 600})  # a batch: its first prompt decides
+    ids = prefix_blocks({"prompt": list(range(400))})
+    assert ids and ids[:1] == prefix_blocks({"prompt": list(range(400)) + [7]})[:1]
+    assert prefix_blocks({"prompt": [list(range(400)), [1, 2]]}) == ids
+
+
+def test_a_broken_engine_reading_is_no_reading():
+    """NaN or negative values would make a replica look idlest of all (NaN never compares)."""
+    assert parse_engine_load(b"vllm:num_requests_waiting NaN\nvllm:num_requests_running -5\n") is None
+    load = parse_engine_load(b"vllm:num_requests_waiting 3\nvllm:num_requests_running +Inf\n")
+    assert load is not None and load.waiting == 3 and load.running == 0
