@@ -6,12 +6,15 @@ Real simulator processes on loopback. Assertions read the engine's own counters 
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import subprocess
 import sys
 from typing import Any
 
 import pytest
 
+from gateway_app.simulator.engine_model import GpuEngine, GpuProfile
 from gateway_app.simulator.prefix_cache import PrefixCache, block_hashes
 from tests.raw_http import RawConnection, json_request
 from tests.support import REPO_ROOT, Processes, RunningProcess, free_port
@@ -129,6 +132,24 @@ def test_prefix_cache_blocks_are_chained_and_evicted_tail_first() -> None:
     other = block_hashes("o" * (4 * BLOCK * 3), BLOCK)
     cache.acquire(other, private=0)  # needs 3 blocks, 1 is free: evicts 2, the chain's tail first
     assert cache.cached_prefix(hashes) == 1
+
+
+def test_an_abandoned_prefill_gives_its_time_back() -> None:
+    """A real engine drops an aborted request at its next step: a prefill whose client left must not
+    hold the next request's prefill behind the time it would have taken."""
+
+    async def scenario() -> tuple[float, float]:
+        engine = GpuEngine(GpuProfile(prefill_tokens_per_s=1000))
+        abandoned = asyncio.create_task(engine._prefill(2000))  # 2 s of prefill
+        await asyncio.sleep(0.05)
+        planned = engine._prefill_busy_until
+        abandoned.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await abandoned
+        return planned, await engine._prefill(1)
+
+    planned, next_end = asyncio.run(scenario())
+    assert next_end < planned  # it started when the first was abandoned, not after its planned end
 
 
 # --- batching and queueing ------------------------------------------------------------------------

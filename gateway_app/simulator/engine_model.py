@@ -152,10 +152,19 @@ class GpuEngine:
             sequence.admitted.set_result(None)
 
     async def _prefill(self, uncached_tokens: int) -> float:
-        """Compute `uncached_tokens` after the prefills already under way; return when it ended."""
+        """Compute `uncached_tokens` after the prefills already under way; return when it ended.
+
+        A prefill abandoned by its client gives its time back when it is the last one booked, as a real
+        engine drops an aborted request at its next step (earlier ones are left: their successors are
+        already scheduled behind them)."""
         start = max(time.monotonic(), self._prefill_busy_until)
         self._prefill_busy_until = end = start + uncached_tokens / self.profile.prefill_tokens_per_s
-        await sleep_until(end)
+        try:
+            await sleep_until(end)
+        except asyncio.CancelledError:
+            if self._prefill_busy_until == end:
+                self._prefill_busy_until = max(time.monotonic(), start)
+            raise
         return end
 
 
