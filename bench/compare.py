@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -24,7 +23,7 @@ from pathlib import Path
 
 import access_log
 import processes
-from load import Pids, run_client, run_scenario
+from load import alternate_turns, print_medians
 from processes import choose_pinning, free_port, process_group, routing_map, start_gateway, start_relay, start_simulator
 
 MODEL = "bench-model"
@@ -86,33 +85,14 @@ def main() -> int:
                 after, after_url = start_gateway_from(processes.REPO_ROOT, group, "this-tree", pinning, simulator_url)
                 targets = [("relay", relay_url, relay.pid), (args.baseline, before_url, before.pid)]
                 targets.append(("this tree", after_url, after.pid))
-                cpu = {name: [] for name, _, _ in targets}
-                for _ in range(args.turns):  # alternating, so that drift hits all three alike
-                    for name, url, pid in targets:
-                        result = run_client(
-                            run_scenario(
-                                name,
-                                url,
-                                stream,
-                                args.concurrency,
-                                load,
-                                Pids(pid, simulator.pid),
-                                model=MODEL,
-                                max_tokens=tokens,
-                                mode=args.mode,
-                            )  # fmt: skip
-                        )
-                        cpu[name].append(result.gateway_cpu_ms_per_request or float("nan"))
+                cpu = alternate_turns(
+                    targets, simulator.pid, args.turns, load, args.concurrency, stream,
+                    model=MODEL, max_tokens=tokens, mode=args.mode,
+                )  # fmt: skip
         finally:
             remove_checkout(baseline_root)
-    relay_median = statistics.median(cpu["relay"])
     print(f"{args.mode}, c={args.concurrency}, {args.turns} turns of {args.duration:g} s; CPU ms per request")
-    for name, values in cpu.items():
-        median = statistics.median(values)
-        turns = " ".join(f"{value:.3f}" for value in values)
-        print(
-            f"  {name:<16} median {median:.3f}  over the relay {100 * (median / relay_median - 1):+5.0f} %  ({turns})"
-        )
+    print_medians(cpu, {"the relay": "relay"})
     return 0
 
 

@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import json
 import math
+import statistics
 import time
 from collections.abc import Callable, Coroutine, Iterable
 from dataclasses import dataclass
@@ -257,3 +258,34 @@ async def run_scenario(
         error_examples=sorted({s.error for s in samples if s.error})[:5],
         redis_cpu_ms_per_request=redis_cpu * 1000 / completed if pids.redis is not None else None,
     )
+
+
+def alternate_turns(
+    targets: list[tuple[str, str, int]],
+    simulator_pid: int,
+    turns: int,
+    load: argparse.Namespace,
+    concurrency: int,
+    stream: bool,
+    **scenario: Any,
+) -> dict[str, list[float]]:
+    """CPU ms per request of each (name, url, pid) target, one scenario each per turn, in turn, so that
+    drift on a shared machine hits them all alike. `scenario` goes to `run_scenario` (model, mode, ...)."""
+    cpu: dict[str, list[float]] = {name: [] for name, _, _ in targets}
+    for _ in range(turns):
+        for name, url, pid in targets:
+            scenario_result = run_scenario(name, url, stream, concurrency, load, Pids(pid, simulator_pid), **scenario)
+            cpu[name].append(run_client(scenario_result).gateway_cpu_ms_per_request or float("nan"))
+    return cpu
+
+
+def print_medians(cpu: dict[str, list[float]], baselines: dict[str, str]) -> None:
+    """Each target's median CPU ms per request, over each baseline's median (label: target name), and
+    its turns."""
+    medians = {name: statistics.median(values) for name, values in cpu.items()}
+    for name, values in cpu.items():
+        over = "  ".join(
+            f"over {label} {100 * (medians[name] / medians[base] - 1):+4.0f} %" for label, base in baselines.items()
+        )
+        turns = " ".join(f"{value:.3f}" for value in values)
+        print(f"  {name:<16} median {medians[name]:.3f} ms  {over}  ({turns})")

@@ -14,11 +14,10 @@ from __future__ import annotations
 import argparse
 import os
 import random
-import statistics
 import sys
 
 import access_log
-from load import Pids, run_client, run_scenario
+from load import alternate_turns, print_medians
 from processes import (
     choose_pinning,
     free_port,
@@ -65,32 +64,11 @@ def main() -> int:
             )
             gateway = start_gateway(group, policy, pinning, routes, port, access_log.LOG_ARGS["json"])
             targets.append((policy, f"http://127.0.0.1:{port}", gateway.pid))
-        cpu = {name: [] for name, _, _ in targets}
-        for _ in range(args.turns):  # alternating, so that drift hits all alike
-            for name, url, pid in targets:
-                result = run_client(
-                    run_scenario(
-                        name,
-                        url,
-                        False,
-                        args.concurrency,
-                        load,
-                        Pids(pid, simulators[0][0].pid),
-                        model=MODEL,
-                        messages=messages,
-                    )  # fmt: skip
-                )
-                cpu[name].append(result.gateway_cpu_ms_per_request or float("nan"))
-    relay_median = statistics.median(cpu["relay"])
-    base = statistics.median(cpu["power_of_two"])
-    print(f"non-streaming chats of {len(messages[0]['content'])} characters, c={args.concurrency}, {REPLICAS} replicas")
-    for name, values in cpu.items():
-        median = statistics.median(values)
-        turns = " ".join(f"{value:.3f}" for value in values)
-        print(
-            f"  {name:<14} median {median:.3f} ms  over the relay {100 * (median / relay_median - 1):+4.0f} %  "
-            f"over power_of_two {100 * (median / base - 1):+4.0f} %  ({turns})"
+        cpu = alternate_turns(
+            targets, simulators[0][0].pid, args.turns, load, args.concurrency, False, model=MODEL, messages=messages
         )
+    print(f"non-streaming chats of {len(messages[0]['content'])} characters, c={args.concurrency}, {REPLICAS} replicas")
+    print_medians(cpu, {"the relay": "relay", "power_of_two": "power_of_two"})
     return 0
 
 

@@ -169,38 +169,17 @@ class Runtime:
         def count(file: str) -> Callable[[str], None]:
             return lambda result: self.metrics.config_reloads.labels(file, result).inc()
 
-        files: list[tuple[WatchedFile[Any], str]] = []
-        if setup.routing_file is not None:
-            routing: WatchedFile[Any] = WatchedFile(
-                setup.routing_file.path,
-                "routing map",
-                load_routing_map,
-                self.apply_routing_map,
-                count("routing_map"),
-                setup.routing_file.loaded,
-            )
-            files.append((routing, "routing_map"))
-        if setup.keys_file is not None:
-            watched = WatchedFile(
-                setup.keys_file.path,
-                "API keys",
-                load_keys_file,
-                self.apply_keys,
-                count("api_keys"),
-                setup.keys_file.loaded,
-            )
-            files.append((watched, "api_keys"))
-        if setup.engine_key_file is not None:
-            engine_key: WatchedFile[Any] = WatchedFile(
-                setup.engine_key_file.path,
-                "engine API key",
-                load_engine_key,
-                self.apply_engine_key,
-                count("engine_api_key"),
-                setup.engine_key_file.loaded,
-            )
-            files.append((engine_key, "engine_api_key"))
-        return files
+        mounted: list[tuple[MountedFile | None, str, str, Callable[[Path], tuple[Any, bytes]], Callable[[Any], None]]]
+        mounted = [
+            (setup.routing_file, "routing map", "routing_map", load_routing_map, self.apply_routing_map),
+            (setup.keys_file, "API keys", "api_keys", load_keys_file, self.apply_keys),
+            (setup.engine_key_file, "engine API key", "engine_api_key", load_engine_key, self.apply_engine_key),
+        ]
+        return [
+            (WatchedFile(file.path, what, load, apply, count(label), file.loaded), label)
+            for file, what, label, load, apply in mounted
+            if file is not None
+        ]
 
     def _describe_routes(self) -> None:
         """After a routing map went into service: the gauges that describe it (read at scrape time, so

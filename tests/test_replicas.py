@@ -286,8 +286,8 @@ def test_passive_ejection_alone_keeps_a_failing_replica_out(processes, tmp_path)
     assert statuses.count(500) == 1 and statuses.count(200) == 19
 
 
-def test_a_fallback_engine_keeps_its_own_concurrency_limit(processes, tmp_path):
-    backup = processes.simulator("vllm", "m", ttft_ms=1500)
+def gateway_falling_back_to_one_place(processes: Processes, tmp_path, backup_url: str) -> RunningProcess:
+    """A gateway whose engine is down and falls back to `backup_url`, which takes one request at a time."""
     config = write_routing_map(
         tmp_path / "routes.yaml",
         [
@@ -296,12 +296,17 @@ def test_a_fallback_engine_keeps_its_own_concurrency_limit(processes, tmp_path):
                 "name": "backup",
                 "model": "m",
                 "owned_by": "backup",
-                "url": backup.url,
+                "url": backup_url,
                 "concurrency": {"limit": 1, "queue": 0},
             },
         ],
     )
-    gateway = processes.gateway(config)
+    return processes.gateway(config)
+
+
+def test_a_fallback_engine_keeps_its_own_concurrency_limit(processes, tmp_path):
+    backup = processes.simulator("vllm", "m", ttft_ms=1500)
+    gateway = gateway_falling_back_to_one_place(processes, tmp_path, backup.url)
     with ThreadPoolExecutor(2) as pool:
         answers = list(pool.map(lambda _: post(gateway.url + CHAT, {"model": "m", "messages": HI}), range(2)))
     assert sorted(a.status for a in answers) == [200, 429]
@@ -312,20 +317,7 @@ def test_a_fallback_engine_keeps_its_own_concurrency_limit(processes, tmp_path):
 def test_a_fallback_engine_keeps_its_limit_for_the_whole_stream(processes, tmp_path):
     """The fallback's place is held until its answer is relayed to the end, not only until its first chunk."""
     backup = processes.simulator("vllm", "m", itl_ms=200)
-    config = write_routing_map(
-        tmp_path / "routes.yaml",
-        [
-            {"name": "primary", "model": "m", "owned_by": "vllm", "url": "http://127.0.0.1:9", "fallback": "backup"},
-            {
-                "name": "backup",
-                "model": "m",
-                "owned_by": "backup",
-                "url": backup.url,
-                "concurrency": {"limit": 1, "queue": 0},
-            },
-        ],
-    )
-    gateway = processes.gateway(config)
+    gateway = gateway_falling_back_to_one_place(processes, tmp_path, backup.url)
     with RawConnection(gateway.url) as first:
         first.send(json_request({"model": "m", "messages": HI, "max_tokens": 20, "stream": True}))
         first.read_until(b"data:")  # under way on the fallback, tokens 200 ms apart
