@@ -222,12 +222,12 @@ class GuardedHttpProtocol(HttpToolsProtocol):
             callback()
         self.gone_callbacks.clear()
 
-    def watch_client(self, callback: Callable[[], None]) -> Callable[[], None]:
-        """`callback()` when this connection is lost (before the returned function is called), soon
-        when it is lost already (the client may leave while its request waits to be admitted)."""
+    def watch_client(self, callback: Callable[[], None]) -> Callable[[], None] | None:
+        """`callback()` when this connection is lost (before the returned function is called); None when
+        it is lost already (the client may leave while its request waits to be admitted), so that the
+        caller does not start what nobody waits for."""
         if self.transport.is_closing() or (self.cycle is not None and self.cycle.disconnected):
-            self.loop.call_soon(callback)
-            return _nothing
+            return None
         self.gone_callbacks[callback] = None
 
         def unwatch() -> None:
@@ -510,10 +510,6 @@ class GuardedHttpProtocol(HttpToolsProtocol):
             if timer is not None:
                 timer.cancel()
         self.body_timer = self.send_timer = None
-
-
-def _nothing() -> None:
-    return None
 
 
 class _ReplayTarget:

@@ -142,7 +142,8 @@ class _Limit:
 
 
 def watch_client(scope: Scope, receive: Receive, clock: ExchangeClock) -> AbstractContextManager[Any]:
-    """While in this context, a client that leaves fires `clock.client_left()`.
+    """While in this context, a client that leaves fires `clock.client_left()`; entering it raises
+    ClientGone when our server knows the client left already.
 
     Our server says so itself (a callback, no task); under another ASGI server a small task waits for
     `http.disconnect` (after the body, the only message left to come)."""
@@ -155,12 +156,16 @@ def watch_client(scope: Scope, receive: Receive, clock: ExchangeClock) -> Abstra
 class _ServerWatch:
     __slots__ = ("_watch", "_callback", "_unwatch")
 
-    def __init__(self, watch: Callable[[Callable[[], None]], Callable[[], None]], callback: Callable[[], None]) -> None:
+    def __init__(
+        self, watch: Callable[[Callable[[], None]], Callable[[], None] | None], callback: Callable[[], None]
+    ) -> None:
         self._watch, self._callback = watch, callback
         self._unwatch: Callable[[], None] | None = None
 
     def __enter__(self) -> None:
         self._unwatch = self._watch(self._callback)
+        if self._unwatch is None:  # gone already: the exchange must not open an engine request for nobody
+            raise ClientGone
 
     def __exit__(self, *exc_info: object) -> None:
         if self._unwatch is not None:

@@ -99,7 +99,9 @@ def test_client_leaving_while_its_request_waits_for_admission_is_noticed(slow_fi
     config = write_routing_map(
         tmp_path / "routes.yaml",
         [{"name": "think-limited", "model": "think-model", "owned_by": "vllm", "url": slow_first_token.url}],
-        settings={"limits": {"requests_per_minute": 100000}},
+        # Health checks often enough that a kept-alive engine connection is always in the pool: a request
+        # sent on one is written before the gateway's first pause, the moment a late notice would come.
+        settings={"limits": {"requests_per_minute": 100000}, "health": {"interval": 0.1}},
     )
     gateway = processes.gateway(config, extra_args=["--keys-file", str(keys), "--redis-url", redis.url])
     assert (
@@ -110,6 +112,7 @@ def test_client_leaving_while_its_request_waits_for_admission_is_noticed(slow_fi
     def body_bytes_held() -> float:
         return metric_value(get(gateway.url + "/metrics").body.decode(), "llm_gateway_request_body_bytes")
 
+    prompts_before = running_requests(slow_first_token, "vllm:prompt_tokens_total")
     with socket.create_connection(("127.0.0.1", redis.port), timeout=5) as store:
         store.sendall(b"*4\r\n$6\r\nCLIENT\r\n$5\r\nPAUSE\r\n$4\r\n2000\r\n$3\r\nALL\r\n")
         assert store.recv(64).startswith(b"+OK")
@@ -130,6 +133,8 @@ def test_client_leaving_while_its_request_waits_for_admission_is_noticed(slow_fi
         timeout=8,
         message="the client's leaving counted",
     )
+    # The engine never got it (its prompt would be counted at arrival), not even for an instant.
+    assert running_requests(slow_first_token, "vllm:prompt_tokens_total") == prompts_before
     assert running_requests(slow_first_token, "vllm:num_requests_running") == 0
 
 
