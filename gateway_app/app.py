@@ -168,12 +168,15 @@ def _other_routes(runtime: Runtime, with_metrics: bool) -> tuple[ASGIApp, ASGIAp
         routes = runtime.snapshot.routes
         now = time.monotonic()
         reachable = sum(1 for e in routes.engines if any(r.available(now) for r in e.pool.replicas))
-        ready = reachable > 0 or not routes.settings.ready_requires_engine
+        # An engine asleep is not down: the next request wakes it, and it can only come through this gateway.
+        asleep = sum(1 for e in routes.engines if e.pool.waker is not None and e.pool.waker.asleep)
+        ready = reachable + asleep > 0 or not routes.settings.ready_requires_engine
         return _json(
             {
                 "status": "ready" if ready else "no engine reachable",
                 "engines": len(routes.engines),
                 "engines_reachable": reachable,
+                "engines_asleep": asleep,
             },
             status=200 if ready else 503,
         )

@@ -143,6 +143,27 @@ class Discovery(_Strict):
     port: int = Field(default=8000, ge=1, le=65535)  # the pods' port (the Service's targetPort)
 
 
+class Wake(_Strict):
+    """Scale to zero: the engine's Deployment sleeps at zero replicas and a request wakes it (wake.py).
+
+    Needs `discovery`: the gateway tells an engine asleep (no ready pod) from one that is up by its
+    EndpointSlices, and forwards a held request as soon as one pod is ready.
+    """
+
+    deployment: str = Field(min_length=1, max_length=253)  # in the discovery namespace
+    replicas: int = Field(default=1, ge=1)  # what a wake scales it to
+    timeout: float = Field(default=900.0, gt=0)  # seconds a request may be held
+    idle_after: float | None = Field(default=None, gt=0)  # seconds without requests, then zero; None: never
+    queue: int = Field(default=100, ge=0)  # requests held at once; past it, 503 engine_waking
+    fallback_while_waking: bool = False  # with a `fallback`: it serves while this engine wakes
+    # The Lease in which the gateways record the engine's last request (default: <deployment>-activity).
+    lease: str | None = Field(default=None, min_length=1, max_length=253)
+
+    @property
+    def lease_name(self) -> str:
+        return self.lease or f"{self.deployment}-activity"
+
+
 class ClientLimits(_Strict):
     """What one client, or all of them together, may make the gateway hold: the front door's bounds.
 
@@ -259,6 +280,7 @@ class EngineSpec(_Strict):
     fallback: str | None = None  # the engine to try when none of this one's replicas can take a request
     concurrency: Concurrency = Concurrency()
     discovery: Discovery | None = None
+    wake: Wake | None = None  # scale to zero (needs discovery)
     balancing: BalancingPolicyName | None = None  # this engine's own; default: settings.balancing
 
     @model_validator(mode="after")
@@ -273,6 +295,10 @@ class EngineSpec(_Strict):
             raise ValueError(f"@{given[1]}: give one of url, urls and base_url, not {' and '.join(given)}")
         if self.discovery is not None and self.base_url is not None:
             raise ValueError("@discovery: an engine reached by base_url has no pods to discover")
+        if self.wake is not None and self.discovery is None:
+            raise ValueError(
+                "@wake: needs `discovery` (the gateway sees the engine wake through its Service's EndpointSlices)"
+            )
         return self
 
     @property

@@ -12,52 +12,20 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
-import os
-import ssl
 from collections.abc import Callable
-from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
 import aiohttp
 import orjson
 
+from gateway_app.kube_api import KubernetesAPI
 from gateway_app.replicas import DiscoveryKey, ReplicaRegistry
 from gateway_app.route_table import RouteTable
 
 log = logging.getLogger("llm_gateway.discovery")
 
-SERVICE_ACCOUNT = Path("/var/run/secrets/kubernetes.io/serviceaccount")
 SERVICE_NAME_LABEL = "kubernetes.io/service-name"
-
-
-@dataclass(frozen=True, slots=True)
-class KubernetesAPI:
-    """Where the API server is and how to authenticate to it."""
-
-    base_url: str
-    token_file: Path | None
-    ssl_context: ssl.SSLContext | bool
-
-    @classmethod
-    def from_environment(cls) -> KubernetesAPI | None:
-        """In a pod: the service account. `LLM_GATEWAY_KUBE_API` overrides the address (tests, proxies)."""
-        override = os.environ.get("LLM_GATEWAY_KUBE_API")
-        if override:
-            return cls(override.rstrip("/"), None, True)
-        host, port = os.environ.get("KUBERNETES_SERVICE_HOST"), os.environ.get("KUBERNETES_SERVICE_PORT")
-        if not host or not port:
-            return None
-        context = ssl.create_default_context(cafile=str(SERVICE_ACCOUNT / "ca.crt"))
-        host = f"[{host}]" if ":" in host else host
-        return cls(f"https://{host}:{port}", SERVICE_ACCOUNT / "token", context)
-
-    def headers(self) -> dict[str, str]:
-        # Re-read on every call: projected service-account tokens are rotated on disk.
-        if self.token_file is None:
-            return {}
-        return {"Authorization": f"Bearer {self.token_file.read_text().strip()}"}
 
 
 def ready_addresses(endpoint_slice: dict[str, Any], port: int) -> set[str]:

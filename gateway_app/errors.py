@@ -107,6 +107,15 @@ class EngineNotFound(GatewayError):
     retry_after = 5
 
 
+class EngineWaking(GatewayError):
+    """The engine is scaled to zero and could not serve this request in time: its wake took longer than
+    the request may be held, too many requests were held already, or the wake itself failed."""
+
+    status = 503
+    error_type = "upstream_error"
+    code = "engine_waking"
+
+
 class EngineBadAnswer(GatewayError):
     """An engine answer the gateway will not relay (an error body past the size it reads)."""
 

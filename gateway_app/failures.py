@@ -33,6 +33,7 @@ class Failure(StrEnum):
     # Not the engine's doing: counted elsewhere (client disconnects, refusals), logged all the same.
     CLIENT_DISCONNECT = "client_disconnect"
     ENGINE_OVERLOADED = "engine_overloaded"
+    ENGINE_WAKING = "engine_waking"  # scaled to zero, and not awake in time (wake.py)
 
 
 # What the client is told, by kind: the error class (status, type, code) and its message.

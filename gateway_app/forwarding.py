@@ -21,7 +21,7 @@ from starlette.types import Send
 
 from gateway_app.balancer import pick_replica
 from gateway_app.concurrency import ConcurrencyGate, EngineBusy
-from gateway_app.errors import GatewayError, sse_error_event
+from gateway_app.errors import EngineWaking, GatewayError, sse_error_event
 from gateway_app.exchange_clock import ExchangeClock
 from gateway_app.failures import Failure, failure_error
 from gateway_app.log_setup import ThrottledWarning
@@ -46,6 +46,7 @@ RETRYABLE_ANSWER_CAP = 64 * 1024
 CLIENT_CLOSED = 499  # nginx's status for "client closed the request", used in metrics only
 # Answers that mean "this replica cannot take it now": the request may go to another one.
 RETRYABLE_STATUSES = frozenset({502, 503})
+STALE_CONNECTION_RETRIES = 3  # sends again after a pooled connection the engine had closed
 
 
 @dataclass(slots=True)  # not frozen: built for every request, and a frozen dataclass is slow to build
@@ -77,6 +78,7 @@ class ForwardResult:
     first_byte_at: float | None
     bytes_sent: int
     stream: bool  # the answer was an SSE stream
+    held: float | None = None  # seconds held while its engine, scaled to zero, woke up
 
 
 class Forwarder:
@@ -127,6 +129,7 @@ class Exchange:
     __slots__ = (
         "forwarder", "request", "send", "engine", "replica", "status", "failure", "response_started",
         "sse", "at_event_boundary", "bytes_sent", "first_byte_at", "usage", "finished", "clock", "held",
+        "held_for_wake",
     )  # fmt: skip
 
     def __init__(self, forwarder: Forwarder, request: ForwardRequest, send: Send) -> None:
@@ -142,6 +145,7 @@ class Exchange:
         self.first_byte_at: float | None = None
         self.usage: tuple[int, int] | None = None
         self.finished = False  # the exchange ran to its end (the client may have left right after)
+        self.held_for_wake: float | None = None
 
     def client_left(self) -> None:
         """The client went away (the run was cancelled): 499, unless the answer had been given."""
@@ -163,6 +167,7 @@ class Exchange:
             self.first_byte_at,
             self.bytes_sent,
             self.sse,
+            self.held_for_wake,
         )
 
     async def run(self, clock: ExchangeClock) -> None:
@@ -175,7 +180,21 @@ class Exchange:
         admitted = False
         self.clock = clock
         self.held: list[ConcurrencyGate] = []  # fallback engines' gates entered on the way, held to the end
+        waker = engine.pool.waker  # scale to zero: None for most engines
+        since = self.request.started  # the retries' deadline counts from here
         try:
+            if waker is not None:
+                waker.active += 1
+                if waker.asleep:  # held until a replica is ready, unless the fallback may serve meanwhile
+                    if waker.spec.fallback_while_waking and engine.fallback is not None:
+                        waker.want_wake()
+                    else:
+                        held_at = time.perf_counter()
+                        try:
+                            await waker.hold(engine.name)
+                        finally:
+                            since = time.perf_counter()  # the wait for a wake is not the engine's slowness
+                            self.held_for_wake = since - held_at
             if gate is not None:
                 waited = await gate.acquire(engine.name)
                 admitted = True
@@ -184,20 +203,21 @@ class Exchange:
             # resumes each coroutine between the event loop and `readany()`, the fewer the cheaper.
             total = engine.timeouts.total
             if total is None:
-                opened = await self._try_replicas()
+                opened = await self._try_replicas(since)
                 if opened is not None:
                     await self._relay(opened)
             else:
                 try:
                     async with asyncio.timeout(total):
-                        opened = await self._try_replicas()
+                        opened = await self._try_replicas(since)
                         if opened is not None:
                             await self._relay(opened)
                 except TimeoutError:
                     await self._fail(Failure.TIMEOUT_TOTAL)
-        except EngineBusy as error:
-            metrics.child(metrics.rejected, Failure.ENGINE_OVERLOADED, "").inc()
-            self.failure = Failure.ENGINE_OVERLOADED
+        except (EngineBusy, EngineWaking) as error:
+            kind = Failure.ENGINE_OVERLOADED if isinstance(error, EngineBusy) else Failure.ENGINE_WAKING
+            metrics.child(metrics.rejected, kind, "").inc()
+            self.failure = kind
             await send_error(self.send, error, [(ENGINE_HEADER, engine.name_header), *self.request.extra_headers])
             self.status = error.status
         except Exception:  # a bug of ours: log it, answer 500 without details
@@ -205,6 +225,9 @@ class Exchange:
             await self._fail(Failure.INTERNAL)
         finally:
             in_flight.count -= 1
+            if waker is not None:
+                waker.active -= 1
+                waker.last_request = time.monotonic()
             for held in self.held:
                 held.release()
             if admitted and gate is not None:
@@ -221,17 +244,17 @@ class Exchange:
         if self.first_byte_at is not None:
             stats.first_byte(self.sse).observe(self.first_byte_at - request.started)
 
-    async def _try_replicas(self) -> _Opened | None:
+    async def _try_replicas(self, since: float) -> _Opened | None:
         """Try the engine's replicas, then its fallback engine, until one takes the request: the answer
         opened, or None when the request was answered otherwise (an error, or nothing left to relay).
 
         Only failures before any byte went to the client are retried: a connection that could not be
-        made and a 502/503 answer. A bounded number of attempts, within a deadline.
+        made and a 502/503 answer. A bounded number of attempts, within a deadline counted from `since`.
         """
         request, metrics = self.request, self.forwarder.metrics
         routes, retries = request.routes, request.routes.settings.retries
         routed = request.engine
-        deadline = request.started + retries.deadline
+        deadline = since + retries.deadline
         tried: list[Replica] = []
         visited = {routed.name}
         last: _Retryable | None = None
@@ -342,10 +365,12 @@ class Exchange:
                     response.close()
 
     async def _send_request(self, replica: Replica) -> aiohttp.ClientResponse:
-        """POST to the engine, once more on a fresh connection if a pooled one turned out to be closed.
+        """POST to the engine, again if a pooled connection turned out to be closed.
 
         An engine closes idle keep-alive connections on its own schedule; a request that meets such a
-        connection fails before the engine has read it, so sending it again is safe.
+        connection fails before the engine has read it, so sending it again is safe. The pool may hold
+        several such connections (one per request that ran at once a while ago, one per health check):
+        each failure drops one, and a few tries reach a live or a fresh one.
         """
         request, engine = self.request, self.engine
         headers = headers_for_engine(request.client_headers, engine.headers + engine.auth_headers(request.engine_auth))
@@ -356,12 +381,13 @@ class Exchange:
         url = replica.url + engine.path_on_engine(request.path)
         session = self.forwarder.session
         body = request.payload.for_model(engine.model)
-        try:
-            return await session.post(url, data=body, headers=headers, timeout=engine.client_timeout)
-        except (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError) as exc:
-            if isinstance(exc, aiohttp.ClientConnectorError):
-                raise  # a fresh connection failed: the engine is down, not a stale pool entry
-            return await session.post(url, data=body, headers=headers, timeout=engine.client_timeout)
+        for _ in range(STALE_CONNECTION_RETRIES):
+            try:
+                return await session.post(url, data=body, headers=headers, timeout=engine.client_timeout)
+            except (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError) as exc:
+                if isinstance(exc, aiohttp.ClientConnectorError):
+                    raise  # a fresh connection failed: the engine is down, not a stale pool entry
+        return await session.post(url, data=body, headers=headers, timeout=engine.client_timeout)
 
     async def _retryable_answer(self, response: aiohttp.ClientResponse) -> _Retryable:
         """A 502/503 is read to be relayed if no other replica can do better, but only up to a small

@@ -13,6 +13,7 @@ from prometheus_client import (
     CollectorRegistry,
     Counter,
     Gauge,
+    Histogram,
     PlatformCollector,
     ProcessCollector,
     generate_latest,
@@ -35,6 +36,7 @@ CONNECTION_CLOSE_REASONS = (
     "send_timeout",
 )
 STATUS_CLASSES = {2: "2xx", 3: "3xx", 4: "4xx", 5: "5xx"}
+WAKE_BUCKETS = (1, 5, 10, 20, 30, 60, 120, 180, 300, 600, 900, 1800)
 FIRST_BYTE_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
 
 
@@ -231,7 +233,8 @@ class GatewayMetrics:
         self.rejected = Counter(
             "llm_gateway_rejected_requests",
             "Requests refused before reaching an engine, by reason (auth, forbidden_model, rate_limit_requests, "
-            "rate_limit_tokens, limiter_unavailable) and API key name (empty when no valid key was given).",
+            "rate_limit_tokens, limiter_unavailable, engine_overloaded, engine_waking) and API key name (empty "
+            "when no valid key was given).",
             ("reason", "client"),
             registry=self.registry,
         )
@@ -286,6 +289,37 @@ class GatewayMetrics:
         self.config_last_reload = Gauge(
             "llm_gateway_config_last_reload_success_timestamp_seconds",
             "When the routing map now served was loaded.",
+            registry=self.registry,
+        )
+        # Scale to zero (wake.py): read at scrape time or counted per wake and sleep, never per request.
+        self.wake_held = Gauge(
+            "llm_gateway_wake_held_requests",
+            "Requests held now until their engine, scaled to zero, has a ready replica (engines with `wake`).",
+            ("engine",),
+            registry=self.registry,
+        )
+        self.wakeups = Counter(
+            "llm_gateway_engine_wakeups",
+            "Wakes this gateway started: the engine's Deployment scaled from zero because a request came.",
+            ("engine",),
+            registry=self.registry,
+        )
+        self.wake_duration = Histogram(
+            "llm_gateway_engine_wake_duration_seconds",
+            "From the request that woke an engine to its first ready replica.",
+            ("engine",),
+            buckets=WAKE_BUCKETS,
+            registry=self.registry,
+        )
+        self.scale_downs = Counter(
+            "llm_gateway_engine_scale_downs",
+            "Engines this gateway scaled to zero after `wake.idle_after` seconds without requests.",
+            ("engine",),
+            registry=self.registry,
+        )
+        self.engines_asleep = Gauge(
+            "llm_gateway_engines_asleep",
+            "Engines with `wake` that have no ready replica now (asleep, or waking).",
             registry=self.registry,
         )
         for result in ("success", "failure"):

@@ -1,7 +1,8 @@
 """`GET /v1/models` across all engines: one card per (model, owned_by), from the engines' own lists.
 
 Engines are asked concurrently with a short timeout and the result is cached briefly, so a busy
-`/v1/models` never multiplies into engine traffic; an engine that does not answer is left out.
+`/v1/models` never multiplies into engine traffic; an engine that does not answer is left out. An engine
+scaled to zero (wake.py) is listed from the routing map, its card's `state` saying `asleep` or `waking`.
 """
 
 from __future__ import annotations
@@ -64,6 +65,9 @@ class ModelCatalog:
             if card is None:
                 failing[engine.name] = f"its /v1/models does not list the model {engine.model!r} it is mapped to"
                 continue
+            waker = engine.pool.waker
+            if waker is not None:  # scale to zero: the card says whether the first request will wait
+                card = {**card, "state": waker.state}
             cards.append(_card(card, engine.model, engine.owned_by))
             if table.settings.list_aliases:
                 cards.extend(_card(card, alias, engine.owned_by) for alias in table.aliases_of(engine.model))
@@ -79,7 +83,10 @@ class ModelCatalog:
         self._failing = failing
 
     async def _engine_cards(self, engine: Engine, table: RouteTable) -> list[Any] | str:
-        """The engine's own cards, or why there are none."""
+        """The engine's own cards, or why there are none; an engine scaled to zero, from the routing map
+        (asking it would find no replica, and must not wake it)."""
+        if engine.pool.waker is not None and engine.pool.waker.asleep:
+            return [{"id": engine.model, "object": "model", "created": 0, "root": engine.model, "parent": None}]
         timeout = aiohttp.ClientTimeout(total=table.settings.models_timeout)
         replica = choose(engine.pool, time.monotonic())
         if replica is None:

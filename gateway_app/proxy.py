@@ -221,6 +221,7 @@ class ProxyEndpoint:
             completion_tokens=usage[1] if usage else None,
             bytes=result.bytes_sent,
             error_kind=result.failure,
+            wake_wait_ms=round(result.held * 1000, 2) if result.held is not None else None,
         )
 
     def _log(self, ids: RequestIds, started: float, status: int, client: str, **fields: object) -> None:

@@ -21,9 +21,10 @@ import aiohttp
 
 from gateway_app.background import PeriodicTask
 from gateway_app.concurrency import ConcurrencyGate
-from gateway_app.config import Concurrency, EngineSpec, HealthSettings
+from gateway_app.config import Concurrency, EngineSpec, HealthSettings, Wake
 from gateway_app.log_setup import ThrottledWarning
 from gateway_app.prefix import PrefixTable
+from gateway_app.waker import Waker
 
 log = logging.getLogger("llm_gateway.replicas")
 EJECTION_WARNINGS = ThrottledWarning(log)  # a replica failing every request: a line a minute, not one per request
@@ -111,20 +112,38 @@ class ReplicaPool:
     """The replicas one engine routes to right now. Discovery replaces `replicas` in one assignment;
     an engine without discovery keeps its configured list."""
 
-    __slots__ = ("configured", "replicas", "turn", "health_path")
+    __slots__ = ("configured", "replicas", "turn", "health_path", "waker")
 
-    def __init__(self, configured: tuple[Replica, ...], health_path: str | None = "/health") -> None:
+    def __init__(
+        self, configured: tuple[Replica, ...], health_path: str | None = "/health", waker: Waker | None = None
+    ) -> None:
         self.configured = configured
         self.replicas = configured
         self.turn = 0  # for round-robin
         self.health_path = health_path  # the engine's, for the pods discovery adds too
+        self.waker = waker  # scale to zero: the engine's sleep (waker.py)
         for replica in configured:
             replica.health_path = health_path
 
     def update(self, discovered: tuple[Replica, ...]) -> None:
         for replica in discovered:
             replica.health_path = self.health_path
-        self.replicas = discovered or self.configured  # no ready pod: the Service URL is the best bet
+        if self.waker is None:
+            self.replicas = discovered or self.configured  # no ready pod: the Service URL is the best bet
+        else:  # no ready pod: asleep or waking, and a request waits for one rather than trying the Service
+            self.replicas = discovered
+            self.waker.pods_ready(len(discovered))
+
+    def set_waker(self, spec: Wake | None, namespace: str) -> None:
+        """Keep the engine's Waker across reloads (its held requests and activity), with the new settings."""
+        if spec is None:
+            self.waker = None
+            if not self.replicas:
+                self.replicas = self.configured
+        elif self.waker is None:
+            self.waker = Waker(spec, namespace)
+        else:
+            self.waker.spec = spec
 
 
 class ReplicaRegistry:
@@ -158,6 +177,7 @@ class ReplicaRegistry:
             pool.health_path = health_path
             for replica in (*pool.configured, *pool.replicas):
                 replica.health_path = health_path
+        pool.set_waker(spec.wake, key[0])
         return pool
 
     def gate_for(self, name: str, settings: Concurrency) -> ConcurrencyGate | None:

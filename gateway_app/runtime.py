@@ -2,8 +2,8 @@
 
 The runtime owns the engine session, the replicas (health, discovered pods, queues), the rate limiter,
 the model catalog, the request-body budget, the forwarder, the metrics, the request log, the tracer and
-the background services (health checks, reading the engines' own load, discovery, hot reload of mounted
-files, the log writer). It
+the background services (health checks, reading the engines' own load, discovery, waking engines scaled
+to zero and putting idle ones to sleep, hot reload of mounted files, the log writer). It
 holds the snapshot in service, which a reload replaces whole (`snapshot.py`).
 """
 
@@ -25,10 +25,11 @@ from gateway_app.background import Service, ServiceGroup
 from gateway_app.concurrency import ConcurrencyGate
 from gateway_app.config import RoutingMap, load_routing_map
 from gateway_app.config_watcher import WatchedFile
-from gateway_app.discovery import DiscoveryManager, KubernetesAPI
+from gateway_app.discovery import DiscoveryManager
 from gateway_app.engine_credentials import EngineCredentials, bearer
 from gateway_app.engine_load import EngineLoadMetrics, EngineLoadReader
 from gateway_app.forwarding import Forwarder
+from gateway_app.kube_api import KubernetesAPI, KubernetesClient
 from gateway_app.metrics import GatewayMetrics
 from gateway_app.models_catalog import ModelCatalog
 from gateway_app.rate_limit import Limiter, MemoryLimiter, RedisLimiter
@@ -38,6 +39,8 @@ from gateway_app.request_log import RequestLog
 from gateway_app.route_table import build_routes
 from gateway_app.snapshot import Snapshot
 from gateway_app.upstream import create_session
+from gateway_app.wake import WakeService
+from gateway_app.waker import Waker
 
 if TYPE_CHECKING:  # imported only when tracing is on: its packages are an optional extra
     from gateway_app.tracing import RequestTracer
@@ -96,9 +99,9 @@ class Runtime:
         self.body_budget = BodyMemoryBudget(self.snapshot.settings.client_limits.max_body_memory)
         self.catalog = ModelCatalog(session, lambda: self.snapshot)
         self.forwarder = Forwarder(session, self.metrics)
-        self.discovery = DiscoveryManager(
-            KubernetesAPI.from_environment(), session, self.replicas, self._describe_replicas
-        )
+        kubernetes = KubernetesAPI.from_environment()
+        self.discovery = DiscoveryManager(kubernetes, session, self.replicas, self._describe_replicas)
+        self.wake = WakeService(KubernetesClient(kubernetes, session) if kubernetes else None, self.metrics)
         self.health = HealthChecker(self.replicas, session, lambda: self.snapshot.settings.health, self._health_headers)
         self.engine_load = EngineLoadReader(lambda: self.snapshot.routes, session, self._health_headers)
         self.metrics.show_engine_load(EngineLoadMetrics(self.engine_load))
@@ -121,6 +124,7 @@ class Runtime:
             runtime.health,
             runtime.engine_load,
             runtime.discovery,
+            runtime.wake,
             runtime.request_log,
             runtime.credentials,
             *(watched for watched, _ in runtime._files),
@@ -128,6 +132,7 @@ class Runtime:
         for service in services:
             runtime.services.start(service)
         runtime.discovery.sync(runtime.snapshot.routes)
+        runtime.wake.sync(runtime.snapshot.routes)
         runtime._describe_routes()
         return runtime
 
@@ -147,6 +152,7 @@ class Runtime:
         self.body_budget.limit = routing_map.settings.client_limits.max_body_memory
         self.limiter.configure(routing_map.settings.limits)
         self.discovery.sync(routes)
+        self.wake.sync(routes)
         self._describe_routes()
 
     def apply_keys(self, keys: KeyStore) -> None:
@@ -190,6 +196,11 @@ class Runtime:
         metrics.queue_length.clear()
         metrics.engine_info.clear()
         metrics.engine_balancing.clear()
+        metrics.wake_held.clear()
+        wakers = {engine.pool.waker: engine.name for engine in routes.engines if engine.pool.waker is not None}
+        for waker, name in wakers.items():
+            metrics.wake_held.labels(name).set_function(functools.partial(_held, waker))
+        metrics.engines_asleep.set_function(functools.partial(_asleep, tuple(wakers)))
         for engine in routes.engines:
             metrics.engine_info.labels(engine.name, engine.model, engine.owned_by).set(1)
             metrics.engine_balancing.labels(engine.name, engine.policy.name).set(1)
@@ -224,3 +235,11 @@ def _queued(gate: ConcurrencyGate) -> float:
 
 def _available(replica: Replica) -> float:
     return float(replica.available(time.monotonic()))
+
+
+def _held(waker: Waker) -> float:
+    return float(waker.held)
+
+
+def _asleep(wakers: tuple[Waker, ...]) -> float:
+    return float(sum(waker.asleep for waker in wakers))

@@ -1,8 +1,9 @@
-"""A stand-in for the Kubernetes API server's EndpointSlice list and watch, over real HTTP.
+"""A stand-in for the Kubernetes API server, over real HTTP: EndpointSlice list and watch, the `scale`
+subresource of Deployments, and Leases.
 
 It speaks the API's wire format (a list with a resourceVersion; a watch as a stream of JSON lines
-`{"type", "object"}`), and lets a test push events as a controller would. It stands in for Kubernetes,
-not for any part of the gateway.
+`{"type", "object"}`; a Scale; a Lease; merge patches; Status objects for errors), and lets a test push
+events as a controller would. It stands in for Kubernetes, not for any part of the gateway.
 """
 
 from __future__ import annotations
@@ -26,8 +27,19 @@ def endpoint_slice(name: str, service: str, port: int, endpoints: list[tuple[str
     }
 
 
+def status(code: int, message: str) -> web.Response:
+    body = {"kind": "Status", "apiVersion": "v1", "status": "Failure", "message": message, "code": code}
+    return web.json_response(body, status=code)
+
+
 class FakeKubeAPI:
     def __init__(self) -> None:
+        self.deployments: dict[tuple[str, str], int] = {}  # (namespace, name) -> spec.replicas
+        self.leases: dict[tuple[str, str], dict] = {}  # (namespace, name) -> the Lease
+        self.calls: list[tuple[str, str, dict | None, str]] = []  # scale and lease calls: method, path, body, type
+        self.refuse: dict[str, int] = {}  # "scale" or "lease" -> the status every such call gets
+        self.scale_versions: dict[tuple[str, str], int] = {}  # resourceVersion of each Deployment
+        self.beaten_to_it = False  # the next scale PATCH finds the Deployment scaled to 1 by someone else
         self.slices: dict[str, dict] = {}
         self.version = 1
         self.watches = 0
@@ -58,6 +70,76 @@ class FakeKubeAPI:
         finally:
             self._queues.remove(queue)
 
+    async def _scale(self, request: web.Request) -> web.Response:
+        key = (request.match_info["namespace"], request.match_info["name"])
+        body = await self._record(request)
+        if "scale" in self.refuse:
+            return status(self.refuse["scale"], f'deployments.apps "{key[1]}" is forbidden')
+        if key not in self.deployments:
+            return status(404, f'deployments.apps "{key[1]}" not found')
+        if request.method == "PATCH":
+            if request.content_type != "application/merge-patch+json":
+                return status(415, f"unsupported media type {request.content_type}")
+            if self.beaten_to_it:
+                self.beaten_to_it = False
+                self.deployments[key] = 1
+                self.scale_versions[key] = self.scale_versions.get(key, 1) + 1
+            expected = (body.get("metadata") or {}).get("resourceVersion")
+            if expected is not None and expected != str(self.scale_versions.get(key, 1)):
+                return status(409, "the object has been modified; please apply your changes to the latest version")
+            self.deployments[key] = body["spec"]["replicas"]
+            self.scale_versions[key] = self.scale_versions.get(key, 1) + 1
+        replicas = self.deployments[key]
+        version = str(self.scale_versions.get(key, 1))
+        return web.json_response(
+            {
+                "kind": "Scale",
+                "apiVersion": "autoscaling/v1",
+                "metadata": {"name": key[1], "namespace": key[0], "resourceVersion": version},
+                "spec": {"replicas": replicas},
+                "status": {"replicas": replicas},
+            }
+        )
+
+    async def _lease(self, request: web.Request) -> web.Response:
+        key = (request.match_info["namespace"], request.match_info["name"])
+        body = await self._record(request)
+        if "lease" in self.refuse:
+            return status(self.refuse["lease"], f'leases.coordination.k8s.io "{key[1]}" is forbidden')
+        if key not in self.leases:
+            return status(404, f'leases.coordination.k8s.io "{key[1]}" not found')
+        lease = self.leases[key]
+        if request.method == "PATCH":
+            if request.content_type != "application/merge-patch+json":
+                return status(415, f"unsupported media type {request.content_type}")
+            lease["spec"].update(body.get("spec") or {})
+        return web.json_response(lease)
+
+    async def _record(self, request: web.Request) -> dict | None:
+        body = await request.json() if request.can_read_body else None
+        self.calls.append((request.method, request.path, body, request.content_type))
+        return body
+
+    def add_deployment(self, namespace: str, name: str, replicas: int, lease: str | None = None) -> None:
+        """A Deployment at `replicas`, and the Lease the chart creates beside it (spec left to the gateway)."""
+        self.deployments[(namespace, name)] = replicas
+        if lease is not None:
+            metadata = {"name": lease, "namespace": namespace}
+            self.leases[(namespace, lease)] = {
+                "kind": "Lease",
+                "apiVersion": "coordination.k8s.io/v1",
+                "metadata": metadata,
+                "spec": {},
+            }
+
+    def scale_patches(self, name: str) -> list[int]:
+        """The replica counts the gateways asked for, in order."""
+        return [
+            body["spec"]["replicas"]
+            for method, path, body, _ in list(self.calls)
+            if method == "PATCH" and path.endswith(f"/deployments/{name}/scale") and body
+        ]
+
     def push(self, kind: str, item: dict) -> None:
         """Change the world and tell every open watch, as the API server would."""
 
@@ -75,6 +157,11 @@ class FakeKubeAPI:
     def start(self) -> FakeKubeAPI:
         app = web.Application()
         app.router.add_get("/apis/discovery.k8s.io/v1/namespaces/{namespace}/endpointslices", self._handle)
+        scale = "/apis/apps/v1/namespaces/{namespace}/deployments/{name}/scale"
+        lease = "/apis/coordination.k8s.io/v1/namespaces/{namespace}/leases/{name}"
+        for method in ("GET", "PATCH"):
+            app.router.add_route(method, scale, self._scale)
+            app.router.add_route(method, lease, self._lease)
         self._server = BackgroundServer(app).start()
         self._loop, self.url = self._server.loop, self._server.url
         return self

@@ -1,9 +1,11 @@
 """The chart's Grafana dashboard and alert rules against a real Prometheus scraping a real gateway and engines.
 
 Two simulated engines (vLLM and SGLang, the tutorial's Example 2) and two gateway pods in front of them,
-plus three engines that are down (one with a fallback, one that nobody asks for); a Prometheus scrapes
-the four processes every second and evaluates the chart's rules. Two waves of traffic (streams and not, a
-502, a retry with a fallback, a 401), so that counters and histograms have moved between scrapes. Then
+plus three engines that are down (one with a fallback, one that nobody asks for) and one scaled to zero
+(its Kubernetes API a stand-in); a Prometheus scrapes the four processes every second and evaluates the
+chart's rules. Two waves of traffic (streams and not, a 502, a retry with a fallback, a 401, a request that
+wakes the sleeping engine, which then goes back to sleep), so that counters and histograms have moved
+between scrapes. Then
 every query of every panel, with its template variables matching everything, must return a number, and
 every rule must evaluate.
 """
@@ -16,14 +18,16 @@ import math
 import re
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from tests.fake_kube_api import FakeKubeAPI, endpoint_slice
 from tests.prometheus_server import PrometheusServer
 from tests.routes import LLAMA, write_routing_map
-from tests.support import REPO_ROOT, Processes, free_port
+from tests.support import REPO_ROOT, Processes, RunningProcess, free_port
 from tests.web import get, post, wait_for
 
 CHART = REPO_ROOT / "charts" / "llm-gateway"
@@ -41,6 +45,7 @@ ROUTES = {
     "vllm-flaky": ("flaky-model", "vllm"),
     "vllm-down": ("down-model", "vllm"),
     "vllm-idle": ("idle-model", "vllm"),
+    "vllm-sleepy": ("sleepy-model", "vllm"),
 }
 ENGINES = set(ROUTES)
 GATEWAY_PODS = 2
@@ -82,6 +87,10 @@ def prometheus(tmp_path_factory: pytest.TempPathFactory, module_processes: Proce
     vllm = module_processes.simulator("vllm", LLAMA, ttft_ms=20, itl_ms=5)
     sglang = module_processes.simulator("sglang", LLAMA, ttft_ms=20, itl_ms=5)
     nothing_there = f"http://127.0.0.1:{free_port()}"
+    sleepy = module_processes.simulator("vllm", "sleepy-model")  # the pod of the engine that sleeps
+    kube = module_processes.add(FakeKubeAPI().start())
+    kube.add_deployment("llm", "sleepy", 0, lease="sleepy-activity")
+    kube.slices["sleepy"] = endpoint_slice("sleepy", "sleepy", sleepy_port(sleepy), [])
     engines = [
         {"name": "vllm-llama-32-1b", "model": LLAMA, "owned_by": "vllm", "url": vllm.url, "default": True},
         {
@@ -101,6 +110,14 @@ def prometheus(tmp_path_factory: pytest.TempPathFactory, module_processes: Proce
         },
         {"name": "vllm-down", "model": "down-model", "owned_by": "vllm", "url": nothing_there},
         {"name": "vllm-idle", "model": "idle-model", "owned_by": "vllm", "url": f"http://127.0.0.1:{free_port()}"},
+        {
+            "name": "vllm-sleepy",  # scaled to zero: each wave of traffic wakes it, then it goes back to sleep
+            "model": "sleepy-model",
+            "owned_by": "vllm",
+            "url": nothing_there,
+            "discovery": {"service": "sleepy", "namespace": "llm", "port": sleepy_port(sleepy)},
+            "wake": {"deployment": "sleepy", "idle_after": 1},
+        },
     ]
     assert {e["name"]: (e["model"], e["owned_by"]) for e in engines} == ROUTES
     # The engines' own load read from their /metrics, for every engine (the engine-load panels).
@@ -111,7 +128,10 @@ def prometheus(tmp_path_factory: pytest.TempPathFactory, module_processes: Proce
     keys.write_text(json.dumps({"keys": [{"name": "team-a", "sha256": hashlib.sha256(KEY.encode()).hexdigest()}]}))
     # Two gateway pods, as the chart runs them; the traffic goes to the first one. Queries that join the
     # series labelled by engine with llm_gateway_engine_info must keep the pods apart (no many-to-many).
-    gateways = [module_processes.gateway(routes, extra_args=["--keys-file", str(keys)]) for _ in range(GATEWAY_PODS)]
+    gateways = [
+        module_processes.gateway(routes, extra_args=["--keys-file", str(keys)], env={"LLM_GATEWAY_KUBE_API": kube.url})
+        for _ in range(GATEWAY_PODS)
+    ]
     gateway = gateways[0]
     # Engines' jobs named as the chart's engine ServiceMonitor names them: after the engine's Service.
     server = module_processes.add(
@@ -124,6 +144,7 @@ def prometheus(tmp_path_factory: pytest.TempPathFactory, module_processes: Proce
     wait_for(server.targets_up, timeout=10, interval=0.2, message="every target scraped")
     for _ in range(2):  # the second wave moves what the first one created
         send_traffic(gateway.url)
+        wake_and_sleep(gateway.url, kube, sleepy)
         sent = time.time()
         wait_for(lambda sent=sent: scraped_after(server, sent), timeout=10, interval=0.2, message="a new scrape")
     return server
@@ -154,6 +175,23 @@ def send_traffic(gateway: str) -> None:
     assert answer.status == 200 and answer.headers["x-gateway-engine"] == "vllm-llama-32-1b", answer.body
     assert post(gateway + CHAT, {"model": "down-model", "messages": HI}, headers=auth).status == 502
     assert post(gateway + CHAT, {"model": LLAMA, "messages": HI}).status == 401
+
+
+def sleepy_port(sleepy: RunningProcess) -> int:
+    return int(sleepy.url.rsplit(":", 1)[1])
+
+
+def wake_and_sleep(gateway: str, kube: FakeKubeAPI, sleepy: RunningProcess) -> None:
+    """A request wakes the sleepy engine (held until its pod is ready); idle, it is scaled to zero again."""
+    auth = {"Authorization": f"Bearer {KEY}"}
+    wakes = len(kube.scale_patches("sleepy"))
+    with ThreadPoolExecutor(1) as pool:
+        answer = pool.submit(post, gateway + CHAT, {"model": "sleepy-model", "messages": HI}, headers=auth)
+        wait_for(lambda: kube.scale_patches("sleepy")[wakes:] == [1], message="woken")
+        kube.push("MODIFIED", endpoint_slice("sleepy", "sleepy", sleepy_port(sleepy), [("127.0.0.1", True)]))
+        assert answer.result(timeout=30).status == 200
+    wait_for(lambda: kube.scale_patches("sleepy")[wakes:] == [1, 0], message="asleep again")
+    kube.push("MODIFIED", endpoint_slice("sleepy", "sleepy", sleepy_port(sleepy), []))
 
 
 def scraped_after(server: PrometheusServer, moment: float) -> bool:

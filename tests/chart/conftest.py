@@ -35,10 +35,11 @@ VALUE_SETS: dict[str, Path | None] = {
     "example1": EXAMPLES_DIR / "values-example1.yaml",
     "example2": EXAMPLES_DIR / "values-example2.yaml",
     "cpu": EXAMPLES_DIR / "values-cpu.yaml",
+    "scale-to-zero": EXAMPLES_DIR / "values-scale-to-zero.yaml",
     "all-features": ALL_FEATURES,
     "secured": SECURED,
 }
-EXAMPLES = ("example1", "example2", "cpu")
+EXAMPLES = ("example1", "example2", "cpu", "scale-to-zero")
 
 
 def local_engine_keys(routing: dict[str, Any], directory: Path) -> dict[str, Any]:

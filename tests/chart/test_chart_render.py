@@ -196,6 +196,7 @@ SCALED_OBJECT_SCHEMA = {
     },
 }
 # Gateway API's HTTPRoute (gateway.networking.k8s.io/v1, standard channel): the fields the chart renders.
+_GATEWAY_API_DURATION = {"type": "string", "pattern": r"^([0-9]{1,5}(h|m|s|ms)){1,4}$"}
 _GATEWAY_API_NAME = {"type": "string", "minLength": 1, "maxLength": 253}
 HTTP_ROUTE_SCHEMA = {
     "type": "object",
@@ -265,6 +266,14 @@ HTTP_ROUTE_SCHEMA = {
                                     },
                                 },
                             },
+                            "timeouts": {
+                                "type": "object",
+                                "additionalProperties": False,
+                                "properties": {
+                                    "request": _GATEWAY_API_DURATION,
+                                    "backendRequest": _GATEWAY_API_DURATION,
+                                },
+                            },
                         },
                     },
                 },
@@ -331,7 +340,7 @@ def test_all_features_renders_every_template(renders: dict[str, Rendered]) -> No
     assert kinds == {
         "ConfigMap", "Deployment", "Service", "ServiceAccount", "Secret", "Ingress", "HorizontalPodAutoscaler",
         "PodDisruptionBudget", "NetworkPolicy", "ServiceMonitor", "PrometheusRule", "Pod", "Role", "RoleBinding",
-        "PersistentVolumeClaim", "ScaledObject", "HTTPRoute",
+        "PersistentVolumeClaim", "ScaledObject", "HTTPRoute", "Lease",
     }  # fmt: skip
 
 
@@ -380,7 +389,7 @@ def test_routing_map_renders_only_known_keys(renders: dict[str, Rendered]) -> No
     # all-features exercises every key the chart can render
     assert rendered_keys == {"name", "model", "owned_by", "url", "urls", "base_url", "health_path", "api_key_file",
                              "discovery", "default", "aliases", "headers", "timeouts", "fallback",
-                             "concurrency", "balancing"}  # fmt: skip
+                             "concurrency", "balancing", "wake"}  # fmt: skip
 
 
 def test_routing_map_owned_by_and_served_names(renders: dict[str, Rendered]) -> None:
@@ -986,4 +995,6 @@ def test_helm_test_hook_lists_every_route(renders: dict[str, Rendered], value_se
     port = rendered.get("Service", GATEWAY)["spec"]["ports"][0]["port"]
     assert env["MODELS_URL"] == f"http://{GATEWAY}:{port}/v1/models"
     expected = sorted(map(tuple, json.loads(env["EXPECTED"])))
-    assert expected == sorted((r["model"], r["owned_by"]) for r in rendered.routing["engines"])
+    # an engine that scales to zero lists no model while it sleeps, and the test must not wake it
+    awake = [r for r in rendered.routing["engines"] if "wake" not in r]
+    assert expected == sorted((r["model"], r["owned_by"]) for r in awake)

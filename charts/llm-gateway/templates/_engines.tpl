@@ -12,6 +12,9 @@ Each resolved entry keeps the user's keys and adds:
   routeUrl     where the gateway sends this engine's requests (for NOTES: urls joined, or baseUrl)
   apiKeyFile   external engines with apiKeySecret: where the gateway pods mount that key
   imageRef, pullPolicy, resolvedResources, resolvedStrategy, replicas, gpus   (deployed engines)
+  scalesToZero  scaleToZero.enabled (deployed engines only)
+  wake          with scalesToZero: the routing map's `wake:` block (replicas is then the count a wake
+                scales to), plus `readTimeout`, the longest a held request can be silent (see ingress.yaml)
 */}}
 {{- define "llm-gateway.engines" -}}
 {{- $root := . -}}
@@ -19,7 +22,7 @@ Each resolved entry keeps the user's keys and adds:
        simulator needs no GPU node, so the GPU nodes' nodeSelector, tolerations and affinity stay off it). */ -}}
 {{- $gpuOnly := list "runtimeClassName" "gpuResource" "shmSize" "hfToken" "modelStorage" "podSecurityContext" "securityContext" "terminationGracePeriodSeconds" "startupTimeoutSeconds" "nodeSelector" "tolerations" "affinity" "extraVolumes" "extraVolumeMounts" "initContainers" "envFrom" "probes" -}}
 {{- /* engineDefaults keys merged with the engine's rather than replaced (see below). */ -}}
-{{- $mergedMaps := list "hfToken" "modelStorage" "nodeSelector" "podAnnotations" "podLabels" "podSecurityContext" "securityContext" "probes" "podDisruptionBudget" "autoscaling" -}}
+{{- $mergedMaps := list "hfToken" "modelStorage" "nodeSelector" "podAnnotations" "podLabels" "podSecurityContext" "securityContext" "probes" "podDisruptionBudget" "autoscaling" "scaleToZero" -}}
 {{- $namedLists := dict "extraVolumes" "name" "extraVolumeMounts" "mountPath" "initContainers" "name" -}}
 {{- /* Flags the chart passes, and the value to set instead. */ -}}
 {{- $servedName := "set servedModelName instead: the gateway routes by the name the chart passes, and an engine serving another name answers 404" -}}
@@ -57,6 +60,9 @@ Each resolved entry keeps the user's keys and adds:
 {{- if has (lower $header) (list "authorization" "x-api-key") -}}
 {{- fail (printf "%s: headers: %s would be written in plain text into the routing ConfigMap; give the key with apiKeySecret (a Secret) instead" $where $header) -}}
 {{- end -}}
+{{- end -}}
+{{- if and (not $e.engine) ($e.scaleToZero | default dict).enabled -}}
+{{- fail (printf "%s: scaleToZero is only for engines the chart deploys (engine: vllm, sglang or simulator); the gateway cannot scale an engine running elsewhere (url, urls, baseUrl)" $where) -}}
 {{- end -}}
 {{- $kind := $e.engine | default "external" -}}
 {{- $_ := set $e "kind" $kind -}}
@@ -146,6 +152,49 @@ Each resolved entry keeps the user's keys and adds:
 {{- $_ := set $e "scaledByKeda" (and $autoscaling.enabled true) -}}
 {{- $_ := set $e "replicas" (ternary $e.replicas 1 (hasKey $e "replicas") | int) -}}
 {{- $_ := set $e "gpus" ($e.gpus | default 1 | int) -}}
+
+{{- /* Scale to zero: the gateway scales the Deployment up when a request comes and no pod is ready, and
+       to zero after idleMinutes without requests. It sees the engine wake through the EndpointSlices,
+       and it alone owns the replica count (the Deployment renders none, KEDA must not own it too). */ -}}
+{{- $sleep := $e.scaleToZero | default dict -}}
+{{- $_ := set $e "scalesToZero" (and $sleep.enabled true) -}}
+{{- if $e.scalesToZero -}}
+{{- if not $root.Values.gateway.discovery.enabled -}}
+{{- fail (printf "%s: scaleToZero.enabled needs gateway.discovery.enabled: the gateway sees the engine wake up through its Service's EndpointSlices" $where) -}}
+{{- end -}}
+{{- if $e.scaledByKeda -}}
+{{- fail (printf "%s: scaleToZero.enabled and autoscaling.enabled (KEDA) would both own the Deployment's replica count; enable one of them" $where) -}}
+{{- end -}}
+{{- if and $sleep.fallbackWhileWaking (not $e.fallback) -}}
+{{- fail (printf "%s: scaleToZero.fallbackWhileWaking needs fallback, the engine that serves while this one wakes up" $where) -}}
+{{- end -}}
+{{- /* A wake scales to scaleToZero.replicas, else to the engine's own replicas (at least 1). */ -}}
+{{- $wakeReplicas := ternary ($sleep.replicas | int) (max $e.replicas 1 | int) (not (kindIs "invalid" $sleep.replicas)) -}}
+{{- $_ := set $e "replicas" $wakeReplicas -}}
+{{- $timeout := ternary ($sleep.wakeTimeoutSeconds | int) 900 (hasKey $sleep "wakeTimeoutSeconds") -}}
+{{- $idleAfter := ternary (mul ($sleep.idleMinutes | int) 60) nil (hasKey $sleep "idleMinutes") -}}
+{{- /* The longest a held request is silent before its first byte: the wake, then the engine's first-byte
+       timeout (its own, else gateway.settings', else the gateway's default of 600 s; no limit counts as
+       3600, the Ingress's default read timeout). ingress.yaml keeps nginx's timeouts above it. */ -}}
+{{- $firstByte := 600 -}}
+{{- $mapTimeouts := ($root.Values.gateway.settings | default dict).timeouts | default dict -}}
+{{- if hasKey $mapTimeouts "first_byte" -}}
+{{- $firstByte = ternary 3600 ($mapTimeouts.first_byte | default 0 | ceil | int) (kindIs "invalid" $mapTimeouts.first_byte) -}}
+{{- end -}}
+{{- /* An engine's own null keeps the map-wide value (gateway_app/config.py TimeoutOverrides). */ -}}
+{{- with ($e.timeouts | default dict).first_byte -}}
+{{- $firstByte = . | ceil | int -}}
+{{- end -}}
+{{- $_ := set $e "wake" (dict
+      "deployment" $e.name
+      "replicas" $wakeReplicas
+      "timeout" $timeout
+      "idle_after" $idleAfter
+      "queue" (ternary ($sleep.maxWaiting | int) 100 (hasKey $sleep "maxWaiting"))
+      "fallback_while_waking" (and $sleep.fallbackWhileWaking true)
+      "lease" (printf "%s-activity" $e.name)
+      "readTimeout" (add $timeout $firstByte)) -}}
+{{- end -}}
 
 {{- /* KEDA: a Prometheus to ask, and bounds that make sense. */ -}}
 {{- if $e.scaledByKeda -}}
@@ -310,7 +359,8 @@ so model ids like "/models/x" or "a: b" survive unchanged. Takes (dict "root" $ 
 
 With discovery, a deployed engine also names its Service: the gateway watches the Service's
 EndpointSlices and balances over the ready pods, and uses `url` (the Service) until the first answer
-from the API and whenever no pod is ready.
+from the API and whenever no pod is ready. An engine with scaleToZero also gets `wake:`: the Deployment
+the gateway scales and the Lease in which the gateway pods share the time of its last request.
 */}}
 {{- define "llm-gateway.routingMap" -}}
 {{- $discovery := include "llm-gateway.discovery" .root -}}
@@ -341,6 +391,16 @@ engines:
     {{- end }}
     {{- if and $discovery .deployed }}
     discovery: {service: {{ .name | toJson }}, namespace: {{ $namespace | toJson }}, port: 8000}
+    {{- end }}
+    {{- with .wake }}
+    wake:
+      deployment: {{ .deployment | toJson }}
+      replicas: {{ .replicas }}
+      timeout: {{ .timeout }}
+      idle_after: {{ toJson .idle_after }}
+      queue: {{ .queue }}
+      fallback_while_waking: {{ .fallback_while_waking }}
+      lease: {{ .lease | toJson }}
     {{- end }}
     {{- if .default }}
     default: true

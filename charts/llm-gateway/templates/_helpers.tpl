@@ -156,6 +156,37 @@ checks that the two agree).
 {{- end -}}
 {{- end }}
 
+{{/*
+The Ingress's nginx read and send timeouts (seconds, as a string): 3600, so that a non-streaming answer
+that arrives only after a long generation is not cut, or more when a request held while a scaleToZero
+engine wakes can be silent longer (its wake timeout plus its first-byte timeout, see _engines.tpl).
+*/}}
+{{- define "llm-gateway.ingressTimeoutSeconds" -}}
+{{- $seconds := 3600 -}}
+{{- range (include "llm-gateway.engines" . | fromJson).engines -}}
+{{- with .wake }}{{ $seconds = max $seconds (.readTimeout | int) }}{{ end -}}
+{{- end -}}
+{{- $seconds | toString -}}
+{{- end }}
+
+{{/* The engines the gateway scales to zero (scaleToZero.enabled): their resolved entries. */}}
+{{- define "llm-gateway.sleepingEngines" -}}
+{{- $found := list -}}
+{{- range (include "llm-gateway.engines" . | fromJson).engines }}{{ if .wake }}{{ $found = append $found . }}{{ end }}{{ end -}}
+{{- toJson (dict "engines" $found) -}}
+{{- end }}
+
+{{/* One field of the wake blocks of some engines, as a JSON list. Takes (dict "engines" $list "field" "lease"). */}}
+{{- define "llm-gateway.wakeField" -}}
+{{- $values := list -}}
+{{- range .engines }}{{ $values = append $values (get .wake $.field) }}{{ end -}}
+{{- toJson $values -}}
+{{- end }}
+
+{{- define "llm-gateway.scaleRoleName" -}}
+{{- printf "%s-scale-to-zero" (include "llm-gateway.fullname" .) | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
 {{- define "llm-gateway.redis.selectorLabels" -}}
 {{ include "llm-gateway.selectorLabels" . }}
 app.kubernetes.io/component: redis
