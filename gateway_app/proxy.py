@@ -206,12 +206,15 @@ class ProxyEndpoint:
             }
             tracer.end(span, attributes, result.failure)
         first_byte = result.first_byte_at
+        if engine.base_model is not None:  # a LoRA adapter
+            runtime.metrics.adapter_request(engine.model, engine.base_model, served.name, result.status).inc()
         self._log(
             ids,
             started,
             result.status,
             admitted.client.name,
             model=engine.model,
+            base_model=engine.base_model or engine.model,
             owned_by=engine.owned_by,
             engine=served.name,
             endpoint=result.replica_url,
