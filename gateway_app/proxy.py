@@ -146,11 +146,14 @@ class ProxyEndpoint:
         affinity_key = self._affinity_key(scope, fields, snapshot)
         # Only for an engine balanced by prompt prefix (a fallback engine follows the routed one's choice).
         prefix = prefix_blocks(fields.document) if engine.policy.name == "cache_aware" else None
+        # An alias becomes its model id; an adapter the form its engine understands (route_table.py).
+        sent_model = engine.request_model
+        rewrite = admitted.resolution.via_alias or sent_model != fields.model
         payload = EnginePayload(
             admitted.body,
             fields,
             engine.model,
-            body_for_engine(admitted.body.data, fields, engine.model, admitted.resolution.via_alias, strip_usage),
+            body_for_engine(admitted.body.data, fields, sent_model, rewrite, strip_usage),
         )
         tracer, span = runtime.tracer, None
         traceparent = None

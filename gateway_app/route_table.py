@@ -50,6 +50,9 @@ class Engine:
     # Set on an engine as it serves one of its LoRA adapters (`model` is then the adapter's id): the
     # model the adapter runs on.
     base_model: str | None = None
+    # The `model` the engine gets: the model id, or for an adapter the form its engine understands (SGLang
+    # takes `<base>:<adapter>`; vLLM the adapter's name). Default: `model`.
+    request_model: str = ""
     # Derived once here rather than on every request.
     client_timeout: aiohttp.ClientTimeout = field(init=False)
     name_header: bytes = field(init=False)
@@ -57,6 +60,8 @@ class Engine:
     def __post_init__(self) -> None:
         object.__setattr__(self, "client_timeout", aiohttp.ClientTimeout(total=None, connect=self.timeouts.connect))
         object.__setattr__(self, "name_header", self.name.encode())
+        if not self.request_model:
+            object.__setattr__(self, "request_model", self.model)
 
     def auth_headers(self, shared: tuple[tuple[str, str], ...]) -> tuple[tuple[str, str], ...]:
         """The credential this engine gets: its own (`api_key_file`), else the shared engine key, which
@@ -69,10 +74,20 @@ class Engine:
         """Where a client's path is on this engine's replica URL."""
         return path[3:] if self.base_url and path.startswith("/v1/") else path
 
-    def serving_adapter(self, model_id: str) -> Engine:
-        """This engine as it serves one of its adapters: requests carry `model_id` unchanged, metrics and
-        logs name it. No fallback: another engine may not hold the adapter."""
-        return dataclasses.replace(self, model=model_id, base_model=self.model, aliases=(), adapters=(), fallback=None)
+    def serving_adapter(self, adapter: str) -> Engine:
+        """This engine as it serves one of its adapters: metrics and logs name the adapter; vLLM gets its
+        name, SGLang `<base>:<adapter>` (given a bare adapter name, SGLang would run the base model). No
+        fallback: another engine may not hold the adapter."""
+        request_model = f"{self.model}:{adapter}" if self.api == "sglang" else adapter
+        return dataclasses.replace(
+            self,
+            model=adapter,
+            base_model=self.model,
+            request_model=request_model,
+            aliases=(),
+            adapters=(),
+            fallback=None,
+        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -246,13 +261,10 @@ class RouteTable:
         route = routes.get(adapter) if colon and base in self._routes else None
         if route is None or route.base_model != base:
             return None
-        if not (may_use_adapter(allowed, adapter, base) or (allowed is not None and model in allowed)):
-            return None
-        # Only SGLang understands the `<base>:<adapter>` form: its other engines are not candidates.
-        views = [engine.serving_adapter(model) for engine in route.by_owner.values() if engine.api == "sglang"]
-        if not views:
-            return None
-        return ModelRoute(model, {view.owned_by: view for view in views}, views[0], base)
+        # SGLang's `<base>:<adapter>` names the same adapter (each engine then gets the form it understands).
+        if may_use_adapter(allowed, adapter, base) or (allowed is not None and model in allowed):
+            return route
+        return None
 
     def resolve(self, model: str, owned_by: str | None, allowed: frozenset[str] | None = None) -> Resolution:
         """Pick the engine for a request, or raise ModelNotFound with what the client could use instead.
