@@ -346,6 +346,8 @@ class EngineSpec(_Strict):
         for adapter in adapters:
             if not adapter or adapter != adapter.strip():
                 raise ValueError(f"an adapter name must not be empty or have surrounding spaces, got {adapter!r}")
+            if ":" in adapter:
+                raise ValueError(f"an adapter name must not contain ':' (SGLang's <base>:<adapter> form), got {adapter!r}")
             if adapter in seen:
                 raise ValueError(f"lists the adapter {adapter!r} twice")
             seen.add(adapter)
