@@ -347,7 +347,7 @@ class EngineSpec(_Strict):
             if not adapter or adapter != adapter.strip():
                 raise ValueError(f"an adapter name must not be empty or have surrounding spaces, got {adapter!r}")
             if ":" in adapter:
-                raise ValueError(f"an adapter name must not contain ':' (SGLang's <base>:<adapter> form), got {adapter!r}")
+                raise ValueError(f"an adapter name must not contain ':' (SGLang's <base>:<adapter>), got {adapter!r}")
             if adapter in seen:
                 raise ValueError(f"lists the adapter {adapter!r} twice")
             seen.add(adapter)

@@ -217,22 +217,24 @@ class RouteTable:
         serving: dict[str, list[Engine]] = {}
         base_of: dict[str, str] = {}
         by_engine: dict[str, list[str]] = {}
-        for engine in self.engines:
-            names = engine.adapters
-            if discovered is not None:
-                listed = discovered.of(engine.name)
-                names = names + tuple(name for name in listed if name not in engine.adapters)
+        # The map's own adapters first (checked on load, they always route), then those the engines list.
+        passes = [(engine, engine.adapters) for engine in self.engines]
+        if discovered is not None:
+            passes += [(engine, discovered.of(engine.name)) for engine in self.engines]
+        taken: set[tuple[str, str]] = set()  # (engine, adapter)
+        for engine, names in passes:
+            served = by_engine.setdefault(engine.name, [])
             for name in names:
-                # A model id or alias of the map wins; an adapter name belongs to one base model (the map's
-                # own adapters come first, as they are checked on load).
-                if name in self._routes or name in self._aliases:
+                # A model id or alias of the map wins; an adapter name belongs to one base model.
+                if name in self._routes or name in self._aliases or (engine.name, name) in taken:
                     continue
                 if base_of.setdefault(name, engine.model) != engine.model:
                     continue
                 view = engine.serving_adapter(name)
                 group = serving.setdefault(name, [])
                 group.insert(0, view) if engine.default else group.append(view)
-                by_engine.setdefault(engine.name, []).append(name)
+                served.append(name)
+                taken.add((engine.name, name))
         routes = {
             name: ModelRoute(name, {e.owned_by: e for e in group}, group[0], base_of[name])
             for name, group in serving.items()

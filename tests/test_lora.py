@@ -12,8 +12,9 @@ import pytest
 import yaml
 
 from gateway_app.auth import hash_key
+from gateway_app.config import ConfigError, parse_routing_map
 from tests.routes import write_routing_map
-from tests.support import RunningProcess
+from tests.support import RunningProcess, free_port
 from tests.web import get, metric_value, post, wait_for
 
 CHAT = "/v1/chat/completions"
@@ -205,14 +206,14 @@ def test_metrics_and_log_carry_the_adapter_and_its_base_model(lora_gateway):
 
 
 def test_discovered_adapters_route_while_the_engine_lists_them(processes, tmp_path):
-    engine = processes.recording_engine()
-    engine.models = ["m"]
-    config = write_routing_map(
-        tmp_path / "routes.yaml",
-        [{"name": "e", "model": "m", "owned_by": "vllm", "url": engine.url, "adapters": ["static-lora"]}],
-        settings={"discover_adapters": True, "models_cache_ttl": 0.2, "max_discovered_adapters": 2},
-    )
-    gateway = processes.gateway(config)
+    engine, other = processes.recording_engine(), processes.recording_engine()
+    engine.models, other.models = ["m"], ["n"]
+    routing = [
+        {"name": "e", "model": "m", "owned_by": "vllm", "url": engine.url, "adapters": ["static-lora"]},
+        {"name": "o", "model": "n", "owned_by": "vllm", "url": other.url, "adapters": ["shared-lora"]},
+    ]
+    settings = {"discover_adapters": True, "models_cache_ttl": 0.2, "max_discovered_adapters": 2}
+    gateway = processes.gateway(write_routing_map(tmp_path / "routes.yaml", routing, settings=settings))
 
     def status(model: str) -> int:
         return post(gateway.url + CHAT, {"model": model, "messages": HI}).status
@@ -222,8 +223,12 @@ def test_discovered_adapters_route_while_the_engine_lists_them(processes, tmp_pa
     engine.extra_cards = [
         {"id": "late-lora", "object": "model", "parent": "m", "root": "/adapters/late"},
         {"id": "foreign-lora", "object": "model", "parent": "another-model", "root": "/adapters/f"},
+        # The map's adapter of another base model keeps its engine: an engine's list never takes it over.
+        {"id": "shared-lora", "object": "model", "parent": "m", "root": "/adapters/shared"},
     ]
     wait_for(lambda: status("late-lora") == 200, message="the loaded adapter routed")
+    shared = post(gateway.url + CHAT, {"model": "shared-lora", "messages": HI})
+    assert (shared.status, shared.headers["x-gateway-engine"]) == (200, "o")
     assert engine.received[-1].body == json.dumps({"model": "late-lora", "messages": HI}).encode()
     card = get(gateway.url + "/v1/models/late-lora").json()
     assert (card["parent"], card["root"], card["owned_by"]) == ("m", "/adapters/late", "vllm")
@@ -327,3 +332,39 @@ def test_admin_requests_must_name_one_engine(admin_gateway):
         answer = post(load, body, headers=bearer(KEY_ADMIN))
         assert answer.status == status, (body, answer.body)
         assert answer.json()["error"]["param"] == param
+
+
+@pytest.mark.parametrize(
+    ("engines", "words"),
+    [
+        ([{"adapters": ["a", "a"]}], ["engines[0].adapters", "twice"]),
+        ([{"adapters": ["m"]}], ["engines[0].adapters", "collides with the model id"]),
+        ([{"aliases": ["x"]}, {"model": "n", "adapters": ["x"]}], ["engines[1].adapters", "alias"]),
+        ([{"adapters": ["a"]}, {"model": "n", "adapters": ["a"]}], ["engines[1].adapters", "already an adapter of model 'm'"]),
+        ([{"adapters": ["b:c"]}], ["engines[0].adapters", "':'"]),
+        ([{"api": "tgi"}], ["engines[0].api"]),
+    ],
+)  # fmt: skip
+def test_bad_adapters_in_the_routing_map_are_refused_naming_the_field(engines, words):
+    entries = [
+        {"name": f"e{i}", "model": "m", "owned_by": f"o{i}", "url": f"http://e{i}:8000", **fields}
+        for i, fields in enumerate(engines)
+    ]
+    with pytest.raises(ConfigError) as refused:
+        parse_routing_map(json.dumps({"engines": entries}))
+    for word in words:
+        assert word in str(refused.value), str(refused.value)
+
+
+@pytest.mark.parametrize("allowed", [True, False])
+def test_the_vllm_simulator_takes_runtime_updates_from_vllms_variable(processes, allowed):
+    port = free_port()
+    args = ["simulate", "--engine", "vllm", "--model", "m", "--host", "127.0.0.1", "--port", str(port)]
+    env = {"VLLM_ALLOW_RUNTIME_LORA_UPDATING": "True" if allowed else "False"}
+    sim = processes.cli(args, port, "/health", "sim-lora", env=env)
+    answer = post(sim.url + "/v1/load_lora_adapter", {"lora_name": "x", "lora_path": "/adapters/x"})
+    assert answer.status == (200 if allowed else 404)
+    if allowed:
+        assert answer.body == b"Success: LoRA adapter 'x' added successfully."
+        card = get(sim.url + "/v1/models").json()["data"][1]
+        assert (card["id"], card["parent"], card["root"]) == ("x", "m", "/adapters/x")
