@@ -196,7 +196,9 @@ def _other_routes(runtime: Runtime, with_metrics: bool) -> tuple[ASGIApp, ASGIAp
             document = parse_admin_request(await _read_small_body(request, MAX_REQUEST_BYTES))
             engine = target_engine(snapshot.routes, document)
             action = ADMIN_PATHS[request.url.path]
-            status, answer = await runtime.lora_admin.update(action, engine, document, snapshot.engine_auth)
+            status, answer = await runtime.lora_admin.update(
+                action, engine, document, snapshot.engine_auth, client.name
+            )
         except GatewayError as error:
             if isinstance(error, AdminRequired):
                 runtime.metrics.rejected.labels("admin_required", client.name).inc()

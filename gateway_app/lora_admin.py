@@ -31,6 +31,7 @@ TARGET_FIELDS = ("engine", "owned_by", "model")
 MAX_REQUEST_BYTES = 64 * 1024
 MAX_ANSWER_BYTES = 64 * 1024  # of each replica's answer, read to report it
 MAX_MESSAGE_CHARS = 300
+DEFAULT_UPDATE_TIMEOUT = 600.0  # seconds, for an engine whose first_byte timeout is off
 
 
 class AdminRequired(GatewayError):
@@ -143,23 +144,34 @@ class AdapterAdmin:
         self._refresh = refresh  # re-reads the engines' model lists, so discovered adapters follow at once
 
     async def update(
-        self, action: Action, engine: Engine, document: dict[str, Any], engine_auth: tuple[tuple[str, str], ...]
+        self,
+        action: Action,
+        engine: Engine,
+        document: dict[str, Any],
+        engine_auth: tuple[tuple[str, str], ...],
+        client: str,
     ) -> tuple[int, bytes]:
-        """Status and JSON body of the gateway's answer."""
+        """Status and JSON body of the gateway's answer; raises the error to answer when a replica failed."""
         payload = orjson.dumps({key: value for key, value in document.items() if key not in TARGET_FIELDS})
         headers = {**dict(engine.headers + engine.auth_headers(engine_auth)), "Content-Type": "application/json"}
-        timeout = aiohttp.ClientTimeout(total=engine.timeouts.first_byte, connect=engine.timeouts.connect)
+        # Loading may download the adapter: as long as a whole answer may take, and never unbounded.
+        total = engine.timeouts.first_byte or DEFAULT_UPDATE_TIMEOUT
+        timeout = aiohttp.ClientTimeout(total=total, connect=engine.timeouts.connect)
         path = engine_path(engine, action)
-        replicas = engine.pool.replicas
         outcomes = await asyncio.gather(
-            *(self._send(replica.url + path, payload, headers, timeout) for replica in replicas)
+            *(self._send(replica.url, path, payload, headers, timeout) for replica in engine.pool.replicas)
         )
         name = document["lora_name"]
         done = [outcome for outcome in outcomes if outcome.ok]
         log.info(
-            "LoRA adapter %s: %s on engine %s succeeded on %d of %d replicas", name, action, engine.name,
-            len(done), len(outcomes),
-        )  # fmt: skip
+            "LoRA adapter %s: %s on engine %s by %s succeeded on %d of %d replicas",
+            name,
+            action,
+            engine.name,
+            client,
+            len(done),
+            len(outcomes),
+        )
         if done:
             try:
                 await self._refresh()
@@ -172,22 +184,13 @@ class AdapterAdmin:
         raise _failure(action, name, engine, outcomes)
 
     async def _send(
-        self, url: str, payload: bytes, headers: dict[str, str], timeout: aiohttp.ClientTimeout
+        self, replica: str, path: str, payload: bytes, headers: dict[str, str], timeout: aiohttp.ClientTimeout
     ) -> ReplicaOutcome:
         try:
-            async with self._session.post(url, data=payload, headers=headers, timeout=timeout) as response:
-                raw = await read_capped(response, MAX_ANSWER_BYTES)
-                return ReplicaOutcome(_root(url), response.status, _message(raw))
+            async with self._session.post(replica + path, data=payload, headers=headers, timeout=timeout) as answer:
+                return ReplicaOutcome(replica, answer.status, _message(await read_capped(answer, MAX_ANSWER_BYTES)))
         except (aiohttp.ClientError, TimeoutError) as exc:
-            return ReplicaOutcome(_root(url), None, f"no answer ({str(exc) or type(exc).__name__})")
-
-
-def _root(url: str) -> str:
-    """The replica's URL, from the URL of its load/unload path."""
-    for suffix in ("/v1/load_lora_adapter", "/v1/unload_lora_adapter", "/load_lora_adapter", "/unload_lora_adapter"):
-        if url.endswith(suffix):
-            return url[: -len(suffix)]
-    return url
+            return ReplicaOutcome(replica, None, f"no answer ({str(exc) or type(exc).__name__})")
 
 
 def _message(raw: bytes | None) -> str:
