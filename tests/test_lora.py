@@ -242,6 +242,10 @@ def test_discovered_adapters_route_while_the_engine_lists_them(processes, tmp_pa
     engine.extra_cards = []
     wait_for(lambda: status("a1") == 404, message="the unloaded adapter gone")
     assert status("static-lora") == 200
+    # With keys off every caller is anonymous: it may use every model, and administer nothing.
+    refused = post(gateway.url + "/v1/load_lora_adapter", {"lora_name": "x", "lora_path": "/x", "engine": "e"})
+    assert (refused.status, refused.json()["error"]["code"]) == (403, "admin_required")
+    assert not [r for r in engine.received if "lora_adapter" in r.path]
 
 
 @pytest.fixture
