@@ -23,9 +23,24 @@ from starlette.routing import Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from gateway_app import __version__
-from gateway_app.auth import Unauthorized, may_use
+from gateway_app.auth import Unauthorized, may_use, may_use_adapter
 from gateway_app.config import ClientLimits, Settings
-from gateway_app.errors import GatewayError, InternalError, MethodNotAllowed, ModelNotFound, NotFound
+from gateway_app.errors import (
+    GatewayError,
+    InternalError,
+    MethodNotAllowed,
+    ModelNotFound,
+    NotFound,
+    PayloadTooLarge,
+)
+from gateway_app.lora_admin import (
+    ADMIN_PATHS,
+    MAX_REQUEST_BYTES,
+    AdminRequired,
+    check_admin,
+    parse_admin_request,
+    target_engine,
+)
 from gateway_app.proxy import ProxyEndpoint
 from gateway_app.request_id import request_ids, with_request_id
 from gateway_app.responses import send_error
@@ -137,8 +152,16 @@ def _other_routes(runtime: Runtime, with_metrics: bool) -> tuple[ASGIApp, ASGIAp
         allowed = client.allowed_models
         if allowed is None:
             return cards
-        aliases = snapshot.routes.aliases
-        return [card for card in cards if may_use(allowed, card["id"], aliases.get(card["id"], card["id"]))]
+        routes = snapshot.routes
+        aliases, models = routes.aliases, set(routes.models)
+
+        def visible(card: dict[str, Any]) -> bool:
+            name, parent = card["id"], card.get("parent")
+            if isinstance(parent, str) and name not in models and name not in aliases:
+                return may_use_adapter(allowed, name, parent)  # a LoRA adapter's card
+            return may_use(allowed, name, aliases.get(name, name))
+
+        return [card for card in cards if visible(card)]
 
     async def list_models(request: Request) -> Response:
         try:
@@ -160,6 +183,27 @@ def _other_routes(runtime: Runtime, with_metrics: bool) -> tuple[ASGIApp, ASGIAp
     def _unauthorized(error: Unauthorized) -> Response:
         runtime.metrics.rejected.labels("auth", "").inc()
         return _error(error, {"WWW-Authenticate": "Bearer"})
+
+    async def lora_update(request: Request) -> Response:
+        """Load or unload a LoRA adapter on every replica of one engine; administrator keys only."""
+        snapshot = runtime.snapshot
+        try:
+            client = snapshot.authenticate(request.scope["headers"])
+        except Unauthorized as error:
+            return _unauthorized(error)
+        try:
+            check_admin(client)  # before anything about engines or adapters is read or told
+            document = parse_admin_request(await _read_small_body(request, MAX_REQUEST_BYTES))
+            engine = target_engine(snapshot.routes, document)
+            action = ADMIN_PATHS[request.url.path]
+            status, answer = await runtime.lora_admin.update(
+                action, engine, document, snapshot.engine_auth, client.name
+            )
+        except GatewayError as error:
+            if isinstance(error, AdminRequired):
+                runtime.metrics.rejected.labels("admin_required", client.name).inc()
+            return _error(error)
+        return Response(answer, status_code=status, media_type="application/json")
 
     async def healthz(request: Request) -> Response:
         return Response(status_code=200)
@@ -203,6 +247,7 @@ def _other_routes(runtime: Runtime, with_metrics: bool) -> tuple[ASGIApp, ASGIAp
     routes = [
         Route("/v1/models", list_models, methods=["GET"]),
         Route("/v1/models/{model_id:path}", get_model, methods=["GET"]),
+        *(Route(path, lora_update, methods=["POST"]) for path in ADMIN_PATHS),
         Route("/healthz", healthz, methods=["GET"]),
         Route("/health", healthz, methods=["GET"]),
         Route("/readyz", readyz, methods=["GET"]),
@@ -217,6 +262,16 @@ def _other_routes(runtime: Runtime, with_metrics: bool) -> tuple[ASGIApp, ASGIAp
         # to a URL built from its own Host header, before any authentication.
         app.router.redirect_slashes = False
     return api, metrics_only
+
+
+async def _read_small_body(request: Request, limit: int) -> bytes:
+    """A body of at most `limit` bytes, or 413."""
+    received = bytearray()
+    async for chunk in request.stream():
+        received += chunk
+        if len(received) > limit:
+            raise PayloadTooLarge(f"The request body is larger than the limit of {limit} bytes.")
+    return bytes(received)
 
 
 def _json(data: object, status: int = 200) -> Response:

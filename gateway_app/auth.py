@@ -36,9 +36,13 @@ class KeySpec(BaseModel):
 
     name: str = Field(pattern=KEY_NAME_PATTERN)
     sha256: str
-    models: tuple[str, ...] | None = None  # None: every model; ids or aliases
+    # None: every model. Model ids, aliases and adapter names; `<model>:*` is that model, its aliases and
+    # every LoRA adapter on it.
+    models: tuple[str, ...] | None = None
     requests_per_minute: int | None = Field(default=None, ge=0)
     tokens_per_minute: int | None = Field(default=None, ge=0)
+    # May load and unload LoRA adapters on the engines (/v1/load_lora_adapter, /v1/unload_lora_adapter).
+    admin: bool = False
 
     @field_validator("sha256")
     @classmethod
@@ -67,9 +71,13 @@ class Client:
     allowed_models: frozenset[str] | None
     requests_per_minute: int | None
     tokens_per_minute: int | None
+    admin: bool = False  # may load and unload LoRA adapters
 
 
+# With keys off every caller is anonymous: it may use every model, and administer nothing.
 ANONYMOUS = Client(name="anonymous", allowed_models=None, requests_per_minute=None, tokens_per_minute=None)
+# In an access list, `<model>:*` grants the model, its aliases and all its adapters.
+WHOLE_MODEL_SUFFIX = ":*"
 
 
 def presented_key(headers: list[tuple[bytes, bytes]]) -> str | None:
@@ -95,6 +103,7 @@ class KeyStore:
                 allowed_models=frozenset(entry.models) if entry.models is not None else None,
                 requests_per_minute=entry.requests_per_minute,
                 tokens_per_minute=entry.tokens_per_minute,
+                admin=entry.admin,
             )
             self._by_hash[entry.sha256] = client
 
@@ -120,7 +129,14 @@ def may_use(allowed: frozenset[str] | None, name: str, model: str) -> bool:
     A key that lists a model id may use it under its aliases too; a key that lists only an alias may use
     that alias, not the model id behind it.
     """
-    return allowed is None or name in allowed or model in allowed
+    return allowed is None or name in allowed or model in allowed or model + WHOLE_MODEL_SUFFIX in allowed
+
+
+def may_use_adapter(allowed: frozenset[str] | None, adapter: str, base_model: str) -> bool:
+    """Whether a client may use a LoRA adapter: one its list names, or any adapter of a model it holds
+    whole (`<model>:*`). The base model alone does not grant its adapters: fifty fine-tunes on one base
+    are fifty models, each for its own clients."""
+    return allowed is None or adapter in allowed or base_model + WHOLE_MODEL_SUFFIX in allowed
 
 
 def parse_keys_file(text: str, source: str) -> KeyStore:

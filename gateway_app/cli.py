@@ -174,6 +174,21 @@ def _build_parser() -> argparse.ArgumentParser:
         help="tokens per KV-cache block, like vLLM's --block-size; a token is 4 characters of the prompt "
         "(--timing gpu)",
     )
+    simulate.add_argument(
+        "--lora-modules",
+        "--lora-paths",
+        nargs="+",
+        default=[],
+        metavar="NAME=PATH",
+        help="LoRA adapters on the model, listed in /v1/models with the model as parent: name=path, or a JSON "
+        'object ({"name", "path"} as vLLM takes it, {"lora_name", "lora_path"} as SGLang does)',
+    )
+    simulate.add_argument(
+        "--allow-runtime-lora-updating",
+        action="store_true",
+        help="answer the engine's LoRA load and unload endpoints (vLLM: /v1/load_lora_adapter, also with "
+        "env VLLM_ALLOW_RUNTIME_LORA_UPDATING=True; SGLang: /load_lora_adapter)",
+    )
     simulate.add_argument("--log-level", default="warning", choices=LOG_LEVELS, help="the least severe level logged")
     simulate.add_argument(
         "--api-key",
@@ -250,6 +265,15 @@ def main(argv: list[str] | None = None) -> int:
                 )
             except ValueError as error:
                 parser.error(str(error))
+        from gateway_app.simulator.lora import RUNTIME_UPDATES_ENV, parse_lora_modules, runtime_updates_allowed
+
+        try:
+            lora_modules = parse_lora_modules(args.lora_modules)
+        except ValueError as error:
+            parser.error(f"--lora-modules: {error}")
+        runtime_lora = args.allow_runtime_lora_updating or (
+            args.engine == "vllm" and runtime_updates_allowed(_env(RUNTIME_UPDATES_ENV))
+        )
         return serve_simulator(
             engine=args.engine,
             model=args.model,
@@ -260,6 +284,8 @@ def main(argv: list[str] | None = None) -> int:
             log_level=args.log_level,
             api_key=args.api_key or _env("LLM_GATEWAY_SIMULATOR_API_KEY"),
             gpu=gpu,
+            lora_modules=lora_modules,
+            runtime_lora=runtime_lora,
         )
     from gateway_app.demo import run_demo
 

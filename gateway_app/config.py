@@ -93,6 +93,10 @@ class AffinitySettings(_Strict):
 
 
 BalancingPolicyName = Literal["power_of_two", "round_robin", "cache_aware"]
+# The HTTP API an engine speaks where vLLM and SGLang differ: the `<base>:<adapter>` model form (SGLang
+# only) and the paths of LoRA loading and unloading (`/v1/load_lora_adapter` on vLLM, `/load_lora_adapter`
+# on SGLang).
+EngineApi = Literal["vllm", "sglang"]
 
 
 class CacheAwareSettings(_Strict):
@@ -209,6 +213,13 @@ class Settings(_Strict):
     balancing: BalancingPolicyName = "power_of_two"
     cache_aware: CacheAwareSettings = CacheAwareSettings()
     engine_metrics: EngineMetricsSettings = EngineMetricsSettings()
+    # LoRA adapters loaded at run time: an adapter an engine lists in its own /v1/models with `parent` set
+    # to the engine's model becomes routable to that engine, and stops being when the engine stops listing
+    # it (read every models_cache_ttl seconds, at least every second).
+    discover_adapters: bool = False
+    # At most this many adapters per engine are taken from its /v1/models (the first listed); the rest are
+    # left out with a warning. Adapters listed in the routing map do not count.
+    max_discovered_adapters: int = Field(default=1000, ge=0, le=100_000)
     # /readyz fails while no endpoint of any engine is healthy. Off by default: with every gateway pod
     # unready, clients get refused connections instead of an explanatory 502.
     ready_requires_engine: bool = False
@@ -282,6 +293,12 @@ class EngineSpec(_Strict):
     discovery: Discovery | None = None
     wake: Wake | None = None  # scale to zero (needs discovery)
     balancing: BalancingPolicyName | None = None  # this engine's own; default: settings.balancing
+    # LoRA adapters this engine serves (started with --lora-modules / --lora-paths): each is a model id
+    # of its own, forwarded unchanged; routable even before the engine was asked.
+    adapters: tuple[str, ...] = ()
+    # Which engine's API it speaks, where vLLM and SGLang differ (null: an OpenAI-compatible one, taken
+    # as vLLM's).
+    api: EngineApi | None = None
 
     @model_validator(mode="after")
     def _one_way_to_reach_it(self) -> EngineSpec:
@@ -347,6 +364,20 @@ class EngineSpec(_Strict):
             if not alias:
                 raise ValueError("an alias must not be empty")
         return aliases
+
+    @field_validator("adapters")
+    @classmethod
+    def _check_adapters(cls, adapters: tuple[str, ...]) -> tuple[str, ...]:
+        seen: set[str] = set()
+        for adapter in adapters:
+            if not adapter or adapter != adapter.strip():
+                raise ValueError(f"an adapter name must not be empty or have surrounding spaces, got {adapter!r}")
+            if ":" in adapter:
+                raise ValueError(f"an adapter name must not contain ':' (SGLang's <base>:<adapter>), got {adapter!r}")
+            if adapter in seen:
+                raise ValueError(f"lists the adapter {adapter!r} twice")
+            seen.add(adapter)
+        return adapters
 
     @field_validator("headers")
     @classmethod
@@ -422,6 +453,24 @@ class RoutingMap(_Strict):
                     raise ValueError(
                         f"{where}: alias {alias!r} already names model {owner!r}; an alias names one model"
                     )
+        adapter_base: dict[str, str] = {}
+        for index, engine in enumerate(self.engines):
+            for adapter in engine.adapters:
+                where = f"engines[{index}].adapters"
+                if adapter in models or adapter in alias_owner:
+                    kind = "model id" if adapter in models else "alias"
+                    raise ValueError(f"{where}: adapter {adapter!r} collides with the {kind} {adapter!r}")
+                base = adapter_base.setdefault(adapter, engine.model)
+                if base != engine.model:
+                    raise ValueError(
+                        f"{where}: adapter {adapter!r} is already an adapter of model {base!r}; an adapter "
+                        "name belongs to one base model (the engines serving it share that model)"
+                    )
+            if engine.adapters and engine.base_url is not None:
+                raise ValueError(
+                    f"engines[{index}].adapters: a provider reached by base_url lists its fine-tunes as models; "
+                    "route them as engines of their own"
+                )
         return self
 
 

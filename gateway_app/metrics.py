@@ -108,6 +108,7 @@ class GatewayMetrics:
         self._in_flight: dict[tuple[str, str], InFlight] = {}
         self._route_stats: dict[tuple[str, str, str], RouteStats] = {}
         self._client_requests: dict[tuple[str, int], CounterChild] = {}
+        self._adapter_requests: dict[tuple[str, str, str, int], CounterChild] = {}
         self._engine_load: Collector | None = None
         ProcessCollector(registry=self.registry)
         PlatformCollector(registry=self.registry)
@@ -138,6 +139,14 @@ class GatewayMetrics:
             "llm_gateway_engine_info",
             "1 for each engine of the routing map in service: which model it serves.",
             ("engine", "model", "owned_by"),
+            registry=self.registry,
+        )
+        # LoRA adapters are counted under their own id as `model` everywhere; this one adds the base model
+        # they ran on, to sum a GPU deployment's traffic over its fine-tunes.
+        self.adapter_requests = PlainCounter(
+            "llm_gateway_adapter_requests",
+            "Requests for LoRA adapters, by adapter (model), the base model it runs on, engine and status.",
+            ("model", "base_model", "engine", "status"),
             registry=self.registry,
         )
         self.client_requests = PlainCounter(
@@ -346,6 +355,14 @@ class GatewayMetrics:
         if child is None:
             status_class = STATUS_CLASSES.get(status // 100, "other")
             child = self._client_requests[key] = self.client_requests.labels(client, status_class)
+        return child
+
+    def adapter_request(self, model: str, base_model: str, engine: str, status: int) -> CounterChild:
+        """The `llm_gateway_adapter_requests_total` child of an adapter request's answer."""
+        key = (model, base_model, engine, status)
+        child = self._adapter_requests.get(key)
+        if child is None:
+            child = self._adapter_requests[key] = self.adapter_requests.labels(model, base_model, engine, str(status))
         return child
 
     def show_engine_load(self, collector: Collector) -> None:

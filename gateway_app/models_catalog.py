@@ -1,4 +1,5 @@
-"""`GET /v1/models` across all engines: one card per (model, owned_by), from the engines' own lists.
+"""`GET /v1/models` across all engines: one card per (model, owned_by) and per (adapter, owned_by), from
+the engines' own lists.
 
 Engines are asked concurrently with a short timeout and the result is cached briefly, so a busy
 `/v1/models` never multiplies into engine traffic; an engine that does not answer is left out. An engine
@@ -16,6 +17,7 @@ from typing import Any
 import aiohttp
 import orjson
 
+from gateway_app.adapters import DiscoveredAdapters, listed_adapters
 from gateway_app.balancer import choose
 from gateway_app.route_table import Engine, RouteTable
 from gateway_app.snapshot import Snapshot
@@ -29,9 +31,15 @@ MAX_LIST_BYTES = 8 * 1024 * 1024
 
 
 class ModelCatalog:
-    def __init__(self, session: aiohttp.ClientSession, snapshot: Callable[[], Snapshot]) -> None:
+    def __init__(
+        self,
+        session: aiohttp.ClientSession,
+        snapshot: Callable[[], Snapshot],
+        discovered: DiscoveredAdapters | None = None,
+    ) -> None:
         self._session = session
         self._snapshot = snapshot
+        self._discovered = discovered  # where the adapters the engines list are recorded
         self._lock = asyncio.Lock()
         self._cached_for: RouteTable | None = None
         self._cards: list[dict[str, Any]] = []
@@ -53,8 +61,22 @@ class ModelCatalog:
             self._expires_at = time.monotonic() + table.settings.models_cache_ttl
             return cards
 
+    async def refresh(self) -> list[dict[str, Any]]:
+        """Ask the engines now, whatever the cache holds (after an adapter was loaded or unloaded)."""
+        self._expires_at = 0.0
+        return await self.cards()
+
     async def _collect(self, table: RouteTable) -> list[dict[str, Any]]:
         answers = await asyncio.gather(*(self._engine_cards(engine, table) for engine in table.engines))
+        settings = table.settings
+        if self._discovered is not None and settings.discover_adapters:
+            # An engine that did not answer keeps the adapters it listed last: a missed answer is not an unload.
+            for engine, engine_cards in zip(table.engines, answers, strict=False):
+                if engine.pool.waker is not None and engine.pool.waker.asleep:
+                    continue  # listed from the map, not asked: what it loaded before it slept is kept
+                if not isinstance(engine_cards, str) and not engine.base_url:
+                    found = listed_adapters(engine_cards, engine.model, settings.max_discovered_adapters, engine.name)
+                    self._discovered.update(engine.name, found)
         cards: list[dict[str, Any]] = []
         failing: dict[str, str] = {}
         for engine, engine_cards in zip(table.engines, answers, strict=False):
@@ -69,8 +91,16 @@ class ModelCatalog:
             if waker is not None:  # scale to zero: the card says whether the first request will wait
                 card = {**card, "state": waker.state}
             cards.append(_card(card, engine.model, engine.owned_by))
-            if table.settings.list_aliases:
+            if settings.list_aliases:
                 cards.extend(_card(card, alias, engine.owned_by) for alias in table.aliases_of(engine.model))
+            adapters = table.adapters_of(engine)
+            if adapters:
+                own = {c.get("id"): c for c in engine_cards if isinstance(c, dict) and c.get("parent") == engine.model}
+                adapter_cards = [_adapter_card(own.get(name), name, engine) for name in adapters]
+                if waker is not None:
+                    for adapter_card in adapter_cards:
+                        adapter_card["state"] = waker.state
+                cards.extend(adapter_cards)
         self._log_changes(failing)
         return cards
 
@@ -109,6 +139,24 @@ class ModelCatalog:
             return "its /v1/models answer is not JSON"
         listed = data.get("data") if isinstance(data, dict) else None
         return listed if isinstance(listed, list) else "its /v1/models answer has no `data` list"
+
+
+def _adapter_card(engine_card: dict[str, Any] | None, adapter: str, engine: Engine) -> dict[str, Any]:
+    """An adapter's card as vLLM shows it (`root`: where it was loaded from, `parent`: the base model),
+    from the engine's own card when it lists the adapter; a static adapter it does not list yet still
+    routes, and is shown with its name as `root`."""
+    own = engine_card or {}
+    card = {
+        "id": adapter,
+        "object": "model",
+        "created": own.get("created", 0),
+        "owned_by": engine.owned_by,
+        "root": own.get("root") or adapter,
+        "parent": engine.model,
+    }
+    for key, value in own.items():
+        card.setdefault(key, value)
+    return card
 
 
 def _card(engine_card: dict[str, Any], model_id: str, owned_by: str) -> dict[str, Any]:

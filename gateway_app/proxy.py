@@ -146,11 +146,14 @@ class ProxyEndpoint:
         affinity_key = self._affinity_key(scope, fields, snapshot)
         # Only for an engine balanced by prompt prefix (a fallback engine follows the routed one's choice).
         prefix = prefix_blocks(fields.document) if engine.policy.name == "cache_aware" else None
+        # An alias becomes its model id; an adapter the form its engine understands (route_table.py).
+        sent_model = engine.request_model
+        rewrite = admitted.resolution.via_alias or sent_model != fields.model
         payload = EnginePayload(
             admitted.body,
             fields,
             engine.model,
-            body_for_engine(admitted.body.data, fields, engine.model, admitted.resolution.via_alias, strip_usage),
+            body_for_engine(admitted.body.data, fields, sent_model, rewrite, strip_usage),
         )
         tracer, span = runtime.tracer, None
         traceparent = None
@@ -206,12 +209,15 @@ class ProxyEndpoint:
             }
             tracer.end(span, attributes, result.failure)
         first_byte = result.first_byte_at
+        if engine.base_model is not None:  # a LoRA adapter
+            runtime.metrics.adapter_request(engine.model, engine.base_model, served.name, result.status).inc()
         self._log(
             ids,
             started,
             result.status,
             admitted.client.name,
             model=engine.model,
+            base_model=engine.base_model or engine.model,
             owned_by=engine.owned_by,
             engine=served.name,
             endpoint=result.replica_url,

@@ -6,11 +6,13 @@ keeps the table it started with.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 
 import aiohttp
 
-from gateway_app.auth import may_use
+from gateway_app.adapters import DiscoveredAdapters
+from gateway_app.auth import may_use, may_use_adapter
 from gateway_app.balancer import POWER_OF_TWO, BalancingPolicy, policy_named
 from gateway_app.concurrency import ConcurrencyGate
 from gateway_app.config import EngineSpec, RoutingMap, Settings, Timeouts
@@ -43,6 +45,14 @@ class Engine:
     credential: Credential | None = None  # its own key (api_key_file), instead of the shared one
     base_url: bool = False  # its replica URL is an OpenAI base URL: /v1/x is sent to <url>/x
     policy: BalancingPolicy = POWER_OF_TWO  # how one of its replicas is picked (balancer.py)
+    adapters: tuple[str, ...] = ()  # the LoRA adapters the routing map lists for it
+    api: str | None = None  # "vllm", "sglang", or None (OpenAI-compatible, taken as vLLM)
+    # Set on an engine as it serves one of its LoRA adapters (`model` is then the adapter's id): the
+    # model the adapter runs on.
+    base_model: str | None = None
+    # The `model` the engine gets: the model id, or for an adapter the form its engine understands (SGLang
+    # takes `<base>:<adapter>`; vLLM the adapter's name). Default: `model`.
+    request_model: str = ""
     # Derived once here rather than on every request.
     client_timeout: aiohttp.ClientTimeout = field(init=False)
     name_header: bytes = field(init=False)
@@ -50,6 +60,8 @@ class Engine:
     def __post_init__(self) -> None:
         object.__setattr__(self, "client_timeout", aiohttp.ClientTimeout(total=None, connect=self.timeouts.connect))
         object.__setattr__(self, "name_header", self.name.encode())
+        if not self.request_model:
+            object.__setattr__(self, "request_model", self.model)
 
     def auth_headers(self, shared: tuple[tuple[str, str], ...]) -> tuple[tuple[str, str], ...]:
         """The credential this engine gets: its own (`api_key_file`), else the shared engine key, which
@@ -62,6 +74,21 @@ class Engine:
         """Where a client's path is on this engine's replica URL."""
         return path[3:] if self.base_url and path.startswith("/v1/") else path
 
+    def serving_adapter(self, adapter: str) -> Engine:
+        """This engine as it serves one of its adapters: metrics and logs name the adapter; vLLM gets its
+        name, SGLang `<base>:<adapter>` (given a bare adapter name, SGLang would run the base model). No
+        fallback: another engine may not hold the adapter."""
+        request_model = f"{self.model}:{adapter}" if self.api == "sglang" else adapter
+        return dataclasses.replace(
+            self,
+            model=adapter,
+            base_model=self.model,
+            request_model=request_model,
+            aliases=(),
+            adapters=(),
+            fallback=None,
+        )
+
 
 @dataclass(frozen=True, slots=True)
 class ModelRoute:
@@ -70,6 +97,16 @@ class ModelRoute:
     model: str
     by_owner: dict[str, Engine]
     default: Engine
+    base_model: str | None = None  # for a LoRA adapter: the model it runs on
+
+
+@dataclass(frozen=True, slots=True)
+class AdapterRoutes:
+    """The routes of the LoRA adapters, static and discovered, and what each engine serves."""
+
+    version: int  # of the discovered adapters they were built from
+    routes: dict[str, ModelRoute]
+    by_engine: dict[str, list[str]]
 
 
 @dataclass(slots=True)
@@ -86,10 +123,14 @@ def _listing(names: list[str]) -> str:
 
 
 def build_routes(
-    routing_map: RoutingMap, registry: ReplicaRegistry | None = None, credentials: EngineCredentials | None = None
+    routing_map: RoutingMap,
+    registry: ReplicaRegistry | None = None,
+    credentials: EngineCredentials | None = None,
+    discovered: DiscoveredAdapters | None = None,
 ) -> RouteTable:
     """The route table of a routing map. The registry carries what outlives a reload (replica health,
-    discovered pods, engine queues) into the new table's engines; `credentials`, the engines' own keys."""
+    discovered pods, engine queues) into the new table's engines; `credentials`, the engines' own keys;
+    `discovered`, the adapters the engines list (used with `settings.discover_adapters`)."""
     registry = registry if registry is not None else ReplicaRegistry()
     credentials = credentials if credentials is not None else EngineCredentials()
     settings = routing_map.settings
@@ -110,10 +151,12 @@ def build_routes(
             credential=credentials.credential_for(spec.api_key_file) if spec.api_key_file else None,
             base_url=spec.base_url is not None,
             policy=_policy(spec, settings, registry),
+            adapters=spec.adapters,
+            api=spec.api,
         )
         for spec in routing_map.engines
     )
-    return RouteTable(routing_map.settings, engines)
+    return RouteTable(routing_map.settings, engines, discovered)
 
 
 def _policy(spec: EngineSpec, settings: Settings, registry: ReplicaRegistry) -> BalancingPolicy:
@@ -125,7 +168,9 @@ def _policy(spec: EngineSpec, settings: Settings, registry: ReplicaRegistry) -> 
 class RouteTable:
     """Immutable lookup from the names clients use to engines."""
 
-    def __init__(self, settings: Settings, engines: tuple[Engine, ...]) -> None:
+    def __init__(
+        self, settings: Settings, engines: tuple[Engine, ...], discovered: DiscoveredAdapters | None = None
+    ) -> None:
         self.settings = settings
         self.engines = engines
         self._by_name = {engine.name: engine for engine in engines}
@@ -141,6 +186,10 @@ class RouteTable:
         self._aliases: dict[str, ModelRoute] = {
             alias: self._routes[engine.model] for engine in engines for alias in engine.aliases
         }
+        # Discovered adapters count only with settings.discover_adapters; the routes built from them are
+        # rebuilt when the engines' lists change (a derived cache: the table's meaning never changes).
+        self._discovered = discovered if settings.discover_adapters else None
+        self._adapter_routes = self._build_adapter_routes()
 
     @property
     def models(self) -> list[str]:
@@ -161,6 +210,64 @@ class RouteTable:
         """Alias → model id."""
         return {alias: route.model for alias, route in self._aliases.items()}
 
+    # LoRA adapters: static ones from the map, and those the engines list (with discover_adapters).
+
+    def _build_adapter_routes(self) -> AdapterRoutes:
+        discovered = self._discovered
+        serving: dict[str, list[Engine]] = {}
+        base_of: dict[str, str] = {}
+        by_engine: dict[str, list[str]] = {}
+        # The map's own adapters first (checked on load, they always route), then those the engines list.
+        passes = [(engine, engine.adapters) for engine in self.engines]
+        if discovered is not None:
+            passes += [(engine, discovered.of(engine.name)) for engine in self.engines]
+        taken: set[tuple[str, str]] = set()  # (engine, adapter)
+        for engine, names in passes:
+            served = by_engine.setdefault(engine.name, [])
+            for name in names:
+                # A model id or alias of the map wins; an adapter name belongs to one base model.
+                if name in self._routes or name in self._aliases or (engine.name, name) in taken:
+                    continue
+                if base_of.setdefault(name, engine.model) != engine.model:
+                    continue
+                view = engine.serving_adapter(name)
+                group = serving.setdefault(name, [])
+                group.insert(0, view) if engine.default else group.append(view)
+                served.append(name)
+                taken.add((engine.name, name))
+        routes = {
+            name: ModelRoute(name, {e.owned_by: e for e in group}, group[0], base_of[name])
+            for name, group in serving.items()
+        }
+        return AdapterRoutes(discovered.version if discovered is not None else 0, routes, by_engine)
+
+    def adapter_routes(self) -> AdapterRoutes:
+        discovered = self._discovered
+        if discovered is not None and discovered.version != self._adapter_routes.version:
+            self._adapter_routes = self._build_adapter_routes()
+        return self._adapter_routes
+
+    def adapters_of(self, engine: Engine) -> list[str]:
+        """The adapters an engine serves now (the map's, then those it listed)."""
+        return self.adapter_routes().by_engine.get(engine.name, [])
+
+    def _adapter_route(self, model: str, allowed: frozenset[str] | None) -> ModelRoute | None:
+        """The route of an adapter named `model` (`<adapter>`, or SGLang's `<base>:<adapter>`) that the
+        client may use, or None."""
+        routes = self.adapter_routes().routes
+        route = routes.get(model)
+        if route is not None:
+            assert route.base_model is not None
+            return route if may_use_adapter(allowed, model, route.base_model) else None
+        base, colon, adapter = model.rpartition(":")
+        route = routes.get(adapter) if colon and base in self._routes else None
+        if route is None or route.base_model != base:
+            return None
+        # SGLang's `<base>:<adapter>` names the same adapter (each engine then gets the form it understands).
+        if may_use_adapter(allowed, adapter, base) or (allowed is not None and model in allowed):
+            return route
+        return None
+
     def resolve(self, model: str, owned_by: str | None, allowed: frozenset[str] | None = None) -> Resolution:
         """Pick the engine for a request, or raise ModelNotFound with what the client could use instead.
 
@@ -173,15 +280,27 @@ class RouteTable:
         if route is None:
             route = self._aliases.get(model)
             via_alias = True
+        if route is None:
+            adapter_route = self._adapter_route(model, allowed)
+            if adapter_route is not None:
+                return self._pick(adapter_route, owned_by, False)
         if route is None or not may_use(allowed, model, route.model):
-            error_type = ModelNotFound if route is None else ForbiddenModel
-            models, aliases = self.names_visible_to(allowed)
+            error_type = ModelNotFound if route is None and not self._is_adapter(model) else ForbiddenModel
+            models, aliases, adapters = self.names_visible_to(allowed)
             raise error_type(
                 f"The model `{model}` does not exist. Available models: {_listing(models) or 'none'}"
                 + (f"; aliases: {_listing(aliases)}" if aliases else "")
+                + (f"; adapters: {_listing(adapters)}" if adapters else "")
                 + ".",
                 param="model",
             )
+        return self._pick(route, owned_by, via_alias)
+
+    def _is_adapter(self, model: str) -> bool:
+        """Whether `model` names an adapter someone may use (for counting a refusal as forbidden)."""
+        return self._adapter_route(model, None) is not None
+
+    def _pick(self, route: ModelRoute, owned_by: str | None, via_alias: bool) -> Resolution:
         if owned_by is None:
             return Resolution(route.default, via_alias)
         engine = route.by_owner.get(owned_by)
@@ -194,8 +313,13 @@ class RouteTable:
             )
         return Resolution(engine, via_alias)
 
-    def names_visible_to(self, allowed: frozenset[str] | None) -> tuple[list[str], list[str]]:
-        """The model ids and aliases a client with this access list may use."""
+    def names_visible_to(self, allowed: frozenset[str] | None) -> tuple[list[str], list[str], list[str]]:
+        """The model ids, aliases and adapters a client with this access list may use."""
         models = [model for model in self._routes if may_use(allowed, model, model)]
         aliases = [alias for alias, route in self._aliases.items() if may_use(allowed, alias, route.model)]
-        return models, aliases
+        adapters = [
+            name
+            for name, route in self.adapter_routes().routes.items()
+            if route.base_model is not None and may_use_adapter(allowed, name, route.base_model)
+        ]
+        return models, aliases, adapters

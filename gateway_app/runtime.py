@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 import aiohttp
 
+from gateway_app.adapters import AdapterWatch, DiscoveredAdapters
 from gateway_app.auth import KeyStore, load_engine_key, load_keys_file
 from gateway_app.background import Service, ServiceGroup
 from gateway_app.concurrency import ConcurrencyGate
@@ -30,6 +31,7 @@ from gateway_app.engine_credentials import EngineCredentials, bearer
 from gateway_app.engine_load import EngineLoadMetrics, EngineLoadReader
 from gateway_app.forwarding import Forwarder
 from gateway_app.kube_api import KubernetesAPI, KubernetesClient
+from gateway_app.lora_admin import AdapterAdmin
 from gateway_app.metrics import GatewayMetrics
 from gateway_app.models_catalog import ModelCatalog
 from gateway_app.rate_limit import Limiter, MemoryLimiter, RedisLimiter
@@ -81,8 +83,9 @@ class Runtime:
         self.tracer = setup.tracer
         self.replicas = ReplicaRegistry()
         self.credentials = EngineCredentials()
+        self.adapters = DiscoveredAdapters()
         self.snapshot = Snapshot(
-            build_routes(setup.routing_map, self.replicas, self.credentials),
+            build_routes(setup.routing_map, self.replicas, self.credentials, self.adapters),
             setup.keys,
             bearer(setup.engine_key),
         )
@@ -97,7 +100,9 @@ class Runtime:
             else MemoryLimiter()
         )
         self.body_budget = BodyMemoryBudget(self.snapshot.settings.client_limits.max_body_memory)
-        self.catalog = ModelCatalog(session, lambda: self.snapshot)
+        self.catalog = ModelCatalog(session, lambda: self.snapshot, self.adapters)
+        self.adapter_watch = AdapterWatch(lambda: self.snapshot.settings, self.catalog.cards)
+        self.lora_admin = AdapterAdmin(session, self.catalog.refresh)
         self.forwarder = Forwarder(session, self.metrics)
         kubernetes = KubernetesAPI.from_environment()
         self.discovery = DiscoveryManager(kubernetes, session, self.replicas, self._describe_replicas)
@@ -127,6 +132,7 @@ class Runtime:
             runtime.wake,
             runtime.request_log,
             runtime.credentials,
+            runtime.adapter_watch,
             *(watched for watched, _ in runtime._files),
         ]
         for service in services:
@@ -146,7 +152,8 @@ class Runtime:
     # What a reload changes: one new snapshot, swapped whole.
 
     def apply_routing_map(self, routing_map: RoutingMap) -> None:
-        routes = build_routes(routing_map, self.replicas, self.credentials)
+        routes = build_routes(routing_map, self.replicas, self.credentials, self.adapters)
+        self.adapters.retain(spec.name for spec in routing_map.engines)
         self.credentials.retain(spec.api_key_file for spec in routing_map.engines if spec.api_key_file)
         self.snapshot = dataclasses.replace(self.snapshot, routes=routes)
         self.body_budget.limit = routing_map.settings.client_limits.max_body_memory

@@ -80,6 +80,7 @@ class RecordingEngine:
     fail_with: int | None = None  # answer requests with this status ...
     fail_health: bool = True  # ... /health included, unless this is False
     models: list[str] = field(default_factory=list)  # ids its GET /v1/models lists (else answered as any path)
+    extra_cards: list[dict] = field(default_factory=list)  # more cards it lists after those (LoRA adapters)
 
     async def _handle(self, request: web.Request) -> web.StreamResponse:
         body = await request.read()
@@ -88,6 +89,7 @@ class RecordingEngine:
             return web.json_response({"error": {"message": "failing on purpose"}}, status=self.fail_with)
         if request.path.endswith("/v1/models") and self.models:  # at a provider's base path too
             cards = [{"id": model, "object": "model", "owned_by": "vllm"} for model in self.models]
+            cards += list(self.extra_cards)
             return web.json_response({"object": "list", "data": cards})
         scenario = request.headers.get("X-Test-Scenario", "")
         if scenario:

@@ -107,11 +107,17 @@ def start_cli(
 
 
 def start_simulator(
-    engine: str, model: str, log_dir: Path, ttft_ms: float = 0, itl_ms: float = 0, port: int | None = None
+    engine: str,
+    model: str,
+    log_dir: Path,
+    ttft_ms: float = 0,
+    itl_ms: float = 0,
+    port: int | None = None,
+    extra_args: list[str] | None = None,
 ) -> RunningProcess:
     port = port or free_port()
     args = ["simulate", "--engine", engine, "--model", model, "--host", "127.0.0.1", "--port", str(port)]
-    args += ["--ttft-ms", str(ttft_ms), "--itl-ms", str(itl_ms)]
+    args += ["--ttft-ms", str(ttft_ms), "--itl-ms", str(itl_ms), *(extra_args or [])]
     return start_cli(args, port, "/health", log_dir, f"sim-{engine}")
 
 

@@ -84,7 +84,7 @@ def has_number(result: list[dict[str, Any]]) -> bool:
 @pytest.fixture(scope="module")
 def prometheus(tmp_path_factory: pytest.TempPathFactory, module_processes: Processes) -> PrometheusServer:
     work = tmp_path_factory.mktemp("dashboards")
-    vllm = module_processes.simulator("vllm", LLAMA, ttft_ms=20, itl_ms=5)
+    vllm = module_processes.simulator("vllm", LLAMA, ttft_ms=20, itl_ms=5, extra_args=["--lora-modules", "sql-lora=/a"])
     sglang = module_processes.simulator("sglang", LLAMA, ttft_ms=20, itl_ms=5)
     nothing_there = f"http://127.0.0.1:{free_port()}"
     sleepy = module_processes.simulator("vllm", "sleepy-model")  # the pod of the engine that sleeps
@@ -92,7 +92,14 @@ def prometheus(tmp_path_factory: pytest.TempPathFactory, module_processes: Proce
     kube.add_deployment("llm", "sleepy", 0, lease="sleepy-activity")
     kube.slices["sleepy"] = endpoint_slice("sleepy", "sleepy", sleepy_port(sleepy), [])
     engines = [
-        {"name": "vllm-llama-32-1b", "model": LLAMA, "owned_by": "vllm", "url": vllm.url, "default": True},
+        {
+            "name": "vllm-llama-32-1b",
+            "model": LLAMA,
+            "owned_by": "vllm",
+            "url": vllm.url,
+            "default": True,
+            "adapters": ["sql-lora"],  # a LoRA adapter's requests, for the adapter panel
+        },
         {
             "name": "sglang-llama-32-1b",
             "model": LLAMA,
@@ -170,6 +177,8 @@ def send_traffic(gateway: str) -> None:
             headers=auth,
         )
         assert answer.status == 200 and b"[DONE]" in answer.body, answer.body
+    answer = post(gateway + CHAT, {"model": "sql-lora", "messages": HI, "max_tokens": 3}, headers=auth)
+    assert answer.status == 200, answer.body
     # one retry that ends on the fallback engine, one engine error, one request without a key
     answer = post(gateway + CHAT, {"model": "flaky-model", "messages": HI, "max_tokens": 3}, headers=auth)
     assert answer.status == 200 and answer.headers["x-gateway-engine"] == "vllm-llama-32-1b", answer.body

@@ -15,6 +15,7 @@ from pathlib import Path
 import openai
 import pytest
 
+from gateway_app.auth import hash_key
 from gateway_app.config import ConfigError, parse_routing_map
 from tests.fake_kube_api import FakeKubeAPI, endpoint_slice
 from tests.raw_http import json_request
@@ -295,3 +296,30 @@ def test_without_its_lease_an_idle_engine_is_left_awake_and_the_log_says_why(pod
     wait_for(lambda: "not scaled to zero: cannot read Lease llm/engine-m-activity (404" in gateway.log())
     assert "cannot record its activity in Lease llm/engine-m-activity" in gateway.log()
     assert api.scale_patches(DEPLOYMENT) == []
+
+
+def test_an_adapter_of_an_engine_asleep_is_listed_and_wakes_it(processes, tmp_path):
+    """LoRA adapters of a sleeping engine: listed from the map, routed (the request wakes the engine and
+    reaches it under the adapter's name); loading one at run time has no replica to go to."""
+    pod = processes.simulator("vllm", "m", extra_args=["--lora-modules", "sql-lora=/adapters/sql"])
+    api = processes.add(asleep_api(pod))
+    keys = tmp_path / "keys.yaml"
+    keys.write_text(json.dumps({"keys": [{"name": "ops", "sha256": hash_key("sk-ops"), "admin": True}]}))
+    config = write_routing_map(tmp_path / "routes.yaml", [engine(pod) | {"adapters": ["sql-lora"]}])
+    gateway = processes.gateway(config, extra_args=["--keys-file", str(keys)], env={"LLM_GATEWAY_KUBE_API": api.url})
+    auth = {"Authorization": "Bearer sk-ops"}
+    wait_for(lambda: metric(gateway, "llm_gateway_engines_asleep") == 1, message="engine seen asleep")
+    cards = {card["id"]: card for card in get(gateway.url + "/v1/models", headers=auth).json()["data"]}
+    assert cards["sql-lora"]["parent"] == "m" and cards["sql-lora"]["state"] == "asleep"
+
+    load = {"lora_name": "new-lora", "lora_path": "/adapters/new", "engine": "e"}
+    refused = post(gateway.url + "/v1/load_lora_adapter", load, headers=auth)
+    assert (refused.status, refused.json()["error"]["code"]) == (503, "engine_asleep")
+    assert api.scale_patches(DEPLOYMENT) == []  # an administrator's load does not wake it
+
+    with ThreadPoolExecutor(1) as pool:
+        answer = pool.submit(post, gateway.url + CHAT, HI | {"model": "sql-lora"}, headers=auth, timeout=60)
+        wait_for(lambda: api.scale_patches(DEPLOYMENT) == [1], message="woken for the adapter")
+        set_pod_ready(api, pod, True)
+        completed = answer.result(timeout=30)
+    assert completed.status == 200 and completed.json()["model"] == "sql-lora"

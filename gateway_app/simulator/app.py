@@ -21,6 +21,7 @@ from gateway_app.simulator.engine_model import GpuEngine, GpuProfile
 from gateway_app.simulator.engines import EngineBehaviour, StaticResponse, engine_named
 from gateway_app.simulator.errors import RequestError
 from gateway_app.simulator.generation import Completion, embedding_data
+from gateway_app.simulator.lora import MAX_ADAPTERS
 from gateway_app.simulator.metrics import METRICS_CONTENT_TYPE, EngineMetrics
 from gateway_app.simulator.protocol import GenerationRequest, parse_chat, parse_completion, parse_embedding
 from gateway_app.simulator.timing import Pacing, Timing
@@ -43,8 +44,13 @@ def build_simulator_app(
     itl_ms: float = 0.0,
     api_key: str | None = None,
     gpu: GpuProfile | None = None,
+    lora_modules: dict[str, str] | None = None,
+    runtime_lora: bool = False,
 ) -> SimulatorApp:
     """An ASGI app answering as `engine` ("vllm" or "sglang") serving `model`.
+
+    `lora_modules` (adapter name → path) are LoRA adapters on the model, listed and answered as the
+    engine does; with `runtime_lora`, adapters may be loaded and unloaded at run time.
 
     Tokens come at the fixed pace `ttft_ms`/`itl_ms`, or from the engine model when `gpu` is given.
     Each app has its own metrics registry and engine state, so several can run in one process. With
@@ -52,13 +58,22 @@ def build_simulator_app(
     with `--api-key`.
     """
     timing: Timing = GpuEngine(gpu) if gpu is not None else Pacing(ttft_ms / 1000.0, itl_ms / 1000.0)
-    return SimulatorApp(engine_named(engine), model, timing, api_key)
+    return SimulatorApp(engine_named(engine), model, timing, api_key, lora_modules, runtime_lora)
 
 
 class SimulatorApp:
     """One simulated engine serving one model."""
 
-    def __init__(self, engine: EngineBehaviour, model: str, timing: Timing, api_key: str | None = None) -> None:
+    def __init__(
+        self,
+        engine: EngineBehaviour,
+        model: str,
+        timing: Timing,
+        api_key: str | None = None,
+        lora_modules: dict[str, str] | None = None,
+        runtime_lora: bool = False,
+    ) -> None:
+        self.adapters = dict(lora_modules or {})  # LoRA adapter name → where it was loaded from
         self._authorization = f"Bearer {api_key}".encode() if api_key else None
         self.engine = engine
         self.model = model
@@ -72,6 +87,10 @@ class SimulatorApp:
             "/v1/completions": self._completions,
             "/v1/embeddings": self._embeddings,
         }
+        if runtime_lora:
+            load, unload = engine.lora_update_paths
+            self._post_routes[load] = self._load_adapter
+            self._post_routes[unload] = self._unload_adapter
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http":
@@ -98,7 +117,7 @@ class SimulatorApp:
             if method != "GET":
                 await _method_not_allowed(send, ("GET",))
             elif path == "/v1/models":
-                await _send_json(send, 200, self.engine.model_list(self.model))
+                await _send_json(send, 200, self.engine.model_list(self.model, self.adapters))
             else:
                 await send_bytes(send, 200, self.metrics.render(), content_type=(b"content-type", METRICS_CONTENT_TYPE))
             return
@@ -113,7 +132,7 @@ class SimulatorApp:
 
     async def _chat(self, body: bytes, receive: Receive, send: Send) -> None:
         try:
-            request = parse_chat(body, self.engine, self.model, self._with_text)
+            request = parse_chat(body, self.engine, self._served(body), self._with_text)
         except RequestError as error:
             await self._send_error(send, error)
             return
@@ -121,7 +140,7 @@ class SimulatorApp:
 
     async def _completions(self, body: bytes, receive: Receive, send: Send) -> None:
         try:
-            request = parse_completion(body, self.engine, self.model, self._with_text)
+            request = parse_completion(body, self.engine, self._served(body), self._with_text)
         except RequestError as error:
             await self._send_error(send, error)
             return
@@ -129,7 +148,7 @@ class SimulatorApp:
 
     async def _embeddings(self, body: bytes, receive: Receive, send: Send) -> None:
         try:
-            request = parse_embedding(body, self.engine, self.model, self._with_text)
+            request = parse_embedding(body, self.engine, self._served(body), self._with_text)
         except RequestError as error:
             await self._send_error(send, error)
             return
@@ -147,6 +166,51 @@ class SimulatorApp:
                 await _send_json(send, 200, payload)
 
         await self._run(embed(), receive)
+
+    def _served(self, body: bytes) -> str:
+        """The model a request is served by: the base model, or the adapter it names (body read twice only
+        when there are adapters)."""
+        if not self.adapters:
+            return self.model
+        try:
+            requested = orjson.loads(body).get("model")
+        except (orjson.JSONDecodeError, AttributeError):
+            return self.model
+        if isinstance(requested, str) and self.engine.adapter_requested(requested, self.model, self.adapters):
+            return requested
+        return self.model
+
+    # --- LoRA adapters at run time --------------------------------------------------------------
+
+    async def _load_adapter(self, body: bytes, receive: Receive, send: Send) -> None:
+        fields = _lora_fields(body)
+        name, path = fields.get("lora_name"), fields.get("lora_path")
+        if not isinstance(name, str) or not name or not isinstance(path, str) or not path:
+            message = "Both 'lora_name' and 'lora_path' must be provided."
+            await self._send_lora(send, self.engine.lora_refused(400, message, self.adapters))
+        elif name in self.adapters:
+            message = f"The lora adapter '{name}' has already been loaded."
+            await self._send_lora(send, self.engine.lora_refused(400, message, self.adapters))
+        elif len(self.adapters) >= MAX_ADAPTERS:
+            message = f"At most {MAX_ADAPTERS} adapters can be loaded."
+            await self._send_lora(send, self.engine.lora_refused(400, message, self.adapters))
+        else:
+            self.adapters[name] = path
+            await self._send_lora(send, self.engine.lora_updated(True, name, self.adapters))
+
+    async def _unload_adapter(self, body: bytes, receive: Receive, send: Send) -> None:
+        name = _lora_fields(body).get("lora_name")
+        if not isinstance(name, str) or name not in self.adapters:
+            message = f"The lora adapter '{name}' cannot be found."
+            await self._send_lora(send, self.engine.lora_refused(404, message, self.adapters))
+            return
+        del self.adapters[name]
+        await self._send_lora(send, self.engine.lora_updated(False, name, self.adapters))
+
+    @staticmethod
+    async def _send_lora(send: Send, answer: tuple[int, bytes, bytes]) -> None:
+        status, body, content_type = answer
+        await send_bytes(send, status, body, content_type=(b"content-type", content_type))
 
     async def _send_error(self, send: Send, error: RequestError) -> None:
         status, payload = self.engine.render_error(error)
@@ -222,6 +286,14 @@ class SimulatorApp:
             if not watcher.done() or watcher.cancelled():
                 raise  # we are being cancelled ourselves, not abandoning the request
             logger.debug("client disconnected; request aborted")
+
+
+def _lora_fields(body: bytes) -> dict[str, Any]:
+    try:
+        fields = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        return {}
+    return fields if isinstance(fields, dict) else {}
 
 
 async def _until_disconnect(receive: Receive) -> None:

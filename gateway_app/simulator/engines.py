@@ -143,9 +143,39 @@ class EngineBehaviour:
             "max_model_len": MAX_MODEL_LEN,
         }
 
-    def model_list(self, model: str) -> dict[str, Any]:
+    def model_list(self, model: str, adapters: dict[str, str] | None = None) -> dict[str, Any]:
         # Both engines build the card on each call, so `created` is the time of the request.
-        return {"object": "list", "data": [self.model_card(model, int(time.time()))]}
+        created = int(time.time())
+        cards = [self.model_card(model, created)]
+        cards += [self.adapter_card(name, path, model, created) for name, path in (adapters or {}).items()]
+        return {"object": "list", "data": cards}
+
+    # --- LoRA adapters --------------------------------------------------------------------------
+
+    def adapter_card(self, name: str, path: str, base_model: str, created: int) -> dict[str, Any]:
+        """An adapter's card: its name, where it was loaded from (`root`), the base model (`parent`)."""
+        return {
+            "id": name,
+            "object": "model",
+            "created": created,
+            "owned_by": self.name,
+            "root": path,
+            "parent": base_model,
+            "max_model_len": None,
+        }
+
+    def adapter_requested(self, requested: str, served: str, adapters: dict[str, str]) -> bool:
+        """Whether a request's `model` selects one of the loaded adapters."""
+        return requested in adapters
+
+    lora_update_paths: ClassVar[tuple[str, str]] = ("/v1/load_lora_adapter", "/v1/unload_lora_adapter")
+
+    def lora_updated(self, loaded: bool, name: str, adapters: dict[str, str]) -> tuple[int, bytes, bytes]:
+        """Status, body and content type of a successful load (`loaded`) or unload."""
+        raise NotImplementedError
+
+    def lora_refused(self, status: int, message: str, adapters: dict[str, str]) -> tuple[int, bytes, bytes]:
+        raise NotImplementedError
 
     def static_routes(self, model: str) -> dict[str, StaticResponse]:
         """Info endpoints answered with a fixed body, by path."""
@@ -274,6 +304,21 @@ class Vllm(EngineBehaviour):
         ]
         return card
 
+    def adapter_card(self, name: str, path: str, base_model: str, created: int) -> dict[str, Any]:
+        card = super().adapter_card(name, path, base_model, created)
+        card["permission"] = self.model_card(name, created)["permission"]
+        return card
+
+    def lora_updated(self, loaded: bool, name: str, adapters: dict[str, str]) -> tuple[int, bytes, bytes]:
+        # OpenAIServingModels answers a plain sentence with status 200.
+        verb = "added" if loaded else "removed"
+        return 200, f"Success: LoRA adapter '{name}' {verb} successfully.".encode(), b"text/plain; charset=utf-8"
+
+    def lora_refused(self, status: int, message: str, adapters: dict[str, str]) -> tuple[int, bytes, bytes]:
+        kind = "NotFoundError" if status == 404 else "BadRequestError"
+        body = {"error": {"message": message, "type": kind, "param": None, "code": status}}
+        return status, orjson.dumps(body), b"application/json"
+
     def static_routes(self, model: str) -> dict[str, StaticResponse]:
         return {
             **super().static_routes(model),
@@ -323,6 +368,23 @@ class Sglang(EngineBehaviour):
     def response_model(self, requested: str | None, served: str) -> str:
         # SGLang echoes the request's `model`, which defaults to "default".
         return requested if requested is not None else self.default_model_name
+
+    def adapter_requested(self, requested: str, served: str, adapters: dict[str, str]) -> bool:
+        # On its OpenAI routes SGLang takes `<base>:<adapter>`; a bare adapter name is just another
+        # `model` to it (it would run the base model), which the simulator refuses like any foreign one.
+        base, colon, name = requested.rpartition(":")
+        return bool(colon) and base == served and name in adapters
+
+    lora_update_paths = ("/load_lora_adapter", "/unload_lora_adapter")
+
+    def lora_updated(self, loaded: bool, name: str, adapters: dict[str, str]) -> tuple[int, bytes, bytes]:
+        body = {"success": True, "error_message": None, "loaded_adapters": adapters}
+        return 200, orjson.dumps(body), b"application/json"
+
+    def lora_refused(self, status: int, message: str, adapters: dict[str, str]) -> tuple[int, bytes, bytes]:
+        # LoadLoRAAdapterReqOutput with success false, answered 400 whatever went wrong.
+        body = {"success": False, "error_message": message, "loaded_adapters": adapters}
+        return 400, orjson.dumps(body), b"application/json"
 
     def include_usage(self, stream_options: dict[str, Any] | None) -> bool:
         # StreamOptions.include_usage defaults to False and --stream-response-default-include-usage is

@@ -36,6 +36,8 @@ def serve_simulator(
     log_level: str = "warning",
     api_key: str | None = None,
     gpu: GpuProfile | None = None,
+    lora_modules: dict[str, str] | None = None,
+    runtime_lora: bool = False,
 ) -> int:
     """Serve a simulated `engine` on host:port until SIGINT or SIGTERM; the exit code is 0, or 1 if the
     address cannot be bound (a busy port, an unknown host). With `gpu`, the engine model sets the pace
@@ -46,7 +48,16 @@ def serve_simulator(
         print(f"llm-gateway simulate: cannot listen on {host}:{port}: {error.strerror or error}", file=sys.stderr)
         return 1
     bound_port = sock.getsockname()[1]
-    app = build_simulator_app(engine, model, ttft_ms=ttft_ms, itl_ms=itl_ms, api_key=api_key, gpu=gpu)
+    app = build_simulator_app(
+        engine,
+        model,
+        ttft_ms=ttft_ms,
+        itl_ms=itl_ms,
+        api_key=api_key,
+        gpu=gpu,
+        lora_modules=lora_modules,
+        runtime_lora=runtime_lora,
+    )
     config = uvicorn.Config(
         app,
         loop="uvloop",

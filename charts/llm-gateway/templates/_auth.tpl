@@ -43,7 +43,12 @@ Usage: {{- $auth := include "llm-gateway.auth" . | fromJson }}
 {{- range (include "llm-gateway.engines" $root | fromJson).engines -}}
 {{- $_ := set $known .servedModel true -}}
 {{- range .aliases | default list }}{{ $_ := set $known . true }}{{ end -}}
+{{- $_ := set $known (printf "%s:*" .servedModel) true -}}
+{{- $model := .servedModel -}}
+{{- range .adapterNames | default list }}{{ $_ := set $known . true }}{{ $_ := set $known (printf "%s:%s" $model .) true }}{{ end -}}
 {{- end -}}
+{{- /* Adapters loaded at run time are known only then: with discovery, any name may become one. */ -}}
+{{- $discoverAdapters := (($root.Values.gateway.settings | default dict).discover_adapters) | default false -}}
 {{- $nameAt := dict -}}
 {{- $hashAt := dict -}}
 {{- range $i, $k := $inline -}}
@@ -58,8 +63,8 @@ Usage: {{- $auth := include "llm-gateway.auth" . | fromJson }}
 {{- end -}}
 {{- $_ := set $hashAt $hash $i -}}
 {{- range $k.models | default list -}}
-{{- if not (hasKey $known .) -}}
-{{- fail (printf "%s: model %q is neither a model id nor an alias of any engine; the key could never use it" $where .) -}}
+{{- if and (not (hasKey $known .)) (not $discoverAdapters) -}}
+{{- fail (printf "%s: model %q is neither a model id nor an alias of any engine (nor one of their LoRA adapters, nor <model>:*); the key could never use it" $where .) -}}
 {{- end -}}
 {{- end -}}
 {{- if or (not (kindIs "invalid" $k.requests_per_minute)) (not (kindIs "invalid" $k.tokens_per_minute)) -}}

@@ -67,6 +67,30 @@ Each resolved entry keeps the user's keys and adds:
 {{- $kind := $e.engine | default "external" -}}
 {{- $_ := set $e "kind" $kind -}}
 {{- $_ := set $e "deployed" (ne $kind "external") -}}
+{{- /* api: the engine's own API where vLLM and SGLang differ; deployed engines take it from their kind. */ -}}
+{{- if and $e.api $e.deployed -}}
+{{- fail (printf "%s: api is only for url and urls entries; a %s engine's API follows from its kind" $where $kind) -}}
+{{- end -}}
+{{- if and $e.api $e.baseUrl -}}
+{{- fail (printf "%s: api is for url and urls entries; a baseUrl provider speaks the OpenAI API" $where) -}}
+{{- end -}}
+{{- $_ := set $e "engineApi" (ternary ($e.simulate | default "vllm") ($e.api | default (ternary $kind "" (has $kind (list "vllm" "sglang")))) (eq $kind "simulator")) -}}
+{{- /* LoRA adapters: unique names; a deployed engine needs each adapter's path for its flags. */ -}}
+{{- $lora := $e.lora | default dict -}}
+{{- $adapterNames := list -}}
+{{- range $j, $adapter := $lora.adapters | default list -}}
+{{- if has $adapter.name $adapterNames -}}
+{{- fail (printf "%s: lora.adapters[%d]: the adapter %q is listed twice" $where $j $adapter.name) -}}
+{{- end -}}
+{{- if and $e.deployed (not $adapter.path) -}}
+{{- fail (printf "%s: lora.adapters[%d] %q: set path (a path inside the pod or a Hugging Face repo id); the engine loads it at start" $where $j $adapter.name) -}}
+{{- end -}}
+{{- $adapterNames = append $adapterNames $adapter.name -}}
+{{- end -}}
+{{- $_ := set $e "adapterNames" $adapterNames -}}
+{{- if and $e.baseUrl $adapterNames -}}
+{{- fail (printf "%s: lora is not for baseUrl entries: a provider lists its fine-tunes as models, route them as entries of their own" $where) -}}
+{{- end -}}
 
 {{- /* Unique names: they become Deployment and Service names. */ -}}
 {{- if hasKey $nameAt $e.name -}}
@@ -224,6 +248,9 @@ Each resolved entry keeps the user's keys and adds:
 {{- if and $instead (or (ne $flag "--engine") (eq $kind "simulator")) -}}
 {{- fail (printf "%s: extraArgs: %s is set by the chart; %s" $where $flag $instead) -}}
 {{- end -}}
+{{- if and $e.lora (has $flag (list "--enable-lora" "--lora-modules" "--lora-paths" "--max-loras" "--max-loras-per-batch" "--max-lora-rank")) -}}
+{{- fail (printf "%s: extraArgs: %s is set by the chart from lora; set it there" $where $flag) -}}
+{{- end -}}
 {{- end -}}
 
 {{- /* Image: the engine's fields over the preset's; the simulator's preset falls back to the gateway image. */ -}}
@@ -350,6 +377,24 @@ Each resolved entry keeps the user's keys and adds:
 {{- $_ := set $aliasOf $alias $e.servedModel -}}
 {{- end -}}
 {{- end -}}
+{{- /* A LoRA adapter's name is a model id of its own: not another model's id or alias, one base model. */ -}}
+{{- $adapterOf := dict -}}
+{{- range $i, $e := $resolved -}}
+{{- range $adapter := $e.adapterNames -}}
+{{- range $other := $resolved -}}
+{{- if eq $adapter $other.servedModel -}}
+{{- fail (printf "engines[%d] %q: adapter %q is the model id of engine %q" $i $e.name $adapter $other.name) -}}
+{{- end -}}
+{{- end -}}
+{{- if hasKey $aliasOf $adapter -}}
+{{- fail (printf "engines[%d] %q: adapter %q is an alias of model %q" $i $e.name $adapter (get $aliasOf $adapter)) -}}
+{{- end -}}
+{{- if and (hasKey $adapterOf $adapter) (ne (get $adapterOf $adapter) $e.servedModel) -}}
+{{- fail (printf "engines[%d] %q: adapter %q is already an adapter of model %q; engines serving one adapter share its base model" $i $e.name $adapter (get $adapterOf $adapter)) -}}
+{{- end -}}
+{{- $_ := set $adapterOf $adapter $e.servedModel -}}
+{{- end -}}
+{{- end -}}
 {{- toJson (dict "engines" $resolved) -}}
 {{- end -}}
 
@@ -407,6 +452,13 @@ engines:
     {{- end }}
     {{- with .aliases }}
     aliases: {{ toJson . }}
+    {{- end }}
+    {{- with .adapterNames }}
+    adapters: {{ toJson . }}
+    {{- end }}
+    {{- /* Only where it matters (LoRA), so that other engines' entries stay as they were. */}}
+    {{- if and .engineApi (or .lora .api) }}
+    api: {{ toJson .engineApi }}
     {{- end }}
     {{- with .headers }}
     headers: {{ toJson . }}

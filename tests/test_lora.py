@@ -1,0 +1,374 @@
+"""LoRA adapters over real processes: static adapters of the routing map, adapters discovered from the
+engines' own lists, SGLang's `<base>:<adapter>`, `/v1/models` cards, access lists, and loading and
+unloading through the gateway on every replica (simulated vLLM and SGLang engines, stand-in engines
+that record what they receive)."""
+
+from __future__ import annotations
+
+import json
+
+import openai
+import pytest
+import yaml
+
+from gateway_app.auth import hash_key
+from gateway_app.config import ConfigError, parse_routing_map
+from tests.routes import write_routing_map
+from tests.support import RunningProcess, free_port
+from tests.web import get, metric_value, post, wait_for
+
+CHAT = "/v1/chat/completions"
+HI = [{"role": "user", "content": "hi"}]
+BASE = "meta-llama/Llama-3.1-8B-Instruct"
+OTHER = "other-base"
+KEY_ALL, KEY_SQL, KEY_WHOLE, KEY_BASE = "sk-all-1", "sk-sql-only-2", "sk-whole-base-3", "sk-base-only-4"
+KEY_ADMIN, KEY_USER = "sk-admin-5", "sk-user-6"
+
+
+def keys_file(path, *entries: dict):
+    path.write_text(yaml.safe_dump({"keys": list(entries)}))
+    return path
+
+
+def key(name: str, secret: str, **extra) -> dict:
+    return {"name": name, "sha256": hash_key(secret), **extra}
+
+
+def bearer(secret: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {secret}"}
+
+
+def chat(gateway: RunningProcess, model: str, secret: str = KEY_ALL, **extra):
+    body = {"model": model, "messages": HI, "max_tokens": 2, **extra}
+    return post(gateway.url + CHAT, body, headers=bearer(secret))
+
+
+@pytest.fixture(scope="module")
+def engines(module_processes):
+    """vLLM and SGLang simulators of one base model with adapters, and a recording stand-in engine."""
+    vllm = module_processes.simulator(
+        "vllm", BASE, extra_args=["--lora-modules", "sql-lora=/adapters/sql", '{"name": "support-bot", "path": "/a/s"}']
+    )
+    sglang = module_processes.simulator("sglang", BASE, extra_args=["--lora-paths", "sql-lora=/adapters/sql"])
+    recording = module_processes.recording_engine()
+    recording.models = [OTHER]
+    # Listed by the engine, but not in the map, and discovery is off: not routed, not shown.
+    recording.extra_cards = [{"id": "unlisted-lora", "object": "model", "parent": OTHER, "root": "/x"}]
+    return {"vllm": vllm, "sglang": sglang, "recording": recording}
+
+
+@pytest.fixture(scope="module")
+def lora_gateway(engines, module_processes, tmp_path_factory) -> RunningProcess:
+    folder = tmp_path_factory.mktemp("lora")
+    routing = [
+        {
+            "name": "vllm-base",
+            "model": BASE,
+            "owned_by": "vllm",
+            "url": engines["vllm"].url,
+            "default": True,
+            "api": "vllm",
+            "adapters": ["sql-lora", "support-bot"],
+        },
+        {
+            "name": "sglang-base",
+            "model": BASE,
+            "owned_by": "sglang",
+            "url": engines["sglang"].url,
+            "api": "sglang",
+            "adapters": ["sql-lora"],
+        },
+        {
+            "name": "recorded",
+            "model": OTHER,
+            "owned_by": "vllm",
+            "url": engines["recording"].url,
+            "adapters": ["rec-lora"],
+        },
+    ]
+    config = write_routing_map(folder / "routes.yaml", routing)
+    keys = keys_file(
+        folder / "keys.yaml",
+        key("all", KEY_ALL),
+        key("sql-only", KEY_SQL, models=["sql-lora"]),
+        key("whole-base", KEY_WHOLE, models=[f"{BASE}:*"]),
+        key("base-only", KEY_BASE, models=[BASE]),
+    )
+    return module_processes.gateway(config, extra_args=["--keys-file", str(keys), "--log-format", "json"])
+
+
+def test_a_static_adapter_is_forwarded_unchanged(lora_gateway, engines):
+    recording = engines["recording"]
+    raw = b'{"model": "rec-lora", "messages": [{"role": "user", "content": "hi"}], "x_own_field": [1, 2.50]}'
+    answer = post(lora_gateway.url + CHAT, raw, headers=bearer(KEY_ALL))
+    assert answer.status == 200, answer.body
+    assert answer.headers["x-gateway-engine"] == "recorded"
+    assert recording.received[-1].path == CHAT
+    assert recording.received[-1].body == raw  # byte for byte: the engine gets the adapter's own name
+    # With owned_by (a gateway field, removed) the body is re-encoded, still naming the adapter.
+    answer = post(
+        lora_gateway.url + CHAT, {"model": "rec-lora", "owned_by": "vllm", "messages": HI}, headers=bearer(KEY_ALL)
+    )
+    assert answer.status == 200, answer.body
+    assert json.loads(recording.received[-1].body) == {"model": "rec-lora", "messages": HI}
+
+
+def test_adapters_reach_each_engine_in_the_form_it_understands(lora_gateway):
+    client = openai.OpenAI(base_url=lora_gateway.url + "/v1", api_key=KEY_ALL, max_retries=0)
+    # The default engine (vLLM) takes the adapter's name; the simulator would answer 404 to anything else.
+    answer = client.chat.completions.create(model="sql-lora", messages=HI, max_tokens=2)
+    assert answer.model == "sql-lora"
+    # SGLang takes `<base>:<adapter>` (a bare name would run the base model; its simulator refuses one).
+    answer = client.chat.completions.create(
+        model="sql-lora", messages=HI, max_tokens=2, extra_body={"owned_by": "sglang"}
+    )
+    assert answer.model == f"{BASE}:sql-lora"
+    # SGLang's own form is accepted too: forwarded unchanged to SGLang, as the adapter's name to vLLM.
+    answer = client.chat.completions.create(
+        model=f"{BASE}:sql-lora", messages=HI, max_tokens=2, extra_body={"owned_by": "sglang"}
+    )
+    assert answer.model == f"{BASE}:sql-lora"
+    answer = client.chat.completions.create(model=f"{BASE}:sql-lora", messages=HI, max_tokens=2)
+    assert answer.model == "sql-lora"
+    # An adapter only one engine serves: owned_by applies to adapters as to models.
+    refused = chat(lora_gateway, "support-bot", owned_by="sglang")
+    assert refused.status == 404
+    assert refused.json()["error"]["code"] == "engine_not_found"
+    assert "`vllm`" in refused.json()["error"]["message"]
+    for unknown in (f"{BASE}:no-such-lora", "no-such-lora", f"{OTHER}:sql-lora", "unlisted-lora"):
+        refused = chat(lora_gateway, unknown)
+        assert refused.status == 404, unknown
+        assert refused.json()["error"]["code"] == "model_not_found"
+
+
+def test_models_lists_one_card_per_adapter_and_owner(lora_gateway):
+    answer = get(lora_gateway.url + "/v1/models", headers=bearer(KEY_ALL))
+    assert answer.status == 200, answer.body
+    cards = {(card["id"], card["owned_by"]): card for card in answer.json()["data"]}
+    assert set(cards) == {
+        (BASE, "vllm"),
+        (BASE, "sglang"),
+        (OTHER, "vllm"),
+        ("sql-lora", "vllm"),
+        ("sql-lora", "sglang"),
+        ("support-bot", "vllm"),
+        ("rec-lora", "vllm"),
+    }
+    sql = cards[("sql-lora", "vllm")]
+    assert (sql["object"], sql["parent"], sql["root"]) == ("model", BASE, "/adapters/sql")
+    assert cards[("support-bot", "vllm")]["root"] == "/a/s"
+    assert cards[("sql-lora", "sglang")]["parent"] == BASE
+    assert cards[(BASE, "vllm")]["parent"] is None
+    # A static adapter the engine does not list (yet) is shown with its name as root, and routes.
+    assert (cards[("rec-lora", "vllm")]["parent"], cards[("rec-lora", "vllm")]["root"]) == (OTHER, "rec-lora")
+    assert get(lora_gateway.url + "/v1/models/support-bot", headers=bearer(KEY_ALL)).json()["parent"] == BASE
+
+
+@pytest.mark.parametrize(
+    ("secret", "usable"),
+    [
+        (KEY_SQL, {"sql-lora", f"{BASE}:sql-lora"}),  # either name of the adapter
+        (KEY_WHOLE, {BASE, "sql-lora", "support-bot", f"{BASE}:sql-lora"}),
+        (KEY_BASE, {BASE}),
+    ],
+)
+def test_access_lists_name_adapters_and_whole_base_models(lora_gateway, secret, usable):
+    for model in (BASE, "sql-lora", "support-bot", f"{BASE}:sql-lora", "rec-lora", OTHER):
+        answer = chat(lora_gateway, model, secret)
+        if model in usable:
+            assert answer.status == 200, (model, answer.body)
+            continue
+        # Exactly what an unknown model gets, listing only what the key may use.
+        assert answer.status == 404, model
+        error = answer.json()["error"]
+        assert error["code"] == "model_not_found"
+        offered = error["message"].partition("Available")[2]
+        for hidden in {"sql-lora", "support-bot", "rec-lora", BASE, OTHER} - usable:
+            assert f"`{hidden}`" not in offered, (model, error["message"])
+    listed = {card["id"] for card in get(lora_gateway.url + "/v1/models", headers=bearer(secret)).json()["data"]}
+    assert listed == usable - {f"{BASE}:sql-lora"}
+
+
+def test_metrics_and_log_carry_the_adapter_and_its_base_model(lora_gateway):
+    assert chat(lora_gateway, "support-bot").status == 200
+    metrics = get(lora_gateway.url + "/metrics").body.decode()
+    labels = {"model": "support-bot", "base_model": BASE, "engine": "vllm-base", "status": "200"}
+    assert metric_value(metrics, "llm_gateway_adapter_requests_total", **labels) >= 1
+    assert metric_value(metrics, "llm_gateway_requests_total", model="support-bot", engine="vllm-base") >= 1
+
+    def logged() -> list[dict]:
+        lines = [json.loads(line) for line in lora_gateway.log().splitlines() if line.startswith("{")]
+        return [line for line in lines if line.get("model") == "support-bot"]
+
+    wait_for(lambda: logged(), message="the adapter's log line")
+    assert logged()[-1]["base_model"] == BASE
+    assert logged()[-1]["engine"] == "vllm-base"
+
+
+def test_discovered_adapters_route_while_the_engine_lists_them(processes, tmp_path):
+    engine, other = processes.recording_engine(), processes.recording_engine()
+    engine.models, other.models = ["m"], ["n"]
+    routing = [
+        {"name": "e", "model": "m", "owned_by": "vllm", "url": engine.url, "adapters": ["static-lora"]},
+        {"name": "o", "model": "n", "owned_by": "vllm", "url": other.url, "adapters": ["shared-lora"]},
+    ]
+    settings = {"discover_adapters": True, "models_cache_ttl": 0.2, "max_discovered_adapters": 2}
+    gateway = processes.gateway(write_routing_map(tmp_path / "routes.yaml", routing, settings=settings))
+
+    def status(model: str) -> int:
+        return post(gateway.url + CHAT, {"model": model, "messages": HI}).status
+
+    assert status("static-lora") == 200  # from the map: routed before the engine said anything of it
+    assert status("late-lora") == 404
+    engine.extra_cards = [
+        {"id": "late-lora", "object": "model", "parent": "m", "root": "/adapters/late"},
+        {"id": "foreign-lora", "object": "model", "parent": "another-model", "root": "/adapters/f"},
+        # The map's adapter of another base model keeps its engine: an engine's list never takes it over.
+        {"id": "shared-lora", "object": "model", "parent": "m", "root": "/adapters/shared"},
+    ]
+    wait_for(lambda: status("late-lora") == 200, message="the loaded adapter routed")
+    shared = post(gateway.url + CHAT, {"model": "shared-lora", "messages": HI})
+    assert (shared.status, shared.headers["x-gateway-engine"]) == (200, "o")
+    assert engine.received[-1].body == json.dumps({"model": "late-lora", "messages": HI}).encode()
+    card = get(gateway.url + "/v1/models/late-lora").json()
+    assert (card["parent"], card["root"], card["owned_by"]) == ("m", "/adapters/late", "vllm")
+    assert status("foreign-lora") == 404  # its parent is not the engine's model
+    # At most max_discovered_adapters of an engine's list, the first listed.
+    engine.extra_cards = [
+        {"id": name, "object": "model", "parent": "m", "root": f"/adapters/{name}"} for name in ("a1", "a2", "a3")
+    ]
+    wait_for(lambda: status("a2") == 200, message="the new list routed")
+    assert (status("a1"), status("a3"), status("late-lora")) == (200, 404, 404)
+    engine.extra_cards = []
+    wait_for(lambda: status("a1") == 404, message="the unloaded adapter gone")
+    assert status("static-lora") == 200
+    # With keys off every caller is anonymous: it may use every model, and administer nothing.
+    refused = post(gateway.url + "/v1/load_lora_adapter", {"lora_name": "x", "lora_path": "/x", "engine": "e"})
+    assert (refused.status, refused.json()["error"]["code"]) == (403, "admin_required")
+    assert not [r for r in engine.received if "lora_adapter" in r.path]
+
+
+@pytest.fixture
+def admin_gateway(processes, tmp_path):
+    """One vLLM engine of two replicas and one SGLang engine, all allowing run-time LoRA updates."""
+    runtime = ["--allow-runtime-lora-updating"]
+    replicas = [processes.simulator("vllm", BASE, extra_args=runtime) for _ in range(2)]
+    sglang = processes.simulator("sglang", BASE, extra_args=runtime)
+    routing = [
+        {"name": "pool", "model": BASE, "owned_by": "vllm", "urls": [r.url for r in replicas], "api": "vllm"},
+        {"name": "sg", "model": BASE, "owned_by": "sglang", "url": sglang.url, "api": "sglang"},
+    ]
+    config = write_routing_map(
+        tmp_path / "routes.yaml", routing, settings={"discover_adapters": True, "models_cache_ttl": 60}
+    )
+    keys = keys_file(tmp_path / "keys.yaml", key("ops", KEY_ADMIN, admin=True), key("user", KEY_USER))
+    gateway = processes.gateway(config, extra_args=["--keys-file", str(keys)])
+    return gateway, replicas, sglang
+
+
+def listed_by(engine: RunningProcess) -> set[str]:
+    return {card["id"] for card in get(engine.url + "/v1/models").json()["data"]}
+
+
+def test_only_administrators_load_adapters(admin_gateway):
+    gateway, replicas, _ = admin_gateway
+    body = {"lora_name": "new-lora", "lora_path": "/adapters/new", "engine": "pool"}
+    answer = post(gateway.url + "/v1/load_lora_adapter", body, headers=bearer(KEY_USER))
+    assert answer.status == 403
+    error = answer.json()["error"]
+    assert (error["type"], error["code"]) == ("permission_error", "admin_required")
+    assert "pool" not in error["message"]
+    assert post(gateway.url + "/v1/load_lora_adapter", body).status == 401
+    assert all("new-lora" not in listed_by(replica) for replica in replicas)
+
+
+def test_loading_and_unloading_reach_every_replica(admin_gateway):
+    gateway, replicas, sglang = admin_gateway
+    load = gateway.url + "/v1/load_lora_adapter"
+    body = {"lora_name": "new-lora", "lora_path": "/adapters/new", "engine": "pool"}
+    assert chat(gateway, "new-lora", KEY_USER).status == 404
+    answer = post(load, body, headers=bearer(KEY_ADMIN))
+    assert answer.status == 200, answer.body
+    report = answer.json()
+    assert (report["action"], report["lora_name"], report["engine"]) == ("load", "new-lora", "pool")
+    assert {r["endpoint"] for r in report["replicas"]} == {r.url for r in replicas}
+    assert all(r["status"] == 200 for r in report["replicas"])
+    assert all("new-lora" in listed_by(replica) for replica in replicas)
+    # The gateway read the engines' lists again at once: the adapter routes now, on either replica.
+    assert chat(gateway, "new-lora", KEY_USER).status == 200
+    # SGLang's own paths, chosen by owned_by.
+    sg_body = {"lora_name": "sg-lora", "lora_path": "/adapters/sg", "owned_by": "sglang"}
+    answer = post(load, sg_body, headers=bearer(KEY_ADMIN))
+    assert answer.status == 200, answer.body
+    assert "sg-lora" in listed_by(sglang)
+    assert chat(gateway, "sg-lora", KEY_USER, owned_by="sglang").status == 200
+
+    # Loaded twice: every replica refuses alike, so does the gateway, naming them.
+    answer = post(load, body, headers=bearer(KEY_ADMIN))
+    assert answer.status == 400
+    message = answer.json()["error"]["message"]
+    assert all(replica.url in message for replica in replicas) and "already been loaded" in message
+
+    # One replica no longer has it: the unload succeeds on the other, and the answer says which failed.
+    post(replicas[0].url + "/v1/unload_lora_adapter", {"lora_name": "new-lora"})
+    answer = post(
+        gateway.url + "/v1/unload_lora_adapter", {"lora_name": "new-lora", "engine": "pool"}, headers=bearer(KEY_ADMIN)
+    )
+    assert answer.status == 502
+    error = answer.json()["error"]
+    assert (error["type"], error["code"]) == ("upstream_error", "adapter_update_failed")
+    assert f"failed on 1 of 2 replicas: {replicas[0].url} (404" in error["message"]
+    assert f"succeeded on: {replicas[1].url}" in error["message"]
+    assert all("new-lora" not in listed_by(replica) for replica in replicas)
+    assert chat(gateway, "new-lora", KEY_USER).status == 404
+
+
+def test_admin_requests_must_name_one_engine(admin_gateway):
+    gateway, _, _ = admin_gateway
+    load = gateway.url + "/v1/load_lora_adapter"
+    cases = [
+        ({"lora_name": "x", "lora_path": "/p"}, 400, "engine"),
+        ({"lora_name": "x", "lora_path": "/p", "engine": "nope"}, 404, "engine"),
+        ({"lora_name": "x", "lora_path": "/p", "owned_by": "tgi"}, 404, "owned_by"),
+        ({"lora_path": "/p", "engine": "pool"}, 400, "lora_name"),
+    ]
+    for body, status, param in cases:
+        answer = post(load, body, headers=bearer(KEY_ADMIN))
+        assert answer.status == status, (body, answer.body)
+        assert answer.json()["error"]["param"] == param
+
+
+@pytest.mark.parametrize(
+    ("engines", "words"),
+    [
+        ([{"adapters": ["a", "a"]}], ["engines[0].adapters", "twice"]),
+        ([{"adapters": ["m"]}], ["engines[0].adapters", "collides with the model id"]),
+        ([{"aliases": ["x"]}, {"model": "n", "adapters": ["x"]}], ["engines[1].adapters", "alias"]),
+        ([{"adapters": ["a"]}, {"model": "n", "adapters": ["a"]}], ["engines[1].adapters", "already an adapter of model 'm'"]),
+        ([{"adapters": ["b:c"]}], ["engines[0].adapters", "':'"]),
+        ([{"api": "tgi"}], ["engines[0].api"]),
+    ],
+)  # fmt: skip
+def test_bad_adapters_in_the_routing_map_are_refused_naming_the_field(engines, words):
+    entries = [
+        {"name": f"e{i}", "model": "m", "owned_by": f"o{i}", "url": f"http://e{i}:8000", **fields}
+        for i, fields in enumerate(engines)
+    ]
+    with pytest.raises(ConfigError) as refused:
+        parse_routing_map(json.dumps({"engines": entries}))
+    for word in words:
+        assert word in str(refused.value), str(refused.value)
+
+
+@pytest.mark.parametrize("allowed", [True, False])
+def test_the_vllm_simulator_takes_runtime_updates_from_vllms_variable(processes, allowed):
+    port = free_port()
+    args = ["simulate", "--engine", "vllm", "--model", "m", "--host", "127.0.0.1", "--port", str(port)]
+    env = {"VLLM_ALLOW_RUNTIME_LORA_UPDATING": "True" if allowed else "False"}
+    sim = processes.cli(args, port, "/health", "sim-lora", env=env)
+    answer = post(sim.url + "/v1/load_lora_adapter", {"lora_name": "x", "lora_path": "/adapters/x"})
+    assert answer.status == (200 if allowed else 404)
+    if allowed:
+        assert answer.body == b"Success: LoRA adapter 'x' added successfully."
+        card = get(sim.url + "/v1/models").json()["data"][1]
+        assert (card["id"], card["parent"], card["root"]) == ("x", "m", "/adapters/x")
