@@ -3,6 +3,7 @@ and a gateway that drains its streams on SIGTERM. Real processes on loopback thr
 
 from __future__ import annotations
 
+import http.client
 import json
 import signal
 import threading
@@ -240,17 +241,30 @@ def test_replica_killed_mid_stream_ends_the_stream_cleanly(processes, tmp_path):
         tmp_path / "routes.yaml", [{"name": "e", "model": "m", "owned_by": "vllm", "url": sim.url}]
     )
     gateway = processes.gateway(config)
+    streaming = threading.Event()
+
+    def stream() -> tuple[int, bytes]:
+        """The answer's status and body, telling `streaming` once its first bytes came (not before: a kill
+        before the engine answered is a 502, another test's matter)."""
+        host, port = gateway.url.removeprefix("http://").split(":")
+        connection = http.client.HTTPConnection(host, int(port), timeout=30)
+        try:
+            body = json.dumps({"model": "m", "messages": HI, "max_tokens": 100, "stream": True})
+            connection.request("POST", CHAT, body=body, headers={"Content-Type": "application/json"})
+            answer = connection.getresponse()
+            first = answer.read1(65536)
+            streaming.set()
+            return answer.status, first + answer.read()
+        finally:
+            connection.close()
+
     with ThreadPoolExecutor(1) as pool:
-        future = pool.submit(
-            post, gateway.url + CHAT, {"model": "m", "messages": HI, "max_tokens": 100, "stream": True}
-        )
-        wait_for(
-            lambda: metric_value(get(gateway.url + "/metrics").body.decode(), "llm_gateway_requests_in_flight") == 1
-        )
+        future = pool.submit(stream)
+        assert streaming.wait(timeout=30), "the stream never started"
         sim.process.send_signal(signal.SIGKILL)
-        answer = future.result(timeout=30)
-    assert answer.status == 200
-    events = sse_events(answer.body)
+        status, body = future.result(timeout=30)
+    assert status == 200
+    events = sse_events(body)
     assert events[-1] == "[DONE]"
     assert json.loads(events[-2])["error"]["code"] == "engine_unreachable"
 
