@@ -34,6 +34,7 @@ from gateway_app.route_table import Engine, RouteTable
 from gateway_app.stream_usage import UsageChunkFilter
 from gateway_app.upstream import headers_for_client, headers_for_engine, read_capped
 from gateway_app.usage import USAGE_KEY, find_usage
+from gateway_app.waker import Waker
 
 log = logging.getLogger("llm_gateway.forwarding")
 # A failing engine fails every request sent to it: once a minute per engine and kind of failure is enough
@@ -46,7 +47,6 @@ RETRYABLE_ANSWER_CAP = 64 * 1024
 CLIENT_CLOSED = 499  # nginx's status for "client closed the request", used in metrics only
 # Answers that mean "this replica cannot take it now": the request may go to another one.
 RETRYABLE_STATUSES = frozenset({502, 503})
-STALE_CONNECTION_RETRIES = 3  # sends again after a pooled connection the engine had closed
 
 
 @dataclass(slots=True)  # not frozen: built for every request, and a frozen dataclass is slow to build
@@ -184,17 +184,12 @@ class Exchange:
         since = self.request.started  # the retries' deadline counts from here
         try:
             if waker is not None:
-                waker.active += 1
-                if waker.asleep:  # held until a replica is ready, unless the fallback may serve meanwhile
-                    if waker.spec.fallback_while_waking and engine.fallback is not None:
-                        waker.want_wake()
+                waker.request_started()
+                if waker.tended and not waker.serving:  # asleep, stopping, or not known yet: held
+                    if waker.asleep and waker.spec.fallback_while_waking and engine.fallback is not None:
+                        waker.want_wake()  # the fallback serves meanwhile
                     else:
-                        held_at = time.perf_counter()
-                        try:
-                            await waker.hold(engine.name)
-                        finally:
-                            since = time.perf_counter()  # the wait for a wake is not the engine's slowness
-                            self.held_for_wake = since - held_at
+                        since = await self._hold(waker)
             if gate is not None:
                 waited = await gate.acquire(engine.name)
                 admitted = True
@@ -226,14 +221,28 @@ class Exchange:
         finally:
             in_flight.count -= 1
             if waker is not None:
-                waker.active -= 1
-                waker.last_request = time.monotonic()
+                waker.request_ended()
             for held in self.held:
                 held.release()
             if admitted and gate is not None:
                 gate.release()
         self.finished = True  # not when cancelled: the client left first
         self.count()  # at once: a client that asks /metrics next must see this request
+
+    async def _hold(self, waker: Waker) -> float:
+        """Wait while the engine wakes (waker.py); when it cannot be held or does not wake in time, its
+        fallback serves, if it has one, as for any engine that cannot take a request. Returns when the
+        wait ended: the retries' deadline counts from then (the wake is not the engine's slowness)."""
+        engine = self.engine
+        held_at = time.perf_counter()
+        try:
+            await waker.hold(engine.name)
+        except EngineWaking:
+            if engine.fallback is None:
+                raise
+        finally:
+            self.held_for_wake = time.perf_counter() - held_at
+        return time.perf_counter()
 
     def count(self) -> None:
         """The request's metrics, credited to the engine that answered."""
@@ -365,12 +374,12 @@ class Exchange:
                     response.close()
 
     async def _send_request(self, replica: Replica) -> aiohttp.ClientResponse:
-        """POST to the engine, again if a pooled connection turned out to be closed.
+        """POST to the engine, once more on a fresh connection if a pooled one turned out to be closed.
 
         An engine closes idle keep-alive connections on its own schedule; a request that meets such a
-        connection fails before the engine has read it, so sending it again is safe. The pool may hold
-        several such connections (one per request that ran at once a while ago, one per health check):
-        each failure drops one, and a few tries reach a live or a fresh one.
+        connection fails before the engine has read it, so sending it again is safe. Once only: the same
+        errors also mean an engine that read the request and then failed, and a generation must not be
+        sent again and again.
         """
         request, engine = self.request, self.engine
         headers = headers_for_engine(request.client_headers, engine.headers + engine.auth_headers(request.engine_auth))
@@ -381,13 +390,12 @@ class Exchange:
         url = replica.url + engine.path_on_engine(request.path)
         session = self.forwarder.session
         body = request.payload.for_model(engine.model)
-        for _ in range(STALE_CONNECTION_RETRIES):
-            try:
-                return await session.post(url, data=body, headers=headers, timeout=engine.client_timeout)
-            except (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError) as exc:
-                if isinstance(exc, aiohttp.ClientConnectorError):
-                    raise  # a fresh connection failed: the engine is down, not a stale pool entry
-        return await session.post(url, data=body, headers=headers, timeout=engine.client_timeout)
+        try:
+            return await session.post(url, data=body, headers=headers, timeout=engine.client_timeout)
+        except (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError) as exc:
+            if isinstance(exc, aiohttp.ClientConnectorError):
+                raise  # a fresh connection failed: the engine is down, not a stale pool entry
+            return await session.post(url, data=body, headers=headers, timeout=engine.client_timeout)
 
     async def _retryable_answer(self, response: aiohttp.ClientResponse) -> _Retryable:
         """A 502/503 is read to be relayed if no other replica can do better, but only up to a small

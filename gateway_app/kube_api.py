@@ -15,6 +15,8 @@ from typing import Any
 import aiohttp
 import orjson
 
+from gateway_app.upstream import read_capped
+
 SERVICE_ACCOUNT = Path("/var/run/secrets/kubernetes.io/serviceaccount")
 CALL_TIMEOUT = aiohttp.ClientTimeout(total=10)
 MAX_ANSWER_BYTES = 1024 * 1024  # a Scale or a Lease is a few hundred bytes
@@ -87,7 +89,9 @@ class KubernetesClient:
                 ssl=self.api.ssl_context,
                 timeout=CALL_TIMEOUT,
             ) as response:
-                raw = await response.content.read(MAX_ANSWER_BYTES)
+                raw = await read_capped(response, MAX_ANSWER_BYTES)
+                if raw is None:
+                    raise KubernetesError(0, f"{method} {path}: the answer is larger than {MAX_ANSWER_BYTES} bytes")
                 if response.status >= 400:
                     raise KubernetesError(response.status, _reason(response.status, raw))
         except (aiohttp.ClientError, TimeoutError) as exc:

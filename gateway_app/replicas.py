@@ -112,7 +112,7 @@ class ReplicaPool:
     """The replicas one engine routes to right now. Discovery replaces `replicas` in one assignment;
     an engine without discovery keeps its configured list."""
 
-    __slots__ = ("configured", "replicas", "turn", "health_path", "waker")
+    __slots__ = ("configured", "replicas", "turn", "health_path", "waker", "discovered")
 
     def __init__(
         self, configured: tuple[Replica, ...], health_path: str | None = "/health", waker: Waker | None = None
@@ -122,26 +122,32 @@ class ReplicaPool:
         self.turn = 0  # for round-robin
         self.health_path = health_path  # the engine's, for the pods discovery adds too
         self.waker = waker  # scale to zero: the engine's sleep (waker.py)
+        self.discovered: tuple[Replica, ...] | None = None  # discovery's last answer (None: none yet)
         for replica in configured:
             replica.health_path = health_path
 
     def update(self, discovered: tuple[Replica, ...]) -> None:
         for replica in discovered:
             replica.health_path = self.health_path
+        self.discovered = discovered
         if self.waker is None:
             self.replicas = discovered or self.configured  # no ready pod: the Service URL is the best bet
         else:  # no ready pod: asleep or waking, and a request waits for one rather than trying the Service
             self.replicas = discovered
-            self.waker.pods_ready(len(discovered))
+            self.waker.pods_ready(frozenset(replica.url for replica in discovered))
 
     def set_waker(self, spec: Wake | None, namespace: str) -> None:
-        """Keep the engine's Waker across reloads (its held requests and activity), with the new settings."""
+        """Keep the engine's Waker across reloads (its held requests and activity), with the new settings;
+        a Waker new to a pool whose pods are known learns them at once (discovery tells only changes)."""
         if spec is None:
-            self.waker = None
-            if not self.replicas:
-                self.replicas = self.configured
+            if self.waker is not None:
+                self.waker.retire()
+                self.waker = None
+            self.replicas = self.discovered or self.configured
         elif self.waker is None:
             self.waker = Waker(spec, namespace)
+            if self.discovered is not None:
+                self.update(self.discovered)
         else:
             self.waker.spec = spec
 

@@ -27,18 +27,17 @@ from datetime import UTC, datetime
 from typing import Any
 from urllib.parse import quote
 
-from gateway_app.config import Wake
 from gateway_app.kube_api import KubernetesClient, KubernetesError
 from gateway_app.log_setup import ThrottledWarning
 from gateway_app.metrics import GatewayMetrics
 from gateway_app.route_table import RouteTable
-from gateway_app.waker import Waker
+from gateway_app.waker import Waker, tick_seconds
 
 log = logging.getLogger("llm_gateway.wake")
 API_WARNINGS = ThrottledWarning(log)  # an API server that keeps refusing: a line a minute per engine and call
 
-TICK_SECONDS = 5.0  # at most this long between two looks at an engine (activity record, idleness)
 RETRY_SECONDS = 2.0  # after a scale-up the API server could not take
+CONFLICT_RETRIES = 3  # reads and patches of a Scale that keeps changing under a wake
 
 
 class WakeService:
@@ -53,7 +52,8 @@ class WakeService:
         self._stopped = asyncio.Event()
 
     def sync(self, routes: RouteTable) -> None:
-        """Tend the wakers of these routes and no others (call from the event loop)."""
+        """Tend the wakers of these routes and no others (call from the event loop); a Waker no longer in
+        service is retired, so that requests it held go on."""
         if self._client is None:  # not in a pod: discovery does not run, so no engine is ever asleep
             return
         wanted: dict[Waker, str] = {}
@@ -62,10 +62,12 @@ class WakeService:
                 wanted.setdefault(engine.pool.waker, engine.name)
         for waker, name in wanted.items():
             if waker not in self._tasks:
-                waker.on_awake = self._awake_callback(name, waker)
+                waker.on_awake = self._awake_callback(name)
+                waker.tended = True
                 self._tasks[waker] = asyncio.get_running_loop().create_task(self._tend(name, waker, self._client))
         for waker in self._tasks.keys() - wanted.keys():
             self._tasks.pop(waker).cancel()
+            waker.retire()
 
     async def run(self) -> None:
         await self._stopped.wait()
@@ -78,7 +80,7 @@ class WakeService:
     def stop(self) -> None:
         self._stopped.set()
 
-    def _awake_callback(self, name: str, waker: Waker) -> Callable[[float], None]:
+    def _awake_callback(self, name: str) -> Callable[[float], None]:
         def awake(seconds: float) -> None:
             self._metrics.wake_duration.labels(name).observe(seconds)
             log.info("engine %s awake: a replica is ready %.1f s after the request that woke it", name, seconds)
@@ -89,11 +91,12 @@ class WakeService:
         """Until cancelled: wake when asked, record activity, sleep when idle. Never raises."""
         while True:
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(waker.wake_wanted.wait(), timeout=tick_seconds(waker.spec))
+                await asyncio.wait_for(waker.attention.wait(), timeout=tick_seconds(waker.spec))
+            waker.attention.clear()
             try:
                 self._check_wake_expired(name, waker)
-                if waker.wake_wanted.is_set():
-                    waker.wake_wanted.clear()
+                if waker.wake_requested:
+                    waker.wake_requested = False
                     if waker.asleep and waker.waking_since is not None:
                         await self._wake(name, waker, client)
                 await self._record_activity(name, waker, client)
@@ -105,7 +108,8 @@ class WakeService:
                     waker.wake_failed(str(error))
                     continue
                 if waking:  # the API server may be back in a moment: try the scale-up again (until timeout)
-                    waker.wake_wanted.set()
+                    waker.wake_requested = True
+                    waker.attention.set()
                 API_WARNINGS.warn(f"{name}:{error.status}", "engine %s: Kubernetes API: %s", name, error)
                 await asyncio.sleep(RETRY_SECONDS)
             except Exception:  # a bug of ours must not end the engine's tending
@@ -113,41 +117,39 @@ class WakeService:
                 await asyncio.sleep(RETRY_SECONDS)
 
     async def _wake(self, name: str, waker: Waker, client: KubernetesClient) -> None:
-        """Scale the Deployment up, only from zero: another gateway, or a person, may have done it."""
+        """Scale the Deployment up, only from zero: another gateway, or a person, may have done it. The
+        patch holds only for the version read; a conflict (another gateway's wake, or only the
+        Deployment's status moving) is read again."""
         path = scale_path(waker)
-        scale = await client.get(path)
-        current = replicas_of(scale)
-        if current == 0 and not await self._scale(client, path, scale, waker.spec.replicas):
-            log.info(
-                "engine %s waking: another gateway scaled deployment %s/%s first",
-                name,
-                waker.namespace,
-                waker.spec.deployment,
-            )
-        elif current == 0:
-            self._metrics.wakeups.labels(name).inc()
-            log.info(
-                "engine %s waking: deployment %s/%s scaled 0 -> %d (a request came while no replica was ready)",
-                name,
-                waker.namespace,
-                waker.spec.deployment,
-                waker.spec.replicas,
-            )
+        where = f"{waker.namespace}/{waker.spec.deployment}"
+        for _ in range(CONFLICT_RETRIES):
+            scale = await client.get(path)
+            current = replicas_of(scale)
+            if current:
+                log.info(
+                    "engine %s waking: deployment %s already at %d replica(s), waiting for one to be ready",
+                    name,
+                    where,
+                    current,
+                )
+                break
+            if await self._scale(client, path, scale, waker.spec.replicas):
+                self._metrics.wakeups.labels(name).inc()
+                log.info(
+                    "engine %s waking: deployment %s scaled 0 -> %d (a request came while no replica was ready)",
+                    name,
+                    where,
+                    waker.spec.replicas,
+                )
+                break
         else:
-            log.info(
-                "engine %s waking: deployment %s/%s already at %d replica(s), waiting for one to be ready",
-                name,
-                waker.namespace,
-                waker.spec.deployment,
-                current,
-            )
+            raise KubernetesError(409, f"the Scale of deployment {where} kept changing while it was being woken")
         waker.last_request = time.monotonic()
         await self._record_activity(name, waker, client)  # at once: no other gateway may put it back to sleep
 
     @staticmethod
     async def _scale(client: KubernetesClient, path: str, read: dict[str, Any], replicas: int) -> bool:
-        """Set the replicas if the Scale is still as it was read (its resourceVersion): of two gateways
-        that read zero at once, one scales up and the other learns it was done; False for the latter."""
+        """Set the replicas if the Scale is still the version read; False on a conflict (it changed)."""
         patch: dict[str, Any] = {"spec": {"replicas": replicas}}
         metadata = read.get("metadata")
         version = metadata.get("resourceVersion") if isinstance(metadata, dict) else None
@@ -199,9 +201,12 @@ class WakeService:
 
     async def _sleep_if_idle(self, name: str, waker: Waker, client: KubernetesClient) -> None:
         """Scale to zero when neither this gateway nor, by the Lease, any other sent the engine a request
-        for `idle_after` seconds."""
+        for `idle_after` seconds: an engine with ready pods, or one whose last wake brought none (a pod
+        that cannot start must not hold its GPU for ever)."""
         idle_after = waker.spec.idle_after
-        if idle_after is None or not waker.ready_pods or waker.held or waker.active:
+        if idle_after is None or waker.held or waker.active or waker.stopping is not None:
+            return
+        if not (waker.ready_pods or (waker.wake_stuck and waker.waking_since is None)):
             return
         if time.monotonic() - waker.last_request < idle_after:
             return
@@ -226,9 +231,18 @@ class WakeService:
         current = replicas_of(scale)
         # Look again: a request may have come in while the API answered.
         if not current or waker.held or waker.active or time.monotonic() - waker.last_request < idle_after:
+            waker.wake_stuck = waker.wake_stuck and bool(current)
             return
-        if not await self._scale(client, path, scale, 0):
+        waker.begin_stopping()  # requests from now on are held, and wake it again, rather than cut
+        try:
+            scaled = await self._scale(client, path, scale, 0)
+        except BaseException:
+            waker.stopping_failed()
+            raise
+        if not scaled:
+            waker.stopping_failed()
             return  # changed since it was read (another gateway woke it, or put it to sleep): leave it
+        waker.wake_stuck = False
         self._metrics.scale_downs.labels(name).inc()
         idle = time.time() - renewed if renewed is not None else time.monotonic() - waker.last_request
         log.info(
@@ -240,12 +254,6 @@ class WakeService:
             min(idle, time.monotonic() - waker.last_request),
             idle_after,
         )
-
-
-def tick_seconds(spec: Wake) -> float:
-    """How often an engine is looked at: every 5 s, or 4 times per `idle_after` when that is shorter, so
-    that a gateway's activity reaches the Lease well before another gateway could find it idle."""
-    return min(TICK_SECONDS, spec.idle_after / 4) if spec.idle_after is not None else TICK_SECONDS
 
 
 def scale_path(waker: Waker) -> str:

@@ -40,6 +40,7 @@ class FakeKubeAPI:
         self.refuse: dict[str, int] = {}  # "scale" or "lease" -> the status every such call gets
         self.scale_versions: dict[tuple[str, str], int] = {}  # resourceVersion of each Deployment
         self.beaten_to_it = False  # the next scale PATCH finds the Deployment scaled to 1 by someone else
+        self.status_moved = False  # the next scale PATCH finds the Deployment changed (its status), still at 0
         self.slices: dict[str, dict] = {}
         self.version = 1
         self.watches = 0
@@ -83,6 +84,9 @@ class FakeKubeAPI:
             if self.beaten_to_it:
                 self.beaten_to_it = False
                 self.deployments[key] = 1
+                self.scale_versions[key] = self.scale_versions.get(key, 1) + 1
+            if self.status_moved:
+                self.status_moved = False
                 self.scale_versions[key] = self.scale_versions.get(key, 1) + 1
             expected = (body.get("metadata") or {}).get("resourceVersion")
             if expected is not None and expected != str(self.scale_versions.get(key, 1)):

@@ -152,11 +152,25 @@ def test_a_gateway_beaten_to_the_wake_by_another_does_not_scale_again(pod, proce
     wait_for(lambda: metric(gateway, "llm_gateway_engines_asleep") == 1, message="engine seen asleep")
     with ThreadPoolExecutor(1) as pool:
         answer = pool.submit(post, gateway.url + CHAT, HI, timeout=60)
-        wait_for(lambda: "another gateway scaled deployment llm/engine-m first" in gateway.log(), message="told")
+        wait_for(lambda: "deployment llm/engine-m already at 1 replica(s)" in gateway.log(), message="told")
         set_pod_ready(api, pod, True)
         assert answer.result(timeout=30).status == 200
     assert api.deployments[(NAMESPACE, DEPLOYMENT)] == 1
     assert metric(gateway, "llm_gateway_engine_wakeups_total", engine="e") == 0
+
+
+def test_a_deployment_that_changed_while_still_at_zero_is_woken_all_the_same(pod, processes, tmp_path):
+    """A conflict on the scale-up can be the Deployment's status moving, not another gateway's wake."""
+    api = processes.add(asleep_api(pod))
+    api.status_moved = True
+    gateway = start(processes, tmp_path, api, [engine(pod)])
+    wait_for(lambda: metric(gateway, "llm_gateway_engines_asleep") == 1, message="engine seen asleep")
+    with ThreadPoolExecutor(1) as pool:
+        answer = pool.submit(post, gateway.url + CHAT, HI, timeout=60)
+        wait_for(lambda: api.deployments[(NAMESPACE, DEPLOYMENT)] == 1, message="woken after reading it again")
+        set_pod_ready(api, pod, True)
+        assert answer.result(timeout=30).status == 200
+    assert metric(gateway, "llm_gateway_engine_wakeups_total", engine="e") == 1
 
 
 def test_past_the_queue_and_past_the_timeout_a_held_request_gets_503_engine_waking(pod, processes, tmp_path):
