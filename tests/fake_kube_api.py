@@ -41,6 +41,7 @@ class FakeKubeAPI:
         self.scale_versions: dict[tuple[str, str], int] = {}  # resourceVersion of each Deployment
         self.beaten_to_it = False  # the next scale PATCH finds the Deployment scaled to 1 by someone else
         self.status_moved = False  # the next scale PATCH finds the Deployment changed (its status), still at 0
+        self.first_list_delay = 0.0  # seconds the first EndpointSlice list takes (an API server slow to answer)
         self.slices: dict[str, dict] = {}
         self.version = 1
         self.watches = 0
@@ -52,6 +53,8 @@ class FakeKubeAPI:
     async def _handle(self, request: web.Request) -> web.StreamResponse:
         self.requests.append(str(request.rel_url))
         if request.query.get("watch") != "1":
+            delay, self.first_list_delay = self.first_list_delay, 0.0
+            await asyncio.sleep(delay)
             return web.json_response(
                 {
                     "kind": "EndpointSliceList",

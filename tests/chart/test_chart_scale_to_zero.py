@@ -270,6 +270,11 @@ def test_notes_explain_the_wait(helm: Helm) -> None:
     )
     assert "a: to 0 pods after (never: kubectl -n llm scale deployment/a --replicas=0)" in calm
     assert "is cut" not in calm and "WARNING" not in calm
+    assert "stream idle timeout" not in notes  # no HTTPRoute
+    routed = {"httpRoute": {"enabled": True, "parentRefs": [{"name": "public"}]}, "engines": [sleeping("a")]}
+    assert "cuts a request silent for 5 min (its stream idle timeout)" in rendered_notes(
+        helm, "-f", str(helm.values_file(routed))
+    )
 
 
 # --- Refusals ------------------------------------------------------------------------------------------
