@@ -300,6 +300,20 @@ def test_with_fallback_while_waking_the_fallback_serves_and_the_engine_wakes(pod
     assert post(gateway.url + CHAT, HI).headers["x-gateway-engine"] == "e"
 
 
+def test_a_request_that_cannot_be_held_goes_to_the_fallback(pod, processes, tmp_path):
+    """Without fallback_while_waking the fallback still serves what the wake cannot: here a full queue."""
+    api = processes.add(asleep_api(pod))
+    other = processes.simulator("sglang", "m")
+    sleeper = engine(pod, queue=0) | {"fallback": "f"}
+    gateway = start(
+        processes, tmp_path, api, [sleeper, {"name": "f", "model": "m", "owned_by": "sglang", "url": other.url}]
+    )
+    wait_for(lambda: metric(gateway, "llm_gateway_engines_asleep") == 1, message="engine seen asleep")
+    answer = post(gateway.url + CHAT, HI)
+    assert answer.status == 200 and answer.headers["x-gateway-engine"] == "f"
+    wait_for(lambda: api.scale_patches(DEPLOYMENT) == [1], message="woken all the same")
+
+
 def test_wake_needs_discovery_and_says_so():
     text = "engines:\n  - {name: e, model: m, owned_by: vllm, url: 'http://e:8000', wake: {deployment: e}}\n"
     with pytest.raises(ConfigError, match=r"engines\[0\]\.wake: needs `discovery`"):
