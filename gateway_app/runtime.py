@@ -28,6 +28,7 @@ from gateway_app.config_watcher import WatchedFile
 from gateway_app.discovery import DiscoveryManager, KubernetesAPI
 from gateway_app.engine_credentials import EngineCredentials, bearer
 from gateway_app.engine_load import EngineLoadMetrics, EngineLoadReader
+from gateway_app.exchange_clock import DeadlineSweep
 from gateway_app.forwarding import Forwarder
 from gateway_app.metrics import GatewayMetrics
 from gateway_app.models_catalog import ModelCatalog
@@ -96,6 +97,7 @@ class Runtime:
         self.body_budget = BodyMemoryBudget(self.snapshot.settings.client_limits.max_body_memory)
         self.catalog = ModelCatalog(session, lambda: self.snapshot)
         self.forwarder = Forwarder(session, self.metrics)
+        self.deadlines = DeadlineSweep()  # the time limits of the exchanges under way
         self.discovery = DiscoveryManager(
             KubernetesAPI.from_environment(), session, self.replicas, self._describe_replicas
         )
@@ -133,6 +135,7 @@ class Runtime:
 
     async def stop(self) -> None:
         await self.services.stop()
+        self.deadlines.stop()
         await self.limiter.close()
         if self.tracer is not None:
             await asyncio.to_thread(self.tracer.shutdown)
