@@ -50,10 +50,10 @@ class DeadlineSweep:
     look arms those whose limit falls before the look after it. So a request whose limits are minutes
     away, as they usually are, never arms one, and the limits still fire on time."""
 
-    __slots__ = ("_loop", "_open", "_next_look", "horizon")
+    __slots__ = ("loop", "_open", "_next_look", "horizon")
 
     def __init__(self) -> None:
-        self._loop = asyncio.get_running_loop()
+        self.loop = asyncio.get_running_loop()
         self._open: dict[ExchangeClock, None] = {}
         self._next_look: asyncio.TimerHandle | None = None
         # Limits before this need a timer of their own; the next look sees the others. While no look is
@@ -63,8 +63,8 @@ class DeadlineSweep:
     def opened(self, clock: ExchangeClock) -> None:
         self._open[clock] = None
         if self._next_look is None:
-            self.horizon = self._loop.time() + SWEEP_SECONDS
-            self._next_look = self._loop.call_at(self.horizon, self._look)
+            self.horizon = self.loop.time() + SWEEP_SECONDS
+            self._next_look = self.loop.call_at(self.horizon, self._look)
 
     def closed(self, clock: ExchangeClock) -> None:
         self._open.pop(clock, None)
@@ -83,10 +83,10 @@ class DeadlineSweep:
             self._next_look = None
             self.horizon = math.inf
             return
-        self.horizon = self._loop.time() + SWEEP_SECONDS
+        self.horizon = self.loop.time() + SWEEP_SECONDS
         for clock in list(self._open):
             clock.arm_before(self.horizon)
-        self._next_look = self._loop.call_at(self.horizon, self._look)
+        self._next_look = self.loop.call_at(self.horizon, self._look)
 
 
 class ExchangeClock:
@@ -97,9 +97,11 @@ class ExchangeClock:
     )  # fmt: skip
 
     def __init__(self, sweep: DeadlineSweep) -> None:
-        self._loop = asyncio.get_running_loop()
+        # The loop of the sweep, not asyncio.get_running_loop() again: each call of that is a getpid()
+        # system call.
+        self._loop = sweep.loop
         self._sweep = sweep
-        task = asyncio.current_task()
+        task = asyncio.current_task(self._loop)
         assert task is not None, "an ExchangeClock runs inside a task"
         self._task = task
         self._deadline: float | None = None  # the limit of the phase under way (loop time)
