@@ -6,9 +6,11 @@ and a second task watching the client cost a timer, a task and a few loop turns 
 and every chunk; this clock does the same job as a cancel scope, the way `asyncio.timeout` does it
 (cancel the task, then turn the cancellation into an exception where it belongs), with one timer that is
 only moved when it would fire too late, and no task at all when the server tells of a client leaving
-(client_connections.py, `CLIENT_GONE_EXTENSION`).
+(client_connections.py, `CLIENT_GONE_EXTENSION`). Even that one timer is spared when the limit is
+further away than the next look of the loop's `DeadlineSweep` (the usual case: minutes), which arms it
+only once the limit comes near: arming and cancelling a timer cost more than the rest of the clock.
 
-    clock = ExchangeClock()
+    clock = ExchangeClock(deadlines)  # one DeadlineSweep per event loop
     try:
         with clock, watch_client(scope, receive, clock):
             with clock.limit(first_byte, Failure.TIMEOUT_FIRST_BYTE):  # TimeoutError at its end when late
@@ -20,6 +22,7 @@ only moved when it would fire too late, and no task at all when the server tells
 from __future__ import annotations
 
 import asyncio
+import math
 from collections.abc import Callable
 from contextlib import AbstractContextManager
 from types import TracebackType
@@ -32,20 +35,73 @@ from gateway_app.failures import Failure
 # An ASGI extension our server (client_connections.GuardedHttpProtocol) puts in each request's scope:
 # `{"watch": watch(callback) -> unwatch}`; the callback runs when the client's connection is lost.
 CLIENT_GONE_EXTENSION = "llm_gateway.client_gone"
+# How often the open clocks are looked over: a limit further away than this needs no timer yet.
+SWEEP_SECONDS = 1.0
 
 
 class ClientGone(Exception):
     """The client closed its connection before its answer was complete."""
 
 
+class DeadlineSweep:
+    """The open clocks of one event loop, looked over every `SWEEP_SECONDS` while there are any.
+
+    A clock arms a timer of its own only for a limit that falls before the next look (`horizon`); each
+    look arms those whose limit falls before the look after it. So a request whose limits are minutes
+    away, as they usually are, never arms one, and the limits still fire on time."""
+
+    __slots__ = ("loop", "_open", "_next_look", "horizon")
+
+    def __init__(self) -> None:
+        self.loop = asyncio.get_running_loop()
+        self._open: dict[ExchangeClock, None] = {}
+        self._next_look: asyncio.TimerHandle | None = None
+        # Limits before this need a timer of their own; the next look sees the others. While no look is
+        # coming (no clock open, or stopped), every limit does.
+        self.horizon = math.inf
+
+    def opened(self, clock: ExchangeClock) -> None:
+        self._open[clock] = None
+        if self._next_look is None:
+            self.horizon = self.loop.time() + SWEEP_SECONDS
+            self._next_look = self.loop.call_at(self.horizon, self._look)
+
+    def closed(self, clock: ExchangeClock) -> None:
+        self._open.pop(clock, None)
+
+    def stop(self) -> None:
+        """No more looks: the clocks still open arm their own timers."""
+        if self._next_look is not None:
+            self._next_look.cancel()
+            self._next_look = None
+        self.horizon = math.inf
+        for clock in list(self._open):
+            clock.arm_before(self.horizon)
+
+    def _look(self) -> None:
+        if not self._open:  # nothing to look after: no timer until a clock opens again
+            self._next_look = None
+            self.horizon = math.inf
+            return
+        self.horizon = self.loop.time() + SWEEP_SECONDS
+        for clock in list(self._open):
+            clock.arm_before(self.horizon)
+        self._next_look = self.loop.call_at(self.horizon, self._look)
+
+
 class ExchangeClock:
     """A cancel scope for the task that enters it, with one moving deadline and a 'client left' trigger."""
 
-    __slots__ = ("_loop", "_task", "_deadline", "_reason", "_timer", "_timer_at", "_cancelling", "_open", "fired")
+    __slots__ = (
+        "_loop", "_sweep", "_task", "_deadline", "_reason", "_timer", "_timer_at", "_cancelling", "_open", "fired",
+    )  # fmt: skip
 
-    def __init__(self) -> None:
-        self._loop = asyncio.get_running_loop()
-        task = asyncio.current_task()
+    def __init__(self, sweep: DeadlineSweep) -> None:
+        # The loop of the sweep, not asyncio.get_running_loop() again: each call of that is a getpid()
+        # system call.
+        self._loop = sweep.loop
+        self._sweep = sweep
+        task = asyncio.current_task(self._loop)
         assert task is not None, "an ExchangeClock runs inside a task"
         self._task = task
         self._deadline: float | None = None  # the limit of the phase under way (loop time)
@@ -59,12 +115,14 @@ class ExchangeClock:
     def __enter__(self) -> ExchangeClock:
         self._cancelling = self._task.cancelling()
         self._open = True
+        self._sweep.opened(self)
         return self
 
     def __exit__(
         self, exc_type: type[BaseException] | None, exc: BaseException | None, traceback: TracebackType | None
     ) -> None:
         self._open = False
+        self._sweep.closed(self)
         self._deadline = None
         if self._timer is not None:
             self._timer.cancel()
@@ -79,9 +137,20 @@ class ExchangeClock:
         return _Limit(self, reason)
 
     def expire_at(self, deadline: float, reason: Failure) -> None:
-        """Set (or move) the current phase's limit. Cheap enough for every chunk: the timer is only
-        moved when it would fire after the new deadline; firing early, it sets itself again."""
+        """Set (or move) the current phase's limit. Cheap enough for every chunk: a limit beyond the
+        sweep's horizon needs no timer yet, and a timer is only moved when it would fire after the new
+        deadline; firing early, it sets itself again."""
         self._deadline, self._reason = deadline, reason
+        if deadline < self._sweep.horizon:
+            self._arm(deadline)
+
+    def arm_before(self, horizon: float) -> None:
+        """The sweep's look: a limit that falls before `horizon` gets its timer now."""
+        deadline = self._deadline
+        if deadline is not None and deadline < horizon:
+            self._arm(deadline)
+
+    def _arm(self, deadline: float) -> None:
         if self._timer is None or self._timer_at > deadline:
             if self._timer is not None:
                 self._timer.cancel()
@@ -105,9 +174,8 @@ class ExchangeClock:
         if self._loop.time() >= deadline:
             assert self._reason is not None
             self._fire(self._reason)
-        else:  # the deadline moved on since the timer was set
-            self._timer_at = deadline
-            self._timer = self._loop.call_at(deadline, self._on_timer)
+        elif deadline < self._sweep.horizon:  # the deadline moved on since the timer was set
+            self._arm(deadline)
 
     def _fire(self, reason: Failure) -> None:
         self.fired = reason

@@ -116,7 +116,7 @@ class ProxyEndpoint:
             admitted = _Admitted(client, body, fields, resolution, limits, decision)
             request, stream, span = self._forward_request(scope, ids, snapshot, started, admitted)
             exchange = runtime.forwarder.exchange(request, send)
-            clock = ExchangeClock()
+            clock = ExchangeClock(runtime.deadlines)
             try:
                 with clock, watch_client(scope, receive, clock):
                     await exchange.run(clock)

@@ -29,6 +29,7 @@ from gateway_app.config_watcher import WatchedFile
 from gateway_app.discovery import DiscoveryManager
 from gateway_app.engine_credentials import EngineCredentials, bearer
 from gateway_app.engine_load import EngineLoadMetrics, EngineLoadReader
+from gateway_app.exchange_clock import DeadlineSweep
 from gateway_app.forwarding import Forwarder
 from gateway_app.kube_api import KubernetesAPI, KubernetesClient
 from gateway_app.lora_admin import AdapterAdmin
@@ -104,6 +105,7 @@ class Runtime:
         self.adapter_watch = AdapterWatch(lambda: self.snapshot.settings, self.catalog.cards)
         self.lora_admin = AdapterAdmin(session, self.catalog.refresh)
         self.forwarder = Forwarder(session, self.metrics)
+        self.deadlines = DeadlineSweep()  # the time limits of the exchanges under way
         kubernetes = KubernetesAPI.from_environment()
         self.discovery = DiscoveryManager(kubernetes, session, self.replicas, self._describe_replicas)
         self.wake = WakeService(KubernetesClient(kubernetes, session) if kubernetes else None, self.metrics)
@@ -144,6 +146,7 @@ class Runtime:
 
     async def stop(self) -> None:
         await self.services.stop()
+        self.deadlines.stop()
         await self.limiter.close()
         if self.tracer is not None:
             await asyncio.to_thread(self.tracer.shutdown)

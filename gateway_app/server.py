@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ctypes
 import functools
+import gc
 import logging
 import os
 import sys
@@ -28,6 +29,10 @@ from gateway_app.shutdown import quiet_after_shutdown
 # gateway never closes a kept-alive connection that a proxy in front is about to reuse.
 KEEP_ALIVE_SECONDS = 75
 M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter number
+# Allocations (net of frees) of container objects between two young collections. Python's 700 is passed
+# every few requests by what requests in flight hold for a moment, each time to find nothing to free;
+# this many is reached only by objects that really outlive their request.
+GC_YOUNG_THRESHOLD = 10_000
 METRICS_LISTENER_LIMITS = ClientLimits(max_connections=32)
 log = logging.getLogger("llm_gateway")
 
@@ -85,6 +90,20 @@ def give_large_buffers_back() -> None:
         ctypes.CDLL("libc.so.6").mallopt(M_MMAP_THRESHOLD, 128 * 1024)
     except (OSError, AttributeError):  # not glibc: its allocator has its own policy
         pass
+
+
+def keep_collector_off_hot_path() -> None:
+    """Spare the requests most of the cyclic garbage collector's work, which they pay for and which finds
+    almost nothing to free: reference counting frees what a request leaves behind.
+
+    What is loaded at start-up (modules, the routing map's models: tens of thousands of objects) is
+    moved out of the collector's sight (`gc.freeze`) instead of being walked by every full collection,
+    and young collections run after `GC_YOUNG_THRESHOLD` allocations instead of 700.
+    """
+    gc.collect()
+    gc.freeze()
+    _, middle, oldest = gc.get_threshold()
+    gc.set_threshold(GC_YOUNG_THRESHOLD, middle, oldest)
 
 
 def uvicorn_config(
@@ -160,6 +179,7 @@ def serve_gateway(
             return 1
     fd_limit = raise_fd_limit()
     give_large_buffers_back()
+    keep_collector_off_hot_path()
     app = GatewayApp(setup, metrics_port)
     guard = ConnectionGuard(app.client_limits, setup.metrics, fd_limit)
     # The metrics port keeps a small budget of its own: a flood on the API port never locks out Prometheus.

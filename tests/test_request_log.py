@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import io
 import json
 import re
 from pathlib import Path
 
 import pytest
 
+from gateway_app import request_log
 from tests.recording_engine import RecordingEngine
 from tests.routes import LLAMA, write_routing_map
 from tests.support import RunningProcess
@@ -144,3 +146,36 @@ def test_log_format_text_writes_request_lines_as_text(engine, processes, tmp_pat
     fields = dict(field.split("=", 1) for field in line.split()[3:])
     assert fields["request_id"] == "text-log-1" and fields["engine"] == "rec" and fields["model"] == "rec-model"
     assert lines and not any(line.startswith("{") for line in lines)  # the gateway's own lines are text too
+
+
+ENTRY = {"request_id": "abc", "path": CHAT, "status": 200, "client": None, "duration_ms": 1.5, "stream": False}
+
+
+def test_lines_are_written_whole_and_in_order_whatever_their_number(monkeypatch):
+    """A batch of lines, to a binary stream (as stderr) and to a text-only one: the access log's bytes."""
+    monkeypatch.setattr(request_log.time, "time", lambda: 1767225600.25)  # 2026-01-01T00:00:00.250
+    count = 300
+    for stream in (io.TextIOWrapper(io.BytesIO(), encoding="utf-8"), io.StringIO()):
+        log = request_log.RequestLog(stream, "json")
+        for number in range(count):
+            log.record({**ENTRY, "bytes": number})
+        log.flush()
+        stream.seek(0)
+        lines = stream.read().splitlines()
+        assert len(lines) == count
+        assert lines[0] == (
+            '{"time":"2026-01-01T00:00:00.250+00:00","request_id":"abc","path":"/v1/chat/completions",'
+            '"status":200,"duration_ms":1.5,"stream":false,"bytes":0}'
+        )
+        assert [json.loads(line)["bytes"] for line in lines] == list(range(count))
+
+
+def test_text_lines_leave_out_empty_fields(monkeypatch):
+    monkeypatch.setattr(request_log.time, "time", lambda: 1767225600.25)
+    stream = io.StringIO()
+    log = request_log.RequestLog(stream, "text")
+    log.record(dict(ENTRY))
+    log.flush()
+    assert stream.getvalue() == (
+        "2026-01-01T00:00:00.250+00:00 200 /v1/chat/completions request_id=abc duration_ms=1.5 stream=False\n"
+    )
