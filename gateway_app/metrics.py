@@ -365,6 +365,21 @@ class GatewayMetrics:
             child = self._adapter_requests[key] = self.adapter_requests.labels(model, base_model, engine, str(status))
         return child
 
+    def forget_model(self, model: str, engine: str) -> None:
+        """Remove every series of one `model` label on one engine: a LoRA adapter discovered at run time
+        that its engine no longer lists (adapters.py), so that adapters loaded and unloaded over time do
+        not pile up series."""
+        for metric in (self.requests, self.duration, self.first_byte, self.time_per_output_token):
+            metric.remove_where(model=model, engine=engine)
+        for metric in (self.prompt_tokens, self.completion_tokens, self.adapter_requests):
+            metric.remove_where(model=model, engine=engine)
+        self._route_stats = {k: v for k, v in self._route_stats.items() if k[:2] != (model, engine)}
+        self._adapter_requests = {k: v for k, v in self._adapter_requests.items() if (k[0], k[2]) != (model, engine)}
+        if self._in_flight.pop((model, engine), None) is not None:
+            self.in_flight.remove(model, engine)
+        if self._children.pop((self.client_disconnects, (model, engine)), None) is not None:
+            self.client_disconnects.remove(model, engine)
+
     def show_engine_load(self, collector: Collector) -> None:
         """The collector of the engines' own load (engine_load.py), in place of a previous runtime's."""
         if self._engine_load is not None:

@@ -13,6 +13,7 @@ import yaml
 
 from gateway_app.auth import hash_key
 from gateway_app.config import ConfigError, parse_routing_map
+from tests.recording_engine import Received, RecordingEngine
 from tests.routes import write_routing_map
 from tests.support import RunningProcess, free_port
 from tests.web import get, metric_value, post, wait_for
@@ -36,6 +37,11 @@ def key(name: str, secret: str, **extra) -> dict:
 
 def bearer(secret: str) -> dict[str, str]:
     return {"Authorization": f"Bearer {secret}"}
+
+
+def last_sent(engine: RecordingEngine, path: str = CHAT) -> Received:
+    """The last request the engine received on `path` (its /v1/models is polled meanwhile)."""
+    return next(received for received in reversed(engine.received) if received.path == path)
 
 
 def chat(gateway: RunningProcess, model: str, secret: str = KEY_ALL, **extra):
@@ -104,13 +110,13 @@ def test_a_static_adapter_is_forwarded_unchanged(lora_gateway, engines):
     assert answer.status == 200, answer.body
     assert answer.headers["x-gateway-engine"] == "recorded"
     assert recording.received[-1].path == CHAT
-    assert recording.received[-1].body == raw  # byte for byte: the engine gets the adapter's own name
+    assert last_sent(recording).body == raw  # byte for byte: the engine gets the adapter's own name
     # With owned_by (a gateway field, removed) the body is re-encoded, still naming the adapter.
     answer = post(
         lora_gateway.url + CHAT, {"model": "rec-lora", "owned_by": "vllm", "messages": HI}, headers=bearer(KEY_ALL)
     )
     assert answer.status == 200, answer.body
-    assert json.loads(recording.received[-1].body) == {"model": "rec-lora", "messages": HI}
+    assert json.loads(last_sent(recording).body) == {"model": "rec-lora", "messages": HI}
 
 
 def test_adapters_reach_each_engine_in_the_form_it_understands(lora_gateway):
@@ -229,16 +235,21 @@ def test_discovered_adapters_route_while_the_engine_lists_them(processes, tmp_pa
     wait_for(lambda: status("late-lora") == 200, message="the loaded adapter routed")
     shared = post(gateway.url + CHAT, {"model": "shared-lora", "messages": HI})
     assert (shared.status, shared.headers["x-gateway-engine"]) == (200, "o")
-    assert engine.received[-1].body == json.dumps({"model": "late-lora", "messages": HI}).encode()
+    assert last_sent(engine).body == json.dumps({"model": "late-lora", "messages": HI}).encode()
     card = get(gateway.url + "/v1/models/late-lora").json()
     assert (card["parent"], card["root"], card["owned_by"]) == ("m", "/adapters/late", "vllm")
     assert status("foreign-lora") == 404  # its parent is not the engine's model
-    # At most max_discovered_adapters of an engine's list, the first listed.
+    # At most max_discovered_adapters of an engine's list, the first listed; the map's own adapters (which
+    # the engine lists too) do not count. Past the limit, one warning, not one per reading.
     engine.extra_cards = [
-        {"id": name, "object": "model", "parent": "m", "root": f"/adapters/{name}"} for name in ("a1", "a2", "a3")
+        {"id": name, "object": "model", "parent": "m", "root": f"/adapters/{name}"}
+        for name in ("static-lora", "a1", "a2", "a3")
     ]
     wait_for(lambda: status("a2") == 200, message="the new list routed")
-    assert (status("a1"), status("a3"), status("late-lora")) == (200, 404, 404)
+    assert (status("a1"), status("a3"), status("late-lora"), status("static-lora")) == (200, 404, 404, 200)
+    polls = len([r for r in engine.received if r.path == "/v1/models"])
+    wait_for(lambda: len([r for r in engine.received if r.path == "/v1/models"]) >= polls + 3, message="3 readings")
+    assert gateway.log().count("more than 2; the rest are not routed") == 1, gateway.log()
     engine.extra_cards = []
     wait_for(lambda: status("a1") == 404, message="the unloaded adapter gone")
     assert status("static-lora") == 200
@@ -372,3 +383,75 @@ def test_the_vllm_simulator_takes_runtime_updates_from_vllms_variable(processes,
         assert answer.body == b"Success: LoRA adapter 'x' added successfully."
         card = get(sim.url + "/v1/models").json()["data"][1]
         assert (card["id"], card["parent"], card["root"]) == ("x", "m", "/adapters/x")
+
+
+def discovering_gateway(processes, tmp_path, routing: list[dict], keys: list[dict] | None = None, **settings):
+    """A gateway that discovers adapters, reading the engines' lists every 0.2 s unless told otherwise."""
+    settings = {"discover_adapters": True, "models_cache_ttl": 0.2, **settings}
+    config = write_routing_map(tmp_path / "routes.yaml", routing, settings=settings)
+    extra = ["--log-format", "json"]
+    if keys is not None:
+        extra += ["--keys-file", str(keys_file(tmp_path / "keys.yaml", *keys))]
+    return processes.gateway(config, extra_args=extra)
+
+
+def test_a_discovered_adapter_goes_only_to_the_replicas_that_list_it(processes, tmp_path):
+    # Replicas differ after a restart, a scale-up or a load that reached only some of them.
+    runtime = ["--allow-runtime-lora-updating"]
+    replicas = [processes.simulator("vllm", "m", extra_args=runtime) for _ in range(2)]
+    routing = [{"name": "pool", "model": "m", "owned_by": "vllm", "urls": [r.url for r in replicas]}]
+    gateway = discovering_gateway(processes, tmp_path, routing, balancing="round_robin")
+    for replica, name in zip(replicas, ("only-on-0", "only-on-1"), strict=True):
+        assert post(replica.url + "/v1/load_lora_adapter", {"lora_name": name, "lora_path": f"/{name}"}).status == 200
+
+    def status(model: str) -> int:
+        return post(gateway.url + CHAT, {"model": model, "messages": HI, "max_tokens": 1}).status
+
+    wait_for(lambda: status("only-on-0") == 200 and status("only-on-1") == 200, message="both adapters routed")
+    # Round robin would send every other request to the replica without the adapter (a 404 there).
+    assert [status(name) for _ in range(10) for name in ("only-on-0", "only-on-1")] == [200] * 20
+    cards = {card["id"]: card for card in get(gateway.url + "/v1/models").json()["data"]}
+    assert (cards["only-on-0"]["root"], cards["only-on-1"]["root"]) == ("/only-on-0", "/only-on-1")
+
+
+def test_discovered_adapters_have_bounded_metric_series(processes, tmp_path):
+    sim = processes.simulator(
+        "vllm", "m", extra_args=["--allow-runtime-lora-updating", "--lora-modules", "static-lora=/s"]
+    )
+    routing = [{"name": "e", "model": "m", "owned_by": "vllm", "url": sim.url, "adapters": ["static-lora"]}]
+    gateway = discovering_gateway(processes, tmp_path, routing, max_adapter_metric_labels=1)
+
+    def status(model: str) -> int:
+        body = {
+            "model": model,
+            "messages": HI,
+            "max_tokens": 2,
+            "stream": True,
+            "stream_options": {"include_usage": True},
+        }
+        return post(gateway.url + CHAT, body).status
+
+    for name in ("first-lora", "second-lora"):  # one after the other: the first listed takes the one label
+        assert post(sim.url + "/v1/load_lora_adapter", {"lora_name": name, "lora_path": "/x"}).status == 200
+        wait_for(lambda name=name: status(name) == 200, message=f"{name} routed")
+
+    def series(model: str) -> list[str]:
+        text = get(gateway.url + "/metrics").body.decode()
+        return [line for line in text.splitlines() if f'model="{model}"' in line and not line.startswith("#")]
+
+    assert metric_value("\n".join(series("first-lora")), "llm_gateway_requests_total", engine="e") >= 1
+    assert series("second-lora") == []  # past the engine's budget: counted under its base model
+    second = {"model": "m", "base_model": "m", "engine": "e", "status": "200"}
+    assert metric_value("\n".join(series("m")), "llm_gateway_adapter_requests_total", **second) >= 1
+
+    def logged_models() -> set[str]:
+        return {json.loads(line).get("model") for line in gateway.log().splitlines() if line.startswith("{")}
+
+    wait_for(lambda: "second-lora" in logged_models(), message="the log line naming the adapter in full")
+    # Unloaded: its series go (and its label is free again); the map's adapters keep their own name.
+    assert post(sim.url + "/v1/unload_lora_adapter", {"lora_name": "first-lora"}).status == 200
+    # (Watched through /v1/models: a request routed just before the unload would count under it again.)
+    wait_for(lambda: get(gateway.url + "/v1/models/first-lora").status == 404, message="the unloaded adapter gone")
+    assert series("first-lora") == []
+    assert status("static-lora") == 200
+    assert metric_value("\n".join(series("static-lora")), "llm_gateway_requests_total", engine="e") >= 1
