@@ -11,8 +11,11 @@ import openai
 import pytest
 import yaml
 
+from gateway_app.adapters import DiscoveredAdapters
 from gateway_app.auth import hash_key
 from gateway_app.config import ConfigError, parse_routing_map
+from gateway_app.errors import ModelNotFound
+from gateway_app.route_table import build_routes
 from tests.recording_engine import Received, RecordingEngine
 from tests.routes import write_routing_map
 from tests.support import RunningProcess, free_port
@@ -409,7 +412,7 @@ def test_a_discovered_adapter_goes_only_to_the_replicas_that_list_it(processes, 
 
     wait_for(lambda: status("only-on-0") == 200 and status("only-on-1") == 200, message="both adapters routed")
     # Round robin would send every other request to the replica without the adapter (a 404 there).
-    assert [status(name) for _ in range(10) for name in ("only-on-0", "only-on-1")] == [200] * 20
+    assert [status(name) for name in ("only-on-0", "only-on-1") for _ in range(10)] == [200] * 20
     cards = {card["id"]: card for card in get(gateway.url + "/v1/models").json()["data"]}
     assert (cards["only-on-0"]["root"], cards["only-on-1"]["root"]) == ("/only-on-0", "/only-on-1")
 
@@ -455,3 +458,40 @@ def test_discovered_adapters_have_bounded_metric_series(processes, tmp_path):
     assert series("first-lora") == []
     assert status("static-lora") == 200
     assert metric_value("\n".join(series("static-lora")), "llm_gateway_requests_total", engine="e") >= 1
+
+
+def test_a_reload_that_changes_an_engines_model_drops_the_adapters_it_listed(processes, tmp_path):
+    engine = processes.recording_engine()
+    engine.models = ["m", "n"]
+    engine.extra_cards = [{"id": "m-lora", "object": "model", "parent": "m", "root": "/m-lora"}]
+    routing = [{"name": "e", "model": "m", "owned_by": "vllm", "url": engine.url}]
+    # Read once at start, then not for a minute: what the table holds after the reload comes from before it.
+    gateway = discovering_gateway(processes, tmp_path, routing, models_cache_ttl=60)
+    wait_for(lambda: post(gateway.url + CHAT, {"model": "m-lora", "messages": HI}).status == 200, message="routed")
+    write_routing_map(
+        tmp_path / "routes.yaml",
+        [{**routing[0], "model": "n"}],
+        settings={"discover_adapters": True, "models_cache_ttl": 60},
+    )
+    wait_for(lambda: post(gateway.url + CHAT, {"model": "n", "messages": HI}).status == 200, message="reloaded")
+    # An adapter of m is not one of n: the engine's new model did not list it.
+    assert post(gateway.url + CHAT, {"model": "m-lora", "messages": HI}).status == 404
+
+
+def test_the_route_table_never_rebuilds_adapter_routes_on_a_request():
+    discovered = DiscoveredAdapters()
+    routing = parse_routing_map(
+        json.dumps(
+            {
+                "settings": {"discover_adapters": True},
+                "engines": [{"name": "e", "model": "m", "owned_by": "vllm", "url": "http://e:8000"}],
+            }
+        )
+    )
+    table = build_routes(routing, discovered=discovered)
+    listed = {"http://e:8000": [{"id": "late-lora", "object": "model", "parent": "m"}]}
+    discovered.update("e", "m", listed, ["http://e:8000"], (), table.model_names, routing.settings)
+    with pytest.raises(ModelNotFound):  # until the catalog, having read the lists, brings the table up to date
+        table.resolve("late-lora", None)
+    table.sync_adapters()
+    assert table.resolve("late-lora", None).engine.base_model == "m"
