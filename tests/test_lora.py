@@ -5,11 +5,15 @@ that record what they receive)."""
 
 from __future__ import annotations
 
+import asyncio
 import json
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 
 import openai
 import pytest
 import yaml
+from aiohttp import web
 
 from gateway_app.adapters import DiscoveredAdapters
 from gateway_app.auth import hash_key
@@ -495,3 +499,41 @@ def test_the_route_table_never_rebuilds_adapter_routes_on_a_request():
         table.resolve("late-lora", None)
     table.sync_adapters()
     assert table.resolve("late-lora", None).engine.base_model == "m"
+
+
+@dataclass
+class HeldListEngine(RecordingEngine):
+    """A stand-in engine whose `/v1/models` reads its list when asked but answers only once `holding` is
+    cleared, and whose load adds the adapter at once: a reading under way while an adapter is loaded."""
+
+    holding: bool = True
+
+    async def _handle(self, request: web.Request) -> web.StreamResponse:
+        if request.path == "/v1/models":
+            self.received.append(Received(request.path, dict(request.headers), b""))
+            cards = [{"id": "m", "object": "model", "owned_by": "vllm"}, *self.extra_cards]
+            while self.holding:
+                await asyncio.sleep(0.01)
+            return web.json_response({"object": "list", "data": cards})
+        if request.path == "/v1/load_lora_adapter":
+            name = (await request.json())["lora_name"]
+            self.extra_cards = [*self.extra_cards, {"id": name, "object": "model", "parent": "m", "root": "/x"}]
+            return web.Response(text="Success")
+        return await super()._handle(request)
+
+
+def test_the_lists_read_after_a_load_are_read_after_it(processes, tmp_path):
+    engine = processes.add(HeldListEngine(models=["m"]).start())
+    routing = [{"name": "e", "model": "m", "owned_by": "vllm", "url": engine.url}]
+    keys = [key("ops", KEY_ADMIN, admin=True)]
+    gateway = discovering_gateway(processes, tmp_path, routing, keys, models_cache_ttl=60, models_timeout=30)
+    # The gateway's first reading is under way, and holds the list from before the load.
+    wait_for(lambda: any(r.path == "/v1/models" for r in engine.received), message="a reading under way")
+    body = {"lora_name": "new-lora", "lora_path": "/x", "engine": "e"}
+    with ThreadPoolExecutor(1) as pool:
+        loading = pool.submit(post, gateway.url + "/v1/load_lora_adapter", body, headers=bearer(KEY_ADMIN))
+        # Logged just before the gateway asks for the lists again (while the old reading still runs).
+        wait_for(lambda: "load on engine e by ops succeeded" in gateway.log(), message="the load done")
+        engine.holding = False
+        assert loading.result().status == 200
+    assert chat(gateway, "new-lora", KEY_ADMIN).status == 200  # the admin was told it loaded: it routes
