@@ -341,6 +341,19 @@ def test_loading_and_unloading_reach_every_replica(admin_gateway):
     assert chat(gateway, "new-lora", KEY_USER).status == 404
 
 
+def test_adapters_loaded_through_the_gateway_follow_the_routing_maps_name_rules(admin_gateway):
+    gateway, replicas, _ = admin_gateway
+    for name in ("a:b", "a*", "has space", BASE):
+        body = {"lora_name": name, "lora_path": "/p", "engine": "pool"}
+        answer = post(gateway.url + "/v1/load_lora_adapter", body, headers=bearer(KEY_ADMIN))
+        assert answer.status == 400, (name, answer.body)
+        assert (answer.json()["error"]["type"], answer.json()["error"]["param"]) == (
+            "invalid_request_error",
+            "lora_name",
+        )
+    assert all(listed_by(replica) == {BASE} for replica in replicas)
+
+
 def test_admin_requests_must_name_one_engine(admin_gateway):
     gateway, _, _ = admin_gateway
     load = gateway.url + "/v1/load_lora_adapter"
@@ -537,3 +550,42 @@ def test_the_lists_read_after_a_load_are_read_after_it(processes, tmp_path):
         engine.holding = False
         assert loading.result().status == 200
     assert chat(gateway, "new-lora", KEY_ADMIN).status == 200  # the admin was told it loaded: it routes
+
+
+def test_discovered_names_follow_the_routing_maps_rules(processes, tmp_path):
+    engine, other = processes.recording_engine(), processes.recording_engine()
+    engine.models, other.models = ["m"], ["n"]
+    refused = ["n:*", "n:foo", "has space", "n"]  # a grant, SGLang's form of n's adapter, whitespace, a model id
+    engine.extra_cards = [
+        {"id": name, "object": "model", "parent": "m", "root": "/x"} for name in [*refused, "fine-lora"]
+    ]
+    routing = [
+        {"name": "e", "model": "m", "owned_by": "vllm", "url": engine.url},
+        {"name": "f", "model": "n", "owned_by": "sglang", "url": other.url, "api": "sglang", "adapters": ["foo"]},
+    ]
+    keys = [key("all", KEY_ALL), key("whole-n", KEY_WHOLE, models=["n:*"])]
+    gateway = discovering_gateway(processes, tmp_path, routing, keys)
+    wait_for(lambda: chat(gateway, "fine-lora").status == 200, message="the adapter with a fine name routed")
+    # `n:foo` is still n's adapter foo (SGLang's form), not an adapter of m that took its name.
+    answer = chat(gateway, "n:foo")
+    assert (answer.status, answer.headers["x-gateway-engine"]) == (200, "f")
+    assert json.loads(last_sent(other).body)["model"] == "n:foo"
+    # `n:*` grants n and n's adapters: not an adapter of m named so.
+    assert chat(gateway, "n:*", KEY_WHOLE).status == 404
+    polls = len([r for r in engine.received if r.path == "/v1/models"])
+    wait_for(lambda: len([r for r in engine.received if r.path == "/v1/models"]) >= polls + 3, message="3 readings")
+    log = gateway.log()
+    assert log.count("lists an adapter that is not routed") == len(refused), log  # each once
+
+
+def test_an_engine_refusing_the_gateways_credential_is_a_bad_gateway(processes, tmp_path):
+    engine = processes.recording_engine()
+    engine.fail_with, engine.fail_health = 401, False
+    routing = [{"name": "e", "model": "m", "owned_by": "vllm", "url": engine.url}]
+    gateway = discovering_gateway(processes, tmp_path, routing, [key("ops", KEY_ADMIN, admin=True)])
+    body = {"lora_name": "x", "lora_path": "/x", "engine": "e"}
+    answer = post(gateway.url + "/v1/load_lora_adapter", body, headers=bearer(KEY_ADMIN))
+    assert answer.status == 502, answer.body  # not the client's 401: its key was good
+    error = answer.json()["error"]
+    assert (error["type"], error["code"]) == ("upstream_error", "adapter_update_failed")
+    assert f"{engine.url} (401" in error["message"] and "credential" in error["message"]
