@@ -378,6 +378,9 @@ def test_admin_requests_must_name_one_engine(admin_gateway):
         ([{"adapters": ["a"]}, {"model": "n", "adapters": ["a"]}], ["engines[1].adapters", "already an adapter of model 'm'"]),
         ([{"adapters": ["b:c"]}], ["engines[0].adapters", "':'"]),
         ([{"api": "tgi"}], ["engines[0].api"]),
+        ([{"adapters": ["a*"]}], ["engines[0].adapters", "'*'"]),
+        ([{"adapters": ["a b"]}], ["engines[0].adapters", "whitespace"]),
+        ([{"api": "sglang", "model": "qwen2.5:7b", "adapters": ["a"]}], ["engines[0].model", "first ':'"]),
     ],
 )  # fmt: skip
 def test_bad_adapters_in_the_routing_map_are_refused_naming_the_field(engines, words):
@@ -589,3 +592,32 @@ def test_an_engine_refusing_the_gateways_credential_is_a_bad_gateway(processes, 
     error = answer.json()["error"]
     assert (error["type"], error["code"]) == ("upstream_error", "adapter_update_failed")
     assert f"{engine.url} (401" in error["message"] and "credential" in error["message"]
+
+
+def test_the_sglang_simulator_splits_the_model_at_the_first_colon_as_sglang_does(processes):
+    sim = processes.simulator("sglang", "qwen2.5:7b", extra_args=["--lora-paths", "sql-lora=/adapters/sql"])
+    answer = post(sim.url + CHAT, {"model": "qwen2.5:7b:sql-lora", "messages": HI, "max_tokens": 1})
+    assert answer.status == 404  # SGLang reads base `qwen2.5`, adapter `7b:sql-lora`: neither is there
+
+
+def test_an_sglang_engine_without_api_that_lists_adapters_is_warned_about_once(processes, tmp_path):
+    engine = processes.recording_engine()
+    engine.models = ["unrelated"]
+    engine.extra_cards = [
+        {"id": "m", "object": "model", "owned_by": "sglang"},  # what SGLang's own card says
+        {"id": "sql-lora", "object": "model", "owned_by": "sglang", "parent": "m"},
+    ]
+    routing = [{"name": "sg", "model": "m", "owned_by": "sglang", "url": engine.url}]  # no `api: sglang`
+    gateway = discovering_gateway(processes, tmp_path, routing)
+    wait_for(lambda: "gives it no `api: sglang`" in gateway.log(), message="the warning")
+    polls = len([r for r in engine.received if r.path == "/v1/models"])
+    wait_for(lambda: len([r for r in engine.received if r.path == "/v1/models"]) >= polls + 3, message="3 readings")
+    assert gateway.log().count("gives it no `api: sglang`") == 1
+
+
+def test_an_sglang_model_with_a_colon_cannot_take_adapters_by_discovery_either():
+    engine = {"name": "e", "model": "qwen2.5:7b", "owned_by": "sglang", "url": "http://e:8000", "api": "sglang"}
+    with pytest.raises(ConfigError) as refused:
+        parse_routing_map(json.dumps({"settings": {"discover_adapters": True}, "engines": [engine]}))
+    assert "engines[0].model" in str(refused.value)
+    parse_routing_map(json.dumps({"engines": [engine]}))  # without adapters, it is served as any model
