@@ -44,9 +44,14 @@ class EngineAdapters:
 class DiscoveredAdapters:
     """The adapters each engine's replicas listed when last asked."""
 
-    def __init__(self, forget_series: Callable[[str, str], None] | None = None) -> None:
+    def __init__(self, forget_series: Callable[[str, str], bool] | None = None) -> None:
         self._by_engine: dict[str, EngineAdapters] = {}
-        self._forget_series = forget_series  # (model label, engine): an adapter's metrics, once unlisted
+        # (model label, engine): removes an adapter's metric series once it is unlisted; False while a
+        # request for it is still under way (which would count under it again when it ends).
+        self._forget_series = forget_series
+        # Per engine, unlisted adapters whose series are removed again at its next readings, until no
+        # request was under way (a request routed just before the unload ends after the first removal).
+        self._forgetting: dict[str, set[str]] = {}
         self._over_limit: set[str] = set()  # engines whose lists are past max_discovered_adapters (warned)
         self._warned: set[tuple[str, str]] = set()  # (engine, name) refused and warned about
 
@@ -70,11 +75,12 @@ class DiscoveredAdapters:
         engine no longer has is forgotten. The routing map's own adapters (`static`) are not discovered
         (they go to every replica), and names that are model ids or aliases (`reserved`) or break the
         adapter name rules are refused."""
+        self._forget_again(engine)
         previous = self.of(engine, model)
         stale = self._by_engine.get(engine)
         if stale is not None and previous is None:  # listed for the model the engine served before a reload
             del self._by_engine[engine]
-            self._forget(engine, stale.labels)
+            self._forget(engine, [name for name, label in stale.labels.items() if label == name])
         by_replica: dict[str, tuple[str, ...]] = {}
         for url in replicas:
             if url in answers:
@@ -103,7 +109,8 @@ class DiscoveredAdapters:
         if previous is not None and previous.by_replica == by_replica and previous.holders.keys() == holders.keys():
             return  # nothing changed: the route table keeps what it built
         labels = self._labels(engine, model, holders, old_labels, settings.max_adapter_metric_labels)
-        self._forget(engine, {name: label for name, label in old_labels.items() if name not in labels})
+        self._forget(engine, [name for name, label in old_labels.items() if name not in labels and label == name])
+        self._forgetting.get(engine, set()).difference_update(name for name, label in labels.items() if label == name)
         frozen = {name: frozenset(urls) for name, urls in holders.items()}
         self._by_engine[engine] = EngineAdapters(model, by_replica, frozen, labels)
 
@@ -113,7 +120,8 @@ class DiscoveredAdapters:
         for name, entry in list(self._by_engine.items()):
             if kept.get(name) != entry.model:
                 del self._by_engine[name]
-                self._forget(name, entry.labels)
+                self._forget(name, [adapter for adapter, label in entry.labels.items() if label == adapter])
+        self._forgetting = {name: names for name, names in self._forgetting.items() if name in kept}
         self._over_limit &= kept.keys()
         self._warned = {(engine, name) for engine, name in self._warned if engine in kept}
 
@@ -153,13 +161,25 @@ class DiscoveredAdapters:
             labels[name] = label
         return labels
 
-    def _forget(self, engine: str, labels: Mapping[str, str]) -> None:
-        """Remove the metric series of adapters no longer listed that had a label of their own."""
+    def _forget(self, engine: str, names: Iterable[str]) -> None:
+        """Remove the metric series of adapters no longer listed that had a label of their own, now and
+        again at the engine's next readings."""
         if self._forget_series is None:
             return
-        for name, label in labels.items():
-            if label == name:
-                self._forget_series(label, engine)
+        forgetting = self._forgetting.setdefault(engine, set())
+        for name in names:
+            self._forget_series(name, engine)
+            forgetting.add(name)
+
+    def _forget_again(self, engine: str) -> None:
+        forgetting = self._forgetting.get(engine)
+        if not forgetting or self._forget_series is None:
+            return
+        for name in list(forgetting):
+            if self._forget_series(name, engine):  # nothing under way: no request can count under it again
+                forgetting.discard(name)
+        if not forgetting:
+            del self._forgetting[engine]
 
 
 def listed_adapters(cards: list[Any], base_model: str) -> tuple[str, ...]:
