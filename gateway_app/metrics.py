@@ -2,7 +2,9 @@
 
 Labels only ever carry names from the routing map (model ids, engine names, endpoints) and status
 codes, so cardinality is bounded by the map. A request for an unknown model is counted with empty
-model and engine labels: a client-chosen string never becomes a label.
+model and engine labels: a client-chosen string never becomes a label. The one exception, LoRA adapters
+discovered at run time, is bounded apart (adapters.py): a budget of labels per engine, and the series of
+an adapter no longer listed removed (`forget_model`).
 """
 
 from __future__ import annotations
