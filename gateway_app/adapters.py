@@ -1,72 +1,196 @@
-"""LoRA adapters loaded at run time: what each engine lists in its own `/v1/models`.
+"""LoRA adapters loaded at run time: what each replica of each engine lists in its own `/v1/models`.
 
-vLLM and SGLang list an adapter as a card whose `parent` is the base model. The model catalog reads the
-engines' lists (at least every `models_cache_ttl` seconds while `settings.discover_adapters` is on, see
-`AdapterWatch`) and records each engine's adapters here; the route table routes them. This outlives
-reloads (like discovered pods), and a reload keeps the engines it still has.
+vLLM and SGLang list an adapter as a card whose `parent` is the base model. The model catalog reads
+every replica's list (at least every `models_cache_ttl` seconds while `settings.discover_adapters` is on,
+see `AdapterWatch`) and records here which replicas hold which adapter: a replica that restarted, or was
+added later, holds only the adapters of its command line, so a discovered adapter is sent only to the
+replicas that list it. The route table routes them. This outlives reloads (like discovered pods), and a
+reload keeps the engines it still has with the model they had.
+
+Each discovered adapter also gets its `model` metric label here: its own name for the first
+`max_adapter_metric_labels` of an engine, its base model past them; when it is no longer listed, the
+series under its name are removed, so what engines load never grows the metrics without bound.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable, Collection, Iterable, Mapping
+from dataclasses import dataclass
 from typing import Any
 
 from gateway_app.background import PeriodicTask
-from gateway_app.config import Settings
+from gateway_app.config import Settings, adapter_name_problem
 
 log = logging.getLogger("llm_gateway.adapters")
 
 # Discovered adapters are asked for at least this often, even with a shorter models_cache_ttl.
 MIN_INTERVAL = 1.0
+# Names already warned about (refused, or past the limit) are remembered up to this many, then forgotten.
+MAX_WARNED = 10_000
+
+
+@dataclass(frozen=True, slots=True)
+class EngineAdapters:
+    """The adapters one engine's replicas listed, for the model the engine served then. A new object
+    whenever anything in it changes: the route table rebuilds an engine's adapter routes only then."""
+
+    model: str
+    by_replica: Mapping[str, tuple[str, ...]]  # replica URL → the adapters it listed
+    holders: Mapping[str, frozenset[str]]  # adapter → the replicas listing it, in the order first listed
+    labels: Mapping[str, str]  # adapter → its `model` label in the metrics
 
 
 class DiscoveredAdapters:
-    """The adapters each engine listed when last asked; `version` changes whenever any list does, so
-    that a route table rebuilds what it derived from them only then."""
+    """The adapters each engine's replicas listed when last asked."""
 
-    def __init__(self) -> None:
-        self._by_engine: dict[str, tuple[str, ...]] = {}
-        self.version = 0
+    def __init__(self, forget_series: Callable[[str, str], bool] | None = None) -> None:
+        self._by_engine: dict[str, EngineAdapters] = {}
+        # (model label, engine): removes an adapter's metric series once it is unlisted; False while a
+        # request for it is still under way (which would count under it again when it ends).
+        self._forget_series = forget_series
+        # Per engine, unlisted adapters whose series are removed again at its next readings, until no
+        # request was under way (a request routed just before the unload ends after the first removal).
+        self._forgetting: dict[str, set[str]] = {}
+        self._over_limit: set[str] = set()  # engines whose lists are past max_discovered_adapters (warned)
+        self._warned: set[tuple[str, str]] = set()  # (engine, name) refused and warned about
 
-    def of(self, engine: str) -> tuple[str, ...]:
-        return self._by_engine.get(engine, ())
+    def of(self, engine: str, model: str) -> EngineAdapters | None:
+        """What the engine listed while it served `model` (a reload may have changed it since)."""
+        found = self._by_engine.get(engine)
+        return found if found is not None and found.model == model else None
 
-    def update(self, engine: str, adapters: tuple[str, ...]) -> None:
-        if self._by_engine.get(engine, ()) != adapters:
-            self._by_engine[engine] = adapters
-            self.version += 1
+    def update(
+        self,
+        engine: str,
+        model: str,
+        answers: Mapping[str, list[Any]],
+        replicas: Iterable[str],
+        static: Collection[str],
+        reserved: Collection[str],
+        settings: Settings,
+    ) -> None:
+        """Record what the replicas that answered (`answers`, their cards by URL) listed. A replica of
+        the engine's that did not answer keeps its last list (a missed answer is not an unload); one the
+        engine no longer has is forgotten. The routing map's own adapters (`static`) are not discovered
+        (they go to every replica), and names that are model ids or aliases (`reserved`) or break the
+        adapter name rules are refused."""
+        self._forget_again(engine)
+        previous = self.of(engine, model)
+        stale = self._by_engine.get(engine)
+        if stale is not None and previous is None:  # listed for the model the engine served before a reload
+            del self._by_engine[engine]
+            self._forget(engine, [name for name, label in stale.labels.items() if label == name])
+        by_replica: dict[str, tuple[str, ...]] = {}
+        for url in replicas:
+            if url in answers:
+                by_replica[url] = self._accepted(engine, listed_adapters(answers[url], model), static, reserved)
+            elif previous is not None and url in previous.by_replica:
+                by_replica[url] = previous.by_replica[url]
+        holders: dict[str, set[str]] = {}
+        for url, names in by_replica.items():
+            for name in names:
+                holders.setdefault(name, set()).add(url)
+        limit = settings.max_discovered_adapters
+        if len(holders) > limit:
+            if engine not in self._over_limit:
+                self._over_limit.add(engine)
+                log.warning(
+                    "engine %s lists %d adapters, more than %d; the rest are not routed "
+                    "(settings.max_discovered_adapters)",
+                    engine,
+                    len(holders),
+                    limit,
+                )
+            holders = dict(list(holders.items())[:limit])
+        else:
+            self._over_limit.discard(engine)
+        old_labels = previous.labels if previous is not None else {}
+        if previous is not None and previous.by_replica == by_replica and previous.holders.keys() == holders.keys():
+            return  # nothing changed: the route table keeps what it built
+        labels = self._labels(engine, model, holders, old_labels, settings.max_adapter_metric_labels)
+        self._forget(engine, [name for name, label in old_labels.items() if name not in labels and label == name])
+        self._forgetting.get(engine, set()).difference_update(name for name, label in labels.items() if label == name)
+        frozen = {name: frozenset(urls) for name, urls in holders.items()}
+        self._by_engine[engine] = EngineAdapters(model, by_replica, frozen, labels)
 
-    def retain(self, engines: Iterable[str]) -> None:
-        """Forget the engines a new routing map no longer has."""
-        kept = set(engines)
-        gone = [name for name in self._by_engine if name not in kept]
-        for name in gone:
-            del self._by_engine[name]
-        if gone:
-            self.version += 1
+    def retain(self, engines: Iterable[tuple[str, str]]) -> None:
+        """Forget the engines a new routing map no longer has, or whose model it changed: `(name, model)`."""
+        kept = dict(engines)
+        for name, entry in list(self._by_engine.items()):
+            if kept.get(name) != entry.model:
+                del self._by_engine[name]
+                self._forget(name, [adapter for adapter, label in entry.labels.items() if label == adapter])
+        self._forgetting = {name: names for name, names in self._forgetting.items() if name in kept}
+        self._over_limit &= kept.keys()
+        self._warned = {(engine, name) for engine, name in self._warned if engine in kept}
+
+    def _accepted(
+        self, engine: str, names: tuple[str, ...], static: Collection[str], reserved: Collection[str]
+    ) -> tuple[str, ...]:
+        accepted = []
+        for name in names:
+            if name in static:
+                continue
+            problem = adapter_name_problem(name)
+            if problem is None and name in reserved:
+                problem = f"{name!r} is a model id or alias of the routing map"
+            if problem is None:
+                accepted.append(name)
+            elif (engine, name) not in self._warned:
+                if len(self._warned) >= MAX_WARNED:
+                    self._warned.clear()
+                self._warned.add((engine, name))
+                log.warning("engine %s lists an adapter that is not routed: %s", engine, problem)
+        return tuple(accepted)
+
+    @staticmethod
+    def _labels(engine: str, model: str, names: Iterable[str], old: Mapping[str, str], budget: int) -> dict[str, str]:
+        """Each adapter's `model` label: the one it had, else its own name while fewer than `budget` of the
+        engine's adapters have theirs, else the base model."""
+        names = list(names)
+        own = sum(1 for name in names if old.get(name) == name)
+        labels: dict[str, str] = {}
+        for name in names:
+            label = old.get(name)
+            if label is None:
+                if own < budget:
+                    label, own = name, own + 1
+                else:
+                    label = model
+            labels[name] = label
+        return labels
+
+    def _forget(self, engine: str, names: Iterable[str]) -> None:
+        """Remove the metric series of adapters no longer listed that had a label of their own, now and
+        again at the engine's next readings."""
+        if self._forget_series is None:
+            return
+        forgetting = self._forgetting.setdefault(engine, set())
+        for name in names:
+            self._forget_series(name, engine)
+            forgetting.add(name)
+
+    def _forget_again(self, engine: str) -> None:
+        forgetting = self._forgetting.get(engine)
+        if not forgetting or self._forget_series is None:
+            return
+        for name in list(forgetting):
+            if self._forget_series(name, engine):  # nothing under way: no request can count under it again
+                forgetting.discard(name)
+        if not forgetting:
+            del self._forgetting[engine]
 
 
-def listed_adapters(cards: list[Any], base_model: str, limit: int, engine: str) -> tuple[str, ...]:
-    """The adapters among an engine's own cards (those whose `parent` is the model it serves), at most
-    `limit` of them, the first listed."""
-    found: list[str] = []
-    seen: set[str] = set()
+def listed_adapters(cards: list[Any], base_model: str) -> tuple[str, ...]:
+    """The adapters among an engine's own cards: those whose `parent` is the model it serves, each once."""
+    found: dict[str, None] = {}
     for card in cards:
         if not isinstance(card, dict) or card.get("parent") != base_model:
             continue
         name = card.get("id")
-        if not isinstance(name, str) or not name or name == base_model or name in seen:
-            continue
-        if len(found) == limit:
-            log.warning(
-                "engine %s lists more than %d adapters; the rest are not routed (settings.max_discovered_adapters)",
-                engine,
-                limit,
-            )
-            break
-        seen.add(name)
-        found.append(name)
+        if isinstance(name, str) and name != base_model:
+            found[name] = None
     return tuple(found)
 
 

@@ -37,6 +37,7 @@ from gateway_app.lora_admin import (
     ADMIN_PATHS,
     MAX_REQUEST_BYTES,
     AdminRequired,
+    check_adapter_name,
     check_admin,
     parse_admin_request,
     target_engine,
@@ -194,8 +195,10 @@ def _other_routes(runtime: Runtime, with_metrics: bool) -> tuple[ASGIApp, ASGIAp
         try:
             check_admin(client)  # before anything about engines or adapters is read or told
             document = parse_admin_request(await _read_small_body(request, MAX_REQUEST_BYTES))
-            engine = target_engine(snapshot.routes, document)
             action = ADMIN_PATHS[request.url.path]
+            if action == "load":  # an unload may still remove what an engine loaded under another name
+                check_adapter_name(snapshot.routes, document["lora_name"])
+            engine = target_engine(snapshot.routes, document)
             status, answer = await runtime.lora_admin.update(
                 action, engine, document, snapshot.engine_auth, client.name
             )

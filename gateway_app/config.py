@@ -99,6 +99,19 @@ BalancingPolicyName = Literal["power_of_two", "round_robin", "cache_aware"]
 EngineApi = Literal["vllm", "sglang"]
 
 
+def adapter_name_problem(name: str) -> str | None:
+    """Why `name` cannot name a LoRA adapter, or None. One rule for the routing map, the adapters engines
+    list and those loaded through the gateway: SGLang's `<base>:<adapter>` and an access list's
+    `<model>:*` must mean one thing only."""
+    if not name or any(char.isspace() for char in name):
+        return f"an adapter name must not be empty or contain whitespace, got {name!r}"
+    if ":" in name:
+        return f"an adapter name must not contain ':' (SGLang's <base>:<adapter>), got {name!r}"
+    if "*" in name:
+        return f"an adapter name must not contain '*' (an access list's <model>:*), got {name!r}"
+    return None
+
+
 class CacheAwareSettings(_Strict):
     """How `cache_aware` balancing weighs a likely cached prefix against load (see balancer.py).
 
@@ -220,6 +233,9 @@ class Settings(_Strict):
     # At most this many adapters per engine are taken from its /v1/models (the first listed); the rest are
     # left out with a warning. Adapters listed in the routing map do not count.
     max_discovered_adapters: int = Field(default=1000, ge=0, le=100_000)
+    # Discovered adapters per engine counted under their own name as the `model` label of the metrics;
+    # the others under their base model (the metrics' series stay bounded whatever engines load).
+    max_adapter_metric_labels: int = Field(default=100, ge=0, le=10_000)
     # /readyz fails while no endpoint of any engine is healthy. Off by default: with every gateway pod
     # unready, clients get refused connections instead of an explanatory 502.
     ready_requires_engine: bool = False
@@ -370,10 +386,9 @@ class EngineSpec(_Strict):
     def _check_adapters(cls, adapters: tuple[str, ...]) -> tuple[str, ...]:
         seen: set[str] = set()
         for adapter in adapters:
-            if not adapter or adapter != adapter.strip():
-                raise ValueError(f"an adapter name must not be empty or have surrounding spaces, got {adapter!r}")
-            if ":" in adapter:
-                raise ValueError(f"an adapter name must not contain ':' (SGLang's <base>:<adapter>), got {adapter!r}")
+            problem = adapter_name_problem(adapter)
+            if problem is not None:
+                raise ValueError(problem)
             if adapter in seen:
                 raise ValueError(f"lists the adapter {adapter!r} twice")
             seen.add(adapter)
@@ -466,6 +481,12 @@ class RoutingMap(_Strict):
                         f"{where}: adapter {adapter!r} is already an adapter of model {base!r}; an adapter "
                         "name belongs to one base model (the engines serving it share that model)"
                     )
+            if engine.api == "sglang" and ":" in engine.model and (engine.adapters or self.settings.discover_adapters):
+                raise ValueError(
+                    f"engines[{index}].model: {engine.model!r} contains ':', and SGLang reads `<base>:<adapter>` up to "
+                    "the first ':', so its adapters cannot be named; serve it under a name without ':' "
+                    "(--served-model-name) or route it without adapters (no `adapters`, `discover_adapters` off)"
+                )
             if engine.adapters and engine.base_url is not None:
                 raise ValueError(
                     f"engines[{index}].adapters: a provider reached by base_url lists its fine-tunes as models; "

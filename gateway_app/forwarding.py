@@ -152,7 +152,7 @@ class Exchange:
         if self.finished:
             return
         engine = self.engine
-        self.forwarder.metrics.child(self.forwarder.metrics.client_disconnects, engine.model, engine.name).inc()
+        self.forwarder.metrics.child(self.forwarder.metrics.client_disconnects, engine.metric_model, engine.name).inc()
         self.status, self.failure = CLIENT_CLOSED, Failure.CLIENT_DISCONNECT
         self.finished = True
         self.count()
@@ -174,7 +174,7 @@ class Exchange:
         """The whole exchange, behind the routed engine's concurrency gate and total timeout; never
         raises but for cancellation (the client went away). `clock` keeps its time limits."""
         engine, metrics = self.request.engine, self.forwarder.metrics
-        in_flight = metrics.in_flight_of(engine.model, engine.name)
+        in_flight = metrics.in_flight_of(engine.metric_model, engine.name)
         in_flight.count += 1
         gate = engine.gate
         admitted = False
@@ -247,7 +247,7 @@ class Exchange:
     def count(self) -> None:
         """The request's metrics, credited to the engine that answered."""
         request, engine = self.request, self.engine
-        stats = self.forwarder.metrics.route_stats(engine.model, engine.name, request.path)
+        stats = self.forwarder.metrics.route_stats(engine.metric_model, engine.name, request.path)
         stats.answered(self.status).inc()
         stats.duration(self.sse).observe(time.perf_counter() - request.started)
         if self.first_byte_at is not None:
@@ -300,7 +300,9 @@ class Exchange:
     def _choose(self, tried: list[Replica]) -> Replica | None:
         request, engine = self.request, self.engine
         policy = engine.policy
-        pick = pick_replica(engine.pool, time.monotonic(), policy, request.affinity_key, request.prefix, tried)
+        # A discovered adapter goes only to the replicas that list it (route_table.py).
+        exclude = tried if engine.holders is None else [*tried, *engine.replicas_lacking_adapter()]
+        pick = pick_replica(engine.pool, time.monotonic(), policy, request.affinity_key, request.prefix, exclude)
         if pick is None:
             return None
         self.forwarder.metrics.balancing_decision(engine.name, policy.name, pick.decision).inc()
@@ -502,7 +504,7 @@ class Exchange:
             elapsed = time.perf_counter() - self.first_byte_at
             engine = self.engine
             self.forwarder.metrics.child(
-                self.forwarder.metrics.time_per_output_token, engine.model, engine.name
+                self.forwarder.metrics.time_per_output_token, engine.metric_model, engine.name
             ).observe(elapsed / (tokens - 1))
 
     async def _fail(
@@ -535,7 +537,7 @@ class Exchange:
         self.usage = usage
         if usage is not None:
             engine = self.engine
-            stats = self.forwarder.metrics.route_stats(engine.model, engine.name, self.request.path)
+            stats = self.forwarder.metrics.route_stats(engine.metric_model, engine.name, self.request.path)
             prompt, completion = stats.tokens()
             prompt.inc(usage[0])
             completion.inc(usage[1])

@@ -18,6 +18,7 @@ import aiohttp
 import orjson
 
 from gateway_app.auth import Client
+from gateway_app.config import adapter_name_problem
 from gateway_app.errors import EngineWaking, GatewayError, InvalidRequest, NotFound
 from gateway_app.route_table import Engine, RouteTable
 from gateway_app.upstream import read_capped
@@ -33,6 +34,9 @@ MAX_REQUEST_BYTES = 64 * 1024
 MAX_ANSWER_BYTES = 64 * 1024  # of each replica's answer, read to report it
 MAX_MESSAGE_CHARS = 300
 DEFAULT_UPDATE_TIMEOUT = 600.0  # seconds, for an engine whose first_byte timeout is off
+MAX_REPLICAS_AT_ONCE = 16  # replicas of an engine sent one load or unload at the same time
+# An engine that refuses the gateway's own credential: the gateway's fault (its engine key), not the client's.
+CREDENTIAL_REFUSALS = frozenset({401, 403})
 
 
 class AdminRequired(GatewayError):
@@ -95,6 +99,17 @@ def parse_admin_request(body: bytes) -> dict[str, Any]:
     return document
 
 
+def check_adapter_name(routes: RouteTable, name: str) -> None:
+    """The routing map's rules for an adapter's name, for one loaded through the gateway: no `:`, `*` or
+    whitespace (SGLang's `<base>:<adapter>` and access lists' `<model>:*` must mean one thing), and not
+    a model id or alias."""
+    problem = adapter_name_problem(name)
+    if problem is None and name in routes.model_names:
+        problem = f"{name!r} is a model id or alias of the routing map; an adapter needs a name of its own"
+    if problem is not None:
+        raise InvalidRequest(f"`lora_name`: {problem}.", param="lora_name")
+
+
 def target_engine(routes: RouteTable, document: dict[str, Any]) -> Engine:
     """The one engine an admin request names, or a 400/404 that says how to name it."""
     name, owned_by, model = (document.get(field) for field in TARGET_FIELDS)
@@ -143,6 +158,9 @@ class AdapterAdmin:
     def __init__(self, session: aiohttp.ClientSession, refresh: Callable[[], Awaitable[object]]) -> None:
         self._session = session
         self._refresh = refresh  # re-reads the engines' model lists, so discovered adapters follow at once
+        # One load or unload of an adapter on an engine at a time (a load racing an unload of the same
+        # adapter would leave the replicas disagreeing): its lock and how many hold or wait for it.
+        self._updating: dict[tuple[str, str], tuple[asyncio.Lock, int]] = {}
 
     async def update(
         self,
@@ -167,10 +185,19 @@ class AdapterAdmin:
                 code="engine_asleep",
                 retry_after=RETRY_AFTER_UNKNOWN,
             )
-        outcomes = await asyncio.gather(
-            *(self._send(replica.url, path, payload, headers, timeout) for replica in engine.pool.replicas)
-        )
         name = document["lora_name"]
+        key = (engine.name, name)
+        lock, users = self._updating.get(key, (asyncio.Lock(), 0))
+        self._updating[key] = (lock, users + 1)
+        try:
+            async with lock:
+                outcomes = await self._send_all(engine, path, payload, headers, timeout)
+        finally:
+            lock, users = self._updating[key]
+            if users == 1:
+                del self._updating[key]
+            else:
+                self._updating[key] = (lock, users - 1)
         done = [outcome for outcome in outcomes if outcome.ok]
         log.info(
             "LoRA adapter %s: %s on engine %s by %s succeeded on %d of %d replicas",
@@ -191,6 +218,18 @@ class AdapterAdmin:
             answer = {"object": "lora_adapter_update", "action": action, "lora_name": name, "engine": engine.name}
             return 200, orjson.dumps({**answer, "replicas": report})
         raise _failure(action, name, engine, outcomes)
+
+    async def _send_all(
+        self, engine: Engine, path: str, payload: bytes, headers: dict[str, str], timeout: aiohttp.ClientTimeout
+    ) -> list[ReplicaOutcome]:
+        """Every replica's outcome, at most MAX_REPLICAS_AT_ONCE asked at a time."""
+        bound = asyncio.Semaphore(MAX_REPLICAS_AT_ONCE)
+
+        async def send(url: str) -> ReplicaOutcome:
+            async with bound:
+                return await self._send(url, path, payload, headers, timeout)
+
+        return list(await asyncio.gather(*(send(replica.url) for replica in engine.pool.replicas)))
 
     async def _send(
         self, replica: str, path: str, payload: bytes, headers: dict[str, str], timeout: aiohttp.ClientTimeout
@@ -238,6 +277,10 @@ def _failure(action: Action, name: str, engine: Engine, outcomes: list[ReplicaOu
     statuses = {o.status for o in failed}
     if not done and len(statuses) == 1:
         status = statuses.pop()
+        if status in CREDENTIAL_REFUSALS:  # the engine refused the gateway's key, not the client's request
+            return AdapterUpdateFailed(
+                message + " The engine refused the gateway's credential (check --engine-api-key-file)."
+            )
         if status is not None and 400 <= status < 500:  # every replica refused it alike: the request's fault
             return AdapterUpdateRefused(message, status=status, param="lora_name")
     return AdapterUpdateFailed(message)

@@ -2,7 +2,9 @@
 
 Labels only ever carry names from the routing map (model ids, engine names, endpoints) and status
 codes, so cardinality is bounded by the map. A request for an unknown model is counted with empty
-model and engine labels: a client-chosen string never becomes a label.
+model and engine labels: a client-chosen string never becomes a label. The one exception, LoRA adapters
+discovered at run time, is bounded apart (adapters.py): a budget of labels per engine, and the series of
+an adapter no longer listed removed (`forget_model`).
 """
 
 from __future__ import annotations
@@ -106,6 +108,8 @@ class GatewayMetrics:
         self.registry = CollectorRegistry()
         self._children: dict[tuple[MetricWrapperBase, tuple[str, ...]], Any] = {}
         self._in_flight: dict[tuple[str, str], InFlight] = {}
+        # Counts of labels removed (forget_model) while requests under them were still being forwarded.
+        self._draining: dict[tuple[str, str], InFlight] = {}
         self._route_stats: dict[tuple[str, str, str], RouteStats] = {}
         self._client_requests: dict[tuple[str, int], CounterChild] = {}
         self._adapter_requests: dict[tuple[str, str, str, int], CounterChild] = {}
@@ -364,6 +368,31 @@ class GatewayMetrics:
         if child is None:
             child = self._adapter_requests[key] = self.adapter_requests.labels(model, base_model, engine, str(status))
         return child
+
+    def forget_model(self, model: str, engine: str) -> bool:
+        """Remove every series of one `model` label on one engine: a LoRA adapter discovered at run time
+        that its engine no longer lists (adapters.py), so that adapters loaded and unloaded over time do
+        not pile up series. False when requests under it are still being forwarded: they count under it
+        again when they end, so it must be asked again later."""
+        for metric in (self.requests, self.duration, self.first_byte, self.time_per_output_token):
+            metric.remove_where(model=model, engine=engine)
+        for metric in (self.prompt_tokens, self.completion_tokens, self.adapter_requests):
+            metric.remove_where(model=model, engine=engine)
+        self._route_stats = {k: v for k, v in self._route_stats.items() if k[:2] != (model, engine)}
+        self._adapter_requests = {k: v for k, v in self._adapter_requests.items() if (k[0], k[2]) != (model, engine)}
+        key = (model, engine)
+        in_flight = self._in_flight.pop(key, None)
+        if in_flight is not None:
+            self.in_flight.remove(model, engine)
+            if in_flight.count:
+                self._draining[key] = in_flight
+        if self._children.pop((self.client_disconnects, key), None) is not None:
+            self.client_disconnects.remove(model, engine)
+        draining = self._draining.get(key)
+        if draining is not None and draining.count:
+            return False
+        self._draining.pop(key, None)
+        return True
 
     def show_engine_load(self, collector: Collector) -> None:
         """The collector of the engines' own load (engine_load.py), in place of a previous runtime's."""

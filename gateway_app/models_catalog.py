@@ -17,8 +17,8 @@ from typing import Any
 import aiohttp
 import orjson
 
-from gateway_app.adapters import DiscoveredAdapters, listed_adapters
-from gateway_app.balancer import choose
+from gateway_app.adapters import DiscoveredAdapters
+from gateway_app.balancer import available, choose
 from gateway_app.route_table import Engine, RouteTable
 from gateway_app.snapshot import Snapshot
 from gateway_app.upstream import read_capped
@@ -44,6 +44,8 @@ class ModelCatalog:
         self._cached_for: RouteTable | None = None
         self._cards: list[dict[str, Any]] = []
         self._expires_at = 0.0
+        self._collects = 0  # collects started: `refresh` waits for one that started after it was asked
+        self._sglang_warned: set[str] = set()  # engines warned about (SGLang adapters, no `api`)
         # Why each engine's list was last left out; a failure is logged when it starts or changes, and
         # its end once, not on every call (with 1,000 engines, one down, that would be 999 lines a call).
         self._failing: dict[str, str] = {}
@@ -54,32 +56,48 @@ class ModelCatalog:
         if self._cached_for is table and time.monotonic() < self._expires_at:
             return self._cards
         async with self._lock:
+            table = self._snapshot().routes
             if self._cached_for is table and time.monotonic() < self._expires_at:
                 return self._cards
-            cards = await self._collect(table)
-            self._cards, self._cached_for = cards, table
-            self._expires_at = time.monotonic() + table.settings.models_cache_ttl
-            return cards
+            return await self._collect_now(table)
 
     async def refresh(self) -> list[dict[str, Any]]:
-        """Ask the engines now, whatever the cache holds (after an adapter was loaded or unloaded)."""
-        self._expires_at = 0.0
-        return await self.cards()
+        """Ask the engines now, whatever the cache holds (after an adapter was loaded or unloaded): a
+        collect already under way when this is called read the lists before, so another one follows."""
+        asked = self._collects
+        async with self._lock:
+            if self._collects > asked:  # one started after the call: it read the lists after the change
+                return self._cards
+            return await self._collect_now(self._snapshot().routes)
+
+    async def _collect_now(self, table: RouteTable) -> list[dict[str, Any]]:
+        """Collect under the lock, and cache what was collected."""
+        self._collects += 1
+        cards = await self._collect(table)
+        self._cards, self._cached_for = cards, table
+        self._expires_at = time.monotonic() + table.settings.models_cache_ttl
+        return cards
 
     async def _collect(self, table: RouteTable) -> list[dict[str, Any]]:
-        answers = await asyncio.gather(*(self._engine_cards(engine, table) for engine in table.engines))
+        lists = await asyncio.gather(*(self._engine_lists(engine, table) for engine in table.engines))
         settings = table.settings
         if self._discovered is not None and settings.discover_adapters:
-            # An engine that did not answer keeps the adapters it listed last: a missed answer is not an unload.
-            for engine, engine_cards in zip(table.engines, answers, strict=False):
-                if engine.pool.waker is not None and engine.pool.waker.asleep:
-                    continue  # listed from the map, not asked: what it loaded before it slept is kept
-                if not isinstance(engine_cards, str) and not engine.base_url:
-                    found = listed_adapters(engine_cards, engine.model, settings.max_discovered_adapters, engine.name)
-                    self._discovered.update(engine.name, found)
+            for engine, (engine_cards, by_replica) in zip(table.engines, lists, strict=False):
+                if engine.base_url or (engine.pool.waker is not None and engine.pool.waker.asleep):
+                    continue  # asleep: listed from the map, not asked; what it loaded before it slept is kept
+                replicas = [replica.url for replica in engine.pool.replicas]
+                self._discovered.update(
+                    engine.name, engine.model, by_replica, replicas, engine.adapters, table.model_names, settings
+                )
+                self._check_api(engine, engine_cards)
+            # Here, not on a request: the routes of the adapters whose engines' lists changed.
+            table.sync_adapters()
+            current = self._snapshot().routes
+            if current is not table:
+                current.sync_adapters()
         cards: list[dict[str, Any]] = []
         failing: dict[str, str] = {}
-        for engine, engine_cards in zip(table.engines, answers, strict=False):
+        for engine, (engine_cards, by_replica) in zip(table.engines, lists, strict=False):
             if isinstance(engine_cards, str):
                 failing[engine.name] = engine_cards
                 continue
@@ -95,7 +113,12 @@ class ModelCatalog:
                 cards.extend(_card(card, alias, engine.owned_by) for alias in table.aliases_of(engine.model))
             adapters = table.adapters_of(engine)
             if adapters:
-                own = {c.get("id"): c for c in engine_cards if isinstance(c, dict) and c.get("parent") == engine.model}
+                own = {
+                    c.get("id"): c
+                    for listed in (*by_replica.values(), engine_cards)
+                    for c in listed
+                    if isinstance(c, dict) and c.get("parent") == engine.model
+                }
                 adapter_cards = [_adapter_card(own.get(name), name, engine) for name in adapters]
                 if waker is not None:
                     for adapter_card in adapter_cards:
@@ -103,6 +126,24 @@ class ModelCatalog:
                 cards.extend(adapter_cards)
         self._log_changes(failing)
         return cards
+
+    def _check_api(self, engine: Engine, engine_cards: list[Any] | str) -> None:
+        """Warn once about an engine that calls itself SGLang and lists adapters, with no `api: sglang` in
+        the map: it gets bare adapter names, which SGLang runs as the base model."""
+        if engine.api is not None or engine.name in self._sglang_warned or isinstance(engine_cards, str):
+            return
+        card = next((c for c in engine_cards if isinstance(c, dict) and c.get("id") == engine.model), None)
+        if card is None or card.get("owned_by") != "sglang" or self._discovered is None:
+            return
+        listed = self._discovered.of(engine.name, engine.model)
+        if listed is not None and listed.holders:
+            self._sglang_warned.add(engine.name)
+            log.warning(
+                "engine %s says it is SGLang (owned_by: sglang) and lists LoRA adapters, but the routing map "
+                "gives it no `api: sglang`: it gets bare adapter names, which SGLang serves with the base "
+                "model; set `api: sglang` on it",
+                engine.name,
+            )
 
     def _log_changes(self, failing: dict[str, str]) -> None:
         for name, reason in failing.items():
@@ -112,18 +153,32 @@ class ModelCatalog:
             log.info("engine %s lists its models again", name)
         self._failing = failing
 
-    async def _engine_cards(self, engine: Engine, table: RouteTable) -> list[Any] | str:
-        """The engine's own cards, or why there are none; an engine scaled to zero, from the routing map
-        (asking it would find no replica, and must not wake it)."""
+    async def _engine_lists(self, engine: Engine, table: RouteTable) -> tuple[list[Any] | str, dict[str, list[Any]]]:
+        """The engine's own cards, or why there are none; with `discover_adapters`, also every available
+        replica's cards by URL (a replica that restarted, or was added, may lack adapters the others
+        hold). An engine scaled to zero is listed from the routing map (asking it would find no replica,
+        and must not wake it)."""
         if engine.pool.waker is not None and engine.pool.waker.asleep:
-            return [{"id": engine.model, "object": "model", "created": 0, "root": engine.model, "parent": None}]
+            card = {"id": engine.model, "object": "model", "created": 0, "root": engine.model, "parent": None}
+            return [card], {}
+        now = time.monotonic()
+        if table.settings.discover_adapters and not engine.base_url:
+            replicas = available(engine.pool.replicas, now)
+        else:
+            replica = choose(engine.pool, now)
+            replicas = [replica] if replica is not None else []
+        if not replicas:
+            return "no replica", {}
+        answers = await asyncio.gather(*(self._replica_cards(engine, replica.url, table) for replica in replicas))
+        by_replica = {r.url: a for r, a in zip(replicas, answers, strict=True) if not isinstance(a, str)}
+        return next(iter(by_replica.values()), answers[0]), by_replica
+
+    async def _replica_cards(self, engine: Engine, url: str, table: RouteTable) -> list[Any] | str:
+        """One replica's own cards, or why there are none."""
         timeout = aiohttp.ClientTimeout(total=table.settings.models_timeout)
-        replica = choose(engine.pool, time.monotonic())
-        if replica is None:
-            return "no replica"
         try:
             async with self._session.get(
-                replica.url + engine.path_on_engine("/v1/models"),
+                url + engine.path_on_engine("/v1/models"),
                 headers=dict(engine.headers + engine.auth_headers(self._snapshot().engine_auth)),
                 timeout=timeout,
             ) as response:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import bisect
 import time
 from collections.abc import Iterator, Sequence
+from typing import Any
 
 from prometheus_client import CollectorRegistry
 from prometheus_client.metrics_core import CounterMetricFamily, HistogramMetricFamily, Metric
@@ -66,6 +67,14 @@ class _PlainMetric:
     def collect(self) -> Iterator[Metric]:
         raise NotImplementedError
 
+    def remove_where(self, **labels: str) -> None:
+        """Remove every child whose labels include these (`model=..., engine=...`)."""
+        wanted = [(self.labelnames.index(name), value) for name, value in labels.items()]
+        children: dict[tuple[str, ...], object] = self._children
+        for values in [v for v in children if all(v[i] == value for i, value in wanted)]:
+            del children[values]
+
+    _children: dict[tuple[str, ...], Any]
     _type = ""
 
 

@@ -210,7 +210,7 @@ class ProxyEndpoint:
             tracer.end(span, attributes, result.failure)
         first_byte = result.first_byte_at
         if engine.base_model is not None:  # a LoRA adapter
-            runtime.metrics.adapter_request(engine.model, engine.base_model, served.name, result.status).inc()
+            runtime.metrics.adapter_request(engine.metric_model, engine.base_model, served.name, result.status).inc()
         self._log(
             ids,
             started,

@@ -11,14 +11,14 @@ from dataclasses import dataclass, field
 
 import aiohttp
 
-from gateway_app.adapters import DiscoveredAdapters
+from gateway_app.adapters import DiscoveredAdapters, EngineAdapters
 from gateway_app.auth import may_use, may_use_adapter
 from gateway_app.balancer import POWER_OF_TWO, BalancingPolicy, policy_named
 from gateway_app.concurrency import ConcurrencyGate
 from gateway_app.config import EngineSpec, RoutingMap, Settings, Timeouts
 from gateway_app.engine_credentials import Credential, EngineCredentials
 from gateway_app.errors import ModelNotFound
-from gateway_app.replicas import DiscoveryKey, ReplicaPool, ReplicaRegistry, discovery_key
+from gateway_app.replicas import DiscoveryKey, Replica, ReplicaPool, ReplicaRegistry, discovery_key
 
 MAX_NAMES_IN_MESSAGE = 50
 
@@ -53,6 +53,11 @@ class Engine:
     # The `model` the engine gets: the model id, or for an adapter the form its engine understands (SGLang
     # takes `<base>:<adapter>`; vLLM the adapter's name). Default: `model`.
     request_model: str = ""
+    # For an adapter discovered at run time: the URLs of the replicas that list it (None: every replica).
+    holders: frozenset[str] | None = None
+    # The `model` label of its metrics: `model`, or the base model for a discovered adapter past the
+    # engine's budget of labels (adapters.py). Default: `model`.
+    metric_model: str = ""
     # Derived once here rather than on every request.
     client_timeout: aiohttp.ClientTimeout = field(init=False)
     name_header: bytes = field(init=False)
@@ -62,6 +67,8 @@ class Engine:
         object.__setattr__(self, "name_header", self.name.encode())
         if not self.request_model:
             object.__setattr__(self, "request_model", self.model)
+        if not self.metric_model:
+            object.__setattr__(self, "metric_model", self.model)
 
     def auth_headers(self, shared: tuple[tuple[str, str], ...]) -> tuple[tuple[str, str], ...]:
         """The credential this engine gets: its own (`api_key_file`), else the shared engine key, which
@@ -74,10 +81,13 @@ class Engine:
         """Where a client's path is on this engine's replica URL."""
         return path[3:] if self.base_url and path.startswith("/v1/") else path
 
-    def serving_adapter(self, adapter: str) -> Engine:
+    def serving_adapter(
+        self, adapter: str, holders: frozenset[str] | None = None, metric_model: str | None = None
+    ) -> Engine:
         """This engine as it serves one of its adapters: metrics and logs name the adapter; vLLM gets its
         name, SGLang `<base>:<adapter>` (given a bare adapter name, SGLang would run the base model). No
-        fallback: another engine may not hold the adapter."""
+        fallback: another engine may not hold the adapter. `holders`: for a discovered adapter, the
+        replicas that list it."""
         request_model = f"{self.model}:{adapter}" if self.api == "sglang" else adapter
         return dataclasses.replace(
             self,
@@ -87,7 +97,19 @@ class Engine:
             aliases=(),
             adapters=(),
             fallback=None,
+            holders=holders,
+            metric_model=metric_model or adapter,
         )
+
+    def replicas_lacking_adapter(self) -> list[Replica]:
+        """The replicas a request for this discovered adapter must not go to: those that do not list it.
+        None of them, when no replica in service lists it (just after a wake, say): any may answer."""
+        holders = self.holders
+        if holders is None:
+            return []
+        replicas = self.pool.replicas
+        lacking = [replica for replica in replicas if replica.url not in holders]
+        return [] if len(lacking) == len(replicas) else lacking
 
 
 @dataclass(frozen=True, slots=True)
@@ -104,9 +126,12 @@ class ModelRoute:
 class AdapterRoutes:
     """The routes of the LoRA adapters, static and discovered, and what each engine serves."""
 
-    version: int  # of the discovered adapters they were built from
     routes: dict[str, ModelRoute]
     by_engine: dict[str, list[str]]
+
+
+# One engine's adapters as it serves them: (adapter, the engine serving it).
+AdapterViews = list[tuple[str, Engine]]
 
 
 @dataclass(slots=True)
@@ -186,10 +211,15 @@ class RouteTable:
         self._aliases: dict[str, ModelRoute] = {
             alias: self._routes[engine.model] for engine in engines for alias in engine.aliases
         }
-        # Discovered adapters count only with settings.discover_adapters; the routes built from them are
-        # rebuilt when the engines' lists change (a derived cache: the table's meaning never changes).
+        self._model_names = frozenset(self._routes) | frozenset(self._aliases)
+        # Discovered adapters count only with settings.discover_adapters. Their routes are derived from
+        # the engines' lists by `sync_adapters`, which the model catalog calls after reading them (never
+        # a request): only an engine whose list changed has its adapters' views built again.
         self._discovered = discovered if settings.discover_adapters else None
-        self._adapter_routes = self._build_adapter_routes()
+        self._static_views = {e.name: [(name, e.serving_adapter(name)) for name in e.adapters] for e in engines}
+        self._discovered_views: dict[str, tuple[EngineAdapters | None, AdapterViews]] = {}
+        self._adapter_routes = AdapterRoutes({}, {})
+        self.sync_adapters()
 
     @property
     def models(self) -> list[str]:
@@ -212,39 +242,62 @@ class RouteTable:
 
     # LoRA adapters: static ones from the map, and those the engines list (with discover_adapters).
 
-    def _build_adapter_routes(self) -> AdapterRoutes:
+    @property
+    def model_names(self) -> frozenset[str]:
+        """The model ids and aliases: names no adapter may take."""
+        return self._model_names
+
+    def sync_adapters(self) -> None:
+        """Bring the discovered adapters' routes up to date with the engines' lists: views are built
+        again for the engines whose list changed, then all the routes are put together (dict work only)."""
         discovered = self._discovered
+        changed = False
+        for engine in self.engines:
+            listed = None
+            if discovered is not None and not engine.base_url:
+                listed = discovered.of(engine.name, engine.model)
+            cached = self._discovered_views.get(engine.name)
+            if cached is not None and cached[0] is listed:
+                continue
+            views: AdapterViews = []
+            if listed is not None:
+                views = [
+                    (name, engine.serving_adapter(name, holders, listed.labels.get(name)))
+                    for name, holders in listed.holders.items()
+                ]
+            self._discovered_views[engine.name] = (listed, views)
+            changed = True
+        if changed:
+            self._adapter_routes = self._merge_adapter_routes()
+
+    def _merge_adapter_routes(self) -> AdapterRoutes:
         serving: dict[str, list[Engine]] = {}
         base_of: dict[str, str] = {}
         by_engine: dict[str, list[str]] = {}
         # The map's own adapters first (checked on load, they always route), then those the engines list.
-        passes = [(engine, engine.adapters) for engine in self.engines]
-        if discovered is not None:
-            passes += [(engine, discovered.of(engine.name)) for engine in self.engines]
+        passes = [self._static_views[engine.name] for engine in self.engines]
+        passes += [self._discovered_views[engine.name][1] for engine in self.engines]
         taken: set[tuple[str, str]] = set()  # (engine, adapter)
-        for engine, names in passes:
-            served = by_engine.setdefault(engine.name, [])
-            for name in names:
+        for views in passes:
+            for name, view in views:
+                engine_name, base = view.name, view.base_model
+                assert base is not None
                 # A model id or alias of the map wins; an adapter name belongs to one base model.
-                if name in self._routes or name in self._aliases or (engine.name, name) in taken:
+                if name in self._model_names or (engine_name, name) in taken:
                     continue
-                if base_of.setdefault(name, engine.model) != engine.model:
+                if base_of.setdefault(name, base) != base:
                     continue
-                view = engine.serving_adapter(name)
                 group = serving.setdefault(name, [])
-                group.insert(0, view) if engine.default else group.append(view)
-                served.append(name)
-                taken.add((engine.name, name))
+                group.insert(0, view) if view.default else group.append(view)
+                by_engine.setdefault(engine_name, []).append(name)
+                taken.add((engine_name, name))
         routes = {
             name: ModelRoute(name, {e.owned_by: e for e in group}, group[0], base_of[name])
             for name, group in serving.items()
         }
-        return AdapterRoutes(discovered.version if discovered is not None else 0, routes, by_engine)
+        return AdapterRoutes(routes, by_engine)
 
     def adapter_routes(self) -> AdapterRoutes:
-        discovered = self._discovered
-        if discovered is not None and discovered.version != self._adapter_routes.version:
-            self._adapter_routes = self._build_adapter_routes()
         return self._adapter_routes
 
     def adapters_of(self, engine: Engine) -> list[str]:

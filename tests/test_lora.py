@@ -5,14 +5,22 @@ that record what they receive)."""
 
 from __future__ import annotations
 
+import asyncio
 import json
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 
 import openai
 import pytest
 import yaml
+from aiohttp import web
 
+from gateway_app.adapters import DiscoveredAdapters
 from gateway_app.auth import hash_key
 from gateway_app.config import ConfigError, parse_routing_map
+from gateway_app.errors import ModelNotFound
+from gateway_app.route_table import build_routes
+from tests.recording_engine import Received, RecordingEngine
 from tests.routes import write_routing_map
 from tests.support import RunningProcess, free_port
 from tests.web import get, metric_value, post, wait_for
@@ -36,6 +44,11 @@ def key(name: str, secret: str, **extra) -> dict:
 
 def bearer(secret: str) -> dict[str, str]:
     return {"Authorization": f"Bearer {secret}"}
+
+
+def last_sent(engine: RecordingEngine, path: str = CHAT) -> Received:
+    """The last request the engine received on `path` (its /v1/models is polled meanwhile)."""
+    return next(received for received in reversed(engine.received) if received.path == path)
 
 
 def chat(gateway: RunningProcess, model: str, secret: str = KEY_ALL, **extra):
@@ -104,13 +117,13 @@ def test_a_static_adapter_is_forwarded_unchanged(lora_gateway, engines):
     assert answer.status == 200, answer.body
     assert answer.headers["x-gateway-engine"] == "recorded"
     assert recording.received[-1].path == CHAT
-    assert recording.received[-1].body == raw  # byte for byte: the engine gets the adapter's own name
+    assert last_sent(recording).body == raw  # byte for byte: the engine gets the adapter's own name
     # With owned_by (a gateway field, removed) the body is re-encoded, still naming the adapter.
     answer = post(
         lora_gateway.url + CHAT, {"model": "rec-lora", "owned_by": "vllm", "messages": HI}, headers=bearer(KEY_ALL)
     )
     assert answer.status == 200, answer.body
-    assert json.loads(recording.received[-1].body) == {"model": "rec-lora", "messages": HI}
+    assert json.loads(last_sent(recording).body) == {"model": "rec-lora", "messages": HI}
 
 
 def test_adapters_reach_each_engine_in_the_form_it_understands(lora_gateway):
@@ -229,16 +242,21 @@ def test_discovered_adapters_route_while_the_engine_lists_them(processes, tmp_pa
     wait_for(lambda: status("late-lora") == 200, message="the loaded adapter routed")
     shared = post(gateway.url + CHAT, {"model": "shared-lora", "messages": HI})
     assert (shared.status, shared.headers["x-gateway-engine"]) == (200, "o")
-    assert engine.received[-1].body == json.dumps({"model": "late-lora", "messages": HI}).encode()
+    assert last_sent(engine).body == json.dumps({"model": "late-lora", "messages": HI}).encode()
     card = get(gateway.url + "/v1/models/late-lora").json()
     assert (card["parent"], card["root"], card["owned_by"]) == ("m", "/adapters/late", "vllm")
     assert status("foreign-lora") == 404  # its parent is not the engine's model
-    # At most max_discovered_adapters of an engine's list, the first listed.
+    # At most max_discovered_adapters of an engine's list, the first listed; the map's own adapters (which
+    # the engine lists too) do not count. Past the limit, one warning, not one per reading.
     engine.extra_cards = [
-        {"id": name, "object": "model", "parent": "m", "root": f"/adapters/{name}"} for name in ("a1", "a2", "a3")
+        {"id": name, "object": "model", "parent": "m", "root": f"/adapters/{name}"}
+        for name in ("static-lora", "a1", "a2", "a3")
     ]
     wait_for(lambda: status("a2") == 200, message="the new list routed")
-    assert (status("a1"), status("a3"), status("late-lora")) == (200, 404, 404)
+    assert (status("a1"), status("a3"), status("late-lora"), status("static-lora")) == (200, 404, 404, 200)
+    polls = len([r for r in engine.received if r.path == "/v1/models"])
+    wait_for(lambda: len([r for r in engine.received if r.path == "/v1/models"]) >= polls + 3, message="3 readings")
+    assert gateway.log().count("more than 2; the rest are not routed") == 1, gateway.log()
     engine.extra_cards = []
     wait_for(lambda: status("a1") == 404, message="the unloaded adapter gone")
     assert status("static-lora") == 200
@@ -323,6 +341,19 @@ def test_loading_and_unloading_reach_every_replica(admin_gateway):
     assert chat(gateway, "new-lora", KEY_USER).status == 404
 
 
+def test_adapters_loaded_through_the_gateway_follow_the_routing_maps_name_rules(admin_gateway):
+    gateway, replicas, _ = admin_gateway
+    for name in ("a:b", "a*", "has space", BASE):
+        body = {"lora_name": name, "lora_path": "/p", "engine": "pool"}
+        answer = post(gateway.url + "/v1/load_lora_adapter", body, headers=bearer(KEY_ADMIN))
+        assert answer.status == 400, (name, answer.body)
+        assert (answer.json()["error"]["type"], answer.json()["error"]["param"]) == (
+            "invalid_request_error",
+            "lora_name",
+        )
+    assert all(listed_by(replica) == {BASE} for replica in replicas)
+
+
 def test_admin_requests_must_name_one_engine(admin_gateway):
     gateway, _, _ = admin_gateway
     load = gateway.url + "/v1/load_lora_adapter"
@@ -347,6 +378,9 @@ def test_admin_requests_must_name_one_engine(admin_gateway):
         ([{"adapters": ["a"]}, {"model": "n", "adapters": ["a"]}], ["engines[1].adapters", "already an adapter of model 'm'"]),
         ([{"adapters": ["b:c"]}], ["engines[0].adapters", "':'"]),
         ([{"api": "tgi"}], ["engines[0].api"]),
+        ([{"adapters": ["a*"]}], ["engines[0].adapters", "'*'"]),
+        ([{"adapters": ["a b"]}], ["engines[0].adapters", "whitespace"]),
+        ([{"api": "sglang", "model": "qwen2.5:7b", "adapters": ["a"]}], ["engines[0].model", "first ':'"]),
     ],
 )  # fmt: skip
 def test_bad_adapters_in_the_routing_map_are_refused_naming_the_field(engines, words):
@@ -372,3 +406,242 @@ def test_the_vllm_simulator_takes_runtime_updates_from_vllms_variable(processes,
         assert answer.body == b"Success: LoRA adapter 'x' added successfully."
         card = get(sim.url + "/v1/models").json()["data"][1]
         assert (card["id"], card["parent"], card["root"]) == ("x", "m", "/adapters/x")
+
+
+def discovering_gateway(processes, tmp_path, routing: list[dict], keys: list[dict] | None = None, **settings):
+    """A gateway that discovers adapters, reading the engines' lists every 0.2 s unless told otherwise."""
+    settings = {"discover_adapters": True, "models_cache_ttl": 0.2, **settings}
+    config = write_routing_map(tmp_path / "routes.yaml", routing, settings=settings)
+    extra = ["--log-format", "json"]
+    if keys is not None:
+        extra += ["--keys-file", str(keys_file(tmp_path / "keys.yaml", *keys))]
+    return processes.gateway(config, extra_args=extra)
+
+
+def test_a_discovered_adapter_goes_only_to_the_replicas_that_list_it(processes, tmp_path):
+    # Replicas differ after a restart, a scale-up or a load that reached only some of them.
+    runtime = ["--allow-runtime-lora-updating"]
+    replicas = [processes.simulator("vllm", "m", extra_args=runtime) for _ in range(2)]
+    routing = [{"name": "pool", "model": "m", "owned_by": "vllm", "urls": [r.url for r in replicas]}]
+    gateway = discovering_gateway(processes, tmp_path, routing, balancing="round_robin")
+    for replica, name in zip(replicas, ("only-on-0", "only-on-1"), strict=True):
+        assert post(replica.url + "/v1/load_lora_adapter", {"lora_name": name, "lora_path": f"/{name}"}).status == 200
+
+    def status(model: str) -> int:
+        return post(gateway.url + CHAT, {"model": model, "messages": HI, "max_tokens": 1}).status
+
+    wait_for(lambda: status("only-on-0") == 200 and status("only-on-1") == 200, message="both adapters routed")
+    # Round robin would send every other request to the replica without the adapter (a 404 there).
+    assert [status(name) for name in ("only-on-0", "only-on-1") for _ in range(10)] == [200] * 20
+    cards = {card["id"]: card for card in get(gateway.url + "/v1/models").json()["data"]}
+    assert (cards["only-on-0"]["root"], cards["only-on-1"]["root"]) == ("/only-on-0", "/only-on-1")
+
+
+def test_discovered_adapters_have_bounded_metric_series(processes, tmp_path):
+    sim = processes.simulator(
+        "vllm", "m", extra_args=["--allow-runtime-lora-updating", "--lora-modules", "static-lora=/s"]
+    )
+    routing = [{"name": "e", "model": "m", "owned_by": "vllm", "url": sim.url, "adapters": ["static-lora"]}]
+    gateway = discovering_gateway(processes, tmp_path, routing, max_adapter_metric_labels=1)
+
+    def status(model: str) -> int:
+        body = {
+            "model": model,
+            "messages": HI,
+            "max_tokens": 2,
+            "stream": True,
+            "stream_options": {"include_usage": True},
+        }
+        return post(gateway.url + CHAT, body).status
+
+    for name in ("first-lora", "second-lora"):  # one after the other: the first listed takes the one label
+        assert post(sim.url + "/v1/load_lora_adapter", {"lora_name": name, "lora_path": "/x"}).status == 200
+        wait_for(lambda name=name: status(name) == 200, message=f"{name} routed")
+
+    def series(model: str) -> list[str]:
+        text = get(gateway.url + "/metrics").body.decode()
+        return [line for line in text.splitlines() if f'model="{model}"' in line and not line.startswith("#")]
+
+    assert metric_value("\n".join(series("first-lora")), "llm_gateway_requests_total", engine="e") >= 1
+    assert series("second-lora") == []  # past the engine's budget: counted under its base model
+    second = {"model": "m", "base_model": "m", "engine": "e", "status": "200"}
+    assert metric_value("\n".join(series("m")), "llm_gateway_adapter_requests_total", **second) >= 1
+
+    def logged_models() -> set[str]:
+        return {json.loads(line).get("model") for line in gateway.log().splitlines() if line.startswith("{")}
+
+    wait_for(lambda: "second-lora" in logged_models(), message="the log line naming the adapter in full")
+    # Unloaded: its series go (and its label is free again); the map's adapters keep their own name.
+    assert post(sim.url + "/v1/unload_lora_adapter", {"lora_name": "first-lora"}).status == 200
+    # (Watched through /v1/models: a request routed just before the unload would count under it again.)
+    wait_for(lambda: get(gateway.url + "/v1/models/first-lora").status == 404, message="the unloaded adapter gone")
+    assert series("first-lora") == []
+    assert status("static-lora") == 200
+    assert metric_value("\n".join(series("static-lora")), "llm_gateway_requests_total", engine="e") >= 1
+
+
+def test_a_reload_that_changes_an_engines_model_drops_the_adapters_it_listed(processes, tmp_path):
+    engine = processes.recording_engine()
+    engine.models = ["m", "n"]
+    engine.extra_cards = [{"id": "m-lora", "object": "model", "parent": "m", "root": "/m-lora"}]
+    routing = [{"name": "e", "model": "m", "owned_by": "vllm", "url": engine.url}]
+    # Read once at start, then not for a minute: what the table holds after the reload comes from before it.
+    gateway = discovering_gateway(processes, tmp_path, routing, models_cache_ttl=60)
+    wait_for(lambda: post(gateway.url + CHAT, {"model": "m-lora", "messages": HI}).status == 200, message="routed")
+    write_routing_map(
+        tmp_path / "routes.yaml",
+        [{**routing[0], "model": "n"}],
+        settings={"discover_adapters": True, "models_cache_ttl": 60},
+    )
+    wait_for(lambda: post(gateway.url + CHAT, {"model": "n", "messages": HI}).status == 200, message="reloaded")
+    # An adapter of m is not one of n: the engine's new model did not list it.
+    assert post(gateway.url + CHAT, {"model": "m-lora", "messages": HI}).status == 404
+
+
+def test_the_route_table_never_rebuilds_adapter_routes_on_a_request():
+    discovered = DiscoveredAdapters()
+    routing = parse_routing_map(
+        json.dumps(
+            {
+                "settings": {"discover_adapters": True},
+                "engines": [{"name": "e", "model": "m", "owned_by": "vllm", "url": "http://e:8000"}],
+            }
+        )
+    )
+    table = build_routes(routing, discovered=discovered)
+    listed = {"http://e:8000": [{"id": "late-lora", "object": "model", "parent": "m"}]}
+    discovered.update("e", "m", listed, ["http://e:8000"], (), table.model_names, routing.settings)
+    with pytest.raises(ModelNotFound):  # until the catalog, having read the lists, brings the table up to date
+        table.resolve("late-lora", None)
+    table.sync_adapters()
+    assert table.resolve("late-lora", None).engine.base_model == "m"
+
+
+@dataclass
+class HeldListEngine(RecordingEngine):
+    """A stand-in engine whose `/v1/models` reads its list when asked but answers only once `holding` is
+    cleared, and whose load adds the adapter at once: a reading under way while an adapter is loaded."""
+
+    holding: bool = True
+
+    async def _handle(self, request: web.Request) -> web.StreamResponse:
+        if request.path == "/v1/models":
+            self.received.append(Received(request.path, dict(request.headers), b""))
+            cards = [{"id": "m", "object": "model", "owned_by": "vllm"}, *self.extra_cards]
+            while self.holding:
+                await asyncio.sleep(0.01)
+            return web.json_response({"object": "list", "data": cards})
+        if request.path == "/v1/load_lora_adapter":
+            name = (await request.json())["lora_name"]
+            self.extra_cards = [*self.extra_cards, {"id": name, "object": "model", "parent": "m", "root": "/x"}]
+            return web.Response(text="Success")
+        return await super()._handle(request)
+
+
+def test_the_lists_read_after_a_load_are_read_after_it(processes, tmp_path):
+    engine = processes.add(HeldListEngine(models=["m"]).start())
+    routing = [{"name": "e", "model": "m", "owned_by": "vllm", "url": engine.url}]
+    keys = [key("ops", KEY_ADMIN, admin=True)]
+    gateway = discovering_gateway(processes, tmp_path, routing, keys, models_cache_ttl=60, models_timeout=30)
+    # The gateway's first reading is under way, and holds the list from before the load.
+    wait_for(lambda: any(r.path == "/v1/models" for r in engine.received), message="a reading under way")
+    body = {"lora_name": "new-lora", "lora_path": "/x", "engine": "e"}
+    with ThreadPoolExecutor(1) as pool:
+        loading = pool.submit(post, gateway.url + "/v1/load_lora_adapter", body, headers=bearer(KEY_ADMIN))
+        # Logged just before the gateway asks for the lists again (while the old reading still runs).
+        wait_for(lambda: "load on engine e by ops succeeded" in gateway.log(), message="the load done")
+        engine.holding = False
+        assert loading.result().status == 200
+    assert chat(gateway, "new-lora", KEY_ADMIN).status == 200  # the admin was told it loaded: it routes
+
+
+def test_discovered_names_follow_the_routing_maps_rules(processes, tmp_path):
+    engine, other = processes.recording_engine(), processes.recording_engine()
+    engine.models, other.models = ["m"], ["n"]
+    refused = ["n:*", "n:foo", "has space", "n"]  # a grant, SGLang's form of n's adapter, whitespace, a model id
+    engine.extra_cards = [
+        {"id": name, "object": "model", "parent": "m", "root": "/x"} for name in [*refused, "fine-lora"]
+    ]
+    routing = [
+        {"name": "e", "model": "m", "owned_by": "vllm", "url": engine.url},
+        {"name": "f", "model": "n", "owned_by": "sglang", "url": other.url, "api": "sglang", "adapters": ["foo"]},
+    ]
+    keys = [key("all", KEY_ALL), key("whole-n", KEY_WHOLE, models=["n:*"])]
+    gateway = discovering_gateway(processes, tmp_path, routing, keys)
+    wait_for(lambda: chat(gateway, "fine-lora").status == 200, message="the adapter with a fine name routed")
+    # `n:foo` is still n's adapter foo (SGLang's form), not an adapter of m that took its name.
+    answer = chat(gateway, "n:foo")
+    assert (answer.status, answer.headers["x-gateway-engine"]) == (200, "f")
+    assert json.loads(last_sent(other).body)["model"] == "n:foo"
+    # `n:*` grants n and n's adapters: not an adapter of m named so.
+    assert chat(gateway, "n:*", KEY_WHOLE).status == 404
+    polls = len([r for r in engine.received if r.path == "/v1/models"])
+    wait_for(lambda: len([r for r in engine.received if r.path == "/v1/models"]) >= polls + 3, message="3 readings")
+    log = gateway.log()
+    assert log.count("lists an adapter that is not routed") == len(refused), log  # each once
+
+
+def test_an_engine_refusing_the_gateways_credential_is_a_bad_gateway(processes, tmp_path):
+    engine = processes.recording_engine()
+    engine.fail_with, engine.fail_health = 401, False
+    routing = [{"name": "e", "model": "m", "owned_by": "vllm", "url": engine.url}]
+    gateway = discovering_gateway(processes, tmp_path, routing, [key("ops", KEY_ADMIN, admin=True)])
+    body = {"lora_name": "x", "lora_path": "/x", "engine": "e"}
+    answer = post(gateway.url + "/v1/load_lora_adapter", body, headers=bearer(KEY_ADMIN))
+    assert answer.status == 502, answer.body  # not the client's 401: its key was good
+    error = answer.json()["error"]
+    assert (error["type"], error["code"]) == ("upstream_error", "adapter_update_failed")
+    assert f"{engine.url} (401" in error["message"] and "credential" in error["message"]
+
+
+def test_the_sglang_simulator_splits_the_model_at_the_first_colon_as_sglang_does(processes):
+    sim = processes.simulator("sglang", "qwen2.5:7b", extra_args=["--lora-paths", "sql-lora=/adapters/sql"])
+    answer = post(sim.url + CHAT, {"model": "qwen2.5:7b:sql-lora", "messages": HI, "max_tokens": 1})
+    assert answer.status == 404  # SGLang reads base `qwen2.5`, adapter `7b:sql-lora`: neither is there
+
+
+def test_an_sglang_engine_without_api_that_lists_adapters_is_warned_about_once(processes, tmp_path):
+    engine = processes.recording_engine()
+    engine.models = ["unrelated"]
+    engine.extra_cards = [
+        {"id": "m", "object": "model", "owned_by": "sglang"},  # what SGLang's own card says
+        {"id": "sql-lora", "object": "model", "owned_by": "sglang", "parent": "m"},
+    ]
+    routing = [{"name": "sg", "model": "m", "owned_by": "sglang", "url": engine.url}]  # no `api: sglang`
+    gateway = discovering_gateway(processes, tmp_path, routing)
+    wait_for(lambda: "gives it no `api: sglang`" in gateway.log(), message="the warning")
+    polls = len([r for r in engine.received if r.path == "/v1/models"])
+    wait_for(lambda: len([r for r in engine.received if r.path == "/v1/models"]) >= polls + 3, message="3 readings")
+    assert gateway.log().count("gives it no `api: sglang`") == 1
+
+
+def test_an_sglang_model_with_a_colon_cannot_take_adapters_by_discovery_either():
+    engine = {"name": "e", "model": "qwen2.5:7b", "owned_by": "sglang", "url": "http://e:8000", "api": "sglang"}
+    with pytest.raises(ConfigError) as refused:
+        parse_routing_map(json.dumps({"settings": {"discover_adapters": True}, "engines": [engine]}))
+    assert "engines[0].model" in str(refused.value)
+    parse_routing_map(json.dumps({"engines": [engine]}))  # without adapters, it is served as any model
+
+
+def test_a_request_under_way_when_its_adapter_is_unloaded_leaves_no_series(processes, tmp_path):
+    sim = processes.simulator("vllm", "m", itl_ms=100, extra_args=["--allow-runtime-lora-updating"])
+    gateway = discovering_gateway(
+        processes, tmp_path, [{"name": "e", "model": "m", "owned_by": "vllm", "url": sim.url}]
+    )
+    assert post(sim.url + "/v1/load_lora_adapter", {"lora_name": "brief-lora", "lora_path": "/x"}).status == 200
+    wait_for(lambda: get(gateway.url + "/v1/models/brief-lora").status == 200, message="routed")
+
+    def series() -> list[str]:
+        text = get(gateway.url + "/metrics").body.decode()
+        return [line for line in text.splitlines() if 'model="brief-lora"' in line and not line.startswith("#")]
+
+    body = {"model": "brief-lora", "messages": HI, "max_tokens": 30, "stream": True}
+    with ThreadPoolExecutor(1) as pool:
+        streaming = pool.submit(post, gateway.url + CHAT, body)
+        wait_for(
+            lambda: any(line.startswith("llm_gateway_requests_in_flight") for line in series()), message="under way"
+        )
+        assert post(sim.url + "/v1/unload_lora_adapter", {"lora_name": "brief-lora"}).status == 200
+        wait_for(lambda: get(gateway.url + "/v1/models/brief-lora").status == 404, message="unlisted")
+        assert streaming.result().status == 200  # it ends after its series were removed: counted again
+    wait_for(lambda: series() == [], message="its series removed once it ended")

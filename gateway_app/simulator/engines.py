@@ -370,9 +370,10 @@ class Sglang(EngineBehaviour):
         return requested if requested is not None else self.default_model_name
 
     def adapter_requested(self, requested: str, served: str, adapters: dict[str, str]) -> bool:
-        # On its OpenAI routes SGLang takes `<base>:<adapter>`; a bare adapter name is just another
+        # On its OpenAI routes SGLang takes `<base>:<adapter>`, split at the first ':' as SGLang does (a
+        # base model with a ':' in its name cannot name an adapter); a bare adapter name is just another
         # `model` to it (it would run the base model), which the simulator refuses like any foreign one.
-        base, colon, name = requested.rpartition(":")
+        base, colon, name = requested.partition(":")
         return bool(colon) and base == served and name in adapters
 
     lora_update_paths = ("/load_lora_adapter", "/unload_lora_adapter")

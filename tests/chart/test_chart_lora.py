@@ -26,6 +26,7 @@ def lora_values(**extra: Any) -> dict[str, Any]:
             {"name": "s", "engine": "sglang", "model": "meta-llama/Llama-3.1-8B-Instruct", "lora": LORA},
             {"name": "sim", "engine": "simulator", "simulate": "sglang", "model": "m", "lora": SIM_LORA},
             {"name": "plain", "engine": "vllm", "model": "p"},
+            {"name": "plain-sg", "engine": "sglang", "model": "p"},
             {"name": "far", "url": "http://10.0.0.9:8000", "ownedBy": "sglang", "api": "sglang", "model": "f",
              "lora": {"adapters": [{"name": "far-lora"}]}},
         ],
@@ -79,7 +80,10 @@ def test_adapters_and_engine_apis_in_the_routing_map(helm: Helm) -> None:
         "v": (["sql-lora", "support-bot"], "vllm"),
         "s": (["sql-lora", "support-bot"], "sglang"),
         "sim": (["sim-lora"], "sglang"),
-        "plain": (None, None),  # an engine without LoRA is written as before
+        # Engines without `lora` too: adapters loaded at run time (discover_adapters) must reach SGLang as
+        # <base>:<adapter>, which only `api: sglang` makes the gateway send.
+        "plain": (None, "vllm"),
+        "plain-sg": (None, "sglang"),
         "far": (["far-lora"], "sglang"),
     }
     loaded = {spec.name: spec for spec in rendered.load_routing().engines}  # the gateway's own loader
@@ -135,3 +139,60 @@ def test_keys_may_name_adapters_and_whole_base_models(helm: Helm) -> None:
     keys = [{"name": "a", "sha256": "b" * 64, "models": ["not-an-adapter"]}]
     message = helm.template_error(values=lora_values(auth={"enabled": True, "keys": keys}))
     assert 'model "not-an-adapter" is neither a model id nor an alias' in message
+
+
+def test_sglang_without_adapters_sizes_its_lora_memory_from_rank_and_target_modules(helm: Helm) -> None:
+    lora = {"runtimeUpdates": True, "maxLoraRank": 48, "targetModules": ["q_proj", "v_proj"]}
+    values = {"engines": [{"name": "s", "engine": "sglang", "model": "m", "lora": lora}]}
+    rendered = helm.template(values=values)
+    assert_valid(rendered)
+    args = container(rendered, "s")["args"]
+    assert "--enable-lora" in args and "--lora-paths" not in args
+    assert (flags_after(args, "--max-lora-rank"), flags_after(args, "--lora-target-modules")) == (
+        ["48"],
+        ["q_proj", "v_proj"],
+    )
+
+
+@pytest.mark.parametrize(
+    ("engine", "lora", "words"),
+    [
+        # SGLang refuses to start: "you need to specify both --max-lora-rank and --lora-target-modules".
+        ("sglang", {"runtimeUpdates": True}, ['engines[0] "e"', "lora.maxLoraRank and lora.targetModules"]),
+        ("sglang", {"maxLoraRank": 64}, ["lora.maxLoraRank and lora.targetModules"]),
+        ("sglang", {"targetModules": ["all"]}, ["lora.maxLoraRank and lora.targetModules"]),
+        ("vllm", {"targetModules": ["all"]}, ["lora.targetModules is SGLang's"]),
+        ("vllm", {"maxLoraRank": 48}, [SCHEMA_ERROR]),  # vLLM takes 1, 8, 16, 32, 64, 128, 256, 320, 512
+    ],
+)
+def test_lora_values_each_engine_refuses_are_refused(
+    helm: Helm, engine: str, lora: dict[str, Any], words: list[str]
+) -> None:
+    message = helm.template_error(values={"engines": [{"name": "e", "engine": engine, "model": "m", "lora": lora}]})
+    for word in words:
+        assert word in message, message
+
+
+def test_vllm_takes_its_own_ranks(helm: Helm) -> None:
+    values = {"engines": [{"name": "v", "engine": "vllm", "model": "m", "lora": {"maxLoraRank": 320}}]}
+    assert flags_after(container(helm.template(values=values), "v")["args"], "--max-lora-rank") == ["320"]
+
+
+@pytest.mark.parametrize("settings", [{}, {"discover_adapters": True}])
+def test_an_sglang_model_with_a_colon_cannot_take_adapters(helm: Helm, settings: dict[str, Any]) -> None:
+    engine = {"name": "s", "engine": "sglang", "model": "qwen2.5:7b"}
+    if not settings:
+        engine["lora"] = {"adapters": [{"name": "a", "path": "/a"}]}
+    message = helm.template_error(values={"engines": [engine], "gateway": {"settings": settings}})
+    assert "contains ':'" in message and "servedModelName" in message, message
+
+
+def test_with_discovery_keys_still_name_models_of_the_map(helm: Helm) -> None:
+    discovery = {"gateway": {"settings": {"discover_adapters": True}}}
+    fine = ["loaded-later", "meta-llama/Llama-3.1-8B-Instruct:*", "meta-llama/Llama-3.1-8B-Instruct:loaded-later"]
+    keys = [{"name": "a", "sha256": "b" * 64, "models": fine}]
+    helm.template(values=lora_values(auth={"enabled": True, "keys": keys}, **discovery))
+    for wrong in ("no-such-model:*", "no-such-model:some-lora"):
+        keys = [{"name": "a", "sha256": "b" * 64, "models": [wrong]}]
+        message = helm.template_error(values=lora_values(auth={"enabled": True, "keys": keys}, **discovery))
+        assert f'model "{wrong}" is neither a model id nor an alias' in message, message

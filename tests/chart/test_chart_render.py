@@ -389,7 +389,7 @@ def test_routing_map_renders_only_known_keys(renders: dict[str, Rendered]) -> No
     # all-features exercises every key the chart can render
     assert rendered_keys == {"name", "model", "owned_by", "url", "urls", "base_url", "health_path", "api_key_file",
                              "discovery", "default", "aliases", "headers", "timeouts", "fallback",
-                             "concurrency", "balancing", "wake"}  # fmt: skip
+                             "concurrency", "balancing", "wake", "api"}  # fmt: skip
 
 
 def test_routing_map_owned_by_and_served_names(renders: dict[str, Rendered]) -> None:

@@ -40,8 +40,10 @@ Usage: {{- $auth := include "llm-gateway.auth" . | fromJson }}
 {{- $_ := set $keys "count" (len $inline) -}}
 {{- /* The gateway refuses a keys file with a repeated name or key; refuse it here, before any pod. */ -}}
 {{- $known := dict -}}
+{{- $served := dict -}}
 {{- range (include "llm-gateway.engines" $root | fromJson).engines -}}
 {{- $_ := set $known .servedModel true -}}
+{{- $_ := set $served .servedModel true -}}
 {{- range .aliases | default list }}{{ $_ := set $known . true }}{{ end -}}
 {{- $_ := set $known (printf "%s:*" .servedModel) true -}}
 {{- $model := .servedModel -}}
@@ -63,7 +65,11 @@ Usage: {{- $auth := include "llm-gateway.auth" . | fromJson }}
 {{- end -}}
 {{- $_ := set $hashAt $hash $i -}}
 {{- range $k.models | default list -}}
-{{- if and (not (hasKey $known .)) (not $discoverAdapters) -}}
+{{- /* With discovery a bare name may be an adapter loaded later; `<model>:*` and `<model>:<adapter>`
+       still name a model of the map. */ -}}
+{{- $base := "" -}}
+{{- if contains ":" . }}{{ $base = regexReplaceAll ":[^:]*$" . "" }}{{ end -}}
+{{- if and (not (hasKey $known .)) (or (not $discoverAdapters) (and (contains ":" .) (not (hasKey $served $base)))) -}}
 {{- fail (printf "%s: model %q is neither a model id nor an alias of any engine (nor one of their LoRA adapters, nor <model>:*); the key could never use it" $where .) -}}
 {{- end -}}
 {{- end -}}

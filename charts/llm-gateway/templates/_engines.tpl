@@ -88,6 +88,13 @@ Each resolved entry keeps the user's keys and adds:
 {{- $adapterNames = append $adapterNames $adapter.name -}}
 {{- end -}}
 {{- $_ := set $e "adapterNames" $adapterNames -}}
+{{- if and $lora.targetModules (ne $kind "sglang") -}}
+{{- fail (printf "%s: lora.targetModules is SGLang's --lora-target-modules; a %s engine reads the modules from each adapter, remove it" $where $kind) -}}
+{{- end -}}
+{{- /* SGLang sizes its LoRA memory at start: from the adapters listed, else from both of these. */ -}}
+{{- if and (eq $kind "sglang") $e.lora (not $adapterNames) (not (and $lora.maxLoraRank $lora.targetModules)) -}}
+{{- fail (printf "%s: lora: SGLang started without adapters needs both lora.maxLoraRank and lora.targetModules (--max-lora-rank, --lora-target-modules, e.g. [all]) to size its LoRA memory; it refuses to start otherwise" $where) -}}
+{{- end -}}
 {{- if and $e.baseUrl $adapterNames -}}
 {{- fail (printf "%s: lora is not for baseUrl entries: a provider lists its fine-tunes as models, route them as entries of their own" $where) -}}
 {{- end -}}
@@ -128,6 +135,10 @@ Each resolved entry keeps the user's keys and adds:
 {{- /* One (model, owned_by) per engine, one default per model. */ -}}
 {{- $served := $e.servedModelName | default $e.model -}}
 {{- $_ := set $e "servedModel" $served -}}
+{{- $discoverAdapters := (($root.Values.gateway.settings | default dict).discover_adapters) | default false -}}
+{{- if and (eq $e.engineApi "sglang") (contains ":" $served) (or $adapterNames $discoverAdapters) -}}
+{{- fail (printf "%s: model %q contains ':', and SGLang reads <base>:<adapter> up to the first ':', so its LoRA adapters cannot be named; set servedModelName to a name without ':'" $where $served) -}}
+{{- end -}}
 {{- $routeKey := printf "%s\x00%s" $served $e.owns -}}
 {{- if hasKey $routeAt $routeKey -}}
 {{- $other := get $routeAt $routeKey -}}
@@ -248,7 +259,7 @@ Each resolved entry keeps the user's keys and adds:
 {{- if and $instead (or (ne $flag "--engine") (eq $kind "simulator")) -}}
 {{- fail (printf "%s: extraArgs: %s is set by the chart; %s" $where $flag $instead) -}}
 {{- end -}}
-{{- if and $e.lora (has $flag (list "--enable-lora" "--lora-modules" "--lora-paths" "--max-loras" "--max-loras-per-batch" "--max-lora-rank")) -}}
+{{- if and $e.lora (has $flag (list "--enable-lora" "--lora-modules" "--lora-paths" "--max-loras" "--max-loras-per-batch" "--max-lora-rank" "--lora-target-modules")) -}}
 {{- fail (printf "%s: extraArgs: %s is set by the chart from lora; set it there" $where $flag) -}}
 {{- end -}}
 {{- end -}}
@@ -456,9 +467,10 @@ engines:
     {{- with .adapterNames }}
     adapters: {{ toJson . }}
     {{- end }}
-    {{- /* Only where it matters (LoRA), so that other engines' entries stay as they were. */}}
-    {{- if and .engineApi (or .lora .api) }}
-    api: {{ toJson .engineApi }}
+    {{- /* Always for deployed engines: adapters loaded at run time (discover_adapters, or LoRA turned on
+           through extraArgs) must reach SGLang as <base>:<adapter>, which a bare name would not. */}}
+    {{- with .engineApi }}
+    api: {{ toJson . }}
     {{- end }}
     {{- with .headers }}
     headers: {{ toJson . }}
