@@ -19,6 +19,7 @@ from gateway_app.adapters import DiscoveredAdapters
 from gateway_app.auth import hash_key
 from gateway_app.config import ConfigError, parse_routing_map
 from gateway_app.errors import ModelNotFound
+from gateway_app.metrics import GatewayMetrics
 from gateway_app.route_table import build_routes
 from tests.recording_engine import Received, RecordingEngine
 from tests.routes import write_routing_map
@@ -645,3 +646,56 @@ def test_a_request_under_way_when_its_adapter_is_unloaded_leaves_no_series(proce
         wait_for(lambda: get(gateway.url + "/v1/models/brief-lora").status == 404, message="unlisted")
         assert streaming.result().status == 200  # it ends after its series were removed: counted again
     wait_for(lambda: series() == [], message="its series removed once it ended")
+
+
+class CountingDict(dict):
+    """A dict that counts how often it is walked whole (forgetting one adapter must not walk them)."""
+
+    walks = 0
+
+    def __iter__(self):
+        CountingDict.walks += 1
+        return super().__iter__()
+
+    def items(self):
+        CountingDict.walks += 1
+        return super().items()
+
+    def keys(self):
+        CountingDict.walks += 1
+        return super().keys()
+
+    def values(self):
+        CountingDict.walks += 1
+        return super().values()
+
+
+def test_forgetting_an_adapters_series_touches_only_its_own(monkeypatch):
+    # An engine's 100 adapters may go in one reading, among thousands of series: each removal must cost
+    # that adapter's own series, not a walk over every child of every metric.
+    metrics = GatewayMetrics()
+    for engine in ("e0", "e1"):
+        for adapter in ("a", "b"):
+            stats = metrics.route_stats(adapter, engine, CHAT)
+            stats.answered(200).inc()
+            stats.duration(True).observe(0.1)
+            stats.first_byte(True).observe(0.1)
+            prompt, _ = stats.tokens()
+            prompt.inc(3)
+            metrics.time_per_output_token.labels(adapter, engine).observe(0.01)
+            metrics.adapter_request(adapter, "m", engine, 200).inc()
+            metrics.in_flight_of(adapter, engine)
+    for metric in metrics._by_model:
+        monkeypatch.setattr(metric, "_children", CountingDict(metric._children))
+    monkeypatch.setattr(metrics, "_route_stats", CountingDict(metrics._route_stats))
+    monkeypatch.setattr(metrics, "_adapter_requests", CountingDict(metrics._adapter_requests))
+    CountingDict.walks = 0
+    assert metrics.forget_model("a", "e0")
+    assert CountingDict.walks == 0
+    text = metrics.render().decode()
+    assert 'engine="e0",model="a"' not in text and "model=\"a\"" in text and 'engine="e0",model="b"' in text
+    # Counted again afterwards, it is there again.
+    metrics.route_stats("a", "e0", CHAT).answered(200).inc()
+    assert 'llm_gateway_requests_total{endpoint="/v1/chat/completions",engine="e0",model="a",status="200"} 1.0' in (
+        metrics.render().decode()
+    )
