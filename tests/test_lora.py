@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -17,9 +18,11 @@ from aiohttp import web
 
 from gateway_app.adapters import DiscoveredAdapters
 from gateway_app.auth import hash_key
+from gateway_app.balancer import pick_replica
 from gateway_app.config import ConfigError, parse_routing_map
 from gateway_app.errors import ModelNotFound
 from gateway_app.metrics import GatewayMetrics
+from gateway_app.replicas import Replica
 from gateway_app.route_table import build_routes
 from tests.recording_engine import Received, RecordingEngine
 from tests.routes import write_routing_map
@@ -693,9 +696,60 @@ def test_forgetting_an_adapters_series_touches_only_its_own(monkeypatch):
     assert metrics.forget_model("a", "e0")
     assert CountingDict.walks == 0
     text = metrics.render().decode()
-    assert 'engine="e0",model="a"' not in text and "model=\"a\"" in text and 'engine="e0",model="b"' in text
+    assert 'engine="e0",model="a"' not in text and 'model="a"' in text and 'engine="e0",model="b"' in text
     # Counted again afterwards, it is there again.
     metrics.route_stats("a", "e0", CHAT).answered(200).inc()
     assert 'llm_gateway_requests_total{endpoint="/v1/chat/completions",engine="e0",model="a",status="200"} 1.0' in (
         metrics.render().decode()
     )
+
+
+def discovering_table(urls: list[str], static: tuple[str, ...] = (), **settings):
+    """A route table of one engine `e` (model `m`) on these replicas, discovering adapters."""
+    engine = {"name": "e", "model": "m", "owned_by": "vllm", "urls": urls}
+    if static:
+        engine["adapters"] = list(static)
+    routing = parse_routing_map(json.dumps({"settings": {"discover_adapters": True, **settings}, "engines": [engine]}))
+    return routing, build_routes(routing, discovered=DiscoveredAdapters())
+
+
+class ComparedReplica(Replica):
+    """A replica that counts the comparisons made with it (a list's `in` makes one per element)."""
+
+    __slots__ = ()
+    compared = 0
+    __hash__ = Replica.__hash__
+
+    def __eq__(self, other: object) -> bool:
+        ComparedReplica.compared += 1
+        return self is other
+
+
+def test_choosing_a_replica_for_an_adapter_is_linear_in_replicas():
+    # With 256 replicas, one listing the adapter: the others are filtered out by a set of URLs, not
+    # searched for in a list of 255 for each of them (65,000 comparisons a request).
+    urls = [f"http://r{i}:8000" for i in range(256)]
+    routing, table = discovering_table(urls)
+    answers = {url: [] for url in urls} | {urls[7]: [{"id": "x", "parent": "m"}]}
+    table._discovered.update("e", "m", answers, urls, (), table.model_names, routing.settings)
+    table.sync_adapters()
+    view = table.resolve("x", None).engine
+    view.pool.replicas = tuple(ComparedReplica(url) for url in urls)
+    ComparedReplica.compared = 0
+    for _ in range(10):
+        pick = pick_replica(view.pool, time.monotonic(), view.policy, None, None, (), view.holders)
+        assert pick is not None and pick.replica.url == urls[7]
+    assert ComparedReplica.compared == 0
+
+
+def test_after_a_wake_an_adapter_no_replica_in_service_lists_yet_goes_to_any():
+    woken = "http://10.0.0.2:8000"  # the pod that woke; the one that listed the adapter is gone
+    routing, table = discovering_table([woken])
+    # Listed before the sleep (the catalog does not ask an engine while it sleeps, and keeps its lists).
+    listed = {"http://10.0.0.1:8000": [{"id": "x", "parent": "m"}]}
+    table._discovered.update("e", "m", listed, ["http://10.0.0.1:8000"], (), table.model_names, routing.settings)
+    table.sync_adapters()
+    view = table.resolve("x", None).engine
+    assert view.holders == frozenset({"http://10.0.0.1:8000"})
+    pick = pick_replica(view.pool, time.monotonic(), view.policy, None, None, (), view.holders)
+    assert pick is not None and pick.replica.url == woken
