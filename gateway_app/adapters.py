@@ -17,7 +17,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Awaitable, Callable, Collection, Iterable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 from gateway_app.background import PeriodicTask
 from gateway_app.config import Settings, adapter_name_problem
@@ -41,14 +41,23 @@ class EngineAdapters:
     labels: Mapping[str, str]  # adapter → its `model` label in the metrics
 
 
+class AdapterSeries(Protocol):
+    """An adapter's metric series on one engine, by its `model` label (metrics.GatewayMetrics)."""
+
+    def forget_model(self, model: str, engine: str) -> bool:
+        """Remove them; False while a request under the label is still under way (it would count under it
+        again when it ends), so it must be asked again later."""
+
+    def keep_model(self, model: str, engine: str) -> None:
+        """The label is in use again (listed again, or made an adapter of the map): stop removing them."""
+
+
 class DiscoveredAdapters:
     """The adapters each engine's replicas listed when last asked."""
 
-    def __init__(self, forget_series: Callable[[str, str], bool] | None = None) -> None:
+    def __init__(self, series: AdapterSeries | None = None) -> None:
         self._by_engine: dict[str, EngineAdapters] = {}
-        # (model label, engine): removes an adapter's metric series once it is unlisted; False while a
-        # request for it is still under way (which would count under it again when it ends).
-        self._forget_series = forget_series
+        self._series = series  # where an unlisted adapter's metric series are removed
         # Per engine, unlisted adapters whose series are removed again at its next readings, until no
         # request was under way (a request routed just before the unload ends after the first removal).
         self._forgetting: dict[str, set[str]] = {}
@@ -75,12 +84,12 @@ class DiscoveredAdapters:
         engine no longer has is forgotten. The routing map's own adapters (`static`) are not discovered
         (they go to every replica), and names that are model ids or aliases (`reserved`) or break the
         adapter name rules are refused."""
-        self._forget_again(engine)
+        self._forget_again(engine, static)
         previous = self.of(engine, model)
         stale = self._by_engine.get(engine)
         if stale is not None and previous is None:  # listed for the model the engine served before a reload
             del self._by_engine[engine]
-            self._forget(engine, [name for name, label in stale.labels.items() if label == name])
+            self._forget(engine, [name for name, label in stale.labels.items() if label == name], static)
         by_replica: dict[str, tuple[str, ...]] = {}
         for url in replicas:
             if url in answers:
@@ -109,18 +118,26 @@ class DiscoveredAdapters:
         if previous is not None and previous.by_replica == by_replica and previous.holders.keys() == holders.keys():
             return  # nothing changed: the route table keeps what it built
         labels = self._labels(engine, model, holders, old_labels, settings.max_adapter_metric_labels)
-        self._forget(engine, [name for name, label in old_labels.items() if name not in labels and label == name])
+        unlisted = [name for name, label in old_labels.items() if name not in labels and label == name]
+        self._forget(engine, unlisted, static)
         self._forgetting.get(engine, set()).difference_update(name for name, label in labels.items() if label == name)
         frozen = {name: frozenset(urls) for name, urls in holders.items()}
         self._by_engine[engine] = EngineAdapters(model, by_replica, frozen, labels)
 
-    def retain(self, engines: Iterable[tuple[str, str]]) -> None:
-        """Forget the engines a new routing map no longer has, or whose model it changed: `(name, model)`."""
-        kept = dict(engines)
+    def retain(self, engines: Iterable[tuple[str, str, Collection[str]]]) -> None:
+        """Forget the engines a new routing map no longer has, or whose model it changed: `(name, model,
+        the map's adapters of it)`. An adapter the map now lists is no longer a discovered one: it keeps
+        its series (it shares their label), which are not removed."""
+        kept = {name: (model, frozenset(static)) for name, model, static in engines}
         for name, entry in list(self._by_engine.items()):
-            if kept.get(name) != entry.model:
+            model, static = kept.get(name, (None, frozenset()))
+            if model != entry.model:
                 del self._by_engine[name]
-                self._forget(name, [adapter for adapter, label in entry.labels.items() if label == adapter])
+                self._forget(name, [adapter for adapter, label in entry.labels.items() if label == adapter], static)
+            elif static & entry.holders.keys():
+                self._by_engine[name] = _without(entry, static)
+        for name, (_, static) in kept.items():
+            self._keep(name, static)
         self._forgetting = {name: names for name, names in self._forgetting.items() if name in kept}
         self._over_limit &= kept.keys()
         self._warned = {(engine, name) for engine, name in self._warned if engine in kept}
@@ -161,25 +178,45 @@ class DiscoveredAdapters:
             labels[name] = label
         return labels
 
-    def _forget(self, engine: str, names: Iterable[str]) -> None:
+    def _forget(self, engine: str, names: Iterable[str], static: Collection[str]) -> None:
         """Remove the metric series of adapters no longer listed that had a label of their own, now and
-        again at the engine's next readings."""
-        if self._forget_series is None:
+        again at the engine's next readings; never those of the map's adapters (`static`), which share
+        their label."""
+        if self._series is None:
             return
         forgetting = self._forgetting.setdefault(engine, set())
         for name in names:
-            self._forget_series(name, engine)
-            forgetting.add(name)
+            if name not in static:
+                self._series.forget_model(name, engine)
+                forgetting.add(name)
 
-    def _forget_again(self, engine: str) -> None:
+    def _forget_again(self, engine: str, static: Collection[str]) -> None:
         forgetting = self._forgetting.get(engine)
-        if not forgetting or self._forget_series is None:
+        if not forgetting or self._series is None:
             return
+        forgetting.difference_update(static)
         for name in list(forgetting):
-            if self._forget_series(name, engine):  # nothing under way: no request can count under it again
+            if self._series.forget_model(name, engine):  # nothing under way: no request counts under it again
                 forgetting.discard(name)
         if not forgetting:
             del self._forgetting[engine]
+
+    def _keep(self, engine: str, names: Iterable[str]) -> None:
+        """These labels are in use again: their series stay."""
+        forgetting = self._forgetting.get(engine)
+        for name in names:
+            if forgetting is not None and name in forgetting:
+                forgetting.discard(name)
+            if self._series is not None:
+                self._series.keep_model(name, engine)
+
+
+def _without(entry: EngineAdapters, names: frozenset[str]) -> EngineAdapters:
+    """An engine's adapters less these (made adapters of the map by a reload)."""
+    by_replica = {url: tuple(n for n in listed if n not in names) for url, listed in entry.by_replica.items()}
+    holders = {name: urls for name, urls in entry.holders.items() if name not in names}
+    labels = {name: label for name, label in entry.labels.items() if name not in names}
+    return EngineAdapters(entry.model, by_replica, holders, labels)
 
 
 def listed_adapters(cards: list[Any], base_model: str) -> tuple[str, ...]:

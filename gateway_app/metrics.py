@@ -408,6 +408,11 @@ class GatewayMetrics:
         self._draining.pop(key, None)
         return True
 
+    def keep_model(self, model: str, engine: str) -> None:
+        """The label is in use again (its adapter listed again, or made one of the map's): its series are
+        no longer being removed, and requests from before the removal may count under it."""
+        self._draining.pop((model, engine), None)
+
     def show_engine_load(self, collector: Collector) -> None:
         """The collector of the engines' own load (engine_load.py), in place of a previous runtime's."""
         if self._engine_load is not None:

@@ -753,3 +753,40 @@ def test_after_a_wake_an_adapter_no_replica_in_service_lists_yet_goes_to_any():
     assert view.holders == frozenset({"http://10.0.0.1:8000"})
     pick = pick_replica(view.pool, time.monotonic(), view.policy, None, None, (), view.holders)
     assert pick is not None and pick.replica.url == woken
+
+
+def test_an_adapter_a_reload_adds_to_the_map_keeps_its_series():
+    # Discovered first, then listed in the map by the operator: it keeps its label (its name), which its
+    # series share, so unlisting it as a discovered adapter must not remove them, now or at later readings.
+    metrics = GatewayMetrics()
+    discovered = DiscoveredAdapters(metrics)
+    url, cards = "http://e:8000", {"http://e:8000": [{"id": "x", "parent": "m"}]}
+    first = parse_routing_map(
+        json.dumps(
+            {
+                "settings": {"discover_adapters": True},
+                "engines": [{"name": "e", "model": "m", "owned_by": "vllm", "url": url}],
+            }
+        )
+    )
+    table = build_routes(first, discovered=discovered)
+    discovered.update("e", "m", cards, [url], (), table.model_names, first.settings)
+    metrics.route_stats("x", "e", CHAT).answered(200).inc()
+    metrics.in_flight_of("x", "e").count += 1  # a request under way
+    second = parse_routing_map(
+        json.dumps(
+            {
+                "settings": {"discover_adapters": True},
+                "engines": [{"name": "e", "model": "m", "owned_by": "vllm", "url": url, "adapters": ["x"]}],
+            }
+        )
+    )
+    discovered.retain([("e", "m", ("x",))])
+    assert "x" not in discovered.of("e", "m").labels  # no longer a discovered adapter
+    table = build_routes(second, discovered=discovered)
+    view = table.resolve("x", None).engine
+    assert (view.holders, view.metric_model) == (None, "x")  # the map's: every replica, its own label
+    series = 'llm_gateway_requests_total{endpoint="/v1/chat/completions",engine="e",model="x",status="200"} 1.0'
+    for _ in range(3):  # readings
+        discovered.update("e", "m", cards, [url], ("x",), table.model_names, second.settings)
+        assert series in metrics.render().decode()
