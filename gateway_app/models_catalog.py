@@ -81,7 +81,10 @@ class ModelCatalog:
     async def _collect(self, table: RouteTable) -> list[dict[str, Any]]:
         lists = await asyncio.gather(*(self._engine_lists(engine, table) for engine in table.engines))
         settings = table.settings
-        if self._discovered is not None and settings.discover_adapters:
+        # A reload while the lists were read: they are not recorded under the old map's rules (it may have
+        # dropped an engine, or made a listed adapter its own); the next reading, under the new map, will.
+        reloaded = self._snapshot().routes is not table
+        if self._discovered is not None and settings.discover_adapters and not reloaded:
             for engine, (engine_cards, by_replica) in zip(table.engines, lists, strict=False):
                 if engine.base_url or (engine.pool.waker is not None and engine.pool.waker.asleep):
                     continue  # asleep: listed from the map, not asked; what it loaded before it slept is kept
@@ -92,9 +95,6 @@ class ModelCatalog:
                 self._check_api(engine, engine_cards)
             # Here, not on a request: the routes of the adapters whose engines' lists changed.
             table.sync_adapters()
-            current = self._snapshot().routes
-            if current is not table:
-                current.sync_adapters()
         cards: list[dict[str, Any]] = []
         failing: dict[str, str] = {}
         for engine, (engine_cards, by_replica) in zip(table.engines, lists, strict=False):

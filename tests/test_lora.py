@@ -22,8 +22,10 @@ from gateway_app.balancer import pick_replica
 from gateway_app.config import ConfigError, parse_routing_map
 from gateway_app.errors import ModelNotFound
 from gateway_app.metrics import GatewayMetrics
+from gateway_app.models_catalog import ModelCatalog
 from gateway_app.replicas import Replica
 from gateway_app.route_table import build_routes
+from gateway_app.snapshot import Snapshot
 from tests.recording_engine import Received, RecordingEngine
 from tests.routes import write_routing_map
 from tests.support import RunningProcess, free_port
@@ -790,3 +792,28 @@ def test_an_adapter_a_reload_adds_to_the_map_keeps_its_series():
     for _ in range(3):  # readings
         discovered.update("e", "m", cards, [url], ("x",), table.model_names, second.settings)
         assert series in metrics.render().decode()
+
+
+def test_lists_read_across_a_reload_are_not_recorded_under_the_old_map():
+    # The reload makes x an adapter of the map while the lists are read: recorded under the old map's
+    # rules, x would be a discovered adapter again (its series then removed as unlisted).
+    url = "http://e:8000"
+    engine = {"name": "e", "model": "m", "owned_by": "vllm", "url": url}
+    before = parse_routing_map(json.dumps({"settings": {"discover_adapters": True}, "engines": [engine]}))
+    after = parse_routing_map(
+        json.dumps({"settings": {"discover_adapters": True}, "engines": [{**engine, "adapters": ["x"]}]})
+    )
+    discovered = DiscoveredAdapters()
+    current = [Snapshot(build_routes(before, discovered=discovered), None, ())]
+    catalog = ModelCatalog(None, lambda: current[0], discovered)  # type: ignore[arg-type]
+
+    async def engine_lists(engine, table):
+        discovered.retain([("e", "m", ("x",))])
+        current[0] = Snapshot(build_routes(after, discovered=discovered), None, ())  # the reload
+        cards = [{"id": "m", "object": "model"}, {"id": "x", "object": "model", "parent": "m"}]
+        return cards, {url: cards}
+
+    catalog._engine_lists = engine_lists
+    cards = asyncio.run(catalog.cards())
+    assert {card["id"] for card in cards} == {"m"}  # still answered (from the old table)
+    assert discovered.of("e", "m") is None  # nothing recorded: the next reading, under the new map, will
