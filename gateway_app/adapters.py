@@ -15,7 +15,7 @@ series under its name are removed, so what engines load never grows the metrics 
 from __future__ import annotations
 
 import logging
-from collections.abc import Awaitable, Callable, Collection, Iterable, Mapping
+from collections.abc import Awaitable, Callable, Collection, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -90,25 +90,30 @@ class DiscoveredAdapters:
         if stale is not None and previous is None:  # listed for the model the engine served before a reload
             del self._by_engine[engine]
             self._forget(engine, [name for name, label in stale.labels.items() if label == name], static)
+        limit = settings.max_discovered_adapters
+        # Each replica's list is kept up to the limit (what is past it is never routed), and a name the
+        # replicas share is one string: 20 replicas listing 50,000 names keep 100 names, not a million.
+        names: dict[str, str] = {name: name for name in previous.holders} if previous is not None else {}
+        over = False
         by_replica: dict[str, tuple[str, ...]] = {}
         for url in replicas:
             if url in answers:
-                by_replica[url] = self._accepted(engine, listed_adapters(answers[url], model), static, reserved)
+                listed = listed_adapters(answers[url], model)
+                accepted, cut = self._accepted(engine, listed, static, reserved, limit)
+                by_replica[url] = tuple(names.setdefault(name, name) for name in accepted)
+                over = over or cut
             elif previous is not None and url in previous.by_replica:
                 by_replica[url] = previous.by_replica[url]
         holders: dict[str, set[str]] = {}
-        for url, names in by_replica.items():
-            for name in names:
+        for url, listed_by_url in by_replica.items():
+            for name in listed_by_url:
                 holders.setdefault(name, set()).add(url)
-        limit = settings.max_discovered_adapters
-        if len(holders) > limit:
+        if len(holders) > limit or over:
             if engine not in self._over_limit:
                 self._over_limit.add(engine)
                 log.warning(
-                    "engine %s lists %d adapters, more than %d; the rest are not routed "
-                    "(settings.max_discovered_adapters)",
+                    "engine %s lists more than %d adapters; the rest are not routed (settings.max_discovered_adapters)",
                     engine,
-                    len(holders),
                     limit,
                 )
             holders = dict(list(holders.items())[:limit])
@@ -121,7 +126,11 @@ class DiscoveredAdapters:
         unlisted = [name for name, label in old_labels.items() if name not in labels and label == name]
         self._forget(engine, unlisted, static)
         self._forgetting.get(engine, set()).difference_update(name for name, label in labels.items() if label == name)
-        frozen = {name: frozenset(urls) for name, urls in holders.items()}
+        shared: dict[frozenset[str], frozenset[str]] = {}  # most adapters are on the same replicas: one set
+        frozen: dict[str, frozenset[str]] = {}
+        for name, urls in holders.items():
+            held = frozenset(urls)
+            frozen[name] = shared.setdefault(held, held)
         self._by_engine[engine] = EngineAdapters(model, by_replica, frozen, labels)
 
     def retain(self, engines: Iterable[tuple[str, str, Collection[str]]]) -> None:
@@ -143,9 +152,15 @@ class DiscoveredAdapters:
         self._warned = {(engine, name) for engine, name in self._warned if engine in kept}
 
     def _accepted(
-        self, engine: str, names: tuple[str, ...], static: Collection[str], reserved: Collection[str]
-    ) -> tuple[str, ...]:
-        accepted = []
+        self,
+        engine: str,
+        names: Iterable[str],
+        static: Collection[str],
+        reserved: Collection[str],
+        limit: int,
+    ) -> tuple[list[str], bool]:
+        """The names that may route, up to `limit` of them, and whether more were listed."""
+        accepted: list[str] = []
         for name in names:
             if name in static:
                 continue
@@ -153,13 +168,15 @@ class DiscoveredAdapters:
             if problem is None and name in reserved:
                 problem = f"{name!r} is a model id or alias of the routing map"
             if problem is None:
+                if len(accepted) == limit:
+                    return accepted, True
                 accepted.append(name)
             elif (engine, name) not in self._warned:
                 if len(self._warned) >= MAX_WARNED:
                     self._warned.clear()
                 self._warned.add((engine, name))
                 log.warning("engine %s lists an adapter that is not routed: %s", engine, problem)
-        return tuple(accepted)
+        return accepted, False
 
     @staticmethod
     def _labels(engine: str, model: str, names: Iterable[str], old: Mapping[str, str], budget: int) -> dict[str, str]:
@@ -219,16 +236,17 @@ def _without(entry: EngineAdapters, names: frozenset[str]) -> EngineAdapters:
     return EngineAdapters(entry.model, by_replica, holders, labels)
 
 
-def listed_adapters(cards: list[Any], base_model: str) -> tuple[str, ...]:
-    """The adapters among an engine's own cards: those whose `parent` is the model it serves, each once."""
-    found: dict[str, None] = {}
+def listed_adapters(cards: list[Any], base_model: str) -> Iterator[str]:
+    """The adapters among an engine's own cards, as they come: those whose `parent` is the model it
+    serves, each once (read lazily: the reader stops at its limit)."""
+    seen: set[str] = set()
     for card in cards:
         if not isinstance(card, dict) or card.get("parent") != base_model:
             continue
         name = card.get("id")
-        if isinstance(name, str) and name != base_model:
-            found[name] = None
-    return tuple(found)
+        if isinstance(name, str) and name != base_model and name not in seen:
+            seen.add(name)
+            yield name
 
 
 class AdapterWatch(PeriodicTask):

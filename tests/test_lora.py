@@ -22,7 +22,7 @@ from gateway_app.balancer import pick_replica
 from gateway_app.config import ConfigError, parse_routing_map
 from gateway_app.errors import ModelNotFound
 from gateway_app.metrics import GatewayMetrics
-from gateway_app.models_catalog import ModelCatalog
+from gateway_app.models_catalog import MAX_LISTS_AT_ONCE, ModelCatalog
 from gateway_app.replicas import Replica
 from gateway_app.route_table import build_routes
 from gateway_app.snapshot import Snapshot
@@ -262,7 +262,7 @@ def test_discovered_adapters_route_while_the_engine_lists_them(processes, tmp_pa
     assert (status("a1"), status("a3"), status("late-lora"), status("static-lora")) == (200, 404, 404, 200)
     polls = len([r for r in engine.received if r.path == "/v1/models"])
     wait_for(lambda: len([r for r in engine.received if r.path == "/v1/models"]) >= polls + 3, message="3 readings")
-    assert gateway.log().count("more than 2; the rest are not routed") == 1, gateway.log()
+    assert gateway.log().count("more than 2 adapters; the rest are not routed") == 1, gateway.log()
     engine.extra_cards = []
     wait_for(lambda: status("a1") == 404, message="the unloaded adapter gone")
     assert status("static-lora") == 200
@@ -817,3 +817,36 @@ def test_lists_read_across_a_reload_are_not_recorded_under_the_old_map():
     cards = asyncio.run(catalog.cards())
     assert {card["id"] for card in cards} == {"m"}  # still answered (from the old table)
     assert discovered.of("e", "m") is None  # nothing recorded: the next reading, under the new map, will
+
+
+def test_what_replicas_list_past_the_limit_is_not_kept():
+    # 20 replicas each listing 500 adapters, with a limit of 10: 10 names kept per replica, each name one
+    # string, and the adapters on the same replicas share one set of them.
+    urls = [f"http://r{i}:8000" for i in range(20)]
+    routing, table = discovering_table(urls, max_discovered_adapters=10)
+    answers = {url: json.loads(json.dumps([{"id": f"a{i}", "parent": "m"} for i in range(500)])) for url in urls}
+    table._discovered.update("e", "m", answers, urls, (), table.model_names, routing.settings)
+    listed = table._discovered.of("e", "m")
+    assert list(listed.holders) == [f"a{i}" for i in range(10)]
+    assert all(len(names) == 10 for names in listed.by_replica.values())
+    assert len({id(names[3]) for names in listed.by_replica.values()}) == 1
+    assert len({id(urls) for urls in listed.holders.values()}) == 1
+
+
+def test_a_reading_asks_a_bounded_number_of_replicas_at_once():
+    urls = [f"http://r{i}:8000" for i in range(100)]
+    routing, table = discovering_table(urls)
+    catalog = ModelCatalog(None, lambda: Snapshot(table, None, ()), table._discovered)  # type: ignore[arg-type]
+    asking, most = 0, 0
+
+    async def replica_cards(engine, url, table):
+        nonlocal asking, most
+        asking += 1
+        most = max(most, asking)
+        await asyncio.sleep(0.01)
+        asking -= 1
+        return [{"id": "m", "object": "model"}]
+
+    catalog._replica_cards = replica_cards
+    asyncio.run(catalog.cards())
+    assert most == MAX_LISTS_AT_ONCE
