@@ -629,27 +629,49 @@ def test_an_sglang_model_with_a_colon_cannot_take_adapters_by_discovery_either()
     parse_routing_map(json.dumps({"engines": [engine]}))  # without adapters, it is served as any model
 
 
+@dataclass
+class HeldStreamEngine(RecordingEngine):
+    """A stand-in engine whose chat streams send one event, then hold until `holding` is cleared."""
+
+    holding: bool = True
+
+    async def _handle(self, request: web.Request) -> web.StreamResponse:
+        if request.path != CHAT:
+            return await super()._handle(request)
+        self.received.append(Received(request.path, dict(request.headers), await request.read()))
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await response.prepare(request)
+        await response.write(b'data: {"choices":[{"delta":{"content":"a"}}]}\n\n')
+        while self.holding:
+            await asyncio.sleep(0.01)
+        await response.write(b'data: {"choices":[{"delta":{"content":"b"}}]}\n\ndata: [DONE]\n\n')
+        await response.write_eof()
+        return response
+
+
 def test_a_request_under_way_when_its_adapter_is_unloaded_leaves_no_series(processes, tmp_path):
-    sim = processes.simulator("vllm", "m", itl_ms=100, extra_args=["--allow-runtime-lora-updating"])
+    engine = processes.add(HeldStreamEngine(models=["m"]).start())
+    engine.extra_cards = [{"id": "brief-lora", "object": "model", "parent": "m", "root": "/x"}]
     gateway = discovering_gateway(
-        processes, tmp_path, [{"name": "e", "model": "m", "owned_by": "vllm", "url": sim.url}]
+        processes, tmp_path, [{"name": "e", "model": "m", "owned_by": "vllm", "url": engine.url}]
     )
-    assert post(sim.url + "/v1/load_lora_adapter", {"lora_name": "brief-lora", "lora_path": "/x"}).status == 200
     wait_for(lambda: get(gateway.url + "/v1/models/brief-lora").status == 200, message="routed")
 
     def series() -> list[str]:
         text = get(gateway.url + "/metrics").body.decode()
         return [line for line in text.splitlines() if 'model="brief-lora"' in line and not line.startswith("#")]
 
-    body = {"model": "brief-lora", "messages": HI, "max_tokens": 30, "stream": True}
+    body = {"model": "brief-lora", "messages": HI, "stream": True}
     with ThreadPoolExecutor(1) as pool:
         streaming = pool.submit(post, gateway.url + CHAT, body)
         wait_for(
             lambda: any(line.startswith("llm_gateway_requests_in_flight") for line in series()), message="under way"
         )
-        assert post(sim.url + "/v1/unload_lora_adapter", {"lora_name": "brief-lora"}).status == 200
+        engine.extra_cards = []  # unloaded while the request streams
         wait_for(lambda: get(gateway.url + "/v1/models/brief-lora").status == 404, message="unlisted")
-        assert streaming.result().status == 200  # it ends after its series were removed: counted again
+        assert not streaming.done()  # the race under test: it ends after its series were removed
+        engine.holding = False
+        assert streaming.result().status == 200  # counted again under the removed label as it ended
     wait_for(lambda: series() == [], message="its series removed once it ended")
 
 
