@@ -78,11 +78,13 @@ class DiscoveredAdapters:
         static: Collection[str],
         reserved: Collection[str],
         settings: Settings,
+        bases: Mapping[str, str] | None = None,
     ) -> None:
         """Record what the replicas that answered (`answers`, their cards by URL) listed. A replica of
         the engine's that did not answer keeps its last list (a missed answer is not an unload); one the
         engine no longer has is forgotten. The routing map's own adapters (`static`) are not discovered
-        (they go to every replica), and names that are model ids or aliases (`reserved`) or break the
+        (they go to every replica), and names that are model ids or aliases (`reserved`), adapters of
+        another base model in the map (`bases`: the map's adapters → their base model) or break the
         adapter name rules are refused."""
         self._forget_again(engine, static)
         previous = self.of(engine, model)
@@ -99,7 +101,7 @@ class DiscoveredAdapters:
         for url in replicas:
             if url in answers:
                 listed = listed_adapters(answers[url], model)
-                accepted, cut = self._accepted(engine, listed, static, reserved, limit)
+                accepted, cut = self._accepted(engine, model, listed, static, reserved, bases or {}, limit)
                 by_replica[url] = tuple(names.setdefault(name, name) for name in accepted)
                 over = over or cut
             elif previous is not None and url in previous.by_replica:
@@ -154,9 +156,11 @@ class DiscoveredAdapters:
     def _accepted(
         self,
         engine: str,
+        model: str,
         names: Iterable[str],
         static: Collection[str],
         reserved: Collection[str],
+        bases: Mapping[str, str],
         limit: int,
     ) -> tuple[list[str], bool]:
         """The names that may route, up to `limit` of them, and whether more were listed."""
@@ -167,6 +171,8 @@ class DiscoveredAdapters:
             problem = adapter_name_problem(name)
             if problem is None and name in reserved:
                 problem = f"{name!r} is a model id or alias of the routing map"
+            if problem is None and bases.get(name, model) != model:
+                problem = f"{name!r} is an adapter of the routing map's model {bases[name]!r}"
             if problem is None:
                 if len(accepted) == limit:
                     return accepted, True

@@ -94,7 +94,14 @@ class ModelCatalog:
                     continue  # asleep: listed from the map, not asked; what it loaded before it slept is kept
                 replicas = [replica.url for replica in engine.pool.replicas]
                 self._discovered.update(
-                    engine.name, engine.model, by_replica, replicas, engine.adapters, table.model_names, settings
+                    engine.name,
+                    engine.model,
+                    by_replica,
+                    replicas,
+                    engine.adapters,
+                    table.model_names,
+                    settings,
+                    table.adapter_bases,
                 )
                 self._check_api(engine, engine_cards)
             # Here, not on a request: the routes of the adapters whose engines' lists changed.

@@ -203,6 +203,7 @@ class RouteTable:
             alias: self._routes[engine.model] for engine in engines for alias in engine.aliases
         }
         self._model_names = frozenset(self._routes) | frozenset(self._aliases)
+        self._adapter_bases = {name: engine.model for engine in engines for name in engine.adapters}
         # Discovered adapters count only with settings.discover_adapters. Their routes are derived from
         # the engines' lists by `sync_adapters`, which the model catalog calls after reading them (never
         # a request): only an engine whose list changed has its adapters' views built again.
@@ -237,6 +238,11 @@ class RouteTable:
     def model_names(self) -> frozenset[str]:
         """The model ids and aliases: names no adapter may take."""
         return self._model_names
+
+    @property
+    def adapter_bases(self) -> dict[str, str]:
+        """The map's own adapters → the model they run on: an adapter name belongs to one base model."""
+        return self._adapter_bases
 
     def sync_adapters(self) -> None:
         """Bring the discovered adapters' routes up to date with the engines' lists: views are built

@@ -872,3 +872,24 @@ def test_a_reading_asks_a_bounded_number_of_replicas_at_once():
     catalog._replica_cards = replica_cards
     asyncio.run(catalog.cards())
     assert most == MAX_LISTS_AT_ONCE
+
+
+def test_an_adapter_of_another_base_model_in_the_map_is_refused_with_one_warning(caplog):
+    # `shared` is the map's adapter of n: e (model m) listing it does not take it, nor one of its slots.
+    url = "http://e:8000"
+    engines = [
+        {"name": "e", "model": "m", "owned_by": "vllm", "url": url},
+        {"name": "f", "model": "n", "owned_by": "vllm", "url": "http://f:8000", "adapters": ["shared"]},
+    ]
+    settings = {"discover_adapters": True, "max_discovered_adapters": 1}
+    routing = parse_routing_map(json.dumps({"settings": settings, "engines": engines}))
+    discovered = DiscoveredAdapters()
+    table = build_routes(routing, discovered=discovered)
+    listed = {url: [{"id": "shared", "parent": "m"}, {"id": "fine", "parent": "m"}]}
+    for _ in range(3):  # readings
+        discovered.update("e", "m", listed, [url], (), table.model_names, routing.settings, table.adapter_bases)
+    assert list(discovered.of("e", "m").holders) == ["fine"]
+    warnings = [r.getMessage() for r in caplog.records if "lists an adapter that is not routed" in r.getMessage()]
+    assert warnings == [
+        "engine e lists an adapter that is not routed: 'shared' is an adapter of the routing map's model 'n'"
+    ]
