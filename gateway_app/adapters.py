@@ -28,6 +28,9 @@ log = logging.getLogger("llm_gateway.adapters")
 MIN_INTERVAL = 1.0
 # Names already warned about (refused, or past the limit) are remembered up to this many, then forgotten.
 MAX_WARNED = 10_000
+# An unlisted adapter's series are removed again at this many readings after the first with nothing under
+# way: a request that chose it just before is still being admitted (its series come back when it ends).
+GRACE_READINGS = 2
 
 
 @dataclass(frozen=True, slots=True)
@@ -58,9 +61,10 @@ class DiscoveredAdapters:
     def __init__(self, series: AdapterSeries | None = None) -> None:
         self._by_engine: dict[str, EngineAdapters] = {}
         self._series = series  # where an unlisted adapter's metric series are removed
-        # Per engine, unlisted adapters whose series are removed again at its next readings, until no
-        # request was under way (a request routed just before the unload ends after the first removal).
-        self._forgetting: dict[str, set[str]] = {}
+        # Per engine, unlisted adapters whose series are removed again at its next readings (a request
+        # routed just before the unload ends after the first removal): each with the readings left once
+        # nothing is under way under it (GRACE_READINGS).
+        self._forgetting: dict[str, dict[str, int]] = {}
         self._over_limit: set[str] = set()  # engines whose lists are past max_discovered_adapters (warned)
         self._warned: set[tuple[str, str]] = set()  # (engine, name) refused and warned about
 
@@ -127,7 +131,8 @@ class DiscoveredAdapters:
         labels = self._labels(engine, model, holders, old_labels, settings.max_adapter_metric_labels)
         unlisted = [name for name, label in old_labels.items() if name not in labels and label == name]
         self._forget(engine, unlisted, static)
-        self._forgetting.get(engine, set()).difference_update(name for name, label in labels.items() if label == name)
+        if engine in self._forgetting:  # listed again with its own label: its series are its own again
+            self._keep(engine, [name for name, label in labels.items() if label == name])
         shared: dict[frozenset[str], frozenset[str]] = {}  # most adapters are on the same replicas: one set
         frozen: dict[str, frozenset[str]] = {}
         for name, urls in holders.items():
@@ -207,30 +212,33 @@ class DiscoveredAdapters:
         their label."""
         if self._series is None:
             return
-        forgetting = self._forgetting.setdefault(engine, set())
+        forgetting = self._forgetting.setdefault(engine, {})
         for name in names:
             if name not in static:
                 self._series.forget_model(name, engine)
-                forgetting.add(name)
+                forgetting[name] = GRACE_READINGS
 
     def _forget_again(self, engine: str, static: Collection[str]) -> None:
         forgetting = self._forgetting.get(engine)
         if not forgetting or self._series is None:
             return
-        forgetting.difference_update(static)
         for name in list(forgetting):
-            if self._series.forget_model(name, engine):  # nothing under way: no request counts under it again
-                forgetting.discard(name)
+            if name in static:
+                del forgetting[name]
+            elif not self._series.forget_model(name, engine):
+                forgetting[name] = GRACE_READINGS  # under way: it counts under the label again when it ends
+            elif forgetting[name] > 1:
+                forgetting[name] -= 1
+            else:
+                del forgetting[name]
         if not forgetting:
             del self._forgetting[engine]
 
     def _keep(self, engine: str, names: Iterable[str]) -> None:
-        """These labels are in use again: their series stay."""
-        forgetting = self._forgetting.get(engine)
+        """These labels are in use again (listed again, or made adapters of the map): their series stay."""
+        forgetting = self._forgetting.get(engine, {})
         for name in names:
-            if forgetting is not None and name in forgetting:
-                forgetting.discard(name)
-            if self._series is not None:
+            if forgetting.pop(name, None) is not None and self._series is not None:
                 self._series.keep_model(name, engine)
 
 

@@ -109,7 +109,7 @@ class GatewayMetrics:
         self._children: dict[tuple[MetricWrapperBase, tuple[str, ...]], Any] = {}
         self._in_flight: dict[tuple[str, str], InFlight] = {}
         # Counts of labels removed (forget_model) while requests under them were still being forwarded.
-        self._draining: dict[tuple[str, str], InFlight] = {}
+        self._draining: dict[tuple[str, str], list[InFlight]] = {}
         # By (model, engine), then path (or base model and status): one adapter's are dropped at once.
         self._route_stats: dict[tuple[str, str], dict[str, RouteStats]] = {}
         self._client_requests: dict[tuple[str, int], CounterChild] = {}
@@ -398,14 +398,14 @@ class GatewayMetrics:
         in_flight = self._in_flight.pop(key, None)
         if in_flight is not None:
             self.in_flight.remove(model, engine)
-            if in_flight.count:
-                self._draining[key] = in_flight
+            if in_flight.count:  # beside those of an earlier removal, which may still be under way
+                self._draining.setdefault(key, []).append(in_flight)
         if self._children.pop((self.client_disconnects, key), None) is not None:
             self.client_disconnects.remove(model, engine)
-        draining = self._draining.get(key)
-        if draining is not None and draining.count:
+        draining = [count for count in self._draining.pop(key, ()) if count.count]
+        if draining:
+            self._draining[key] = draining
             return False
-        self._draining.pop(key, None)
         return True
 
     def keep_model(self, model: str, engine: str) -> None:

@@ -893,3 +893,56 @@ def test_an_adapter_of_another_base_model_in_the_map_is_refused_with_one_warning
     assert warnings == [
         "engine e lists an adapter that is not routed: 'shared' is an adapter of the routing map's model 'n'"
     ]
+
+
+def forgetting_engine(metrics: GatewayMetrics):
+    """Discovered adapters of engine `e` (model `m`) whose series are `metrics`', and a reading of it."""
+    url = "http://e:8000"
+    routing, table = discovering_table([url])
+    discovered = DiscoveredAdapters(metrics)
+
+    def reading(*names: str) -> None:
+        listed = {url: [{"id": name, "parent": "m"} for name in names]}
+        discovered.update("e", "m", listed, [url], (), table.model_names, routing.settings)
+
+    return discovered, reading
+
+
+def test_a_request_admitted_as_its_adapter_is_unlisted_leaves_no_series():
+    metrics = GatewayMetrics()
+    _, reading = forgetting_engine(metrics)
+    reading("x")
+    metrics.route_stats("x", "e", CHAT).answered(200).inc()
+    reading()  # unlisted, nothing under way: removed
+    reading()  # and again
+    # A request that chose x before the unlisting was still being admitted (queued, say): it ends now.
+    metrics.route_stats("x", "e", CHAT).answered(200).inc()
+    reading()
+    assert 'model="x"' not in metrics.render().decode()
+
+
+def test_requests_left_from_two_removals_of_one_label_are_both_waited_for():
+    metrics = GatewayMetrics()
+    first = metrics.in_flight_of("x", "e")
+    first.count += 1
+    assert not metrics.forget_model("x", "e")
+    second = metrics.in_flight_of("x", "e")  # listed again, chosen again, unlisted again
+    second.count += 1
+    assert not metrics.forget_model("x", "e")
+    second.count -= 1
+    assert not metrics.forget_model("x", "e")  # the first is still under way
+    first.count -= 1
+    assert metrics.forget_model("x", "e")
+
+
+def test_an_adapter_listed_again_while_its_requests_drain_is_not_removed_any_more():
+    metrics = GatewayMetrics()
+    discovered, reading = forgetting_engine(metrics)
+    reading("x")
+    metrics.in_flight_of("x", "e").count += 1
+    reading()  # unlisted while a request is under way
+    reading("x")  # listed again: its label is its own again
+    assert ("x", "e") not in metrics._draining
+    metrics.route_stats("x", "e", CHAT).answered(200).inc()
+    reading("x")
+    assert 'model="x"' in metrics.render().decode()
