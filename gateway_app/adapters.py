@@ -126,11 +126,19 @@ class DiscoveredAdapters:
         else:
             self._over_limit.discard(engine)
         old_labels = previous.labels if previous is not None else {}
-        if previous is not None and previous.by_replica == by_replica and previous.holders.keys() == holders.keys():
+        budget = settings.max_adapter_metric_labels
+        own = sum(1 for name, label in old_labels.items() if label == name)
+        if (
+            previous is not None
+            and previous.by_replica == by_replica
+            and previous.holders.keys() == holders.keys()
+            and own <= budget  # else a reload lowered the budget: the labels past it go
+        ):
             return  # nothing changed: the route table keeps what it built
-        labels = self._labels(engine, model, holders, old_labels, settings.max_adapter_metric_labels)
-        unlisted = [name for name, label in old_labels.items() if name not in labels and label == name]
-        self._forget(engine, unlisted, static)
+        labels = self._labels(model, holders, old_labels, budget)
+        # Unlisted, or past a lowered budget: its series under its own name go.
+        lost = [name for name, label in old_labels.items() if label == name and labels.get(name) != name]
+        self._forget(engine, lost, static)
         if engine in self._forgetting:  # listed again with its own label: its series are its own again
             self._keep(engine, [name for name, label in labels.items() if label == name])
         shared: dict[frozenset[str], frozenset[str]] = {}  # most adapters are on the same replicas: one set
@@ -190,15 +198,22 @@ class DiscoveredAdapters:
         return accepted, False
 
     @staticmethod
-    def _labels(engine: str, model: str, names: Iterable[str], old: Mapping[str, str], budget: int) -> dict[str, str]:
+    def _labels(model: str, names: Iterable[str], old: Mapping[str, str], budget: int) -> dict[str, str]:
         """Each adapter's `model` label: the one it had, else its own name while fewer than `budget` of the
-        engine's adapters have theirs, else the base model."""
+        engine's adapters have theirs, else the base model. Past a budget a reload lowered, the last ones
+        with their own name are counted under the base model."""
         names = list(names)
-        own = sum(1 for name in names if old.get(name) == name)
+        kept: set[str] = set()
+        for name in names:
+            if old.get(name) == name and len(kept) < budget:
+                kept.add(name)
+        own = len(kept)
         labels: dict[str, str] = {}
         for name in names:
             label = old.get(name)
-            if label is None:
+            if label == name and name not in kept:
+                label = model
+            elif label is None:
                 if own < budget:
                     label, own = name, own + 1
                 else:

@@ -946,3 +946,20 @@ def test_an_adapter_listed_again_while_its_requests_drain_is_not_removed_any_mor
     metrics.route_stats("x", "e", CHAT).answered(200).inc()
     reading("x")
     assert 'model="x"' in metrics.render().decode()
+
+
+def test_a_reload_lowering_the_label_budget_applies_to_the_labels_already_given():
+    metrics = GatewayMetrics()
+    discovered = DiscoveredAdapters(metrics)
+    url = "http://e:8000"
+    listed = {url: [{"id": f"a{i}", "parent": "m"} for i in range(5)]}
+    routing, table = discovering_table([url])
+    discovered.update("e", "m", listed, [url], (), table.model_names, routing.settings)
+    for i in range(5):
+        metrics.route_stats(f"a{i}", "e", CHAT).answered(200).inc()
+    lower, table = discovering_table([url], max_adapter_metric_labels=2)
+    discovered.retain([("e", "m", ())])
+    discovered.update("e", "m", listed, [url], (), table.model_names, lower.settings)  # the same lists
+    assert discovered.of("e", "m").labels == {"a0": "a0", "a1": "a1", "a2": "m", "a3": "m", "a4": "m"}
+    text = metrics.render().decode()
+    assert 'model="a1"' in text and 'model="a2"' not in text and 'model="a4"' not in text
