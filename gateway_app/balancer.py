@@ -24,7 +24,20 @@ from gateway_app.prefix import Blocks, PrefixTable
 from gateway_app.replicas import Replica, ReplicaPool
 
 
-def available(replicas: Sequence[Replica], now: float, exclude: Sequence[Replica] = ()) -> list[Replica]:
+def holding(replicas: Sequence[Replica], holders: frozenset[str]) -> Sequence[Replica]:
+    """The replicas that list a discovered adapter (by URL); all of them when none in service does (just
+    after a wake, say): any may answer then."""
+    listing = [r for r in replicas if r.url in holders]
+    return listing or replicas
+
+
+def available(
+    replicas: Sequence[Replica], now: float, exclude: Sequence[Replica] = (), holders: frozenset[str] | None = None
+) -> list[Replica]:
+    """Healthy, not ejected, not in `exclude` (the few already tried) and, for a discovered adapter,
+    listing it (`holders`)."""
+    if holders is not None:
+        replicas = holding(replicas, holders)
     candidates = [r for r in replicas if r.available(now) and r not in exclude]
     if candidates:
         return candidates
@@ -160,9 +173,11 @@ def pick_replica(
     affinity_key: str | None = None,
     prefix: Blocks | None = None,
     exclude: Sequence[Replica] = (),
+    holders: frozenset[str] | None = None,
 ) -> Pick | None:
-    """Filter, then pick: by affinity when the request has a key, else by the engine's policy."""
-    candidates = available(pool.replicas, now, exclude)
+    """Filter, then pick: by affinity when the request has a key, else by the engine's policy. `holders`:
+    for a discovered adapter, the URLs of the replicas that list it."""
+    candidates = available(pool.replicas, now, exclude, holders)
     if not candidates:
         return None
     if affinity_key:

@@ -300,9 +300,9 @@ class Exchange:
     def _choose(self, tried: list[Replica]) -> Replica | None:
         request, engine = self.request, self.engine
         policy = engine.policy
-        # A discovered adapter goes only to the replicas that list it (route_table.py).
-        exclude = tried if engine.holders is None else [*tried, *engine.replicas_lacking_adapter()]
-        pick = pick_replica(engine.pool, time.monotonic(), policy, request.affinity_key, request.prefix, exclude)
+        # A discovered adapter goes only to the replicas that list it, its `holders` (route_table.py).
+        now = time.monotonic()
+        pick = pick_replica(engine.pool, now, policy, request.affinity_key, request.prefix, tried, engine.holders)
         if pick is None:
             return None
         self.forwarder.metrics.balancing_decision(engine.name, policy.name, pick.decision).inc()

@@ -109,10 +109,11 @@ class GatewayMetrics:
         self._children: dict[tuple[MetricWrapperBase, tuple[str, ...]], Any] = {}
         self._in_flight: dict[tuple[str, str], InFlight] = {}
         # Counts of labels removed (forget_model) while requests under them were still being forwarded.
-        self._draining: dict[tuple[str, str], InFlight] = {}
-        self._route_stats: dict[tuple[str, str, str], RouteStats] = {}
+        self._draining: dict[tuple[str, str], list[InFlight]] = {}
+        # By (model, engine), then path (or base model and status): one adapter's are dropped at once.
+        self._route_stats: dict[tuple[str, str], dict[str, RouteStats]] = {}
         self._client_requests: dict[tuple[str, int], CounterChild] = {}
-        self._adapter_requests: dict[tuple[str, str, str, int], CounterChild] = {}
+        self._adapter_requests: dict[tuple[str, str], dict[tuple[str, int], CounterChild]] = {}
         self._engine_load: Collector | None = None
         ProcessCollector(registry=self.registry)
         PlatformCollector(registry=self.registry)
@@ -335,6 +336,16 @@ class GatewayMetrics:
             "Engines with `wake` that have no ready replica now (asleep, or waking).",
             registry=self.registry,
         )
+        # The plain metrics labelled by model and engine: what `forget_model` removes from.
+        self._by_model = (
+            self.requests,
+            self.duration,
+            self.first_byte,
+            self.time_per_output_token,
+            self.prompt_tokens,
+            self.completion_tokens,
+            self.adapter_requests,
+        )
         for result in ("success", "failure"):
             self.config_reloads.labels("routing_map", result)
         for reason in CONNECTION_CLOSE_REASONS:  # zero from the start, so that rates and alerts see them
@@ -363,36 +374,44 @@ class GatewayMetrics:
 
     def adapter_request(self, model: str, base_model: str, engine: str, status: int) -> CounterChild:
         """The `llm_gateway_adapter_requests_total` child of an adapter request's answer."""
-        key = (model, base_model, engine, status)
-        child = self._adapter_requests.get(key)
+        by_status = self._adapter_requests.get((model, engine))
+        if by_status is None:
+            by_status = self._adapter_requests[(model, engine)] = {}
+        child = by_status.get((base_model, status))
         if child is None:
-            child = self._adapter_requests[key] = self.adapter_requests.labels(model, base_model, engine, str(status))
+            child = by_status[(base_model, status)] = self.adapter_requests.labels(
+                model, base_model, engine, str(status)
+            )
         return child
 
     def forget_model(self, model: str, engine: str) -> bool:
         """Remove every series of one `model` label on one engine: a LoRA adapter discovered at run time
         that its engine no longer lists (adapters.py), so that adapters loaded and unloaded over time do
         not pile up series. False when requests under it are still being forwarded: they count under it
-        again when they end, so it must be asked again later."""
-        for metric in (self.requests, self.duration, self.first_byte, self.time_per_output_token):
-            metric.remove_where(model=model, engine=engine)
-        for metric in (self.prompt_tokens, self.completion_tokens, self.adapter_requests):
-            metric.remove_where(model=model, engine=engine)
-        self._route_stats = {k: v for k, v in self._route_stats.items() if k[:2] != (model, engine)}
-        self._adapter_requests = {k: v for k, v in self._adapter_requests.items() if (k[0], k[2]) != (model, engine)}
+        again when they end, so it must be asked again later. Its work is that label's own series (an
+        index per metric), never every series: an engine's 100 adapters may go at once."""
         key = (model, engine)
+        for metric in self._by_model:
+            metric.remove_model(model, engine)
+        self._route_stats.pop(key, None)
+        self._adapter_requests.pop(key, None)
         in_flight = self._in_flight.pop(key, None)
         if in_flight is not None:
             self.in_flight.remove(model, engine)
-            if in_flight.count:
-                self._draining[key] = in_flight
+            if in_flight.count:  # beside those of an earlier removal, which may still be under way
+                self._draining.setdefault(key, []).append(in_flight)
         if self._children.pop((self.client_disconnects, key), None) is not None:
             self.client_disconnects.remove(model, engine)
-        draining = self._draining.get(key)
-        if draining is not None and draining.count:
+        draining = [count for count in self._draining.pop(key, ()) if count.count]
+        if draining:
+            self._draining[key] = draining
             return False
-        self._draining.pop(key, None)
         return True
+
+    def keep_model(self, model: str, engine: str) -> None:
+        """The label is in use again (its adapter listed again, or made one of the map's): its series are
+        no longer being removed, and requests from before the removal may count under it."""
+        self._draining.pop((model, engine), None)
 
     def show_engine_load(self, collector: Collector) -> None:
         """The collector of the engines' own load (engine_load.py), in place of a previous runtime's."""
@@ -405,10 +424,12 @@ class GatewayMetrics:
         return self.balancing_decisions.labels(engine, policy, decision)
 
     def route_stats(self, model: str, engine: str, path: str) -> RouteStats:
-        key = (model, engine, path)
-        stats = self._route_stats.get(key)
+        by_path = self._route_stats.get((model, engine))
+        if by_path is None:
+            by_path = self._route_stats[(model, engine)] = {}
+        stats = by_path.get(path)
         if stats is None:
-            stats = self._route_stats[key] = RouteStats(self, model, engine, path)
+            stats = by_path[path] = RouteStats(self, model, engine, path)
         return stats
 
     def in_flight_of(self, model: str, engine: str) -> InFlight:

@@ -28,6 +28,9 @@ log = logging.getLogger("llm_gateway.models")
 
 # An engine's model list is read up to this size (thousands of LoRA adapters fit); past it, left out.
 MAX_LIST_BYTES = 8 * 1024 * 1024
+# Replicas asked at once in one reading (each answer up to MAX_LIST_BYTES, parsed whole): with discovered
+# adapters every replica of every engine is asked, and 1,000 of them at once would be gigabytes.
+MAX_LISTS_AT_ONCE = 32
 
 
 class ModelCatalog:
@@ -49,6 +52,7 @@ class ModelCatalog:
         # Why each engine's list was last left out; a failure is logged when it starts or changes, and
         # its end once, not on every call (with 1,000 engines, one down, that would be 999 lines a call).
         self._failing: dict[str, str] = {}
+        self._asking = asyncio.Semaphore(MAX_LISTS_AT_ONCE)
 
     async def cards(self) -> list[dict[str, Any]]:
         """The current list, fetched at most once per TTL however many clients ask at once."""
@@ -81,20 +85,27 @@ class ModelCatalog:
     async def _collect(self, table: RouteTable) -> list[dict[str, Any]]:
         lists = await asyncio.gather(*(self._engine_lists(engine, table) for engine in table.engines))
         settings = table.settings
-        if self._discovered is not None and settings.discover_adapters:
+        # A reload while the lists were read: they are not recorded under the old map's rules (it may have
+        # dropped an engine, or made a listed adapter its own); the next reading, under the new map, will.
+        reloaded = self._snapshot().routes is not table
+        if self._discovered is not None and settings.discover_adapters and not reloaded:
             for engine, (engine_cards, by_replica) in zip(table.engines, lists, strict=False):
                 if engine.base_url or (engine.pool.waker is not None and engine.pool.waker.asleep):
                     continue  # asleep: listed from the map, not asked; what it loaded before it slept is kept
                 replicas = [replica.url for replica in engine.pool.replicas]
                 self._discovered.update(
-                    engine.name, engine.model, by_replica, replicas, engine.adapters, table.model_names, settings
+                    engine.name,
+                    engine.model,
+                    by_replica,
+                    replicas,
+                    engine.adapters,
+                    table.model_names,
+                    settings,
+                    table.adapter_bases,
                 )
                 self._check_api(engine, engine_cards)
             # Here, not on a request: the routes of the adapters whose engines' lists changed.
             table.sync_adapters()
-            current = self._snapshot().routes
-            if current is not table:
-                current.sync_adapters()
         cards: list[dict[str, Any]] = []
         failing: dict[str, str] = {}
         for engine, (engine_cards, by_replica) in zip(table.engines, lists, strict=False):
@@ -169,9 +180,13 @@ class ModelCatalog:
             replicas = [replica] if replica is not None else []
         if not replicas:
             return "no replica", {}
-        answers = await asyncio.gather(*(self._replica_cards(engine, replica.url, table) for replica in replicas))
+        answers = await asyncio.gather(*(self._bounded_cards(engine, replica.url, table) for replica in replicas))
         by_replica = {r.url: a for r, a in zip(replicas, answers, strict=True) if not isinstance(a, str)}
         return next(iter(by_replica.values()), answers[0]), by_replica
+
+    async def _bounded_cards(self, engine: Engine, url: str, table: RouteTable) -> list[Any] | str:
+        async with self._asking:
+            return await self._replica_cards(engine, url, table)
 
     async def _replica_cards(self, engine: Engine, url: str, table: RouteTable) -> list[Any] | str:
         """One replica's own cards, or why there are none."""

@@ -52,12 +52,20 @@ class HistogramChild:
 
 
 class _PlainMetric:
-    """What a counter and a histogram share: a name, help, label names, and children by label values."""
+    """What a counter and a histogram share: a name, help, label names, and children by label values.
+
+    A metric with `model` and `engine` labels also keeps its children's label values by (model, engine),
+    so that removing one adapter's series (`remove_model`) touches those only, never every child."""
 
     def __init__(self, name: str, documentation: str, labelnames: Sequence[str], registry: CollectorRegistry) -> None:
         self.name = name
         self.documentation = documentation
         self.labelnames = tuple(labelnames)
+        names = self.labelnames
+        self._model_engine = (
+            (names.index("model"), names.index("engine")) if {"model", "engine"} <= set(names) else None
+        )
+        self._by_model_engine: dict[tuple[str, str], list[tuple[str, ...]]] = {}
         registry.register(self)  # a Collector by its shape: collect() and describe()
 
     def describe(self) -> list[Metric]:
@@ -67,12 +75,17 @@ class _PlainMetric:
     def collect(self) -> Iterator[Metric]:
         raise NotImplementedError
 
-    def remove_where(self, **labels: str) -> None:
-        """Remove every child whose labels include these (`model=..., engine=...`)."""
-        wanted = [(self.labelnames.index(name), value) for name, value in labels.items()]
+    def _added(self, values: tuple[str, ...]) -> None:
+        """Index a new child (once per label set, never on the hot path's later uses)."""
+        if self._model_engine is not None:
+            model, engine = self._model_engine
+            self._by_model_engine.setdefault((values[model], values[engine]), []).append(values)
+
+    def remove_model(self, model: str, engine: str) -> None:
+        """Remove every child of one (model, engine): O(its own children)."""
         children: dict[tuple[str, ...], object] = self._children
-        for values in [v for v in children if all(v[i] == value for i, value in wanted)]:
-            del children[values]
+        for values in self._by_model_engine.pop((model, engine), ()):
+            children.pop(values, None)
 
     _children: dict[tuple[str, ...], Any]
     _type = ""
@@ -93,6 +106,7 @@ class PlainCounter(_PlainMetric):
             if len(values) != len(self.labelnames):
                 raise ValueError(f"{self.name} takes labels {self.labelnames}, got {values}")
             child = self._children[values] = CounterChild()
+            self._added(values)
         return child
 
     def collect(self) -> Iterator[Metric]:
@@ -125,6 +139,7 @@ class PlainHistogram(_PlainMetric):
             if len(values) != len(self.labelnames):
                 raise ValueError(f"{self.name} takes labels {self.labelnames}, got {values}")
             child = self._children[values] = HistogramChild(self.bounds)
+            self._added(values)
         return child
 
     def collect(self) -> Iterator[Metric]:

@@ -18,7 +18,7 @@ from gateway_app.concurrency import ConcurrencyGate
 from gateway_app.config import EngineSpec, RoutingMap, Settings, Timeouts
 from gateway_app.engine_credentials import Credential, EngineCredentials
 from gateway_app.errors import ModelNotFound
-from gateway_app.replicas import DiscoveryKey, Replica, ReplicaPool, ReplicaRegistry, discovery_key
+from gateway_app.replicas import DiscoveryKey, ReplicaPool, ReplicaRegistry, discovery_key
 
 MAX_NAMES_IN_MESSAGE = 50
 
@@ -53,7 +53,8 @@ class Engine:
     # The `model` the engine gets: the model id, or for an adapter the form its engine understands (SGLang
     # takes `<base>:<adapter>`; vLLM the adapter's name). Default: `model`.
     request_model: str = ""
-    # For an adapter discovered at run time: the URLs of the replicas that list it (None: every replica).
+    # For an adapter discovered at run time: the URLs of the replicas that list it (None: every replica),
+    # a filter of the balancer's (`balancer.holding`: any replica when none in service lists it).
     holders: frozenset[str] | None = None
     # The `model` label of its metrics: `model`, or the base model for a discovered adapter past the
     # engine's budget of labels (adapters.py). Default: `model`.
@@ -100,16 +101,6 @@ class Engine:
             holders=holders,
             metric_model=metric_model or adapter,
         )
-
-    def replicas_lacking_adapter(self) -> list[Replica]:
-        """The replicas a request for this discovered adapter must not go to: those that do not list it.
-        None of them, when no replica in service lists it (just after a wake, say): any may answer."""
-        holders = self.holders
-        if holders is None:
-            return []
-        replicas = self.pool.replicas
-        lacking = [replica for replica in replicas if replica.url not in holders]
-        return [] if len(lacking) == len(replicas) else lacking
 
 
 @dataclass(frozen=True, slots=True)
@@ -212,6 +203,7 @@ class RouteTable:
             alias: self._routes[engine.model] for engine in engines for alias in engine.aliases
         }
         self._model_names = frozenset(self._routes) | frozenset(self._aliases)
+        self._adapter_bases = {name: engine.model for engine in engines for name in engine.adapters}
         # Discovered adapters count only with settings.discover_adapters. Their routes are derived from
         # the engines' lists by `sync_adapters`, which the model catalog calls after reading them (never
         # a request): only an engine whose list changed has its adapters' views built again.
@@ -246,6 +238,11 @@ class RouteTable:
     def model_names(self) -> frozenset[str]:
         """The model ids and aliases: names no adapter may take."""
         return self._model_names
+
+    @property
+    def adapter_bases(self) -> dict[str, str]:
+        """The map's own adapters → the model they run on: an adapter name belongs to one base model."""
+        return self._adapter_bases
 
     def sync_adapters(self) -> None:
         """Bring the discovered adapters' routes up to date with the engines' lists: views are built

@@ -84,7 +84,7 @@ class Runtime:
         self.tracer = setup.tracer
         self.replicas = ReplicaRegistry()
         self.credentials = EngineCredentials()
-        self.adapters = DiscoveredAdapters(self.metrics.forget_model)
+        self.adapters = DiscoveredAdapters(self.metrics)
         self.snapshot = Snapshot(
             build_routes(setup.routing_map, self.replicas, self.credentials, self.adapters),
             setup.keys,
@@ -155,7 +155,7 @@ class Runtime:
     # What a reload changes: one new snapshot, swapped whole.
 
     def apply_routing_map(self, routing_map: RoutingMap) -> None:
-        self.adapters.retain((spec.name, spec.model) for spec in routing_map.engines)
+        self.adapters.retain((spec.name, spec.model, spec.adapters) for spec in routing_map.engines)
         routes = build_routes(routing_map, self.replicas, self.credentials, self.adapters)
         self.credentials.retain(spec.api_key_file for spec in routing_map.engines if spec.api_key_file)
         self.snapshot = dataclasses.replace(self.snapshot, routes=routes)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -17,9 +18,14 @@ from aiohttp import web
 
 from gateway_app.adapters import DiscoveredAdapters
 from gateway_app.auth import hash_key
+from gateway_app.balancer import pick_replica
 from gateway_app.config import ConfigError, parse_routing_map
 from gateway_app.errors import ModelNotFound
+from gateway_app.metrics import GatewayMetrics
+from gateway_app.models_catalog import MAX_LISTS_AT_ONCE, ModelCatalog
+from gateway_app.replicas import Replica
 from gateway_app.route_table import build_routes
+from gateway_app.snapshot import Snapshot
 from tests.recording_engine import Received, RecordingEngine
 from tests.routes import write_routing_map
 from tests.support import RunningProcess, free_port
@@ -256,7 +262,7 @@ def test_discovered_adapters_route_while_the_engine_lists_them(processes, tmp_pa
     assert (status("a1"), status("a3"), status("late-lora"), status("static-lora")) == (200, 404, 404, 200)
     polls = len([r for r in engine.received if r.path == "/v1/models"])
     wait_for(lambda: len([r for r in engine.received if r.path == "/v1/models"]) >= polls + 3, message="3 readings")
-    assert gateway.log().count("more than 2; the rest are not routed") == 1, gateway.log()
+    assert gateway.log().count("more than 2 adapters; the rest are not routed") == 1, gateway.log()
     engine.extra_cards = []
     wait_for(lambda: status("a1") == 404, message="the unloaded adapter gone")
     assert status("static-lora") == 200
@@ -623,25 +629,337 @@ def test_an_sglang_model_with_a_colon_cannot_take_adapters_by_discovery_either()
     parse_routing_map(json.dumps({"engines": [engine]}))  # without adapters, it is served as any model
 
 
+@dataclass
+class HeldStreamEngine(RecordingEngine):
+    """A stand-in engine whose chat streams send one event, then hold until `holding` is cleared."""
+
+    holding: bool = True
+
+    async def _handle(self, request: web.Request) -> web.StreamResponse:
+        if request.path != CHAT:
+            return await super()._handle(request)
+        self.received.append(Received(request.path, dict(request.headers), await request.read()))
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await response.prepare(request)
+        await response.write(b'data: {"choices":[{"delta":{"content":"a"}}]}\n\n')
+        while self.holding:
+            await asyncio.sleep(0.01)
+        await response.write(b'data: {"choices":[{"delta":{"content":"b"}}]}\n\ndata: [DONE]\n\n')
+        await response.write_eof()
+        return response
+
+
 def test_a_request_under_way_when_its_adapter_is_unloaded_leaves_no_series(processes, tmp_path):
-    sim = processes.simulator("vllm", "m", itl_ms=100, extra_args=["--allow-runtime-lora-updating"])
+    engine = processes.add(HeldStreamEngine(models=["m"]).start())
+    engine.extra_cards = [{"id": "brief-lora", "object": "model", "parent": "m", "root": "/x"}]
     gateway = discovering_gateway(
-        processes, tmp_path, [{"name": "e", "model": "m", "owned_by": "vllm", "url": sim.url}]
+        processes, tmp_path, [{"name": "e", "model": "m", "owned_by": "vllm", "url": engine.url}]
     )
-    assert post(sim.url + "/v1/load_lora_adapter", {"lora_name": "brief-lora", "lora_path": "/x"}).status == 200
     wait_for(lambda: get(gateway.url + "/v1/models/brief-lora").status == 200, message="routed")
 
     def series() -> list[str]:
         text = get(gateway.url + "/metrics").body.decode()
         return [line for line in text.splitlines() if 'model="brief-lora"' in line and not line.startswith("#")]
 
-    body = {"model": "brief-lora", "messages": HI, "max_tokens": 30, "stream": True}
+    body = {"model": "brief-lora", "messages": HI, "stream": True}
     with ThreadPoolExecutor(1) as pool:
         streaming = pool.submit(post, gateway.url + CHAT, body)
         wait_for(
             lambda: any(line.startswith("llm_gateway_requests_in_flight") for line in series()), message="under way"
         )
-        assert post(sim.url + "/v1/unload_lora_adapter", {"lora_name": "brief-lora"}).status == 200
+        engine.extra_cards = []  # unloaded while the request streams
         wait_for(lambda: get(gateway.url + "/v1/models/brief-lora").status == 404, message="unlisted")
-        assert streaming.result().status == 200  # it ends after its series were removed: counted again
+        assert not streaming.done()  # the race under test: it ends after its series were removed
+        engine.holding = False
+        assert streaming.result().status == 200  # counted again under the removed label as it ended
     wait_for(lambda: series() == [], message="its series removed once it ended")
+
+
+class CountingDict(dict):
+    """A dict that counts how often it is walked whole (forgetting one adapter must not walk them)."""
+
+    walks = 0
+
+    def __iter__(self):
+        CountingDict.walks += 1
+        return super().__iter__()
+
+    def items(self):
+        CountingDict.walks += 1
+        return super().items()
+
+    def keys(self):
+        CountingDict.walks += 1
+        return super().keys()
+
+    def values(self):
+        CountingDict.walks += 1
+        return super().values()
+
+
+def test_forgetting_an_adapters_series_touches_only_its_own(monkeypatch):
+    # An engine's 100 adapters may go in one reading, among thousands of series: each removal must cost
+    # that adapter's own series, not a walk over every child of every metric.
+    metrics = GatewayMetrics()
+    for engine in ("e0", "e1"):
+        for adapter in ("a", "b"):
+            stats = metrics.route_stats(adapter, engine, CHAT)
+            stats.answered(200).inc()
+            stats.duration(True).observe(0.1)
+            stats.first_byte(True).observe(0.1)
+            prompt, _ = stats.tokens()
+            prompt.inc(3)
+            metrics.time_per_output_token.labels(adapter, engine).observe(0.01)
+            metrics.adapter_request(adapter, "m", engine, 200).inc()
+            metrics.in_flight_of(adapter, engine)
+    for metric in metrics._by_model:
+        monkeypatch.setattr(metric, "_children", CountingDict(metric._children))
+    monkeypatch.setattr(metrics, "_route_stats", CountingDict(metrics._route_stats))
+    monkeypatch.setattr(metrics, "_adapter_requests", CountingDict(metrics._adapter_requests))
+    CountingDict.walks = 0
+    assert metrics.forget_model("a", "e0")
+    assert CountingDict.walks == 0
+    text = metrics.render().decode()
+    assert 'engine="e0",model="a"' not in text and 'model="a"' in text and 'engine="e0",model="b"' in text
+    # Counted again afterwards, it is there again.
+    metrics.route_stats("a", "e0", CHAT).answered(200).inc()
+    assert 'llm_gateway_requests_total{endpoint="/v1/chat/completions",engine="e0",model="a",status="200"} 1.0' in (
+        metrics.render().decode()
+    )
+
+
+def discovering_table(urls: list[str], static: tuple[str, ...] = (), **settings):
+    """A route table of one engine `e` (model `m`) on these replicas, discovering adapters."""
+    engine = {"name": "e", "model": "m", "owned_by": "vllm", "urls": urls}
+    if static:
+        engine["adapters"] = list(static)
+    routing = parse_routing_map(json.dumps({"settings": {"discover_adapters": True, **settings}, "engines": [engine]}))
+    return routing, build_routes(routing, discovered=DiscoveredAdapters())
+
+
+class ComparedReplica(Replica):
+    """A replica that counts the comparisons made with it (a list's `in` makes one per element)."""
+
+    __slots__ = ()
+    compared = 0
+    __hash__ = Replica.__hash__
+
+    def __eq__(self, other: object) -> bool:
+        ComparedReplica.compared += 1
+        return self is other
+
+
+def test_choosing_a_replica_for_an_adapter_is_linear_in_replicas():
+    # With 256 replicas, one listing the adapter: the others are filtered out by a set of URLs, not
+    # searched for in a list of 255 for each of them (65,000 comparisons a request).
+    urls = [f"http://r{i}:8000" for i in range(256)]
+    routing, table = discovering_table(urls)
+    answers = {url: [] for url in urls} | {urls[7]: [{"id": "x", "parent": "m"}]}
+    table._discovered.update("e", "m", answers, urls, (), table.model_names, routing.settings)
+    table.sync_adapters()
+    view = table.resolve("x", None).engine
+    view.pool.replicas = tuple(ComparedReplica(url) for url in urls)
+    ComparedReplica.compared = 0
+    for _ in range(10):
+        pick = pick_replica(view.pool, time.monotonic(), view.policy, None, None, (), view.holders)
+        assert pick is not None and pick.replica.url == urls[7]
+    assert ComparedReplica.compared == 0
+
+
+def test_after_a_wake_an_adapter_no_replica_in_service_lists_yet_goes_to_any():
+    woken = "http://10.0.0.2:8000"  # the pod that woke; the one that listed the adapter is gone
+    routing, table = discovering_table([woken])
+    # Listed before the sleep (the catalog does not ask an engine while it sleeps, and keeps its lists).
+    listed = {"http://10.0.0.1:8000": [{"id": "x", "parent": "m"}]}
+    table._discovered.update("e", "m", listed, ["http://10.0.0.1:8000"], (), table.model_names, routing.settings)
+    table.sync_adapters()
+    view = table.resolve("x", None).engine
+    assert view.holders == frozenset({"http://10.0.0.1:8000"})
+    pick = pick_replica(view.pool, time.monotonic(), view.policy, None, None, (), view.holders)
+    assert pick is not None and pick.replica.url == woken
+
+
+def test_an_adapter_a_reload_adds_to_the_map_keeps_its_series():
+    # Discovered first, then listed in the map by the operator: it keeps its label (its name), which its
+    # series share, so unlisting it as a discovered adapter must not remove them, now or at later readings.
+    metrics = GatewayMetrics()
+    discovered = DiscoveredAdapters(metrics)
+    url, cards = "http://e:8000", {"http://e:8000": [{"id": "x", "parent": "m"}]}
+    first = parse_routing_map(
+        json.dumps(
+            {
+                "settings": {"discover_adapters": True},
+                "engines": [{"name": "e", "model": "m", "owned_by": "vllm", "url": url}],
+            }
+        )
+    )
+    table = build_routes(first, discovered=discovered)
+    discovered.update("e", "m", cards, [url], (), table.model_names, first.settings)
+    metrics.route_stats("x", "e", CHAT).answered(200).inc()
+    metrics.in_flight_of("x", "e").count += 1  # a request under way
+    second = parse_routing_map(
+        json.dumps(
+            {
+                "settings": {"discover_adapters": True},
+                "engines": [{"name": "e", "model": "m", "owned_by": "vllm", "url": url, "adapters": ["x"]}],
+            }
+        )
+    )
+    discovered.retain([("e", "m", ("x",))])
+    assert "x" not in discovered.of("e", "m").labels  # no longer a discovered adapter
+    table = build_routes(second, discovered=discovered)
+    view = table.resolve("x", None).engine
+    assert (view.holders, view.metric_model) == (None, "x")  # the map's: every replica, its own label
+    series = 'llm_gateway_requests_total{endpoint="/v1/chat/completions",engine="e",model="x",status="200"} 1.0'
+    for _ in range(3):  # readings
+        discovered.update("e", "m", cards, [url], ("x",), table.model_names, second.settings)
+        assert series in metrics.render().decode()
+
+
+def test_lists_read_across_a_reload_are_not_recorded_under_the_old_map():
+    # The reload makes x an adapter of the map while the lists are read: recorded under the old map's
+    # rules, x would be a discovered adapter again (its series then removed as unlisted).
+    url = "http://e:8000"
+    engine = {"name": "e", "model": "m", "owned_by": "vllm", "url": url}
+    before = parse_routing_map(json.dumps({"settings": {"discover_adapters": True}, "engines": [engine]}))
+    after = parse_routing_map(
+        json.dumps({"settings": {"discover_adapters": True}, "engines": [{**engine, "adapters": ["x"]}]})
+    )
+    discovered = DiscoveredAdapters()
+    current = [Snapshot(build_routes(before, discovered=discovered), None, ())]
+    catalog = ModelCatalog(None, lambda: current[0], discovered)  # type: ignore[arg-type]
+
+    async def engine_lists(engine, table):
+        discovered.retain([("e", "m", ("x",))])
+        current[0] = Snapshot(build_routes(after, discovered=discovered), None, ())  # the reload
+        cards = [{"id": "m", "object": "model"}, {"id": "x", "object": "model", "parent": "m"}]
+        return cards, {url: cards}
+
+    catalog._engine_lists = engine_lists
+    cards = asyncio.run(catalog.cards())
+    assert {card["id"] for card in cards} == {"m"}  # still answered (from the old table)
+    assert discovered.of("e", "m") is None  # nothing recorded: the next reading, under the new map, will
+
+
+def test_what_replicas_list_past_the_limit_is_not_kept():
+    # 20 replicas each listing 500 adapters, with a limit of 10: 10 names kept per replica, each name one
+    # string, and the adapters on the same replicas share one set of them.
+    urls = [f"http://r{i}:8000" for i in range(20)]
+    routing, table = discovering_table(urls, max_discovered_adapters=10)
+    answers = {url: json.loads(json.dumps([{"id": f"a{i}", "parent": "m"} for i in range(500)])) for url in urls}
+    table._discovered.update("e", "m", answers, urls, (), table.model_names, routing.settings)
+    listed = table._discovered.of("e", "m")
+    assert list(listed.holders) == [f"a{i}" for i in range(10)]
+    assert all(len(names) == 10 for names in listed.by_replica.values())
+    assert len({id(names[3]) for names in listed.by_replica.values()}) == 1
+    assert len({id(urls) for urls in listed.holders.values()}) == 1
+
+
+def test_a_reading_asks_a_bounded_number_of_replicas_at_once():
+    urls = [f"http://r{i}:8000" for i in range(100)]
+    routing, table = discovering_table(urls)
+    catalog = ModelCatalog(None, lambda: Snapshot(table, None, ()), table._discovered)  # type: ignore[arg-type]
+    asking, most = 0, 0
+
+    async def replica_cards(engine, url, table):
+        nonlocal asking, most
+        asking += 1
+        most = max(most, asking)
+        await asyncio.sleep(0.01)
+        asking -= 1
+        return [{"id": "m", "object": "model"}]
+
+    catalog._replica_cards = replica_cards
+    asyncio.run(catalog.cards())
+    assert most == MAX_LISTS_AT_ONCE
+
+
+def test_an_adapter_of_another_base_model_in_the_map_is_refused_with_one_warning(caplog):
+    # `shared` is the map's adapter of n: e (model m) listing it does not take it, nor one of its slots.
+    url = "http://e:8000"
+    engines = [
+        {"name": "e", "model": "m", "owned_by": "vllm", "url": url},
+        {"name": "f", "model": "n", "owned_by": "vllm", "url": "http://f:8000", "adapters": ["shared"]},
+    ]
+    settings = {"discover_adapters": True, "max_discovered_adapters": 1}
+    routing = parse_routing_map(json.dumps({"settings": settings, "engines": engines}))
+    discovered = DiscoveredAdapters()
+    table = build_routes(routing, discovered=discovered)
+    listed = {url: [{"id": "shared", "parent": "m"}, {"id": "fine", "parent": "m"}]}
+    for _ in range(3):  # readings
+        discovered.update("e", "m", listed, [url], (), table.model_names, routing.settings, table.adapter_bases)
+    assert list(discovered.of("e", "m").holders) == ["fine"]
+    warnings = [r.getMessage() for r in caplog.records if "lists an adapter that is not routed" in r.getMessage()]
+    assert warnings == [
+        "engine e lists an adapter that is not routed: 'shared' is an adapter of the routing map's model 'n'"
+    ]
+
+
+def forgetting_engine(metrics: GatewayMetrics):
+    """Discovered adapters of engine `e` (model `m`) whose series are `metrics`', and a reading of it."""
+    url = "http://e:8000"
+    routing, table = discovering_table([url])
+    discovered = DiscoveredAdapters(metrics)
+
+    def reading(*names: str) -> None:
+        listed = {url: [{"id": name, "parent": "m"} for name in names]}
+        discovered.update("e", "m", listed, [url], (), table.model_names, routing.settings)
+
+    return discovered, reading
+
+
+def test_a_request_admitted_as_its_adapter_is_unlisted_leaves_no_series():
+    metrics = GatewayMetrics()
+    _, reading = forgetting_engine(metrics)
+    reading("x")
+    metrics.route_stats("x", "e", CHAT).answered(200).inc()
+    reading()  # unlisted, nothing under way: removed
+    reading()  # and again
+    # A request that chose x before the unlisting was still being admitted (queued, say): it ends now.
+    metrics.route_stats("x", "e", CHAT).answered(200).inc()
+    reading()
+    assert 'model="x"' not in metrics.render().decode()
+
+
+def test_requests_left_from_two_removals_of_one_label_are_both_waited_for():
+    metrics = GatewayMetrics()
+    first = metrics.in_flight_of("x", "e")
+    first.count += 1
+    assert not metrics.forget_model("x", "e")
+    second = metrics.in_flight_of("x", "e")  # listed again, chosen again, unlisted again
+    second.count += 1
+    assert not metrics.forget_model("x", "e")
+    second.count -= 1
+    assert not metrics.forget_model("x", "e")  # the first is still under way
+    first.count -= 1
+    assert metrics.forget_model("x", "e")
+
+
+def test_an_adapter_listed_again_while_its_requests_drain_is_not_removed_any_more():
+    metrics = GatewayMetrics()
+    discovered, reading = forgetting_engine(metrics)
+    reading("x")
+    metrics.in_flight_of("x", "e").count += 1
+    reading()  # unlisted while a request is under way
+    reading("x")  # listed again: its label is its own again
+    assert ("x", "e") not in metrics._draining
+    metrics.route_stats("x", "e", CHAT).answered(200).inc()
+    reading("x")
+    assert 'model="x"' in metrics.render().decode()
+
+
+def test_a_reload_lowering_the_label_budget_applies_to_the_labels_already_given():
+    metrics = GatewayMetrics()
+    discovered = DiscoveredAdapters(metrics)
+    url = "http://e:8000"
+    listed = {url: [{"id": f"a{i}", "parent": "m"} for i in range(5)]}
+    routing, table = discovering_table([url])
+    discovered.update("e", "m", listed, [url], (), table.model_names, routing.settings)
+    for i in range(5):
+        metrics.route_stats(f"a{i}", "e", CHAT).answered(200).inc()
+    lower, table = discovering_table([url], max_adapter_metric_labels=2)
+    discovered.retain([("e", "m", ())])
+    discovered.update("e", "m", listed, [url], (), table.model_names, lower.settings)  # the same lists
+    assert discovered.of("e", "m").labels == {"a0": "a0", "a1": "a1", "a2": "m", "a3": "m", "a4": "m"}
+    text = metrics.render().decode()
+    assert 'model="a1"' in text and 'model="a2"' not in text and 'model="a4"' not in text
