@@ -15,7 +15,9 @@ prompt per conversation) and one hot prefix (one system prompt for all).
 
 Reported per workload and target: TTFT and end-to-end percentiles, throughput, the prefix-cache hit rate
 and the prefill tokens computed (from the simulators' own `vllm:prefix_cache_*` counters), each replica's
-share of the requests (from its `vllm:e2e_request_latency_seconds_count`) and its peak queue.
+share of the requests (from its `vllm:e2e_request_latency_seconds_count`) and its peak queue; what makes
+the tail: the requests that computed about a whole system prompt again, the slowest 1 % with what each
+computed, and the gateway's balancing decisions.
 """
 
 from __future__ import annotations
@@ -52,6 +54,9 @@ MODEL = "chat-model"
 REPLICAS = 4
 QUERIES, HITS = "vllm:prefix_cache_queries_total", "vllm:prefix_cache_hits_total"
 SERVED, WAITING = "vllm:e2e_request_latency_seconds_count", "vllm:num_requests_waiting"
+DECISIONS = "llm_gateway_balancing_decisions_total"
+# A request that computed this many prompt tokens or more recomputed about a whole system prompt (1,500-2,500).
+COLD_PREFILL_TOKENS = 1024
 KV_USAGE = "vllm:kv_cache_usage_perc"
 SCRAPE_EVERY_S = 0.5
 # A larger model than the simulator's default (20,000 prompt tokens/s): prefill bounds the replicas at request
@@ -107,6 +112,9 @@ class RunResult:
     max_over_min: float | None  # None when a replica served nothing
     peak_waiting: list[int] | None  # per replica, sampled every SCRAPE_EVERY_S
     peak_kv_usage_percent: list[float] | None
+    decisions: dict[str, int] | None  # the gateway's llm_gateway_balancing_decisions_total by decision
+    cold_prefills: int | None  # requests that computed >= COLD_PREFILL_TOKENS of their prompt
+    slowest: list[dict[str, Any]]  # the 1 % slowest TTFTs: what each one computed (what makes the p99)
     error_examples: list[str] = field(default_factory=list)
 
 
@@ -155,7 +163,24 @@ def run_target(pinning: Pinning, target: Target, plan: WorkloadPlan, simulator_a
         samples, seconds, peaks = run_client(play(front_url, replica_urls, plan))
         time.sleep(0.2)  # a replica counts a request a hair after its client has the answer
         after = replica_counters(replica_urls)
-    return summarize(plan, target, samples, seconds, before, after, peaks)
+        decisions = gateway_decisions(front_url) if target.router is None else None
+    return summarize(plan, target, samples, seconds, before, after, peaks, decisions)
+
+
+def gateway_decisions(front_url: str) -> dict[str, int]:
+    """How often the gateway's policy made each decision (load_override is the one to watch)."""
+    counts: dict[str, int] = {}
+    for labels, value in metric_samples(scrape(front_url), DECISIONS):
+        counts[labels["decision"]] = counts.get(labels["decision"], 0) + int(value)
+    return counts
+
+
+def computed_tokens(sample: TurnSample) -> int | None:
+    """The prompt tokens the replica computed for this request (not found in its prefix cache). vLLM sends
+    `prompt_tokens_details` only when something was cached: without it, nothing was."""
+    if sample.prompt_tokens is None:
+        return None
+    return sample.prompt_tokens - (sample.cached_tokens or 0)
 
 
 def summarize(
@@ -166,9 +191,23 @@ def summarize(
     before: list[dict[str, float]],
     after: list[dict[str, float]],
     peaks: dict[str, list[float]],
+    decisions: dict[str, int] | None,
 ) -> RunResult:
     good = [s for s in samples if s.ok]
     ttfts = sorted(s.ttft_s for s in good if s.ttft_s is not None)
+    computed = [c for c in map(computed_tokens, good) if c is not None]
+    by_ttft = sorted((s for s in good if s.ttft_s is not None), key=lambda s: s.ttft_s or 0.0, reverse=True)
+    slowest = [
+        {
+            "ttft_ms": round(1000 * (s.ttft_s or 0.0)),
+            "sent_s": round(s.sent_s, 2),
+            "conversation": s.conversation,
+            "turn": s.turn,
+            "system_prompt": s.system_prompt,
+            "computed_tokens": computed_tokens(s),
+        }
+        for s in by_ttft[: max(1, math.ceil(len(by_ttft) / 100))]
+    ]
     latencies = sorted(s.latency_s for s in good)
     served = [int(a[SERVED] - b[SERVED]) for a, b in zip(after, before, strict=True)]
     has_cache = all(QUERIES in a and HITS in a for a in after)
@@ -203,6 +242,9 @@ def summarize(
         max_over_min=max(served) / min(served) if min(served) > 0 else None,
         peak_waiting=[int(w) for w in peaks[WAITING]] if has_cache else None,
         peak_kv_usage_percent=[100 * k for k in kv] if min(kv) >= 0 else None,
+        decisions=decisions,
+        cold_prefills=sum(c >= COLD_PREFILL_TOKENS for c in computed) if computed else None,
+        slowest=slowest,
         error_examples=sorted({s.error for s in samples if s.error})[:5],
     )
 
@@ -249,7 +291,7 @@ def print_table(plan: WorkloadPlan, results: list[RunResult]) -> None:
     )
     header = (
         f"{'target':<24} {'req/s':>6} {'ttft p50':>8} {'p90':>7} {'p99':>7} {'e2e p50':>7} {'p99':>7} "
-        f"{'hit %':>6} {'prefill tok':>11} {'requests per replica':>24} {'max/min':>7} {'peak queue':>12} {'errors':>6}"
+        f"{'hit %':>6} {'prefill tok':>11} {'cold':>5} {'requests per replica':>24} {'max/min':>7} {'peak queue':>12} {'errors':>6}"
     )
     print(header)
     print("-" * len(header))
@@ -260,8 +302,14 @@ def print_table(plan: WorkloadPlan, results: list[RunResult]) -> None:
         print(
             f"{r.target:<24} {r.requests_per_s:>6.2f} {fmt(r.ttft_p50_ms, 0):>8} {fmt(r.ttft_p90_ms, 0):>7} "
             f"{fmt(r.ttft_p99_ms, 0):>7} {fmt(r.e2e_p50_ms, 0):>7} {fmt(r.e2e_p99_ms, 0):>7} "
-            f"{fmt(r.hit_rate_percent, 1):>6} {prefill:>11} {served:>24} {fmt(r.max_over_min):>7} {queue:>12} {r.errors:>6}"
+            f"{fmt(r.hit_rate_percent, 1):>6} {prefill:>11} {fmt(r.cold_prefills, 0):>5} {served:>24} {fmt(r.max_over_min):>7} {queue:>12} {r.errors:>6}"
         )
+    for r in results:
+        if r.decisions:
+            print(f"  decisions of {r.target}: " + ", ".join(f"{k} {v}" for k, v in sorted(r.decisions.items())))
+    for r in results:
+        slow = ", ".join(f"{s['ttft_ms']} ms ({fmt(s['computed_tokens'], 0)} tok)" for s in r.slowest)
+        print(f"  slowest 1 % of {r.target}: {slow}")
     for r in results:
         if r.error_examples:
             print(f"  errors with {r.target}: {'; '.join(r.error_examples)}")
@@ -352,8 +400,9 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
         for target in targets:
             result = run_target(pinning, target, plan, simulator_args)
             print(
-                f"  {target.name:<24} ttft p50 {fmt(result.ttft_p50_ms, 0)} ms, p99 {fmt(result.ttft_p99_ms, 0)} ms, "
-                f"hit {fmt(result.hit_rate_percent, 1)} %, per replica {result.served}, errors {result.errors}",
+                f"  {target.name:<24} ttft p50 {fmt(result.ttft_p50_ms, 0)} ms, p90 {fmt(result.ttft_p90_ms, 0)} ms, "
+                f"p99 {fmt(result.ttft_p99_ms, 0)} ms, hit {fmt(result.hit_rate_percent, 1)} %, "
+                f"cold prefills {result.cold_prefills}, per replica {result.served}, errors {result.errors}",
                 flush=True,
             )
             results.setdefault(name, []).append(result)

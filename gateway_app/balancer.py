@@ -84,6 +84,26 @@ def overloaded(load: float, lowest: float, settings: CacheAwareSettings) -> bool
     return load - lowest > settings.balance_abs_threshold and load > settings.balance_rel_threshold * lowest
 
 
+def relieve(
+    candidates: Sequence[Replica],
+    loads: dict[str, float],
+    missing: dict[str, int],
+    settings: CacheAwareSettings,
+    rng: random.Random = _RNG,
+) -> Replica:
+    """Where the request of an overloaded replica goes: a replica with nothing in flight if there is one
+    (its capacity would be lost; the one holding most of the prompt), else the one where the request
+    costs least, counting each prompt block it would compute again as `recompute_weight` requests (the
+    overloaded replica itself when moving would cost more: a prompt computed again delays every request
+    queued behind it on the other replica, and a conversation moved in a later turn computes its whole
+    history again). `missing`: the prompt blocks each replica is not known to hold."""
+    idle = [replica for replica in candidates if loads[replica.url] <= 0]
+    if idle:
+        return min(idle, key=lambda replica: (missing[replica.url], rng.random()))
+    weight = settings.recompute_weight
+    return min(candidates, key=lambda replica: (loads[replica.url] + weight * missing[replica.url], rng.random()))
+
+
 class Pick(NamedTuple):
     replica: Replica
     decision: str  # why, for llm_gateway_balancing_decisions_total
@@ -118,10 +138,12 @@ class RoundRobin:
 
 class CacheAware:
     """The replica that was sent the longest part of this prompt's prefix (its cache likely holds it),
-    unless that replica is overloaded next to the least loaded one; then, or when no replica holds enough
-    of the prompt (`min_match`), the least loaded (of the lighter ones). Either way the chosen replica is
-    recorded as holding the prompt's blocks, so a hot prefix that overflows its replica spreads to a few
-    (up to `prefix.HOLDERS_PER_BLOCK`), and the least loaded of those is preferred from then on.
+    unless that replica is overloaded next to the least loaded one; then an idle replica, or the one
+    where the request costs least counting what it would compute again (`relieve`), which may still be
+    the preferred one. When no replica holds enough of the prompt (`min_match`), the least loaded.
+    Either way the chosen replica is recorded as holding the prompt's blocks, so a hot prefix that
+    overflows its replica spreads to a few (up to `prefix.HOLDERS_PER_BLOCK`), and the least loaded of
+    those is preferred from then on.
 
     One per engine: the table is the engine's (kept across reloads by the replica registry)."""
 
@@ -143,8 +165,10 @@ class CacheAware:
             preferred = min(holders, key=loads.__getitem__)
             load = loads[preferred]
             if overloaded(load, min(loads.values()), self.settings):
-                lighter = [replica for replica in candidates if loads[replica.url] < load]
-                pick = Pick(least_loaded(lighter, now), "load_override")
+                depths = self.table.depths(prefix, by_url)
+                missing = {url: len(prefix) - depths.get(url, 0) for url in by_url}
+                chosen = relieve(candidates, loads, missing, self.settings)
+                pick = Pick(chosen, "load_override" if chosen.url != preferred else "load_kept")
             else:
                 pick = Pick(by_url[preferred], "prefix_hit")
         self.table.record(prefix, pick.replica.url)

@@ -119,6 +119,19 @@ class PrefixTable:
             depth, holders = index + 1, present
         return depth, holders
 
+    def depths(self, blocks: Blocks, urls: set[str] | dict[str, Any]) -> dict[str, int]:
+        """How many blocks from the start each replica among `urls` holds (one holding none is left out)."""
+        depths: dict[str, int] = {}
+        get = self._holders.get
+        for index, block in enumerate(blocks):
+            known = get(block)
+            present = [url for url in known if url in urls and depths.get(url, 0) == index] if known else []
+            if not present:
+                break
+            for url in present:
+                depths[url] = index + 1
+        return depths
+
     def record(self, blocks: Blocks, url: str) -> None:
         """The request's blocks went to `url`: they are likely in its cache now."""
         table = self._holders

@@ -91,6 +91,17 @@ def test_a_block_keeps_its_latest_holders_and_old_blocks_are_forgotten():
     assert len(small) == 1000 and small.match((0,), {"a"}) == (0, []) and small.match((1499,), {"a"})[0] == 1
 
 
+def test_each_replica_holds_the_prompt_as_deep_as_its_unbroken_run_of_blocks():
+    table = PrefixTable(1000)
+    table.record((1, 2, 3, 4), "a")
+    table.record((1, 2, 3, 4, 5, 6), "c")
+    table.record((1,), "b")
+    table.record((3, 4), "b")  # b holds 3 and 4 but not 2: its run of this prompt ends at 1
+    assert table.depths((1, 2, 3, 4, 5), {"a", "b", "c"}) == {"a": 4, "b": 1, "c": 5}
+    assert table.depths((1, 2, 3, 4, 5), {"a", "b"}) == {"a": 4, "b": 1}
+    assert table.depths((7, 1), {"a", "b", "c"}) == {}
+
+
 # The cache-aware pick
 
 
@@ -115,6 +126,49 @@ def test_a_known_prefix_returns_to_its_replica_until_that_one_is_overloaded():
     # Both hold it now; the less loaded of them is preferred.
     again = pick_replica(pool, 0, policy, prefix=blocks)
     assert again == (spill.replica, "prefix_hit")
+
+
+def held_by(policy: CacheAware, blocks: tuple[int, ...], *homes: Replica) -> None:
+    for home in homes:
+        policy.table.record(blocks, home.url)
+
+
+def test_an_overloaded_replica_keeps_a_request_that_would_be_computed_again_from_scratch_elsewhere():
+    pool = replicas(3)
+    home, light, lighter = pool.replicas
+    policy = CacheAware(PrefixTable(1000), CacheAwareSettings(recompute_weight=0.2))
+    conversation = tuple(range(40))  # a long history only its replica holds: 40 blocks to compute again
+    held_by(policy, conversation, home)
+    home.outstanding, light.outstanding, lighter.outstanding = 9, 2, 2
+    # Overloaded (9 > 2 + 4 and > 1.5 x 2), but 9 < 2 + 0.2 x 40: moving costs more than it saves.
+    assert pick_replica(pool, 0, policy, prefix=conversation) == (home, "load_kept")
+    home.outstanding = 11  # now 11 > 2 + 8: the lighter replicas are worth it, the least loaded first
+    lighter.outstanding = 1
+    assert pick_replica(pool, 0, policy, prefix=conversation) == (lighter, "load_override")
+
+
+def test_an_overloaded_replicas_request_moves_to_a_lighter_one_holding_most_of_its_prompt():
+    pool = replicas(3)
+    home, partial, empty = pool.replicas
+    policy = CacheAware(PrefixTable(1000), CacheAwareSettings(recompute_weight=0.2))
+    system, turn = tuple(range(30)), tuple(range(40))  # the system prompt, then a conversation on it
+    held_by(policy, system, partial)
+    held_by(policy, turn, home)
+    home.outstanding, partial.outstanding, empty.outstanding = 8, 2, 1
+    # partial lacks 10 blocks (2 + 2 = 4), empty all 40 (1 + 8 = 9), staying costs 8: partial, though busier.
+    assert pick_replica(pool, 0, policy, prefix=turn) == (partial, "load_override")
+
+
+def test_an_idle_replica_takes_an_overloaded_replicas_request_whatever_it_must_compute():
+    pool = replicas(3)
+    home, busy, idle = pool.replicas
+    policy = CacheAware(PrefixTable(1000), CacheAwareSettings(recompute_weight=1.0))
+    hot = tuple(range(40))
+    held_by(policy, hot, busy, home)
+    home.outstanding, busy.outstanding, idle.outstanding = 5, 5, 0
+    # A hot prefix spreads to a replica with nothing to do, however costly by the weight (5 < 0 + 40).
+    assert pick_replica(pool, 0, policy, prefix=hot) == (idle, "load_override")
+    assert policy.table.depths(hot, {r.url: r for r in pool.replicas})[idle.url] == len(hot)
 
 
 def test_a_small_shared_part_of_a_prompt_is_not_followed():
