@@ -10,10 +10,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Callable
-from typing import Protocol
+from collections.abc import Callable, Collection, Coroutine, Hashable
+from typing import Any, Generic, Protocol, TypeVar
 
 log = logging.getLogger("llm_gateway.background")
+
+K = TypeVar("K", bound=Hashable)
 
 
 class Service(Protocol):
@@ -69,3 +71,37 @@ class ServiceGroup:
                 await asyncio.wait_for(task, timeout=self.STOP_SECONDS)
         self._services.clear()
         self._tasks.clear()
+
+
+class TasksByKey(Generic[K]):
+    """A service's tasks, one per key (a watched Service, an engine to tend), started and cancelled as
+    the routing map's needs change, and all cancelled when the service stops. Its `run()` and `stop()`
+    are the service's."""
+
+    def __init__(self) -> None:
+        self._tasks: dict[K, asyncio.Task[None]] = {}
+        self._stopped = asyncio.Event()
+
+    def __contains__(self, key: K) -> bool:
+        return key in self._tasks
+
+    def start(self, key: K, work: Coroutine[Any, Any, None]) -> None:
+        self._tasks[key] = asyncio.get_running_loop().create_task(work)
+
+    def keep_only(self, wanted: Collection[K]) -> list[K]:
+        """Cancel the tasks of keys no longer wanted; their keys."""
+        dropped = [key for key in self._tasks if key not in wanted]
+        for key in dropped:
+            self._tasks.pop(key).cancel()
+        return dropped
+
+    async def run(self) -> None:
+        await self._stopped.wait()
+        tasks = list(self._tasks.values())
+        self._tasks.clear()
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+    def stop(self) -> None:
+        self._stopped.set()

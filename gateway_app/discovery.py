@@ -19,6 +19,7 @@ from urllib.parse import quote
 import aiohttp
 import orjson
 
+from gateway_app.background import TasksByKey
 from gateway_app.kube_api import KubernetesAPI
 from gateway_app.replicas import DiscoveryKey, ReplicaRegistry
 from gateway_app.route_table import RouteTable
@@ -147,9 +148,8 @@ class DiscoveryManager:
         self._session = session
         self._registry = registry
         self._on_change = on_change
-        self._tasks: dict[DiscoveryKey, asyncio.Task[None]] = {}
+        self._watches: TasksByKey[DiscoveryKey] = TasksByKey()
         self._warned = False
-        self._stopped = asyncio.Event()
 
     def sync(self, routes: RouteTable) -> None:
         """Start the watches the routes need and stop the others (call from the event loop)."""
@@ -160,28 +160,24 @@ class DiscoveryManager:
                 self._warned = True
             return
         api = self._api
-        for key in wanted - self._tasks.keys():
+        for key in wanted:
             if api is None:
                 break
+            if key in self._watches:
+                continue
             namespace, service, port, _ = key
             watcher = EndpointSliceWatcher(
                 api, self._session, namespace, service, port, functools.partial(self._update, key)
             )
-            self._tasks[key] = asyncio.get_running_loop().create_task(watcher.run())
-        for key in self._tasks.keys() - wanted:
-            self._tasks.pop(key).cancel()
+            self._watches.start(key, watcher.run())
+        self._watches.keep_only(wanted)
 
     def _update(self, key: DiscoveryKey, urls: list[str]) -> None:
         if self._registry.discovered(key, urls):
             self._on_change()
 
     async def run(self) -> None:
-        await self._stopped.wait()
-        tasks = list(self._tasks.values())
-        self._tasks.clear()
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+        await self._watches.run()
 
     def stop(self) -> None:
-        self._stopped.set()
+        self._watches.stop()

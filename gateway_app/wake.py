@@ -27,6 +27,7 @@ from datetime import UTC, datetime
 from typing import Any
 from urllib.parse import quote
 
+from gateway_app.background import TasksByKey
 from gateway_app.kube_api import KubernetesClient, KubernetesError
 from gateway_app.log_setup import ThrottledWarning
 from gateway_app.metrics import GatewayMetrics
@@ -48,8 +49,7 @@ class WakeService:
         self._client = client
         self._metrics = metrics
         self._holder = holder or os.environ.get("HOSTNAME") or socket.gethostname()  # the pod's name
-        self._tasks: dict[Waker, asyncio.Task[None]] = {}
-        self._stopped = asyncio.Event()
+        self._tending: TasksByKey[Waker] = TasksByKey()
 
     def sync(self, routes: RouteTable) -> None:
         """Tend the wakers of these routes and no others (call from the event loop); a Waker no longer in
@@ -61,24 +61,18 @@ class WakeService:
             if engine.pool.waker is not None:
                 wanted.setdefault(engine.pool.waker, engine.name)
         for waker, name in wanted.items():
-            if waker not in self._tasks:
+            if waker not in self._tending:
                 waker.on_awake = self._awake_callback(name)
                 waker.tended = True
-                self._tasks[waker] = asyncio.get_running_loop().create_task(self._tend(name, waker, self._client))
-        for waker in self._tasks.keys() - wanted.keys():
-            self._tasks.pop(waker).cancel()
+                self._tending.start(waker, self._tend(name, waker, self._client))
+        for waker in self._tending.keep_only(wanted.keys()):
             waker.retire()
 
     async def run(self) -> None:
-        await self._stopped.wait()
-        tasks = list(self._tasks.values())
-        self._tasks.clear()
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+        await self._tending.run()
 
     def stop(self) -> None:
-        self._stopped.set()
+        self._tending.stop()
 
     def _awake_callback(self, name: str) -> Callable[[float], None]:
         def awake(seconds: float) -> None:

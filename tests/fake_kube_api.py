@@ -77,13 +77,10 @@ class FakeKubeAPI:
     async def _scale(self, request: web.Request) -> web.Response:
         key = (request.match_info["namespace"], request.match_info["name"])
         body = await self._record(request)
-        if "scale" in self.refuse:
-            return status(self.refuse["scale"], f'deployments.apps "{key[1]}" is forbidden')
-        if key not in self.deployments:
-            return status(404, f'deployments.apps "{key[1]}" not found')
+        refused = self._refusal(request, "scale", "deployments.apps", key, self.deployments)
+        if refused is not None:
+            return refused
         if request.method == "PATCH":
-            if request.content_type != "application/merge-patch+json":
-                return status(415, f"unsupported media type {request.content_type}")
             if self.beaten_to_it:
                 self.beaten_to_it = False
                 self.deployments[key] = 1
@@ -111,16 +108,26 @@ class FakeKubeAPI:
     async def _lease(self, request: web.Request) -> web.Response:
         key = (request.match_info["namespace"], request.match_info["name"])
         body = await self._record(request)
-        if "lease" in self.refuse:
-            return status(self.refuse["lease"], f'leases.coordination.k8s.io "{key[1]}" is forbidden')
-        if key not in self.leases:
-            return status(404, f'leases.coordination.k8s.io "{key[1]}" not found')
+        refused = self._refusal(request, "lease", "leases.coordination.k8s.io", key, self.leases)
+        if refused is not None:
+            return refused
         lease = self.leases[key]
         if request.method == "PATCH":
-            if request.content_type != "application/merge-patch+json":
-                return status(415, f"unsupported media type {request.content_type}")
             lease["spec"].update(body.get("spec") or {})
         return web.json_response(lease)
+
+    def _refusal(
+        self, request: web.Request, kind: str, resource: str, key: tuple[str, str], existing: dict
+    ) -> web.Response | None:
+        """What the API server answers before looking at the change: no right, no such object, or a
+        patch that is not a merge patch."""
+        if kind in self.refuse:
+            return status(self.refuse[kind], f'{resource} "{key[1]}" is forbidden')
+        if key not in existing:
+            return status(404, f'{resource} "{key[1]}" not found')
+        if request.method == "PATCH" and request.content_type != "application/merge-patch+json":
+            return status(415, f"unsupported media type {request.content_type}")
+        return None
 
     async def _record(self, request: web.Request) -> dict | None:
         body = await request.json() if request.can_read_body else None
