@@ -78,10 +78,10 @@ def least_loaded(candidates: Sequence[Replica], now: float, rng: random.Random =
     return min(candidates, key=lambda replica: (replica.load(now), rng.random()))
 
 
-def overloaded(load: float, lowest: float, settings: CacheAwareSettings) -> bool:
+def overloaded(load: float, lowest: float, absolute: float, relative: float) -> bool:
     """SGLang's router's test of imbalance, applied to the preferred replica against the least loaded:
-    both further than `balance_abs_threshold` requests and more than `balance_rel_threshold` times."""
-    return load - lowest > settings.balance_abs_threshold and load > settings.balance_rel_threshold * lowest
+    both further than `absolute` requests and more than `relative` times."""
+    return load - lowest > absolute and load > relative * lowest
 
 
 def relieve(
@@ -138,10 +138,10 @@ class RoundRobin:
 
 class CacheAware:
     """The replica that was sent the longest part of this prompt's prefix (its cache likely holds it),
-    unless that replica is overloaded next to the least loaded one; then an idle replica, or the one
-    where the request costs least counting what it would compute again (`relieve`), which may still be
-    the preferred one. When no replica holds enough of the prompt (`min_match`), the least loaded.
-    Either way the chosen replica is recorded as holding the prompt's blocks, so a hot prefix that
+    unless that replica is overloaded next to the least loaded one (`bound_load`); then an idle replica,
+    or the one where the request costs least counting what it would compute again (`relieve`), which may
+    still be the preferred one. When no replica holds enough of the prompt (`min_match`), the least
+    loaded. Either way the chosen replica is recorded as holding the prompt's blocks, so a hot prefix that
     overflows its replica spreads to a few (up to `prefix.HOLDERS_PER_BLOCK`), and the least loaded of
     those is preferred from then on.
 
@@ -162,17 +162,33 @@ class CacheAware:
             pick = Pick(least_loaded(candidates, now), "prefix_miss")
         else:
             loads = {replica.url: replica.load(now) for replica in candidates}
-            preferred = min(holders, key=loads.__getitem__)
-            load = loads[preferred]
-            if overloaded(load, min(loads.values()), self.settings):
-                depths = self.table.depths(prefix, by_url)
-                missing = {url: len(prefix) - depths.get(url, 0) for url in by_url}
-                chosen = relieve(candidates, loads, missing, self.settings)
-                pick = Pick(chosen, "load_override" if chosen.url != preferred else "load_kept")
-            else:
-                pick = Pick(by_url[preferred], "prefix_hit")
+            preferred = by_url[min(holders, key=loads.__getitem__)]
+            pick = self.bound_load(candidates, loads, prefix, depth, preferred)
         self.table.record(prefix, pick.replica.url)
         return pick
+
+    def bound_load(
+        self, candidates: Sequence[Replica], loads: dict[str, float], prefix: Blocks, depth: int, preferred: Replica
+    ) -> Pick:
+        """`preferred` (holding `depth` blocks of the prompt) unless it is overloaded. A request whose prompt
+        is matched past the part shared with other prompts, and goes on with blocks of its own (a later turn
+        of a conversation: its history, then the new messages), is held to the larger
+        `history_abs_threshold`: moving it would compute its whole history again, delaying it and those
+        queued behind it, for no later request's gain. A new conversation on a shared system prompt, or a
+        prompt sent again whole, moves at `balance_abs_threshold`: computed on another replica, it serves
+        the requests that follow there."""
+        settings = self.settings
+        load, lowest, relative = loads[preferred.url], min(loads.values()), settings.balance_rel_threshold
+        if not overloaded(load, lowest, settings.balance_abs_threshold, relative):
+            return Pick(preferred, "prefix_hit")
+        if self.table.shared_depth(prefix) < depth < len(prefix) and not overloaded(
+            load, lowest, settings.history_abs_threshold, relative
+        ):
+            return Pick(preferred, "history_kept")
+        depths = self.table.depths(prefix, loads)
+        missing = {url: len(prefix) - depths.get(url, 0) for url in loads}
+        chosen = relieve(candidates, loads, missing, settings)
+        return Pick(chosen, "load_override" if chosen is not preferred else "load_kept")
 
 
 POWER_OF_TWO = LeastExpectedWaitOfTwo()

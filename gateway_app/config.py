@@ -117,19 +117,23 @@ class CacheAwareSettings(_Strict):
 
     The replica that most likely holds the prompt's prefix is preferred unless it is overloaded: its load
     exceeds the least loaded replica's by more than `balance_abs_threshold` requests *and* by more than
-    `balance_rel_threshold` times (SGLang's router uses the same two conditions, on its whole pool). The
-    request then moves only where it costs less, each prompt block the other replica would compute again
-    counted as `recompute_weight` requests (an idle replica always takes it)."""
+    `balance_rel_threshold` times (SGLang's router uses the same two conditions, on its whole pool); by more
+    than `history_abs_threshold` for a later turn of a conversation. The request then moves only where it
+    costs less, each prompt block the other replica would compute again counted as `recompute_weight`
+    requests (an idle replica always takes it)."""
 
     # Below this share of the prompt's blocks found on a replica, the prefix is not worth following.
     min_match: float = Field(default=0.3, ge=0, le=1)
     balance_abs_threshold: float = Field(default=4.0, ge=0)
     balance_rel_threshold: float = Field(default=1.5, ge=1)
+    # The absolute threshold for a request that continues a conversation (its prompt goes on, past the part
+    # shared with other prompts, on blocks only its replica was sent): moving it computes its history again.
+    history_abs_threshold: float = Field(default=16.0, ge=0)
     # Requests of load that one prompt block (256 characters, ~64 tokens) to compute again is worth when an
     # overloaded replica's request would move: 0.2 makes a 2,000-token system prompt worth ~6 requests.
     recompute_weight: float = Field(default=0.2, ge=0)
     # Prompt blocks (256 characters each) remembered per engine, least recently used forgotten first.
-    # About 330 bytes of gateway memory each once the table is full: 33 MB per cache_aware engine.
+    # About 400 bytes of gateway memory each once the table is full: 40 MB per cache_aware engine.
     table_blocks: int = Field(default=100_000, ge=1000, le=1_000_000)
 
 

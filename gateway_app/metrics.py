@@ -285,7 +285,8 @@ class GatewayMetrics:
             "Replica choices by engine, policy and decision: least_loaded (power_of_two), in_turn (round_robin), "
             "affinity (an affinity key), prefix_hit (cache_aware: the replica likely holding the prompt's "
             "prefix), load_override (that replica was overloaded: the request went elsewhere), load_kept (it was "
-            "overloaded but moving would have cost more: the prompt computed again), prefix_miss (no replica held "
+            "overloaded but moving would have cost more: the prompt computed again), history_kept (overloaded, but a "
+            "later turn of a conversation: its history is on that replica), prefix_miss (no replica held "
             "enough of it), no_prefix (no prompt text). Retries choose again.",
             ("engine", "policy", "decision"),
             registry=self.registry,

@@ -93,13 +93,19 @@ def prefix_blocks(document: dict[str, Any]) -> Blocks:
 class PrefixTable:
     """Block hash → the replica URLs that were last sent it (most recent last), with least-recently used
     blocks forgotten past `capacity`. An approximation of what each replica's cache holds: an engine
-    evicts on its own schedule, and requests sent by other gateways are not seen."""
+    evicts on its own schedule, and requests sent by other gateways are not seen. Per block it also keeps
+    whether prompts went on differently after it, which tells a prefix shared by several prompts (a system
+    prompt) from the history of one conversation (`shared_depth`)."""
 
-    __slots__ = ("capacity", "_holders")
+    __slots__ = ("capacity", "_holders", "_next")
 
     def __init__(self, capacity: int) -> None:
         self.capacity = capacity
         self._holders: OrderedDict[int, list[str]] = OrderedDict()
+        # Block hash -> the block that followed it in every prompt so far, or None once prompts went on
+        # differently after it (the prefix up to it is shared). A prompt's last block is left out: it may
+        # be partial, and the next turn of the same conversation fills it.
+        self._next: dict[int, int | None] = {}
 
     def __len__(self) -> int:
         return len(self._holders)
@@ -132,9 +138,29 @@ class PrefixTable:
                 depths[url] = index + 1
         return depths
 
+    def shared_depth(self, blocks: Blocks) -> int:
+        """How many blocks from the start this prompt shares with some other prompt seen: up to the deepest
+        known block after which prompts went on differently (this one included). A new conversation on a
+        shared system prompt shares about that prompt; a later turn of a conversation shares the same, its
+        own history beyond it being followed only by itself."""
+        shared = 0
+        known = self._next
+        last = len(blocks) - 1
+        for index, block in enumerate(blocks[:last]):
+            if block not in known:  # no prompt seen went on after it
+                break
+            following = known[block]
+            if following is None or (following != blocks[index + 1] and index + 1 < last):
+                shared = index + 1
+        return shared
+
     def record(self, blocks: Blocks, url: str) -> None:
         """The request's blocks went to `url`: they are likely in its cache now."""
         table = self._holders
+        following = self._next
+        for block, after in zip(blocks, blocks[1:-1], strict=False):  # not the last block: it may be partial
+            if following.setdefault(block, after) != after:
+                following[block] = None
         for block in blocks:
             known = table.get(block)
             if known is None:
@@ -148,4 +174,4 @@ class PrefixTable:
                     known.append(url)
                 table.move_to_end(block)
         while len(table) > self.capacity:
-            table.popitem(last=False)
+            following.pop(table.popitem(last=False)[0], None)

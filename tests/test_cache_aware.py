@@ -28,12 +28,13 @@ def system_prompt(topic: str) -> str:
     return f"You answer questions about {topic}. " + "Be precise and cite the manual. " * 40  # ~1.3 KB
 
 
-def turns(topic: str, count: int) -> list[list[dict]]:
-    """The message lists of a growing conversation, one per turn."""
+def turns(topic: str, count: int, asker: str = "") -> list[list[dict]]:
+    """The message lists of a growing conversation, one per turn (`asker`: whose, on the same system prompt)."""
     messages = [{"role": "system", "content": system_prompt(topic)}]
     conversation = []
     for turn in range(count):
-        messages = [*messages, {"role": "user", "content": f"Question {turn} about {topic}?"}]
+        question = f"{asker}Question {turn} about {topic}? " + "Some context for it. " * 20
+        messages = [*messages, {"role": "user", "content": question}]
         conversation.append(messages)
         messages = [*messages, {"role": "assistant", "content": f"Answer {turn}. " * 20}]
     return conversation
@@ -86,9 +87,13 @@ def test_a_block_keeps_its_latest_holders_and_old_blocks_are_forgotten():
         table.record((1,), url)
     assert table.match((1,), {"a", "b", "c", "d"}) == (1, ["b", "c", "d"][-HOLDERS_PER_BLOCK:])
     small = PrefixTable(1000)
+    small.record((-1, -2, -3, -9), "a")
+    small.record((-1, -2, -4, -9), "a")
+    assert small.shared_depth((-1, -2, -5, -9)) == 2
     for block in range(1500):
         small.record((block,), "a")
     assert len(small) == 1000 and small.match((0,), {"a"}) == (0, []) and small.match((1499,), {"a"})[0] == 1
+    assert small.shared_depth((-1, -2, -5, -9)) == 0  # where prompts went on differently is forgotten too
 
 
 def test_each_replica_holds_the_prompt_as_deep_as_its_unbroken_run_of_blocks():
@@ -100,6 +105,22 @@ def test_each_replica_holds_the_prompt_as_deep_as_its_unbroken_run_of_blocks():
     assert table.depths((1, 2, 3, 4, 5), {"a", "b", "c"}) == {"a": 4, "b": 1, "c": 5}
     assert table.depths((1, 2, 3, 4, 5), {"a", "b"}) == {"a": 4, "b": 1}
     assert table.depths((7, 1), {"a", "b", "c"}) == {}
+
+
+def test_prompts_share_the_system_prompt_they_go_on_from_differently_and_not_one_conversations_history():
+    table = PrefixTable(1000)
+    ann, bob = turns("tides", 3, "Ann: "), turns("tides", 3, "Bob: ")
+    system = len(prefix_blocks({"messages": ann[0][:1]})) - 1  # the system prompt's full blocks
+    for messages in ann:  # one conversation alone: nothing shared yet, however many turns
+        blocks = prefix_blocks({"messages": messages})
+        assert table.shared_depth(blocks) == 0
+        table.record(blocks, "a")
+    bob_first = prefix_blocks({"messages": bob[0]})
+    assert table.shared_depth(bob_first) == system  # it leaves Ann's path after the system prompt
+    table.record(bob_first, "b")
+    later = prefix_blocks({"messages": ann[2]})
+    assert table.shared_depth(later) == system  # Ann's own history past it is followed by Ann alone
+    assert table.match(later, {"a", "b"})[0] > system
 
 
 # The cache-aware pick
@@ -169,6 +190,23 @@ def test_an_idle_replica_takes_an_overloaded_replicas_request_whatever_it_must_c
     # A hot prefix spreads to a replica with nothing to do, however costly by the weight (5 < 0 + 40).
     assert pick_replica(pool, 0, policy, prefix=hot) == (idle, "load_override")
     assert policy.table.depths(hot, {r.url: r for r in pool.replicas})[idle.url] == len(hot)
+
+
+def test_an_overloaded_replica_keeps_its_conversations_later_turns_and_moves_new_ones():
+    pool = replicas(3)
+    home, light, idle = pool.replicas
+    policy = CacheAware(PrefixTable(1000), CacheAwareSettings(history_abs_threshold=8))
+    ann, bob, cy = (turns("tides", 2, asker) for asker in ("Ann: ", "Bob: ", "Cy: "))
+    for messages in (*ann, bob[0]):  # two conversations on one system prompt, sent to one replica
+        held_by(policy, prefix_blocks({"messages": messages}), home)
+    home.outstanding, light.outstanding, idle.outstanding = 8, 2, 0  # overloaded: 8 > 0 + 4 and > 1.5 x 0
+    # Bob's second turn would compute his history again anywhere else: it stays, even with a replica idle.
+    assert pick_replica(pool, 0, policy, prefix=prefix_blocks({"messages": bob[1]})) == (home, "history_kept")
+    # A new conversation on the system prompt goes to the idle replica, which then holds the prompt too.
+    assert pick_replica(pool, 0, policy, prefix=prefix_blocks({"messages": cy[0]})) == (idle, "load_override")
+    # Past history_abs_threshold (9 > 0 + 8) a later turn moves as well.
+    home.outstanding = 9
+    assert pick_replica(pool, 0, policy, prefix=prefix_blocks({"messages": bob[1]})) == (idle, "load_override")
 
 
 def test_a_small_shared_part_of_a_prompt_is_not_followed():
