@@ -686,6 +686,37 @@ def admin_gateway_of(processes, tmp_path, urls: list[str], extra_args: list[str]
     return processes.gateway(config, extra_args=["--keys-file", str(keys), *(extra_args or [])])
 
 
+def test_a_load_one_replica_refuses_names_it_without_the_engines_key(processes, tmp_path):
+    engine_key = "sk-engine-only-7"
+    runtime = ["--allow-runtime-lora-updating", "--api-key", engine_key]
+    replicas = [processes.simulator("vllm", "m", extra_args=runtime) for _ in range(3)]
+    # The last replica has the adapter already (an earlier load reached only it): it refuses with 400.
+    loaded = post(
+        replicas[2].url + "/v1/load_lora_adapter", {"lora_name": "x", "lora_path": "/x"}, headers=bearer(engine_key)
+    )
+    assert loaded.status == 200
+    (tmp_path / "engine.key").write_text(engine_key)
+    gateway = admin_gateway_of(
+        processes, tmp_path, [r.url for r in replicas], ["--engine-api-key-file", str(tmp_path / "engine.key")]
+    )
+    body = {"lora_name": "x", "lora_path": "/x", "engine": "e"}
+    answer = post(gateway.url + "/v1/load_lora_adapter", body, headers=bearer(KEY_ADMIN))
+    assert answer.status == 502, answer.body  # not the 400 of one replica: the others took it
+    error = answer.json()["error"]
+    assert (error["type"], error["code"]) == ("upstream_error", "adapter_update_failed")
+    assert (
+        f"failed on 1 of 3 replicas: {replicas[2].url} (400: The lora adapter 'x' has already been loaded.)"
+        in error["message"]
+    )
+    assert f"It succeeded on: {replicas[0].url}, {replicas[1].url}." in error["message"]
+    # The replicas took the gateway's key (they refuse requests without it), which the answer never shows.
+    for replica in replicas:
+        cards = get(replica.url + "/v1/models", headers=bearer(engine_key)).json()["data"]
+        assert "x" in {card["id"] for card in cards}
+    assert engine_key not in answer.body.decode() and engine_key not in json.dumps(answer.headers)
+    assert engine_key not in gateway.log()
+
+
 def test_an_admin_update_is_sent_to_16_replicas_at_a_time(processes, tmp_path):
     engine = processes.add(HeldUpdatesEngine(replicas=20).start())
     engine.hold("wide-lora")
