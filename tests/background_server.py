@@ -10,9 +10,13 @@ from aiohttp import web
 
 
 class BackgroundServer:
-    def __init__(self, app: web.Application) -> None:
+    """`ports` > 1 serves the one app on that many ports (`urls`): several replicas of one stand-in."""
+
+    def __init__(self, app: web.Application, ports: int = 1) -> None:
         self._app = app
+        self._ports = ports
         self.url = ""
+        self.urls: list[str] = []
         self.loop: asyncio.AbstractEventLoop | None = None
 
     def start(self) -> BackgroundServer:
@@ -23,9 +27,10 @@ class BackgroundServer:
             # Handlers stop when the client hangs up, as an engine stops generating.
             self._runner = web.AppRunner(self._app, handler_cancellation=True, shutdown_timeout=1)
             self.loop.run_until_complete(self._runner.setup())
-            site = web.TCPSite(self._runner, "127.0.0.1", 0)
-            self.loop.run_until_complete(site.start())
-            self.url = f"http://127.0.0.1:{self._runner.addresses[0][1]}"
+            for _ in range(self._ports):
+                self.loop.run_until_complete(web.TCPSite(self._runner, "127.0.0.1", 0).start())
+            self.urls = [f"http://127.0.0.1:{address[1]}" for address in self._runner.addresses]
+            self.url = self.urls[0]
             ready.set()
             self.loop.run_forever()
 

@@ -6,11 +6,13 @@ that record what they receive)."""
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
+import aiohttp
 import openai
 import pytest
 import yaml
@@ -21,11 +23,14 @@ from gateway_app.auth import hash_key
 from gateway_app.balancer import pick_replica
 from gateway_app.config import ConfigError, parse_routing_map
 from gateway_app.errors import ModelNotFound
+from gateway_app.lora_admin import AdapterAdmin
 from gateway_app.metrics import GatewayMetrics
 from gateway_app.models_catalog import MAX_LISTS_AT_ONCE, ModelCatalog
 from gateway_app.replicas import Replica
 from gateway_app.route_table import build_routes
 from gateway_app.snapshot import Snapshot
+from gateway_app.upstream import create_session
+from tests.background_server import BackgroundServer
 from tests.recording_engine import Received, RecordingEngine
 from tests.routes import write_routing_map
 from tests.support import RunningProcess, free_port
@@ -598,6 +603,234 @@ def test_an_engine_refusing_the_gateways_credential_is_a_bad_gateway(processes, 
     error = answer.json()["error"]
     assert (error["type"], error["code"]) == ("upstream_error", "adapter_update_failed")
     assert f"{engine.url} (401" in error["message"] and "credential" in error["message"]
+
+
+@dataclass
+class Update:
+    """One load or unload a replica of a stand-in engine received. `started` and `ended` are places in
+    the order of everything the engine saw (a counter, not a clock)."""
+
+    action: str  # "load" or "unload"
+    lora_name: str
+    replica: str  # the URL it came in on
+    started: int
+    ended: int | None = None
+
+
+class HeldUpdatesEngine:
+    """A stand-in vLLM engine on `replicas` ports (a replica URL each) that records the loads and unloads
+    it receives and how many were under way at once, and holds those of a held adapter until released."""
+
+    def __init__(self, replicas: int, model: str = "m") -> None:
+        self.model = model
+        self.updates: list[Update] = []
+        self.under_way = 0
+        self.most_under_way = 0
+        self._order = itertools.count()
+        self._gates: dict[str, asyncio.Event] = {}
+        app = web.Application()
+        app.router.add_route("*", "/{tail:.*}", self._handle)
+        self._server = BackgroundServer(app, ports=replicas)
+
+    def start(self) -> HeldUpdatesEngine:
+        self._server.start()
+        return self
+
+    def stop(self) -> None:
+        self._server.stop()
+
+    @property
+    def urls(self) -> list[str]:
+        return self._server.urls
+
+    def hold(self, name: str) -> None:
+        """Hold the loads and unloads of adapter `name` (those to come) until `release(name)`."""
+        self._gates[name] = asyncio.Event()
+
+    def release(self, name: str) -> None:
+        assert self._server.loop is not None
+        self._server.loop.call_soon_threadsafe(self._gates[name].set)
+
+    def of(self, action: str, name: str) -> list[Update]:
+        return [update for update in self.updates if (update.action, update.lora_name) == (action, name)]
+
+    async def _handle(self, request: web.Request) -> web.StreamResponse:
+        if request.path == "/health":
+            return web.Response()
+        if request.path == "/v1/models":
+            return web.json_response({"object": "list", "data": [{"id": self.model, "object": "model"}]})
+        action = {"/v1/load_lora_adapter": "load", "/v1/unload_lora_adapter": "unload"}.get(request.path)
+        if action is None:
+            return web.json_response({"detail": "Not Found"}, status=404)
+        name = (await request.json())["lora_name"]
+        port = request.transport.get_extra_info("sockname")[1] if request.transport else 0
+        update = Update(action, name, f"http://127.0.0.1:{port}", next(self._order))
+        self.updates.append(update)
+        self.under_way += 1
+        self.most_under_way = max(self.most_under_way, self.under_way)
+        try:
+            gate = self._gates.get(name)
+            if gate is not None:
+                await gate.wait()
+        finally:
+            self.under_way -= 1
+            update.ended = next(self._order)  # before the answer is sent: the gateway sees it end after this
+        return web.Response(text=f"Success: LoRA adapter '{name}' {action}ed successfully.")
+
+
+def admin_gateway_of(processes, tmp_path, urls: list[str], extra_args: list[str] | None = None) -> RunningProcess:
+    """A gateway with the admin key KEY_ADMIN in front of one engine `e` (model `m`) of these replicas."""
+    routing = [{"name": "e", "model": "m", "owned_by": "vllm", "urls": urls}]
+    keys = keys_file(tmp_path / "keys.yaml", key("ops", KEY_ADMIN, admin=True))
+    config = write_routing_map(tmp_path / "routes.yaml", routing)
+    return processes.gateway(config, extra_args=["--keys-file", str(keys), *(extra_args or [])])
+
+
+def test_a_load_one_replica_refuses_names_it_without_the_engines_key(processes, tmp_path):
+    engine_key = "sk-engine-only-7"
+    runtime = ["--allow-runtime-lora-updating", "--api-key", engine_key]
+    replicas = [processes.simulator("vllm", "m", extra_args=runtime) for _ in range(3)]
+    # The last replica has the adapter already (an earlier load reached only it): it refuses with 400.
+    loaded = post(
+        replicas[2].url + "/v1/load_lora_adapter", {"lora_name": "x", "lora_path": "/x"}, headers=bearer(engine_key)
+    )
+    assert loaded.status == 200
+    (tmp_path / "engine.key").write_text(engine_key)
+    gateway = admin_gateway_of(
+        processes, tmp_path, [r.url for r in replicas], ["--engine-api-key-file", str(tmp_path / "engine.key")]
+    )
+    body = {"lora_name": "x", "lora_path": "/x", "engine": "e"}
+    answer = post(gateway.url + "/v1/load_lora_adapter", body, headers=bearer(KEY_ADMIN))
+    assert answer.status == 502, answer.body  # not the 400 of one replica: the others took it
+    error = answer.json()["error"]
+    assert (error["type"], error["code"]) == ("upstream_error", "adapter_update_failed")
+    assert (
+        f"failed on 1 of 3 replicas: {replicas[2].url} (400: The lora adapter 'x' has already been loaded.)"
+        in error["message"]
+    )
+    assert f"It succeeded on: {replicas[0].url}, {replicas[1].url}." in error["message"]
+    # The replicas took the gateway's key (they refuse requests without it), which the answer never shows.
+    for replica in replicas:
+        cards = get(replica.url + "/v1/models", headers=bearer(engine_key)).json()["data"]
+        assert "x" in {card["id"] for card in cards}
+    assert engine_key not in answer.body.decode() and engine_key not in json.dumps(answer.headers)
+    assert engine_key not in gateway.log()
+
+
+def test_an_admin_update_is_sent_to_16_replicas_at_a_time(processes, tmp_path):
+    engine = processes.add(HeldUpdatesEngine(replicas=20).start())
+    engine.hold("wide-lora")
+    gateway = admin_gateway_of(processes, tmp_path, engine.urls)
+    body = {"lora_name": "wide-lora", "lora_path": "/x", "engine": "e"}
+    with ThreadPoolExecutor(1) as pool:
+        loading = pool.submit(post, gateway.url + "/v1/load_lora_adapter", body, headers=bearer(KEY_ADMIN))
+        try:
+            wait_for(lambda: engine.under_way >= 16, message="16 loads under way")
+            # Had the gateway sent more, they would be here by now: it answered a request since, and so did
+            # every replica, on connections opened after the gateway's.
+            assert get(gateway.url + "/healthz").status == 200
+            assert all(get(url + "/health").status == 200 for url in engine.urls)
+            assert len(engine.updates) == 16  # the other 4 wait for a place while the 16 are held
+        finally:
+            engine.release("wide-lora")
+        answer = loading.result()
+    assert answer.status == 200, answer.body
+    assert {replica["endpoint"] for replica in answer.json()["replicas"]} == set(engine.urls)
+    assert sorted(update.replica for update in engine.updates) == sorted(engine.urls)  # each once
+    assert engine.most_under_way == 16
+
+
+def test_updates_of_different_adapters_on_one_engine_run_side_by_side(processes, tmp_path):
+    engine = processes.add(HeldUpdatesEngine(replicas=3).start())
+    engine.hold("slow-lora")
+    gateway = admin_gateway_of(processes, tmp_path, engine.urls)
+    load = gateway.url + "/v1/load_lora_adapter"
+    with ThreadPoolExecutor(1) as pool:
+        slow = pool.submit(
+            post, load, {"lora_name": "slow-lora", "lora_path": "/s", "engine": "e"}, headers=bearer(KEY_ADMIN)
+        )
+        try:
+            wait_for(lambda: len(engine.of("load", "slow-lora")) == 3, message="slow-lora's loads under way")
+            # Done on every replica while slow-lora's loads are still held there.
+            quick = post(
+                load,
+                {"lora_name": "quick-lora", "lora_path": "/q", "engine": "e"},
+                headers=bearer(KEY_ADMIN),
+                timeout=10,
+            )
+            assert quick.status == 200, quick.body
+            assert all(update.ended is None for update in engine.of("load", "slow-lora"))
+        finally:
+            engine.release("slow-lora")
+        assert slow.result().status == 200
+    assert len(engine.of("load", "quick-lora")) == 3
+
+
+def test_updates_of_one_adapter_on_one_engine_run_one_after_the_other(processes):
+    # In process (the gateway's AdapterAdmin and its aiohttp session, stand-in replicas on loopback), to
+    # see each update wait for its turn and the bookkeeping of who waits.
+    engine = processes.add(HeldUpdatesEngine(replicas=3).start())
+    routing = parse_routing_map(
+        json.dumps({"engines": [{"name": "e", "model": "m", "owned_by": "vllm", "urls": engine.urls}]})
+    )
+    target = build_routes(routing, discovered=DiscoveredAdapters()).engine_named("e")
+    assert target is not None
+    engine.hold("x")
+
+    async def refresh() -> None:  # the catalog's reading of the engines' lists: not under test here
+        return None
+
+    async def until(condition, message: str) -> None:
+        for _ in range(1000):
+            if condition():
+                return
+            await asyncio.sleep(0.01)
+        raise AssertionError(f"{message} not reached")
+
+    async def scenario() -> None:
+        session = create_session()
+        admin = AdapterAdmin(session, refresh)
+        started: list[asyncio.Task] = []
+
+        def update(action: str, name: str) -> asyncio.Task:
+            body = {"lora_name": name, "lora_path": f"/{name}"} if action == "load" else {"lora_name": name}
+            started.append(asyncio.create_task(admin.update(action, target, body, (), "ops")))
+            return started[-1]
+
+        try:
+            load = update("load", "x")
+            await until(lambda: len(engine.of("load", "x")) == 3, "x's loads under way")
+            unload, again = update("unload", "x"), update("load", "x")
+            await until(lambda: admin._updating.get(("e", "x"), (None, 0))[1] == 3, "two more updates of x waiting")
+            # Another adapter's update is not held up by x's, and leaves no entry behind.
+            assert (await asyncio.wait_for(update("load", "y"), 10))[0] == 200
+            assert set(admin._updating) == {("e", "x")}
+            # Had the waiting updates been sent, they would be here by now: every replica answered since,
+            # on connections opened after theirs.
+            async with aiohttp.ClientSession() as probe:
+                for url in engine.urls:
+                    async with probe.get(url + "/health") as answer:
+                        assert answer.status == 200
+            assert engine.of("unload", "x") == [] and len(engine.of("load", "x")) == 3
+            again.cancel()  # one that stops waiting (cancelled) no longer counts as waiting
+            with pytest.raises(asyncio.CancelledError):
+                await again
+            assert admin._updating[("e", "x")][1] == 2
+            engine.release("x")
+            assert (await load)[0] == 200
+            assert (await unload)[0] == 200
+        finally:
+            engine.release("x")
+            for task in started:
+                task.cancel()
+            await asyncio.gather(*started, return_exceptions=True)
+            await session.close()
+        # The unload reached no replica before the load had ended on all of them; the cancelled load none.
+        assert min(u.started for u in engine.of("unload", "x")) > max(u.ended for u in engine.of("load", "x"))
+        assert len(engine.of("unload", "x")) == 3 and len(engine.of("load", "x")) == 3
+        assert admin._updating == {}  # nobody holds or waits: no entry left, whatever the names were
+
+    asyncio.run(scenario())
 
 
 def test_the_sglang_simulator_splits_the_model_at_the_first_colon_as_sglang_does(processes):
