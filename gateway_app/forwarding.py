@@ -65,6 +65,7 @@ class ForwardRequest:
     extra_headers: list[tuple[bytes, bytes]]  # added to the answer, e.g. x-ratelimit-*
     strip_usage: bool  # the gateway asked for the usage chunk, the client did not
     started: float  # perf_counter() when the request arrived
+    client: str  # the API key's name (`anonymous` with keys off), for refusals counted while forwarding
     prefix: Blocks | None = None  # the prompt's block hashes, for a cache_aware engine (prefix.py)
 
 
@@ -211,7 +212,7 @@ class Exchange:
                     await self._fail(Failure.TIMEOUT_TOTAL)
         except (EngineBusy, EngineWaking) as error:
             kind = Failure.ENGINE_OVERLOADED if isinstance(error, EngineBusy) else Failure.ENGINE_WAKING
-            metrics.child(metrics.rejected, kind, "").inc()
+            metrics.child(metrics.rejected, kind, self.request.client).inc()
             self.failure = kind
             await send_error(self.send, error, [(ENGINE_HEADER, engine.name_header), *self.request.extra_headers])
             self.status = error.status

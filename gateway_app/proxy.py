@@ -173,6 +173,7 @@ class ProxyEndpoint:
             extra_headers=[ids.header, *decision.headers()] if decision is not None else [ids.header],
             strip_usage=strip_usage,
             started=started,
+            client=admitted.client.name,
             prefix=prefix,
         )
         return request, stream, span

@@ -333,7 +333,7 @@ class RouteTable:
         if route is None:
             adapter_route = self._adapter_route(model, allowed)
             if adapter_route is not None:
-                return self._pick(adapter_route, owned_by, False)
+                return self._pick(adapter_route, model, owned_by, False)
         if route is None or not may_use(allowed, model, route.model):
             error_type = ModelNotFound if route is None and not self._is_adapter(model) else ForbiddenModel
             models, aliases, adapters = self.names_visible_to(allowed)
@@ -344,19 +344,21 @@ class RouteTable:
                 + ".",
                 param="model",
             )
-        return self._pick(route, owned_by, via_alias)
+        return self._pick(route, model, owned_by, via_alias)
 
     def _is_adapter(self, model: str) -> bool:
         """Whether `model` names an adapter someone may use (for counting a refusal as forbidden)."""
         return self._adapter_route(model, None) is not None
 
-    def _pick(self, route: ModelRoute, owned_by: str | None, via_alias: bool) -> Resolution:
+    def _pick(self, route: ModelRoute, requested: str, owned_by: str | None, via_alias: bool) -> Resolution:
+        """The engine of `owned_by` (or the default) for `route`; an error names the model as the client
+        did (`requested`): a key allowed only an alias must not learn the model id behind it."""
         if owned_by is None:
             return Resolution(route.default, via_alias)
         engine = route.by_owner.get(owned_by)
         if engine is None:
             raise ModelNotFound(
-                f"The model `{route.model}` is not served by owned_by `{owned_by}`. "
+                f"The model `{requested}` is not served by owned_by `{owned_by}`. "
                 f"It is served by: {_listing(list(route.by_owner))}.",
                 param="owned_by",
                 code="engine_not_found",

@@ -68,6 +68,13 @@ def test_owned_by_on_an_allowed_model_lists_its_engines(gateway):
     assert "`vllm`" in error["message"]
 
 
+def test_an_unknown_owned_by_names_the_model_as_the_key_knows_it(gateway):
+    """A key allowed only an alias is never told the model id behind it, not even by an owned_by error."""
+    error = error_of(chat(gateway, ALIAS_ONLY, "llama-1b", owned_by="nope"))
+    assert error["code"] == "engine_not_found" and error["param"] == "owned_by"
+    assert "`llama-1b`" in error["message"] and LLAMA not in error["message"]
+
+
 def test_a_key_allowed_an_alias_sees_and_uses_only_that_alias(gateway):
     assert chat(gateway, ALIAS_ONLY, "llama-1b").status == 200
     error = error_of(chat(gateway, ALIAS_ONLY, LLAMA))

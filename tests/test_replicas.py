@@ -10,7 +10,9 @@ import threading
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
+import yaml
 
+from gateway_app.auth import hash_key
 from tests.raw_http import RawConnection, json_request
 from tests.routes import write_routing_map
 from tests.support import Processes, RunningProcess
@@ -178,6 +180,27 @@ def test_overloaded_engine_answers_429_with_retry_after(processes, tmp_path):
     assert refused.json()["error"]["code"] == "engine_overloaded" and int(refused.headers["retry-after"]) >= 1
     metrics = get(gateway.url + "/metrics").body.decode()
     assert metric_value(metrics, "llm_gateway_engine_queue_wait_seconds_count", engine="e") >= 1
+
+
+def test_an_overload_refusal_is_counted_under_the_key_that_sent_it(processes, tmp_path):
+    engine = processes.recording_engine()
+    keys = tmp_path / "keys.yaml"
+    keys.write_text(yaml.safe_dump({"keys": [{"name": "team-a", "sha256": hash_key("sk-team-a")}]}))
+    config = write_routing_map(
+        tmp_path / "routes.yaml",
+        [{"name": "e", "model": "m", "owned_by": "vllm", "url": engine.url, "concurrency": {"limit": 1, "queue": 0}}],
+    )
+    gateway = processes.gateway(config, extra_args=["--keys-file", str(keys)])
+    key = {"Authorization": "Bearer sk-team-a"}
+    with RawConnection(gateway.url) as first:  # holds the engine's one place until it closes
+        first.send(json_request({"model": "m"}, headers={**key, "X-Test-Scenario": "never-answers"}))
+        wait_for(lambda: any(r.path == CHAT for r in engine.received), message="the first request at the engine")
+        refused = post(gateway.url + CHAT, {"model": "m"}, headers=key)
+    assert refused.status == 429 and refused.json()["error"]["code"] == "engine_overloaded"
+    metrics = get(gateway.url + "/metrics").body.decode()
+    rejected = "llm_gateway_rejected_requests_total"
+    assert metric_value(metrics, rejected, reason="engine_overloaded", client="team-a") == 1
+    assert metric_value(metrics, rejected, reason="engine_overloaded", client="") == 0
 
 
 def test_session_affinity_keeps_a_session_on_one_replica(processes, tmp_path):
