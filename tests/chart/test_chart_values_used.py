@@ -124,3 +124,35 @@ def test_every_object_level_refuses_unknown_keys(helm: Helm) -> None:
 def test_typos_are_refused_naming_them(helm: Helm, values: dict[str, Any], path: str, key: str) -> None:
     message = helm.template_error(values=values)
     assert f"at '{path}': additional properties '{key}' not allowed" in message, message
+
+
+# --- The simulator preset's image -------------------------------------------------------------------------
+
+DIGEST = "sha256:" + "a" * 64
+
+
+@pytest.mark.parametrize(
+    ("preset", "gateway", "image"),
+    [
+        ({}, {}, "ghcr.io/llm-gateway/llm-gateway:0.1.0"),
+        ({}, {"tag": "0.3.0"}, "ghcr.io/llm-gateway/llm-gateway:0.3.0"),
+        ({"tag": "0.2.0"}, {}, "ghcr.io/llm-gateway/llm-gateway:0.2.0"),
+        ({"tag": "0.2.0"}, {"tag": "0.3.0", "digest": DIGEST}, "ghcr.io/llm-gateway/llm-gateway:0.2.0"),
+        ({"digest": DIGEST}, {}, f"ghcr.io/llm-gateway/llm-gateway@{DIGEST}"),
+        ({"repository": "example.com/sim", "tag": "1"}, {}, "example.com/sim:1"),
+    ],
+)
+def test_simulator_preset_fields_fall_back_one_by_one(helm: Helm, preset: dict[str, str], gateway: dict[str, str], image: str) -> None:  # fmt: skip
+    """enginePresets.simulator.image's empty fields come from gateway.image: a tag or digest of its own is a
+    version of the gateway image for the simulators, and the gateway keeps its own."""
+    values = {"enginePresets": {"simulator": {"image": preset}}, "gateway": {"image": gateway}}
+    rendered = helm.template(values=values)
+    spec = rendered.get("Deployment", "sim-llama-32-1b")["spec"]["template"]["spec"]
+    assert spec["containers"][0]["image"] == image
+    own = rendered.get("Deployment", "my-llm-llm-gateway")["spec"]["template"]["spec"]["containers"][0]["image"]
+    assert own.endswith(gateway.get("tag", "0.1.0") + (f"@{DIGEST}" if "digest" in gateway else ""))
+
+
+def test_a_latest_simulator_preset_is_refused(helm: Helm) -> None:
+    message = helm.template_error(values={"enginePresets": {"simulator": {"image": {"tag": "latest"}}}})
+    assert "llm-gateway:latest is not allowed" in message

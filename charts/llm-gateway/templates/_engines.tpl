@@ -264,12 +264,15 @@ Each resolved entry keeps the user's keys and adds:
 {{- end -}}
 {{- end -}}
 
-{{- /* Image: the engine's fields over the preset's; the simulator's preset falls back to the gateway image. */ -}}
+{{- /* Image: the engine's fields over the preset's; the simulator's preset falls back to the gateway image
+       field by field: without a repository of its own it runs the gateway's, at the preset's tag or digest
+       when one is set (a version of the gateway image), else at the gateway's. */ -}}
 {{- $preset := get $root.Values.enginePresets $kind -}}
 {{- $base := deepCopy $preset.image -}}
 {{- if and (eq $kind "simulator") (not $base.repository) -}}
 {{- $gw := $root.Values.gateway.image -}}
-{{- $base = dict "repository" $gw.repository "tag" ($gw.tag | default $root.Chart.AppVersion) "digest" $gw.digest "pullPolicy" ($base.pullPolicy | default $gw.pullPolicy) -}}
+{{- $version := ternary (dict "tag" $base.tag "digest" $base.digest) (dict "tag" ($gw.tag | default $root.Chart.AppVersion) "digest" $gw.digest) (or (not (empty $base.tag)) (not (empty $base.digest))) -}}
+{{- $base = dict "repository" $gw.repository "tag" $version.tag "digest" $version.digest "pullPolicy" ($base.pullPolicy | default $gw.pullPolicy) -}}
 {{- end -}}
 {{- $own := $e.image | default dict -}}
 {{- $img := dict -}}
