@@ -1,8 +1,9 @@
 """A value the user sets reaches a rendered object, or `helm template` refuses it naming it: never a no-op.
 
-Every key of values.schema.json is read by a template (no key that only looks like a setting), and every
-object level of the schema refuses unknown keys, so a typo such as `engines[0].replica` or
-`gateway.resorces` is an error naming it.
+Three guards. Every key of values.schema.json is read by a template (no key that only looks like a setting).
+Every object level of the schema refuses unknown keys, so a typo such as `engines[0].replica` or
+`gateway.resorces` is an error naming it. And a key that cannot apply to an entry's kind (a pod's keys on an
+engine running elsewhere, a GPU engine's keys on a simulator) is refused rather than dropped.
 """
 
 from __future__ import annotations
@@ -124,6 +125,120 @@ def test_every_object_level_refuses_unknown_keys(helm: Helm) -> None:
 def test_typos_are_refused_naming_them(helm: Helm, values: dict[str, Any], path: str, key: str) -> None:
     message = helm.template_error(values=values)
     assert f"at '{path}': additional properties '{key}' not allowed" in message, message
+
+
+# --- Keys that cannot apply to an entry's kind --------------------------------------------------------------
+
+ENGINE_PROPERTIES = SCHEMA["definitions"]["engine"]["properties"]
+DEFAULTS_KEYS = set(SCHEMA["properties"]["engineDefaults"]["properties"])
+# A value of each key the schema accepts; the pod keys of an engine the chart deploys.
+POD_KEY_VALUES: dict[str, Any] = {
+    "replicas": 2, "gpus": 2, "image": {"tag": "v1"}, "extraArgs": ["--x"], "env": [{"name": "A", "value": "b"}],
+    "resources": {"requests": {"cpu": "1"}}, "runtimeClassName": "nvidia", "gpuResource": "amd.com/gpu",
+    "shmSize": "4Gi", "hfToken": {"existingSecret": "hf"}, "modelStorage": {"type": "none"},
+    "strategy": {"type": "Recreate"}, "nodeSelector": {"pool": "gpu"}, "tolerations": [{"operator": "Exists"}],
+    "affinity": {"nodeAffinity": {}}, "podSecurityContext": {"runAsUser": 1}, "securityContext": {"privileged": False},
+    "terminationGracePeriodSeconds": 60, "startupTimeoutSeconds": 600,
+    "topologySpreadConstraints": [{"maxSkew": 1, "topologyKey": "zone", "whenUnsatisfiable": "ScheduleAnyway"}],
+    "priorityClassName": "high", "serviceAccountName": "reader", "podAnnotations": {"a": "b"}, "podLabels": {"a": "b"},
+    "extraVolumes": [{"name": "v", "emptyDir": {}}], "extraVolumeMounts": [{"name": "v", "mountPath": "/v"}],
+    "initContainers": [{"name": "i", "image": "busybox:1.36"}], "envFrom": [{"secretRef": {"name": "s"}}],
+    "probes": {"liveness": {"periodSeconds": 30}}, "podDisruptionBudget": {"enabled": False},
+    "autoscaling": {"enabled": False}, "scaleToZero": {"enabled": False},
+}  # fmt: skip
+# The keys of a simulator's pod that only a GPU engine reads (the others apply to a simulator that sets them).
+GPU_ENGINE_ONLY = [
+    "gpus",
+    "runtimeClassName",
+    "gpuResource",
+    "shmSize",
+    "hfToken",
+    "modelStorage",
+    "startupTimeoutSeconds",
+]
+
+
+def test_pod_keys_are_every_key_but_the_routing_maps() -> None:
+    """The keys refused below are all keys of an engine entry except those of its line in the routing map (and
+    of a url entry's own): a new pod key is added here, so that it is refused on a url entry too."""
+    routing = {"name", "engine", "url", "urls", "baseUrl", "healthPath", "apiKeySecret", "ownedBy", "simulate",
+               "model", "servedModelName", "default", "aliases", "lora", "api", "headers", "timeouts", "fallback",
+               "balancing", "concurrency"}  # fmt: skip
+    assert set(POD_KEY_VALUES) == set(ENGINE_PROPERTIES) - routing
+    assert DEFAULTS_KEYS <= set(POD_KEY_VALUES)
+
+
+ELSEWHERE: list[dict[str, Any]] = [
+    {"url": "http://h:8000"},
+    {"urls": ["http://a:8000", "http://b:8000"]},
+    {"baseUrl": "https://x/v1"},
+]
+
+
+@pytest.mark.parametrize("key", POD_KEY_VALUES)
+def test_pod_keys_on_an_engine_elsewhere_are_refused(helm: Helm, key: str) -> None:
+    address = ELSEWHERE[list(POD_KEY_VALUES).index(key) % len(ELSEWHERE)]  # each form of address in turn
+    entry = {"name": "remote", **address, "ownedBy": "vllm", "model": "m", key: POD_KEY_VALUES[key]}
+    message = helm.template_error(values={"engines": [entry]})
+    assert f'engines[0] "remote": {key} is only for engines the chart deploys' in message, message
+    assert "would ignore it, remove it" in message
+
+
+@pytest.mark.parametrize("key", GPU_ENGINE_ONLY)
+def test_gpu_keys_on_a_simulator_are_refused(helm: Helm, key: str) -> None:
+    entry = {"name": "sim", "engine": "simulator", "model": "m", key: POD_KEY_VALUES[key]}
+    message = helm.template_error(values={"engines": [entry]})
+    assert f'engines[0] "sim": {key} is for GPU engines (vllm, sglang); a simulator would ignore it' in message
+
+
+def test_a_simulator_keeps_what_it_uses_and_ignores_only_the_defaults(helm: Helm) -> None:
+    """The other pod keys apply to a simulator that sets them; engineDefaults' GPU keys stay off it (by design,
+    documented), and a url entry never receives engineDefaults."""
+    own = {key: value for key, value in POD_KEY_VALUES.items() if key not in GPU_ENGINE_ONLY}
+    own.update(autoscaling={"enabled": False}, podDisruptionBudget={"enabled": False}, scaleToZero={"enabled": False})
+    gpu_defaults = {key: POD_KEY_VALUES[key] for key in GPU_ENGINE_ONLY if key != "gpus"}
+    rendered = helm.template(
+        values={
+            "engineDefaults": gpu_defaults,
+            "engines": [
+                {"name": "sim", "engine": "simulator", "model": "m", **own},
+                {"name": "remote", "url": "http://h:8000", "ownedBy": "vllm", "model": "n"},
+            ],
+        }
+    )
+    spec = rendered.get("Deployment", "sim")["spec"]["template"]["spec"]
+    assert (spec["priorityClassName"], spec["serviceAccountName"]) == ("high", "reader")
+    assert spec["nodeSelector"] == {"pool": "gpu"}
+    assert spec["containers"][0]["args"][-1] == "--x" and "runtimeClassName" not in spec
+
+
+@pytest.mark.parametrize(
+    ("entry", "fragment"),
+    [
+        ({"url": "http://h:8000", "lora": {"adapters": [{"name": "a"}], "maxLoras": 2}}, "lora.maxLoras is a flag of an engine the chart starts"),
+        ({"urls": ["http://a:8000"], "lora": {"maxLoraRank": 16}}, "lora.maxLoraRank is a flag of an engine the chart starts"),
+        ({"url": "http://h:8000", "lora": {"runtimeUpdates": True}}, "lora.runtimeUpdates is a flag of an engine the chart starts"),
+        ({"url": "http://h:8000", "lora": {"adapters": [{"name": "a", "path": "/p"}]}}, 'lora.adapters[0] "a": path is for engines the chart starts'),
+        ({"engine": "simulator", "lora": {"adapters": [{"name": "a", "path": "/p"}], "maxLoras": 2}}, "lora.maxLoras sizes a GPU engine's LoRA memory; a simulator would ignore it"),
+        ({"engine": "simulator", "lora": {"maxLoraRank": 16}}, "lora.maxLoraRank sizes a GPU engine's LoRA memory"),
+        ({"engine": "sglang", "lora": {"adapters": [{"name": "a", "path": "/p"}], "runtimeUpdates": False}}, "lora.runtimeUpdates: false cannot be honoured"),
+    ],
+)  # fmt: skip
+def test_lora_keys_nothing_would_read_are_refused(helm: Helm, entry: dict[str, Any], fragment: str) -> None:
+    owned = {} if "engine" in entry else {"ownedBy": "vllm"}
+    message = helm.template_error(values={"engines": [{"name": "e", "model": "m", **owned, **entry}]})
+    assert f'engines[0] "e": {fragment}' in message, message
+
+
+def test_lora_near_misses_are_accepted(helm: Helm) -> None:
+    """Adapter names on a url entry, runtime updates on a simulator and on SGLang (true: what it does anyway)."""
+    engines = [
+        {"name": "r", "url": "http://h:8000", "ownedBy": "vllm", "model": "m", "lora": {"adapters": [{"name": "a"}]}},
+        {"name": "s", "engine": "simulator", "model": "n", "lora": {"adapters": [{"name": "b", "path": "/p"}], "runtimeUpdates": True}},
+        {"name": "g", "engine": "sglang", "model": "o", "lora": {"adapters": [{"name": "c", "path": "/p"}], "runtimeUpdates": True}},
+    ]  # fmt: skip
+    simulator = helm.template(values={"engines": engines}).get("Deployment", "s")["spec"]["template"]["spec"]
+    assert "--allow-runtime-lora-updating" in simulator["containers"][0]["args"]
 
 
 # --- The simulator preset's image -------------------------------------------------------------------------
