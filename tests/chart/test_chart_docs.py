@@ -7,9 +7,10 @@ import re
 from collections.abc import Iterator
 from typing import Any
 
+import pytest
 import yaml
 
-from tests.chart.conftest import CHART_DIR, VALUE_SETS
+from tests.chart.conftest import CHART_DIR, VALUE_SETS, Helm
 
 VALUES = yaml.safe_load((CHART_DIR / "values.yaml").read_text())
 SCHEMA = json.loads((CHART_DIR / "values.schema.json").read_text())
@@ -132,3 +133,32 @@ def test_headers_are_never_suggested_for_credentials() -> None:
                 assert not CREDENTIAL_HEADER.search(header), f"{name}: engine {entry['name']} sends {header}"
     (note,) = [bullet for bullet in README.split("\n- ") if bullet.startswith("**`headers` are not secret.**")]
     assert "ConfigMap" in note and "Secret-backed engine credential, not headers" in " ".join(note.split())
+
+
+# An engine for the README's snippets that name a model without listing engines of their own.
+SNIPPET_BASE = {"engines": [{"name": "sim", "engine": "simulator", "model": "m", "aliases": ["llama-1b"]}]}
+PLACEHOLDER_HASH = re.compile(r"sha256: (\.\.\.|[0-9a-f]+\.\.\.[0-9a-f]+)")
+
+
+def readme_values_snippets() -> list[tuple[int, str]]:
+    """The README's YAML blocks that are chart values (every top-level key a key of values.yaml), by line."""
+    snippets = []
+    for match in re.finditer(r"```yaml\n(.*?)```", README, re.DOTALL):
+        block = yaml.safe_load(match[1])
+        if isinstance(block, dict) and set(block) <= set(SCHEMA["properties"]):
+            snippets.append((README[: match.start()].count("\n") + 1, match[1]))
+    return snippets
+
+
+def test_readme_has_values_snippets() -> None:
+    assert len(readme_values_snippets()) >= 9
+
+
+@pytest.mark.parametrize(
+    ("line", "snippet"), readme_values_snippets(), ids=lambda x: str(x) if isinstance(x, int) else ""
+)
+def test_readme_values_snippets_render(helm: Helm, line: int, snippet: str) -> None:
+    """What the README tells users to put in their values is accepted as written (a hash elided as `...`
+    aside): no key the schema refuses, no combination the templates refuse."""
+    values = yaml.safe_load(PLACEHOLDER_HASH.sub("sha256: " + "ab" * 32, snippet))
+    helm.template(values={**SNIPPET_BASE, **values})
