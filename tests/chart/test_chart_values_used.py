@@ -271,3 +271,47 @@ def test_simulator_preset_fields_fall_back_one_by_one(helm: Helm, preset: dict[s
 def test_a_latest_simulator_preset_is_refused(helm: Helm) -> None:
     message = helm.template_error(values={"enginePresets": {"simulator": {"image": {"tag": "latest"}}}})
     assert "llm-gateway:latest is not allowed" in message
+
+
+# --- The item names of the Secrets the chart writes -------------------------------------------------------
+
+
+def secret_references(node: Any) -> Iterator[tuple[str, str]]:
+    """(Secret name, item) of every secretKeyRef and secret volume item below node."""
+    if isinstance(node, dict):
+        if "secretKeyRef" in node:
+            yield node["secretKeyRef"]["name"], node["secretKeyRef"]["key"]
+        secret = node.get("secret")
+        if isinstance(secret, dict):
+            name = secret.get("secretName", secret.get("name"))
+            yield from ((name, item["key"]) for item in secret.get("items", []))
+        for child in node.values():
+            yield from secret_references(child)
+    elif isinstance(node, list):
+        for child in node:
+            yield from secret_references(child)
+
+
+HASH = "ab" * 32
+ITEM_NAMES = {
+    "auth.key": ({"auth": {"enabled": True, "key": "clients.yaml", "keys": [{"name": "a", "sha256": HASH}]}},
+                 "my-llm-llm-gateway-api-keys", "clients.yaml"),
+    "engineApiKey.key": ({"engineApiKey": {"value": "v", "key": "token"}}, "my-llm-llm-gateway-engine-api-key", "token"),
+    "redis.passwordKey": ({"redis": {"deploy": True, "password": "p", "passwordKey": "pw"}}, "my-llm-llm-gateway-redis", "pw"),
+    "hfToken.key": ({"engines": [{"name": "a", "engine": "vllm", "model": "m", "hfToken": {"value": "t", "key": "hf"}}]},
+                    "a-hf-token", "hf"),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("case", ITEM_NAMES)
+def test_item_names_name_the_charts_own_secrets_too(helm: Helm, case: str) -> None:
+    """auth.key, engineApiKey.key, redis.passwordKey and hfToken.key name the item in the user's Secret, and
+    in the Secret the chart writes from an inline value (they were dropped there); every reference to a Secret
+    of the chart names an item it holds."""
+    values, secret, item = ITEM_NAMES[case]
+    rendered = helm.template(values=values)
+    written = {doc["metadata"]["name"]: set(doc["data"]) for doc in rendered.of_kind("Secret")}
+    assert written[secret] == {item}
+    references = {(name, key) for spec in rendered.pod_specs().values() for name, key in secret_references(spec)}
+    assert (secret, item) in references
+    assert all(key in written[name] for name, key in references if name in written), references
