@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 
-from tests.chart.conftest import CHART_DIR, Helm
+from tests.chart.conftest import CHART_DIR, Helm, Rendered
 
 SCHEMA = json.loads((CHART_DIR / "values.schema.json").read_text())
 TEMPLATES = "\n".join(path.read_text() for path in sorted((CHART_DIR / "templates").rglob("*")) if path.is_file())
@@ -315,3 +315,39 @@ def test_item_names_name_the_charts_own_secrets_too(helm: Helm, case: str) -> No
     references = {(name, key) for spec in rendered.pod_specs().values() for name, key in secret_references(spec)}
     assert (secret, item) in references
     assert all(key in written[name] for name, key in references if name in written), references
+
+
+# --- Values no other test sets, each followed to the object it configures -----------------------------------
+
+
+def _container(rendered: Rendered, name: str) -> dict[str, Any]:
+    return rendered.get("Deployment", name)["spec"]["template"]["spec"]["containers"][0]
+
+
+def _hpa_target(rendered: Rendered) -> Any:
+    return rendered.get("HorizontalPodAutoscaler", GATEWAY)["spec"]["metrics"][0]["resource"]["target"]
+
+
+GATEWAY = "my-llm-llm-gateway"
+SIM = "sim-llama-32-1b"
+VLLM = {"name": "v", "engine": "vllm", "model": "m"}
+REACHES: dict[str, tuple[dict[str, Any], Any, Any]] = {
+    "nameOverride": ({"nameOverride": "gw"}, lambda r: r.get("Deployment", "my-llm-gw")["metadata"]["labels"]["app.kubernetes.io/name"], "gw"),
+    "fullnameOverride": ({"fullnameOverride": "llm"}, lambda r: r.get("Service", "llm")["spec"]["selector"]["app.kubernetes.io/component"], "gateway"),
+    "clusterDomain": ({"clusterDomain": "example.internal"}, lambda r: r.routing["engines"][0]["url"], f"http://{SIM}.llm.svc.example.internal:8000"),
+    "engines[].image.pullPolicy": ({"engines": [{**VLLM, "image": {"pullPolicy": "Always"}}]}, lambda r: _container(r, "v")["imagePullPolicy"], "Always"),
+    "enginePresets.vllm.image.pullPolicy": ({"engines": [VLLM], "enginePresets": {"vllm": {"image": {"pullPolicy": "Never"}}}}, lambda r: _container(r, "v")["imagePullPolicy"], "Never"),
+    "enginePresets.simulator.image.pullPolicy": ({"enginePresets": {"simulator": {"image": {"pullPolicy": "Always"}}}}, lambda r: (_container(r, SIM)["imagePullPolicy"], _container(r, GATEWAY)["imagePullPolicy"]), ("Always", "IfNotPresent")),
+    "gateway.image.pullPolicy": ({"gateway": {"image": {"pullPolicy": "Always"}}}, lambda r: (_container(r, GATEWAY)["imagePullPolicy"], _container(r, SIM)["imagePullPolicy"]), ("Always", "Always")),
+    "redis.image.pullPolicy": ({"redis": {"deploy": True, "image": {"pullPolicy": "Always"}}}, lambda r: _container(r, f"{GATEWAY}-redis")["imagePullPolicy"], "Always"),
+    "modelStorage.hostPathType": ({"engines": [{**VLLM, "modelStorage": {"type": "hostPath", "hostPathType": "DirectoryOrCreate"}}]}, lambda r: r.get("Deployment", "v")["spec"]["template"]["spec"]["volumes"][1]["hostPath"], {"path": "/models", "type": "DirectoryOrCreate"}),
+    "persistence.resourcePolicy": ({"persistence": {"enabled": True, "resourcePolicy": ""}}, lambda r: r.get("PersistentVolumeClaim", f"{GATEWAY}-models")["metadata"].get("annotations"), None),
+    "gateway.autoscaling.targetCPUUtilizationPercentage": ({"gateway": {"autoscaling": {"enabled": True, "targetCPUUtilizationPercentage": 55}}}, _hpa_target, {"type": "Utilization", "averageUtilization": 55}),
+    "resources.claims": ({"engines": [{**VLLM, "resources": {"claims": [{"name": "gpu"}]}}], "gateway": {"resources": {"claims": [{"name": "net"}]}}}, lambda r: (_container(r, "v")["resources"]["claims"], _container(r, GATEWAY)["resources"]["claims"]), ([{"name": "gpu"}], [{"name": "net"}])),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("key", REACHES)
+def test_value_reaches_its_object(helm: Helm, key: str) -> None:
+    values, read, expected = REACHES[key]
+    assert read(helm.template(values=values)) == expected
