@@ -25,6 +25,20 @@ PHI = "/models/Phi-tiny-MoE-instruct"
 # --- helm lint and the Kubernetes schemas ----------------------------------------------------------
 
 
+def test_every_example_and_named_values_file_is_a_value_set() -> None:
+    """Each values file in examples/, and each the READMEs and values.yaml name, is in VALUE_SETS: linted,
+    validated for Kubernetes and loaded by the gateway below like the others."""
+    covered = {path.name for path in VALUE_SETS.values() if path is not None}
+    on_disk = {path.name for path in (CHART_DIR / "examples").iterdir()}
+    docs = "".join(
+        path.read_text()
+        for path in (CHART_DIR.parents[1] / "README.md", CHART_DIR / "README.md", CHART_DIR / "values.yaml")
+    )
+    named = set(re.findall(r"\b(values-[\w-]+\.yaml)\b", docs))
+    assert on_disk <= covered, f"examples not in VALUE_SETS: {on_disk - covered}"
+    assert named <= covered, f"values files the docs name that no test renders: {named - covered}"
+
+
 @pytest.mark.parametrize("value_set", VALUE_SETS)
 def test_helm_lint_strict(helm: Helm, value_set: str) -> None:
     args = ["lint", "--strict", str(CHART_DIR), "--namespace", NAMESPACE]

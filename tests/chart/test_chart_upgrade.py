@@ -171,3 +171,81 @@ def test_keys_and_engine_key_change_in_place(helm: Helm, example2_values: dict[s
     old_render, new_render = helm.template(values=before), helm.template(values=after)
     assert pod_templates(new_render) == pod_templates(old_render)
     assert new_render.get("Secret", f"{GATEWAY}-api-keys") != old_render.get("Secret", f"{GATEWAY}-api-keys")
+
+
+REMOTE = {"name": "remote-mistral", "url": "http://mistral.inference:8000", "ownedBy": "vllm", "model": "mistral"}
+ROUTES = ("ConfigMap", f"{GATEWAY}-routes")
+TEST_POD = ("Pod", f"{GATEWAY}-test-models")  # a hook run by `helm test`, never a running pod
+INGRESS = ("Ingress", GATEWAY)
+
+
+def _engines(values: dict[str, Any], **changes: dict[str, Any]) -> dict[str, Any]:
+    """values with engines[i] updated by changes["e<i>"]."""
+    changed = copy.deepcopy(values)
+    for at, fields in changes.items():
+        changed["engines"][int(at[1:])].update(fields)
+    return changed
+
+
+# The changes users make every day to routing: (change on example2, objects allowed to change besides the map)
+ROUTING_ONLY: dict[str, tuple[Any, set[tuple[str, str]]]] = {
+    "alias": (lambda v: _engines(v, e0={"aliases": ["llama-1b"]}), set()),
+    "default moved": (lambda v: _engines(v, e0={"default": False}, e1={"default": True}), set()),
+    "headers": (lambda v: _engines(v, e1={"headers": {"X-Tenant": "a"}}), set()),
+    "engine timeouts": (lambda v: _engines(v, e0={"timeouts": {"first_byte": 900, "idle": 30}}), set()),
+    "engine balancing": (lambda v: _engines(v, e0={"balancing": "cache_aware"}), set()),
+    "health path": (lambda v: _engines(v, e1={"healthPath": "/health_generate"}), set()),
+    "concurrency": (lambda v: _engines(v, e0={"concurrency": {"limit": 8, "queue": 0}}), set()),
+    "fallback": (lambda v: _engines(v, e1={"fallback": "vllm-llama-32-1b"}), set()),
+    "engine elsewhere added": (lambda v: {**v, "engines": [*v["engines"], REMOTE]}, {TEST_POD}),
+    "engine elsewhere with adapters": (
+        lambda v: {**v, "engines": [*v["engines"], {**REMOTE, "lora": {"adapters": [{"name": "sql"}]}, "api": "vllm"}]},
+        {TEST_POD},
+    ),
+    "settings": (
+        lambda v: {
+            **v,
+            "gateway": {
+                "settings": {
+                    "list_aliases": False,
+                    "models_cache_ttl": 10,
+                    "timeouts": {"idle": 30, "first_byte": 120},
+                    "retries": {"max_attempts": 2},
+                    "health": {"interval": 2},
+                    "affinity": {"header": "X-Session"},
+                    "balancing": "round_robin",
+                    "cache_aware": {"min_match": 0.5},
+                    "engine_metrics": {"scrape": "all"},
+                    "limits": {"requests_per_minute": 60},
+                    "discover_adapters": True,
+                    "ready_requires_engine": True,
+                    "client_limits": {"max_headers": 50},
+                }
+            },
+        },
+        set(),
+    ),  # fmt: skip
+    # nginx's body limit follows the gateway's: the Ingress changes too, still no pod
+    "body limit": (
+        lambda v: {
+            **v,
+            "gateway": {"settings": {"max_body_bytes": 2**25, "client_limits": {"max_body_memory": 2**28}}},
+        },
+        {INGRESS},
+    ),  # fmt: skip
+}
+
+
+@pytest.mark.parametrize("case", ROUTING_ONLY)
+def test_routing_changes_touch_only_the_routing_map(helm: Helm, example2_values: dict[str, Any], case: str) -> None:
+    """What users change most (aliases, the default, headers, timeouts, balancing, health checks, limits,
+    fallbacks, engines elsewhere, gateway.settings) reaches the gateways through the ConfigMap they reload:
+    no pod template changes, the engines' and the gateway's alike (rollOnConfigChange is off)."""
+    change, also = ROUTING_ONLY[case]
+    before, after = helm.template(values=example2_values), helm.template(values=change(example2_values))
+    changed = {
+        (doc["kind"], doc["metadata"]["name"]) for doc in before.docs + after.docs if doc not in before.docs or doc not in after.docs
+    }  # fmt: skip
+    assert ROUTES in changed, "the change did not reach the routing map"
+    assert changed - {ROUTES} <= also, f"{case}: more than the routing map changed: {sorted(changed - {ROUTES})}"
+    assert pod_templates(after) == pod_templates(before)

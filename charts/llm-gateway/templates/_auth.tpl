@@ -32,7 +32,8 @@ Usage: {{- $auth := include "llm-gateway.auth" . | fromJson }}
 {{- $keys := dict "enabled" ($auth.enabled | default false) "create" false -}}
 {{- $limitsSet := false -}}
 {{- if $auth.enabled -}}
-{{- $secretKey := ternary $auth.key "keys.yaml" (not (empty $auth.existingSecret)) | default "keys.yaml" -}}
+{{- /* The item holding the keys file: in existingSecret, or in the Secret the chart writes from keys. */ -}}
+{{- $secretKey := $auth.key | default "keys.yaml" -}}
 {{- $_ := set $keys "secretName" ($auth.existingSecret | default (printf "%s-api-keys" $fullname | trunc 63 | trimSuffix "-")) -}}
 {{- $_ := set $keys "secretKey" $secretKey -}}
 {{- $_ := set $keys "create" (empty $auth.existingSecret) -}}
@@ -90,7 +91,7 @@ Usage: {{- $auth := include "llm-gateway.auth" . | fromJson }}
 {{- end -}}
 {{- $engineKey := dict "enabled" (not (and (empty $ek.existingSecret) (empty $ek.value))) "create" (not (empty $ek.value)) -}}
 {{- if $engineKey.enabled -}}
-{{- $item := ternary "api-key" ($ek.key | default "api-key") (not (empty $ek.value)) -}}
+{{- $item := $ek.key | default "api-key" -}}
 {{- $_ := set $engineKey "secretName" ($ek.existingSecret | default (printf "%s-engine-api-key" $fullname | trunc 63 | trimSuffix "-")) -}}
 {{- $_ := set $engineKey "secretKey" $item -}}
 {{- $_ := set $engineKey "file" (printf "%s/engine-api-key/%s" $secretsDir $item) -}}
@@ -117,7 +118,7 @@ Usage: {{- $auth := include "llm-gateway.auth" . | fromJson }}
 {{- $_ := set $redis "passwordKey" ($r.passwordKey | default "password") -}}
 {{- else if $r.password -}}
 {{- $_ := set $redis "passwordSecret" $redisName -}}
-{{- $_ := set $redis "passwordKey" "password" -}}
+{{- $_ := set $redis "passwordKey" ($r.passwordKey | default "password") -}}
 {{- $_ := set $redis "createSecret" true -}}
 {{- end -}}
 

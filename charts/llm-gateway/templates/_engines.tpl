@@ -21,6 +21,12 @@ Each resolved entry keeps the user's keys and adds:
 {{- /* Keys of engineDefaults that only make sense for GPU engines; simulators never inherit them (a
        simulator needs no GPU node, so the GPU nodes' nodeSelector, tolerations and affinity stay off it). */ -}}
 {{- $gpuOnly := list "runtimeClassName" "gpuResource" "shmSize" "hfToken" "modelStorage" "podSecurityContext" "securityContext" "terminationGracePeriodSeconds" "startupTimeoutSeconds" "nodeSelector" "tolerations" "affinity" "extraVolumes" "extraVolumeMounts" "initContainers" "envFrom" "probes" -}}
+{{- /* Keys only a deployed engine's objects read (its pod, PodDisruptionBudget, ScaledObject, wake), refused on
+       url/urls/baseUrl entries: the per-engine keys of the pod, and every key engineDefaults may hold. */ -}}
+{{- $deployedOnly := list "replicas" "gpus" "image" "extraArgs" "env" "resources" "runtimeClassName" "gpuResource" "shmSize" "hfToken" "modelStorage" "strategy" "nodeSelector" "tolerations" "affinity" "podSecurityContext" "securityContext" "terminationGracePeriodSeconds" "startupTimeoutSeconds" "topologySpreadConstraints" "priorityClassName" "serviceAccountName" "podAnnotations" "podLabels" "extraVolumes" "extraVolumeMounts" "initContainers" "envFrom" "probes" "podDisruptionBudget" "autoscaling" "scaleToZero" -}}
+{{- /* Keys only a GPU engine's pod reads, refused on a simulator entry (the others of $gpuOnly apply to a
+       simulator that sets them itself: scheduling, security contexts, volumes, probes, grace period). */ -}}
+{{- $gpuEngineOnly := list "gpus" "runtimeClassName" "gpuResource" "shmSize" "hfToken" "modelStorage" "startupTimeoutSeconds" -}}
 {{- /* engineDefaults keys merged with the engine's rather than replaced (see below). */ -}}
 {{- $mergedMaps := list "hfToken" "modelStorage" "nodeSelector" "podAnnotations" "podLabels" "podSecurityContext" "securityContext" "probes" "podDisruptionBudget" "autoscaling" "scaleToZero" -}}
 {{- $namedLists := dict "extraVolumes" "name" "extraVolumeMounts" "mountPath" "initContainers" "name" -}}
@@ -75,8 +81,41 @@ Each resolved entry keeps the user's keys and adds:
 {{- fail (printf "%s: api is for url and urls entries; a baseUrl provider speaks the OpenAI API" $where) -}}
 {{- end -}}
 {{- $_ := set $e "engineApi" (ternary ($e.simulate | default "vllm") ($e.api | default (ternary $kind "" (has $kind (list "vllm" "sglang")))) (eq $kind "simulator")) -}}
-{{- /* LoRA adapters: unique names; a deployed engine needs each adapter's path for its flags. */ -}}
+{{- /* Keys that nothing would read for this kind of entry are refused, never dropped: the pod keys on an
+       entry running elsewhere, the GPU keys on a simulator (set on the entry itself; engineDefaults' stay
+       off simulators by design). A null is an unset key. */ -}}
 {{- $lora := $e.lora | default dict -}}
+{{- if eq $kind "external" -}}
+{{- range $key := $deployedOnly -}}
+{{- if and (hasKey $e $key) (not (kindIs "invalid" (index $e $key))) -}}
+{{- fail (printf "%s: %s is only for engines the chart deploys (engine: vllm, sglang or simulator); an entry with url, urls or baseUrl runs elsewhere and the chart would ignore it, remove it" $where $key) -}}
+{{- end -}}
+{{- end -}}
+{{- range $key := list "maxLoras" "maxLoraRank" "targetModules" "runtimeUpdates" -}}
+{{- if and (hasKey $lora $key) (not (kindIs "invalid" (index $lora $key))) -}}
+{{- fail (printf "%s: lora.%s is a flag of an engine the chart starts; an entry with url, urls or baseUrl is started elsewhere (set it there), remove it" $where $key) -}}
+{{- end -}}
+{{- end -}}
+{{- range $j, $adapter := $lora.adapters | default list -}}
+{{- if $adapter.path -}}
+{{- fail (printf "%s: lora.adapters[%d] %q: path is for engines the chart starts; an entry with url, urls or baseUrl lists its adapters by name only, remove path" $where $j $adapter.name) -}}
+{{- end -}}
+{{- end -}}
+{{- else if eq $kind "simulator" -}}
+{{- range $key := $gpuEngineOnly -}}
+{{- if and (hasKey $e $key) (not (kindIs "invalid" (index $e $key))) -}}
+{{- fail (printf "%s: %s is for GPU engines (vllm, sglang); a simulator would ignore it, remove it" $where $key) -}}
+{{- end -}}
+{{- end -}}
+{{- range $key := list "maxLoras" "maxLoraRank" -}}
+{{- if and (hasKey $lora $key) (not (kindIs "invalid" (index $lora $key))) -}}
+{{- fail (printf "%s: lora.%s sizes a GPU engine's LoRA memory; a simulator would ignore it, remove it" $where $key) -}}
+{{- end -}}
+{{- end -}}
+{{- else if and (eq $kind "sglang") (eq (toString (get $lora "runtimeUpdates")) "false") -}}
+{{- fail (printf "%s: lora.runtimeUpdates: false cannot be honoured: SGLang started with --enable-lora always serves /load_lora_adapter and /unload_lora_adapter; remove it (API keys without admin cannot call them through the gateway)" $where) -}}
+{{- end -}}
+{{- /* LoRA adapters: unique names; a deployed engine needs each adapter's path for its flags. */ -}}
 {{- $adapterNames := list -}}
 {{- range $j, $adapter := $lora.adapters | default list -}}
 {{- if has $adapter.name $adapterNames -}}
@@ -264,12 +303,15 @@ Each resolved entry keeps the user's keys and adds:
 {{- end -}}
 {{- end -}}
 
-{{- /* Image: the engine's fields over the preset's; the simulator's preset falls back to the gateway image. */ -}}
+{{- /* Image: the engine's fields over the preset's; the simulator's preset falls back to the gateway image
+       field by field: without a repository of its own it runs the gateway's, at the preset's tag or digest
+       when one is set (a version of the gateway image), else at the gateway's. */ -}}
 {{- $preset := get $root.Values.enginePresets $kind -}}
 {{- $base := deepCopy $preset.image -}}
 {{- if and (eq $kind "simulator") (not $base.repository) -}}
 {{- $gw := $root.Values.gateway.image -}}
-{{- $base = dict "repository" $gw.repository "tag" ($gw.tag | default $root.Chart.AppVersion) "digest" $gw.digest "pullPolicy" ($base.pullPolicy | default $gw.pullPolicy) -}}
+{{- $version := ternary (dict "tag" $base.tag "digest" $base.digest) (dict "tag" ($gw.tag | default $root.Chart.AppVersion) "digest" $gw.digest) (or (not (empty $base.tag)) (not (empty $base.digest))) -}}
+{{- $base = dict "repository" $gw.repository "tag" $version.tag "digest" $version.digest "pullPolicy" ($base.pullPolicy | default $gw.pullPolicy) -}}
 {{- end -}}
 {{- $own := $e.image | default dict -}}
 {{- $img := dict -}}

@@ -1,0 +1,353 @@
+"""A value the user sets reaches a rendered object, or `helm template` refuses it naming it: never a no-op.
+
+Three guards. Every key of values.schema.json is read by a template (no key that only looks like a setting).
+Every object level of the schema refuses unknown keys, so a typo such as `engines[0].replica` or
+`gateway.resorces` is an error naming it. And a key that cannot apply to an entry's kind (a pod's keys on an
+engine running elsewhere, a GPU engine's keys on a simulator) is refused rather than dropped.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Iterator
+from fnmatch import fnmatch
+from typing import Any
+
+import pytest
+
+from tests.chart.conftest import CHART_DIR, Helm, Rendered
+
+SCHEMA = json.loads((CHART_DIR / "values.schema.json").read_text())
+TEMPLATES = "\n".join(path.read_text() for path in sorted((CHART_DIR / "templates").rglob("*")) if path.is_file())
+TYPO = "zzUnknownKey"
+
+# Subtrees a template writes whole (toYaml/toJson), so their own keys never appear in a template: where.
+VERBATIM = {
+    "global": "helm's own, for subcharts",
+    "gateway.settings": "the routing map's settings block (tests/chart/test_chart_schema.py matches its keys)",
+    "engines[].timeouts": "the routing map's engine timeouts",
+    "engines[].concurrency": "the routing map's engine concurrency",
+    "auth.keys[]": "the keys file in the Secret",
+    "httpRoute.parentRefs[]": "the HTTPRoute's parentRefs",
+    "httpRoute.timeouts": "the HTTPRoute rule's timeouts",
+    "*.resources": "a container's resources (merged over the preset's for engines)",
+}
+
+
+def verbatim(where: str) -> bool:
+    return any(fnmatch(where, subtree) or fnmatch(where, f"{subtree}.*") for subtree in VERBATIM)
+
+
+def _resolve(node: dict[str, Any]) -> tuple[dict[str, Any], bool]:
+    """The node behind any chain of $refs, and whether the chain passes through a Kubernetes definition or a
+    string map (copied into objects whole, checked by Kubernetes' own schema)."""
+    kubernetes = False
+    while "$ref" in node:
+        name = node["$ref"].rsplit("/", 1)[-1]
+        kubernetes |= name.startswith("io.k8s.") or name == "stringMap"
+        target: Any = SCHEMA
+        for part in node["$ref"].removeprefix("#/").split("/"):
+            target = target[part]
+        node = target
+    return node, kubernetes
+
+
+def chart_levels(node: dict[str, Any] = SCHEMA, path: tuple[str | int, ...] = ()) -> Iterator[tuple[tuple[str | int, ...], dict[str, Any]]]:  # fmt: skip
+    """Every object level of the chart's own schema (not the embedded Kubernetes types) with its properties;
+    list items are path element 0."""
+    node, kubernetes = _resolve(node)
+    if kubernetes:
+        return
+    if "properties" in node:
+        yield path, node
+        for key, child in node["properties"].items():
+            yield from chart_levels(child, (*path, key))
+    for combinator in ("anyOf", "allOf", "oneOf"):
+        for child in node.get(combinator, []):
+            yield from chart_levels(child, path)
+    if isinstance(node.get("items"), dict):
+        yield from chart_levels(node["items"], (*path, 0))
+
+
+def dotted(path: tuple[str | int, ...]) -> str:
+    return ".".join(str(part) for part in path).replace(".0", "[]")
+
+
+def test_every_schema_key_is_read_by_a_template() -> None:
+    """A key the schema accepts but no template reads would be dropped without a word. Keys are looked up by
+    name (`.key` or "key" in a template); a verbatim subtree counts as read through its parent."""
+    unread = []
+    for path, level in chart_levels():
+        for key in level["properties"]:
+            if verbatim(dotted((*path, key))):
+                continue
+            if not re.search(rf'\.{re.escape(key)}\b|"{re.escape(key)}"', TEMPLATES):
+                unread.append(dotted((*path, key)))
+    assert not unread, f"schema keys no template reads: {unread}"
+    for subtree in VERBATIM:
+        key = subtree.removesuffix("[]").rsplit(".", 1)[-1]  # the subtree itself is read
+        assert re.search(rf"\.{key}\b", TEMPLATES) or subtree == "global", subtree
+
+
+def test_every_object_level_refuses_unknown_keys(helm: Helm) -> None:
+    """One render with an unknown key at every object level of the schema (engines[0], engines[0].lora,
+    gateway.autoscaling, ...): helm refuses each, naming its path."""
+    levels = [path for path, _ in chart_levels()]
+    assert len(levels) > 80  # the walk reaches every level, list items included
+    values: dict[str, Any] = {}
+    for path in levels:
+        node: Any = values
+        for at, part in enumerate(path):
+            empty: Any = [] if at + 1 < len(path) and isinstance(path[at + 1], int) else {}
+            if isinstance(part, int):
+                if not node:
+                    node.append(empty)
+                node = node[0]
+            else:
+                node = node.setdefault(part, empty)
+        node[TYPO] = 1
+    message = helm.template_error(values=values)
+    refused = set(re.findall(rf"at '([^']*)': additional properties '{TYPO}' not allowed", message))
+    missing = {"/" + "/".join(str(p) for p in path) if path else "" for path in levels} - refused
+    assert not missing, f"object levels that accept an unknown key: {sorted(missing)}"
+
+
+@pytest.mark.parametrize(
+    ("values", "path", "key"),
+    [
+        ({"engines": [{"name": "a", "engine": "vllm", "model": "m", "replica": 2}]}, "/engines/0", "replica"),
+        ({"gateway": {"resorces": {"limits": {"memory": "1Gi"}}}}, "/gateway", "resorces"),
+        ({"engineDefaults": {"modelStorage": {"sizelimit": "10Gi"}}}, "/engineDefaults/modelStorage", "sizelimit"),
+        ({"engineDefaults": {"affinity": {"nodeAfinity": {}}}}, "/engineDefaults/affinity", "nodeAfinity"),
+    ],
+)
+def test_typos_are_refused_naming_them(helm: Helm, values: dict[str, Any], path: str, key: str) -> None:
+    message = helm.template_error(values=values)
+    assert f"at '{path}': additional properties '{key}' not allowed" in message, message
+
+
+# --- Keys that cannot apply to an entry's kind --------------------------------------------------------------
+
+ENGINE_PROPERTIES = SCHEMA["definitions"]["engine"]["properties"]
+DEFAULTS_KEYS = set(SCHEMA["properties"]["engineDefaults"]["properties"])
+# A value of each key the schema accepts; the pod keys of an engine the chart deploys.
+POD_KEY_VALUES: dict[str, Any] = {
+    "replicas": 2, "gpus": 2, "image": {"tag": "v1"}, "extraArgs": ["--x"], "env": [{"name": "A", "value": "b"}],
+    "resources": {"requests": {"cpu": "1"}}, "runtimeClassName": "nvidia", "gpuResource": "amd.com/gpu",
+    "shmSize": "4Gi", "hfToken": {"existingSecret": "hf"}, "modelStorage": {"type": "none"},
+    "strategy": {"type": "Recreate"}, "nodeSelector": {"pool": "gpu"}, "tolerations": [{"operator": "Exists"}],
+    "affinity": {"nodeAffinity": {}}, "podSecurityContext": {"runAsUser": 1}, "securityContext": {"privileged": False},
+    "terminationGracePeriodSeconds": 60, "startupTimeoutSeconds": 600,
+    "topologySpreadConstraints": [{"maxSkew": 1, "topologyKey": "zone", "whenUnsatisfiable": "ScheduleAnyway"}],
+    "priorityClassName": "high", "serviceAccountName": "reader", "podAnnotations": {"a": "b"}, "podLabels": {"a": "b"},
+    "extraVolumes": [{"name": "v", "emptyDir": {}}], "extraVolumeMounts": [{"name": "v", "mountPath": "/v"}],
+    "initContainers": [{"name": "i", "image": "busybox:1.36"}], "envFrom": [{"secretRef": {"name": "s"}}],
+    "probes": {"liveness": {"periodSeconds": 30}}, "podDisruptionBudget": {"enabled": False},
+    "autoscaling": {"enabled": False}, "scaleToZero": {"enabled": False},
+}  # fmt: skip
+# The keys of a simulator's pod that only a GPU engine reads (the others apply to a simulator that sets them).
+GPU_ENGINE_ONLY = [
+    "gpus",
+    "runtimeClassName",
+    "gpuResource",
+    "shmSize",
+    "hfToken",
+    "modelStorage",
+    "startupTimeoutSeconds",
+]
+
+
+def test_pod_keys_are_every_key_but_the_routing_maps() -> None:
+    """The keys refused below are all keys of an engine entry except those of its line in the routing map (and
+    of a url entry's own): a new pod key is added here, so that it is refused on a url entry too."""
+    routing = {"name", "engine", "url", "urls", "baseUrl", "healthPath", "apiKeySecret", "ownedBy", "simulate",
+               "model", "servedModelName", "default", "aliases", "lora", "api", "headers", "timeouts", "fallback",
+               "balancing", "concurrency"}  # fmt: skip
+    assert set(POD_KEY_VALUES) == set(ENGINE_PROPERTIES) - routing
+    assert DEFAULTS_KEYS <= set(POD_KEY_VALUES)
+
+
+ELSEWHERE: list[dict[str, Any]] = [
+    {"url": "http://h:8000"},
+    {"urls": ["http://a:8000", "http://b:8000"]},
+    {"baseUrl": "https://x/v1"},
+]
+
+
+@pytest.mark.parametrize("key", POD_KEY_VALUES)
+def test_pod_keys_on_an_engine_elsewhere_are_refused(helm: Helm, key: str) -> None:
+    address = ELSEWHERE[list(POD_KEY_VALUES).index(key) % len(ELSEWHERE)]  # each form of address in turn
+    entry = {"name": "remote", **address, "ownedBy": "vllm", "model": "m", key: POD_KEY_VALUES[key]}
+    message = helm.template_error(values={"engines": [entry]})
+    assert f'engines[0] "remote": {key} is only for engines the chart deploys' in message, message
+    assert "would ignore it, remove it" in message
+
+
+@pytest.mark.parametrize("key", GPU_ENGINE_ONLY)
+def test_gpu_keys_on_a_simulator_are_refused(helm: Helm, key: str) -> None:
+    entry = {"name": "sim", "engine": "simulator", "model": "m", key: POD_KEY_VALUES[key]}
+    message = helm.template_error(values={"engines": [entry]})
+    assert f'engines[0] "sim": {key} is for GPU engines (vllm, sglang); a simulator would ignore it' in message
+
+
+def test_a_simulator_keeps_what_it_uses_and_ignores_only_the_defaults(helm: Helm) -> None:
+    """The other pod keys apply to a simulator that sets them; engineDefaults' GPU keys stay off it (by design,
+    documented), and a url entry never receives engineDefaults."""
+    own = {key: value for key, value in POD_KEY_VALUES.items() if key not in GPU_ENGINE_ONLY}
+    own.update(autoscaling={"enabled": False}, podDisruptionBudget={"enabled": False}, scaleToZero={"enabled": False})
+    gpu_defaults = {key: POD_KEY_VALUES[key] for key in GPU_ENGINE_ONLY if key != "gpus"}
+    rendered = helm.template(
+        values={
+            "engineDefaults": gpu_defaults,
+            "engines": [
+                {"name": "sim", "engine": "simulator", "model": "m", **own},
+                {"name": "remote", "url": "http://h:8000", "ownedBy": "vllm", "model": "n"},
+            ],
+        }
+    )
+    spec = rendered.get("Deployment", "sim")["spec"]["template"]["spec"]
+    assert (spec["priorityClassName"], spec["serviceAccountName"]) == ("high", "reader")
+    assert spec["nodeSelector"] == {"pool": "gpu"}
+    assert spec["containers"][0]["args"][-1] == "--x" and "runtimeClassName" not in spec
+
+
+@pytest.mark.parametrize(
+    ("entry", "fragment"),
+    [
+        ({"url": "http://h:8000", "lora": {"adapters": [{"name": "a"}], "maxLoras": 2}}, "lora.maxLoras is a flag of an engine the chart starts"),
+        ({"urls": ["http://a:8000"], "lora": {"maxLoraRank": 16}}, "lora.maxLoraRank is a flag of an engine the chart starts"),
+        ({"url": "http://h:8000", "lora": {"runtimeUpdates": True}}, "lora.runtimeUpdates is a flag of an engine the chart starts"),
+        ({"url": "http://h:8000", "lora": {"adapters": [{"name": "a", "path": "/p"}]}}, 'lora.adapters[0] "a": path is for engines the chart starts'),
+        ({"engine": "simulator", "lora": {"adapters": [{"name": "a", "path": "/p"}], "maxLoras": 2}}, "lora.maxLoras sizes a GPU engine's LoRA memory; a simulator would ignore it"),
+        ({"engine": "simulator", "lora": {"maxLoraRank": 16}}, "lora.maxLoraRank sizes a GPU engine's LoRA memory"),
+        ({"engine": "sglang", "lora": {"adapters": [{"name": "a", "path": "/p"}], "runtimeUpdates": False}}, "lora.runtimeUpdates: false cannot be honoured"),
+    ],
+)  # fmt: skip
+def test_lora_keys_nothing_would_read_are_refused(helm: Helm, entry: dict[str, Any], fragment: str) -> None:
+    owned = {} if "engine" in entry else {"ownedBy": "vllm"}
+    message = helm.template_error(values={"engines": [{"name": "e", "model": "m", **owned, **entry}]})
+    assert f'engines[0] "e": {fragment}' in message, message
+
+
+def test_lora_near_misses_are_accepted(helm: Helm) -> None:
+    """Adapter names on a url entry, runtime updates on a simulator and on SGLang (true: what it does anyway)."""
+    engines = [
+        {"name": "r", "url": "http://h:8000", "ownedBy": "vllm", "model": "m", "lora": {"adapters": [{"name": "a"}]}},
+        {"name": "s", "engine": "simulator", "model": "n", "lora": {"adapters": [{"name": "b", "path": "/p"}], "runtimeUpdates": True}},
+        {"name": "g", "engine": "sglang", "model": "o", "lora": {"adapters": [{"name": "c", "path": "/p"}], "runtimeUpdates": True}},
+    ]  # fmt: skip
+    simulator = helm.template(values={"engines": engines}).get("Deployment", "s")["spec"]["template"]["spec"]
+    assert "--allow-runtime-lora-updating" in simulator["containers"][0]["args"]
+
+
+# --- The simulator preset's image -------------------------------------------------------------------------
+
+DIGEST = "sha256:" + "a" * 64
+
+
+@pytest.mark.parametrize(
+    ("preset", "gateway", "image"),
+    [
+        ({}, {}, "ghcr.io/llm-gateway/llm-gateway:0.1.0"),
+        ({}, {"tag": "0.3.0"}, "ghcr.io/llm-gateway/llm-gateway:0.3.0"),
+        ({"tag": "0.2.0"}, {}, "ghcr.io/llm-gateway/llm-gateway:0.2.0"),
+        ({"tag": "0.2.0"}, {"tag": "0.3.0", "digest": DIGEST}, "ghcr.io/llm-gateway/llm-gateway:0.2.0"),
+        ({"digest": DIGEST}, {}, f"ghcr.io/llm-gateway/llm-gateway@{DIGEST}"),
+        ({"repository": "example.com/sim", "tag": "1"}, {}, "example.com/sim:1"),
+    ],
+)
+def test_simulator_preset_fields_fall_back_one_by_one(helm: Helm, preset: dict[str, str], gateway: dict[str, str], image: str) -> None:  # fmt: skip
+    """enginePresets.simulator.image's empty fields come from gateway.image: a tag or digest of its own is a
+    version of the gateway image for the simulators, and the gateway keeps its own."""
+    values = {"enginePresets": {"simulator": {"image": preset}}, "gateway": {"image": gateway}}
+    rendered = helm.template(values=values)
+    spec = rendered.get("Deployment", "sim-llama-32-1b")["spec"]["template"]["spec"]
+    assert spec["containers"][0]["image"] == image
+    own = rendered.get("Deployment", "my-llm-llm-gateway")["spec"]["template"]["spec"]["containers"][0]["image"]
+    assert own.endswith(gateway.get("tag", "0.1.0") + (f"@{DIGEST}" if "digest" in gateway else ""))
+
+
+def test_a_latest_simulator_preset_is_refused(helm: Helm) -> None:
+    message = helm.template_error(values={"enginePresets": {"simulator": {"image": {"tag": "latest"}}}})
+    assert "llm-gateway:latest is not allowed" in message
+
+
+# --- The item names of the Secrets the chart writes -------------------------------------------------------
+
+
+def secret_references(node: Any) -> Iterator[tuple[str, str]]:
+    """(Secret name, item) of every secretKeyRef and secret volume item below node."""
+    if isinstance(node, dict):
+        if "secretKeyRef" in node:
+            yield node["secretKeyRef"]["name"], node["secretKeyRef"]["key"]
+        secret = node.get("secret")
+        if isinstance(secret, dict):
+            name = secret.get("secretName", secret.get("name"))
+            yield from ((name, item["key"]) for item in secret.get("items", []))
+        for child in node.values():
+            yield from secret_references(child)
+    elif isinstance(node, list):
+        for child in node:
+            yield from secret_references(child)
+
+
+HASH = "ab" * 32
+ITEM_NAMES = {
+    "auth.key": ({"auth": {"enabled": True, "key": "clients.yaml", "keys": [{"name": "a", "sha256": HASH}]}},
+                 "my-llm-llm-gateway-api-keys", "clients.yaml"),
+    "engineApiKey.key": ({"engineApiKey": {"value": "v", "key": "token"}}, "my-llm-llm-gateway-engine-api-key", "token"),
+    "redis.passwordKey": ({"redis": {"deploy": True, "password": "p", "passwordKey": "pw"}}, "my-llm-llm-gateway-redis", "pw"),
+    "hfToken.key": ({"engines": [{"name": "a", "engine": "vllm", "model": "m", "hfToken": {"value": "t", "key": "hf"}}]},
+                    "a-hf-token", "hf"),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("case", ITEM_NAMES)
+def test_item_names_name_the_charts_own_secrets_too(helm: Helm, case: str) -> None:
+    """auth.key, engineApiKey.key, redis.passwordKey and hfToken.key name the item in the user's Secret, and
+    in the Secret the chart writes from an inline value (they were dropped there); every reference to a Secret
+    of the chart names an item it holds."""
+    values, secret, item = ITEM_NAMES[case]
+    rendered = helm.template(values=values)
+    written = {doc["metadata"]["name"]: set(doc["data"]) for doc in rendered.of_kind("Secret")}
+    assert written[secret] == {item}
+    references = {(name, key) for spec in rendered.pod_specs().values() for name, key in secret_references(spec)}
+    assert (secret, item) in references
+    assert all(key in written[name] for name, key in references if name in written), references
+
+
+# --- Values no other test sets, each followed to the object it configures -----------------------------------
+
+
+def _container(rendered: Rendered, name: str) -> dict[str, Any]:
+    return rendered.get("Deployment", name)["spec"]["template"]["spec"]["containers"][0]
+
+
+def _hpa_target(rendered: Rendered) -> Any:
+    return rendered.get("HorizontalPodAutoscaler", GATEWAY)["spec"]["metrics"][0]["resource"]["target"]
+
+
+GATEWAY = "my-llm-llm-gateway"
+SIM = "sim-llama-32-1b"
+VLLM = {"name": "v", "engine": "vllm", "model": "m"}
+REACHES: dict[str, tuple[dict[str, Any], Any, Any]] = {
+    "nameOverride": ({"nameOverride": "gw"}, lambda r: r.get("Deployment", "my-llm-gw")["metadata"]["labels"]["app.kubernetes.io/name"], "gw"),
+    "fullnameOverride": ({"fullnameOverride": "llm"}, lambda r: r.get("Service", "llm")["spec"]["selector"]["app.kubernetes.io/component"], "gateway"),
+    "clusterDomain": ({"clusterDomain": "example.internal"}, lambda r: r.routing["engines"][0]["url"], f"http://{SIM}.llm.svc.example.internal:8000"),
+    "engines[].image.pullPolicy": ({"engines": [{**VLLM, "image": {"pullPolicy": "Always"}}]}, lambda r: _container(r, "v")["imagePullPolicy"], "Always"),
+    "enginePresets.vllm.image.pullPolicy": ({"engines": [VLLM], "enginePresets": {"vllm": {"image": {"pullPolicy": "Never"}}}}, lambda r: _container(r, "v")["imagePullPolicy"], "Never"),
+    "enginePresets.simulator.image.pullPolicy": ({"enginePresets": {"simulator": {"image": {"pullPolicy": "Always"}}}}, lambda r: (_container(r, SIM)["imagePullPolicy"], _container(r, GATEWAY)["imagePullPolicy"]), ("Always", "IfNotPresent")),
+    "gateway.image.pullPolicy": ({"gateway": {"image": {"pullPolicy": "Always"}}}, lambda r: (_container(r, GATEWAY)["imagePullPolicy"], _container(r, SIM)["imagePullPolicy"]), ("Always", "Always")),
+    "redis.image.pullPolicy": ({"redis": {"deploy": True, "image": {"pullPolicy": "Always"}}}, lambda r: _container(r, f"{GATEWAY}-redis")["imagePullPolicy"], "Always"),
+    "modelStorage.hostPathType": ({"engines": [{**VLLM, "modelStorage": {"type": "hostPath", "hostPathType": "DirectoryOrCreate"}}]}, lambda r: r.get("Deployment", "v")["spec"]["template"]["spec"]["volumes"][1]["hostPath"], {"path": "/models", "type": "DirectoryOrCreate"}),
+    "persistence.resourcePolicy": ({"persistence": {"enabled": True, "resourcePolicy": ""}}, lambda r: r.get("PersistentVolumeClaim", f"{GATEWAY}-models")["metadata"].get("annotations"), None),
+    "gateway.autoscaling.targetCPUUtilizationPercentage": ({"gateway": {"autoscaling": {"enabled": True, "targetCPUUtilizationPercentage": 55}}}, _hpa_target, {"type": "Utilization", "averageUtilization": 55}),
+    "resources.claims": ({"engines": [{**VLLM, "resources": {"claims": [{"name": "gpu"}]}}], "gateway": {"resources": {"claims": [{"name": "net"}]}}}, lambda r: (_container(r, "v")["resources"]["claims"], _container(r, GATEWAY)["resources"]["claims"]), ([{"name": "gpu"}], [{"name": "net"}])),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("key", REACHES)
+def test_value_reaches_its_object(helm: Helm, key: str) -> None:
+    values, read, expected = REACHES[key]
+    assert read(helm.template(values=values)) == expected
