@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import itertools
 import json
 import math
 import statistics
 import time
-from collections.abc import Callable, Coroutine, Iterable
+from collections.abc import Callable, Coroutine, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -138,20 +139,22 @@ async def one_request(
 async def run_phase(
     session: aiohttp.ClientSession,
     url: str,
-    body: bytes,
+    body: bytes | Sequence[bytes],
     headers: dict[str, str],
     stream: bool,
     usage_allowed: bool,
     concurrency: int,
     seconds: float,
 ) -> list[Sample]:
-    """Keep `concurrency` requests in flight until `seconds` have passed; in-flight requests finish."""
+    """Keep `concurrency` requests in flight until `seconds` have passed; in-flight requests finish.
+    Several bodies are sent in turn."""
     deadline = time.perf_counter() + seconds
     samples: list[Sample] = []
+    bodies = itertools.cycle([body] if isinstance(body, bytes) else body)
 
     async def worker() -> None:
         while time.perf_counter() < deadline:
-            samples.append(await one_request(session, url, body, headers, stream, usage_allowed))
+            samples.append(await one_request(session, url, next(bodies), headers, stream, usage_allowed))
 
     await asyncio.gather(*(worker() for _ in range(concurrency)))
     return samples
@@ -218,13 +221,17 @@ async def run_scenario(
     max_tokens: int | None = None,
     mode: str | None = None,
     messages: list[dict[str, str]] | None = None,
+    chats: list[list[dict[str, str]]] | None = None,
 ) -> ScenarioResult:
     """Warm up, then measure; `include_usage=False` sends streams without `stream_options`, and a usage
     chunk in the answer then counts as an error. `max_tokens` defaults to `args.max_tokens`, `mode`
-    (the name in the results) to "stream" or "non-stream", `messages` to one short user message."""
+    (the name in the results) to "stream" or "non-stream", `messages` to one short user message; `chats`
+    (several lists of messages) are sent in turn instead."""
     url = f"{base_url}/v1/chat/completions"
     max_tokens = args.max_tokens if max_tokens is None else max_tokens
-    body = request_body(stream, max_tokens, model, include_usage, messages=messages)
+    body: bytes | list[bytes] = request_body(stream, max_tokens, model, include_usage, messages=messages)
+    if chats:
+        body = [request_body(stream, max_tokens, model, include_usage, messages=chat) for chat in chats]
     headers = {"Content-Type": "application/json"}
     if api_key is not None:
         headers["Authorization"] = f"Bearer {api_key}"

@@ -3,10 +3,10 @@
 
 `cache_aware` reads the prompt's prefix from every request (block hashes of its messages) and keeps a
 table of where each prefix went; the issue's bound is CPU per request within 10 % of `power_of_two`.
-The requests carry a chat of a realistic size (a ~2.5 KB system prompt, one of a handful, and a short
-user message) so that the prefix work is what it would be in production.
+The requests carry a chat of a realistic size (a ~2.5 KB system prompt, one of a handful sent in turn, and
+a short user message) so that the prefix work is what it would be in production.
 
-    .venv/bin/python bench/policy_cost.py [--concurrency 16] [--turns 5] [--duration 3]
+    .venv/bin/python bench/policy_cost.py [--concurrency 16] [--turns 5] [--duration 3] [--prompts 8]
 """
 
 from __future__ import annotations
@@ -43,12 +43,18 @@ def main() -> int:
     parser.add_argument("--concurrency", type=int, default=16)
     parser.add_argument("--turns", type=int, default=5)
     parser.add_argument("--duration", type=float, default=3.0, help="measured seconds per turn")
+    parser.add_argument("--prompts", type=int, default=8, help="system prompts sent in turn (1: one hot prefix)")
     args = parser.parse_args()
     load = argparse.Namespace(duration=args.duration, warmup=0.5, max_tokens=16, timeout=60)
     pinning = choose_pinning()
     if pinning.load_generator:
         os.sched_setaffinity(0, pinning.load_generator)
-    messages = [{"role": "system", "content": system_prompt(1)}, {"role": "user", "content": "Summarise that."}]
+    # A handful of system prompts, in turn: one alone would be a single hot prefix, whose overflow to other
+    # replicas (bound_load) is work of its own, and the same replica for every request (see --prompts).
+    chats = [
+        [{"role": "system", "content": system_prompt(seed)}, {"role": "user", "content": "Summarise that."}]
+        for seed in range(1, args.prompts + 1)
+    ]
     cpu: dict[str, list[float]] = {}
     with process_group() as group:
         simulators = [start_simulator(group, f"simulator-{i}", pinning.simulator, MODEL) for i in range(REPLICAS)]
@@ -65,9 +71,10 @@ def main() -> int:
             gateway = start_gateway(group, policy, pinning, routes, port, access_log.LOG_ARGS["json"])
             targets.append((policy, f"http://127.0.0.1:{port}", gateway.pid))
         cpu = alternate_turns(
-            targets, simulators[0][0].pid, args.turns, load, args.concurrency, False, model=MODEL, messages=messages
+            targets, simulators[0][0].pid, args.turns, load, args.concurrency, False, model=MODEL, chats=chats
         )
-    print(f"non-streaming chats of {len(messages[0]['content'])} characters, c={args.concurrency}, {REPLICAS} replicas")
+    size = len(chats[0][0]["content"])
+    print(f"non-streaming chats, {args.prompts} system prompt(s) of ~{size} characters in turn, c={args.concurrency}")
     print_medians(cpu, {"the relay": "relay", "power_of_two": "power_of_two"})
     return 0
 

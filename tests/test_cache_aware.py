@@ -62,6 +62,17 @@ def test_text_parts_count_and_other_parts_do_not():
     assert prefix_blocks(plain) == prefix_blocks(parts)
 
 
+def test_a_plain_chat_reads_as_the_general_path_reads_it():
+    def as_parts(chat: list[dict]) -> list[dict]:  # the same text as content parts: the general path only
+        return [{"role": m["role"], "content": [{"type": "text", "text": m["content"]}]} for m in chat]
+
+    chat = [{"role": "system", "content": "s" * 700}, {"role": "user", "content": "u" * 300}]
+    assert prefix_blocks({"messages": chat}) == prefix_blocks({"messages": as_parts(chat)})
+    long = [{"role": "user", "content": "z" * BLOCK_CHARS * MAX_BLOCKS}, {"role": "user", "content": "q"}]
+    assert prefix_blocks({"messages": long}) == prefix_blocks({"messages": as_parts(long)})
+    assert len(prefix_blocks({"messages": long})) == MAX_BLOCKS
+
+
 def test_completion_prompts_and_caps():
     assert len(prefix_blocks({"prompt": "y" * (BLOCK_CHARS * 2 + 1)})) == 3
     assert len(prefix_blocks({"prompt": "y" * BLOCK_CHARS * (MAX_BLOCKS + 50)})) == MAX_BLOCKS
