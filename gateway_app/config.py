@@ -136,6 +136,16 @@ class CacheAwareSettings(_Strict):
     # About 400 bytes of gateway memory each once the table is full: 40 MB per cache_aware engine.
     table_blocks: int = Field(default=100_000, ge=1000, le=1_000_000)
 
+    @model_validator(mode="after")
+    def _history_bound_not_below_the_usual_one(self) -> CacheAwareSettings:
+        """A later turn is held at least as long as any request: a lower bound would never apply."""
+        if self.history_abs_threshold < self.balance_abs_threshold:
+            raise ValueError(
+                f"@history_abs_threshold: must be at least balance_abs_threshold ({self.balance_abs_threshold:g}): "
+                "a later turn of a conversation moves no sooner than any other request"
+            )
+        return self
+
 
 class EngineMetricsSettings(_Strict):
     """Reading each replica's own load from its Prometheus `/metrics` (vLLM, SGLang), in the background."""

@@ -120,7 +120,7 @@ class PrefixTable:
     whether prompts went on differently after it, which tells a prefix shared by several prompts (a system
     prompt) from the history of one conversation (`shared_depth`)."""
 
-    __slots__ = ("capacity", "_holders", "_next")
+    __slots__ = ("capacity", "_holders", "_next", "_ends")
 
     def __init__(self, capacity: int) -> None:
         self.capacity = capacity
@@ -129,6 +129,9 @@ class PrefixTable:
         # differently after it (the prefix up to it is shared). A prompt's last block is left out: it may
         # be partial, and the next turn of the same conversation fills it.
         self._next: dict[int, int | None] = {}
+        # Block hash -> the last (maybe partial) block of a prompt that ended right after it. Two prompts
+        # that end there differently parted there too: short questions on one system prompt.
+        self._ends: dict[int, int] = {}
 
     def __len__(self) -> int:
         return len(self._holders)
@@ -172,10 +175,15 @@ class PrefixTable:
         known = self._next
         last = len(blocks) - 1
         for index, block in enumerate(blocks[:last]):
+            if index + 1 == last:  # this prompt ends after it: compare with the prompts that ended there
+                ended = self._ends.get(block)
+                if known.get(block, 0) is None or (ended is not None and ended != blocks[last]):
+                    shared = last
+                break
             if block not in known:  # no prompt seen went on after it
                 break
             following = known[block]
-            if following is None or (following != blocks[index + 1] and index + 1 < last):
+            if following is None or following != blocks[index + 1]:
                 shared = index + 1
         return shared
 
@@ -186,6 +194,8 @@ class PrefixTable:
         for block, after in zip(blocks, blocks[1:-1], strict=False):  # not the last block: it may be partial
             if following.setdefault(block, after) != after:
                 following[block] = None
+        if len(blocks) > 1 and self._ends.setdefault(blocks[-2], blocks[-1]) != blocks[-1]:
+            following[blocks[-2]] = None
         for block in blocks:
             known = table.get(block)
             if known is None:
@@ -199,4 +209,6 @@ class PrefixTable:
                     known.append(url)
                 table.move_to_end(block)
         while len(table) > self.capacity:
-            following.pop(table.popitem(last=False)[0], None)
+            forgotten = table.popitem(last=False)[0]
+            following.pop(forgotten, None)
+            self._ends.pop(forgotten, None)

@@ -134,6 +134,43 @@ def test_prompts_share_the_system_prompt_they_go_on_from_differently_and_not_one
     assert table.match(later, {"a", "b"})[0] > system
 
 
+def test_short_questions_on_one_system_prompt_share_it_and_a_later_turn_still_goes_on_alone():
+    table = PrefixTable(1000)
+    system = [{"role": "system", "content": system_prompt("tides")}]
+
+    def short(asker: str) -> tuple[int, ...]:  # a question that ends in the block after the system prompt
+        return prefix_blocks({"messages": [*system, {"role": "user", "content": f"{asker}: when?"}]})
+
+    ann, bob, cy = short("Ann"), short("Bob"), short("Cy")
+    full = len(ann) - 1  # the system prompt's blocks up to the one the question ends in
+    table.record(ann, "a")
+    assert table.shared_depth(ann) == 0  # the same prompt again: it parted from nothing
+    assert table.shared_depth(bob) == full  # ends differently right after the same block: a new conversation
+    table.record(bob, "a")
+    assert table.shared_depth(cy) == full
+    history = [*system, {"role": "user", "content": "Ann: when?"}, {"role": "assistant", "content": "At noon. " * 60}]
+    later = prefix_blocks({"messages": [*history, {"role": "user", "content": "Ann: and then?"}]})
+    table.record(later, "a")
+    assert table.match(later, {"a"})[0] == len(later) and table.shared_depth(later) == full
+    # Prompts of two blocks parting after the first (an instruction, then a short input): it is shared.
+    two = PrefixTable(1000)
+    two.record((1, 2), "a")
+    two.record((1, 3), "a")
+    assert two.shared_depth((1, 4)) == 1 and two.shared_depth((1, 2)) == 1
+
+
+def test_an_overloaded_replica_moves_a_new_short_question_on_its_system_prompt():
+    pool = replicas(2)
+    home, idle = pool.replicas
+    policy = CacheAware(PrefixTable(1000), CacheAwareSettings())
+    system = [{"role": "system", "content": system_prompt("tides")}]
+    for asker in ("Ann", "Bob"):
+        held_by(policy, prefix_blocks({"messages": [*system, {"role": "user", "content": f"{asker}: when?"}]}), home)
+    home.outstanding = 15
+    cy = prefix_blocks({"messages": [*system, {"role": "user", "content": "Cy: when?"}]})
+    assert pick_replica(pool, 0, policy, prefix=cy) == (idle, "load_override")
+
+
 # The cache-aware pick
 
 

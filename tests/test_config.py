@@ -94,6 +94,11 @@ def test_json_is_accepted_too():
             "engines:\n  - {name: a, model: m, owned_by: v, url: 'http://x', health_path: health}",
             "engines[0].health_path",
         ),
+        (
+            "settings: {cache_aware: {balance_abs_threshold: 8, history_abs_threshold: 6}}\n"
+            "engines:\n  - {name: a, model: m, owned_by: v, url: 'http://x'}",
+            "settings.cache_aware.history_abs_threshold: must be at least balance_abs_threshold (8)",
+        ),
         ("- a\n- b", "expected a mapping"),
     ],
 )
