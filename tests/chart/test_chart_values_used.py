@@ -178,10 +178,25 @@ ELSEWHERE: list[dict[str, Any]] = [
 @pytest.mark.parametrize("key", POD_KEY_VALUES)
 def test_pod_keys_on_an_engine_elsewhere_are_refused(helm: Helm, key: str) -> None:
     address = ELSEWHERE[list(POD_KEY_VALUES).index(key) % len(ELSEWHERE)]  # each form of address in turn
-    entry = {"name": "remote", **address, "ownedBy": "vllm", "model": "m", key: POD_KEY_VALUES[key]}
+    value = POD_KEY_VALUES[key]
+    if isinstance(value, dict) and value.get("enabled") is False:  # turned off, it is accepted (test below)
+        value = {**value, "enabled": True}
+    entry = {"name": "remote", **address, "ownedBy": "vllm", "model": "m", key: value}
     message = helm.template_error(values={"engines": [entry]})
     assert f'engines[0] "remote": {key} is only for engines the chart deploys' in message, message
-    assert "would ignore it, remove it" in message
+    if key != "scaleToZero":  # turned on, its own refusal says why (the gateway cannot scale it)
+        assert "would ignore it, remove it" in message
+
+
+def test_a_feature_turned_off_on_an_engine_elsewhere_is_accepted(helm: Helm) -> None:
+    """`{enabled: false}` asks for nothing, so values shared across environments may keep it; on, refused."""
+    off = {"scaleToZero": {"enabled": False}, "autoscaling": {"enabled": False, "maxReplicas": 4}}
+    off["podDisruptionBudget"] = {"enabled": False}
+    entry = {"name": "remote", "url": "http://h:8000", "ownedBy": "vllm", "model": "m", **off}
+    rendered = helm.template(values={"engines": [entry]})
+    assert "remote" in rendered.routing_text
+    on = {**entry, "autoscaling": {"enabled": True, "maxReplicas": 4}}
+    assert "autoscaling is only for engines the chart deploys" in helm.template_error(values={"engines": [on]})
 
 
 @pytest.mark.parametrize("key", GPU_ENGINE_ONLY)

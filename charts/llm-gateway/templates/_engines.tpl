@@ -83,11 +83,14 @@ Each resolved entry keeps the user's keys and adds:
 {{- $_ := set $e "engineApi" (ternary ($e.simulate | default "vllm") ($e.api | default (ternary $kind "" (has $kind (list "vllm" "sglang")))) (eq $kind "simulator")) -}}
 {{- /* Keys that nothing would read for this kind of entry are refused, never dropped: the pod keys on an
        entry running elsewhere, the GPU keys on a simulator (set on the entry itself; engineDefaults' stay
-       off simulators by design). A null is an unset key. */ -}}
+       off simulators by design). A null is an unset key, and a feature turned off ({enabled: false}) on an
+       entry running elsewhere asks for nothing. */ -}}
 {{- $lora := $e.lora | default dict -}}
 {{- if eq $kind "external" -}}
 {{- range $key := $deployedOnly -}}
-{{- if and (hasKey $e $key) (not (kindIs "invalid" (index $e $key))) -}}
+{{- $value := index $e $key | default dict -}}
+{{- $off := and (kindIs "map" $value) (hasKey $value "enabled") (eq (toString $value.enabled) "false") -}}
+{{- if and (hasKey $e $key) (not (kindIs "invalid" (index $e $key))) (not $off) -}}
 {{- fail (printf "%s: %s is only for engines the chart deploys (engine: vllm, sglang or simulator); an entry with url, urls or baseUrl runs elsewhere and the chart would ignore it, remove it" $where $key) -}}
 {{- end -}}
 {{- end -}}
