@@ -70,11 +70,12 @@ def headers_for_engine(
 
 def headers_for_client(engine_headers: tuple[tuple[bytes, bytes], ...]) -> list[tuple[bytes, bytes]]:
     """The engine's response headers minus hop-by-hop ones (names lower-cased, as ASGI wants)."""
+    lowered = [(name.lower(), value) for name, value in engine_headers]
     skip = _NOT_TO_CLIENT
-    for name, value in engine_headers:
-        if name.lower() == b"connection":
+    for name, value in lowered:
+        if name == b"connection":
             skip = skip | {token.strip().lower() for token in value.split(b",")}
-    return [(name.lower(), value) for name, value in engine_headers if name.lower() not in skip]
+    return [(name, value) for name, value in lowered if name not in skip]
 
 
 async def read_capped(response: aiohttp.ClientResponse, cap: int) -> bytes | None:

@@ -38,8 +38,10 @@ async def _stalled_json(request: web.Request) -> web.StreamResponse:
 
 
 async def _stalled_mid_event(request: web.Request) -> web.StreamResponse:
-    """An SSE stream that stops in the middle of an event."""
-    response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+    """An SSE stream that stops in the middle of an event (its media type as the test asks, if it does)."""
+    response = web.StreamResponse(
+        headers={"Content-Type": request.headers.get("X-Test-Content-Type", "text/event-stream")}
+    )
     await response.prepare(request)
     await response.write(b'data: {"choices": [{"delta": {"content": "a"}}]}\n\ndata: {"choices": [{"del')
     await asyncio.sleep(30)

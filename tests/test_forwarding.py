@@ -139,12 +139,18 @@ def test_non_sse_answer_cut_midway_is_cut_not_patched(gateway_to_recorder):
     assert not received.endswith(b"0\r\n\r\n")  # the chunked body was not finished as if complete
 
 
-def test_sse_cut_mid_event_ends_the_event_then_reports(gateway_to_recorder):
+@pytest.mark.parametrize("media_type", ["text/event-stream", "Text/Event-Stream; charset=utf-8"])
+def test_sse_cut_mid_event_ends_the_event_then_reports(gateway_to_recorder, media_type):
+    """An SSE answer is known by its media type, whatever its case and parameters."""
     with RawConnection(gateway_to_recorder.url) as connection:
         connection.send(
             json_request(
                 {"model": "org/model-a", "owned_by": "strict"},
-                headers={"X-Test-Scenario": "stalled-mid-event", "Connection": "close"},
+                headers={
+                    "X-Test-Scenario": "stalled-mid-event",
+                    "X-Test-Content-Type": media_type,
+                    "Connection": "close",
+                },
             )
         )
         body = connection.read_answer().body
