@@ -1,4 +1,4 @@
-"""bench/ablate.py's patches still apply to the gateway as it is, and each copy still starts.
+"""bench/ablate.py's patches still apply to the gateway as it is, and each patched copy still imports.
 
 The benchmark measures what a feature costs by cutting it out of a copy; a patch whose text moved would
 otherwise be found only by the next person who runs the benchmark.
