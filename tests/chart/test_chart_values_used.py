@@ -17,14 +17,14 @@ from typing import Any
 import pytest
 
 from tests.chart.conftest import CHART_DIR, Helm, Rendered
+from tests.chart.template_reads import BUILT, DYNAMIC, ITEM, ROOT, ReadFinder, ValuePath, template_reads
 
 SCHEMA = json.loads((CHART_DIR / "values.schema.json").read_text())
-TEMPLATES = "\n".join(path.read_text() for path in sorted((CHART_DIR / "templates").rglob("*")) if path.is_file())
 TYPO = "zzUnknownKey"
 
-# Subtrees a template writes whole (toYaml/toJson), so their own keys never appear in a template: where.
+# Subtrees a template writes whole (toYaml/toJson), so their own keys never appear in a template: where. The
+# subtree itself is read like any key.
 VERBATIM = {
-    "global": "helm's own, for subcharts",
     "gateway.settings": "the routing map's settings block (tests/chart/test_chart_schema.py matches its keys)",
     "engines[].timeouts": "the routing map's engine timeouts",
     "engines[].concurrency": "the routing map's engine concurrency",
@@ -32,11 +32,22 @@ VERBATIM = {
     "httpRoute.parentRefs[]": "the HTTPRoute's parentRefs",
     "httpRoute.timeouts": "the HTTPRoute rule's timeouts",
     "*.resources": "a container's resources (merged over the preset's for engines)",
+    "*.strategy.rollingUpdate": "a Deployment's rollingUpdate",
 }
+# Keys read under another path: engineDefaults' are merged into every deployed engine's entry
+# (templates/_engines.tpl), where the templates read them as engines[].<key>.
+READ_AS: dict[str, tuple[str | int, ...]] = {"engineDefaults": ("engines", 0)}
+# Maps whose keys the templates read by a name known only when rendering: any of their keys is read so.
+READ_BY_NAME = {
+    "enginePresets": "the preset of the engine's kind, get $root.Values.enginePresets $kind",
+    "engines[].probes": "each of the engine's probes, merged over the chart's probe of that name",
+}
+# Keys no template reads, and why that is right.
+NOT_READ = {"global": "helm's own, for subcharts"}
 
 
-def verbatim(where: str) -> bool:
-    return any(fnmatch(where, subtree) or fnmatch(where, f"{subtree}.*") for subtree in VERBATIM)
+def below_verbatim(where: str) -> bool:
+    return any(fnmatch(where, f"{subtree}.*") for subtree in VERBATIM)
 
 
 def _resolve(node: dict[str, Any]) -> tuple[dict[str, Any], bool]:
@@ -74,20 +85,68 @@ def dotted(path: tuple[str | int, ...]) -> str:
     return ".".join(str(part) for part in path).replace(".0", "[]")
 
 
+def named(path: ValuePath) -> str:
+    """A reader's path as the tables above name it: engines[].probes."""
+    return ".".join(path).replace(f".{ITEM}", "[]")
+
+
+def is_read(reads: set[ValuePath], path: tuple[str | int, ...]) -> bool:
+    """Whether a template reads this schema key, by its whole path: a read in one place (engines' `enabled`)
+    is not a read in another (gateway.autoscaling's)."""
+    target = (ROOT, "Values", *(ITEM if isinstance(part, int) else part for part in path))
+    for read in reads:
+        if read[0] == BUILT:  # a tail of the path, inside a value the templates built: parent and key at least
+            if not 3 <= len(read) <= len(target):
+                continue
+            start = len(target) - len(read) + 1
+        elif len(read) == len(target):
+            start = 1
+        else:
+            continue
+        if all(
+            part == wanted or (part in (ITEM, DYNAMIC) and (wanted == ITEM or named(target[2:at]) in READ_BY_NAME))
+            for at, part, wanted in zip(range(start, len(target)), read[1:], target[start:], strict=True)
+        ):
+            return True
+    return False
+
+
 def test_every_schema_key_is_read_by_a_template() -> None:
-    """A key the schema accepts but no template reads would be dropped without a word. Keys are looked up by
-    name (`.key` or "key" in a template); a verbatim subtree counts as read through its parent."""
+    """A key the schema accepts but no template reads would be dropped without a word. Each key is looked up
+    by its whole path (tests/chart/template_reads.py follows the templates' variables and dot), so that a
+    common name (`enabled`, `name`, `key`) read in one place does not stand for all the others."""
+    reads = template_reads(CHART_DIR / "templates")
     unread = []
     for path, level in chart_levels():
         for key in level["properties"]:
-            if verbatim(dotted((*path, key))):
+            where = dotted((*path, key))
+            if below_verbatim(where) or where in NOT_READ:
                 continue
-            if not re.search(rf'\.{re.escape(key)}\b|"{re.escape(key)}"', TEMPLATES):
-                unread.append(dotted((*path, key)))
+            instead = [(*READ_AS[str(path[0])], *path[1:], key)] if path and path[0] in READ_AS else []
+            if not any(is_read(reads, candidate) for candidate in [(*path, key), *instead]):
+                unread.append(where)
     assert not unread, f"schema keys no template reads: {unread}"
-    for subtree in VERBATIM:
-        key = subtree.removesuffix("[]").rsplit(".", 1)[-1]  # the subtree itself is read
-        assert re.search(rf"\.{key}\b", TEMPLATES) or subtree == "global", subtree
+    assert set(NOT_READ) <= set(SCHEMA["properties"])
+
+
+@pytest.mark.parametrize(
+    ("template", "read", "unread"),
+    [
+        ("{{ with .Values.a }}{{ .enabled }}{{ end }}{{ .Values.b.name }}", "a.enabled", "b.enabled"),
+        ("{{ range $i, $e := .Values.l }}{{ if $e.on }}{{ .name }}{{ end }}{{ end }}", "l.[].name", "l.name"),
+        ('{{ $r := .Values }}{{ $x := $r.a | default dict }}{{ hasKey $x "key" }}', "a.key", "b.key"),
+        ('{{ define "h" }}{{ .b.min }}{{ end }}{{ include "h" (dict "b" .Values.p) }}', "p.min", "b.min"),
+        ('{{ $i := .Values.img }}{{ range $f := list "tag" }}{{ get $i $f }}{{ end }}', "img.tag", "img.digest"),
+        ("{{ $m := .Values.m }}{{ range $k := $names }}{{ index $m $k }}{{ end }}", "m", "m.enabled"),
+        ('{{ $e := .Values.e }}{{ $_ := set $e "built" $e.own }}{{ .Values.e.built.x }}', "e.own.x", "e.x"),
+    ],
+)
+def test_the_template_reader_follows_dot_and_variables(template: str, read: str, unread: str) -> None:
+    """The reader behind the test above: a read through `with`, `range`, variables, a helper's `(dict ...)`,
+    an inline list of keys, and a renamed key counts under its own path only; a key in a variable, none."""
+    reads = ReadFinder({"t.yaml": template}).run()
+    assert (ROOT, "Values", *read.split(".")) in reads
+    assert (ROOT, "Values", *unread.split(".")) not in reads
 
 
 def test_every_object_level_refuses_unknown_keys(helm: Helm) -> None:
