@@ -3,7 +3,8 @@
 Three guards. Every key of values.schema.json is read by a template (no key that only looks like a setting).
 Every object level of the schema refuses unknown keys, so a typo such as `engines[0].replica` or
 `gateway.resorces` is an error naming it. And a key that cannot apply to an entry's kind (a pod's keys on an
-engine running elsewhere, a GPU engine's keys on a simulator) is refused rather than dropped.
+engine running elsewhere, a GPU engine's keys on a simulator) is refused rather than dropped, unless it asks
+for nothing (a feature turned off; a GPU key at the value GPU engines get anyway).
 """
 
 from __future__ import annotations
@@ -15,11 +16,13 @@ from fnmatch import fnmatch
 from typing import Any
 
 import pytest
+import yaml
 
-from tests.chart.conftest import CHART_DIR, Helm, Rendered
+from tests.chart.conftest import CHART_DIR, EXAMPLES_DIR, Helm, Rendered
 from tests.chart.template_reads import BUILT, DYNAMIC, ITEM, ROOT, ReadFinder, ValuePath, template_reads
 
 SCHEMA = json.loads((CHART_DIR / "values.schema.json").read_text())
+VALUES_YAML = yaml.safe_load((CHART_DIR / "values.yaml").read_text())
 TYPO = "zzUnknownKey"
 
 # Subtrees a template writes whole (toYaml/toJson), so their own keys never appear in a template: where. The
@@ -258,10 +261,66 @@ def test_a_feature_turned_off_on_an_engine_elsewhere_is_accepted(helm: Helm) -> 
     assert "autoscaling is only for engines the chart deploys" in helm.template_error(values={"engines": [on]})
 
 
+# What a GPU engine gets for each of those keys when it does not set it: values.yaml's engineDefaults, gpus 1.
+GPU_ENGINES_GET = {"gpus": 1, **{key: VALUES_YAML["engineDefaults"][key] for key in GPU_ENGINE_ONLY if key != "gpus"}}
+SIMULATOR = {"name": "sim", "engine": "simulator", "model": "m"}
+
+
 @pytest.mark.parametrize("key", GPU_ENGINE_ONLY)
 def test_gpu_keys_on_a_simulator_are_refused(helm: Helm, key: str) -> None:
+    """At a value other than what a GPU engine gets anyway (POD_KEY_VALUES' differ from values.yaml's)."""
+    assert POD_KEY_VALUES[key] != GPU_ENGINES_GET[key]
     entry = {"name": "sim", "engine": "simulator", "model": "m", key: POD_KEY_VALUES[key]}
     message = helm.template_error(values={"engines": [entry]})
+    assert f'engines[0] "sim": {key} is for GPU engines (vllm, sglang); a simulator would ignore it' in message
+    anyway = "gpus 1" if key == "gpus" else f"engineDefaults.{key}"
+    assert f"remove it (a simulator accepts only what GPU engines get anyway: {anyway})" in message, message
+
+
+def test_gpu_keys_at_what_gpu_engines_get_anyway_are_accepted_on_a_simulator(helm: Helm) -> None:
+    """Values written for GPU engines switch to `engine: simulator` unedited when their GPU keys say what the
+    chart gives a GPU engine anyway: they ask for nothing a simulator drops, and it renders as without them."""
+    bare = helm.template(values={"engines": [SIMULATOR]})
+    for key, value in GPU_ENGINES_GET.items():  # each alone, then all together
+        assert helm.template(values={"engines": [{**SIMULATOR, key: value}]}).docs == bare.docs, key
+    assert helm.template(values={"engines": [{**SIMULATOR, **GPU_ENGINES_GET}]}).docs == bare.docs
+    # A map is compared as a GPU engine would get it: merged over engineDefaults' (here: every key as it is).
+    partial = {**SIMULATOR, "hfToken": {"key": "token"}, "modelStorage": {"type": "emptyDir", "readOnly": False}}
+    assert helm.template(values={"engines": [partial]}).docs == bare.docs
+
+
+def test_production_values_switched_to_simulators_render(helm: Helm) -> None:
+    """ "What GPU engines get anyway" is this release's engineDefaults: example 2's engines with their GPU keys
+    written out (the token Secret and the RuntimeClass of its engineDefaults, one GPU), switched to simulators
+    for a dry run, are accepted; a value of values.yaml that this release overrides is refused, naming it."""
+    production = yaml.safe_load((EXAMPLES_DIR / "values-example2.yaml").read_text())
+    defaults = production["engineDefaults"]
+    for engine in production["engines"]:
+        kind = engine.pop("engine")
+        engine.update(engine="simulator", simulate=kind, gpus=1, **defaults)
+        engine.pop("extraArgs")  # vLLM's and SGLang's flags, not the simulator's
+    rendered = helm.template(values=production)
+    for name, kind in (("vllm-llama-32-1b", "vllm"), ("sglang-llama-32-1b", "sglang")):
+        spec = rendered.get("Deployment", name)["spec"]["template"]["spec"]
+        assert spec["containers"][0]["args"][:3] == ["simulate", "--engine", kind]
+        assert "runtimeClassName" not in spec and "HF_TOKEN" not in json.dumps(spec)
+    production["engines"][1]["runtimeClassName"] = GPU_ENGINES_GET["runtimeClassName"]  # values.yaml's "", not nvidia
+    message = helm.template_error(values=production)
+    assert 'engines[1] "sglang-llama-32-1b": runtimeClassName is for GPU engines (vllm, sglang)' in message, message
+
+
+@pytest.mark.parametrize(
+    ("key", "value"),
+    [
+        ("hfToken", {"key": "hf"}),  # another item of the Secret
+        ("hfToken", {"value": "t"}),  # a token where GPU engines get none
+        ("modelStorage", {"mountPath": "/weights"}),
+        ("shmSize", ""),
+        ("gpus", 2),
+    ],
+)
+def test_gpu_keys_near_what_gpu_engines_get_are_refused_on_a_simulator(helm: Helm, key: str, value: Any) -> None:
+    message = helm.template_error(values={"engines": [{**SIMULATOR, key: value}]})
     assert f'engines[0] "sim": {key} is for GPU engines (vllm, sglang); a simulator would ignore it' in message
 
 
