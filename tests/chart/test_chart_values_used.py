@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 import yaml
 
-from tests.chart.conftest import CHART_DIR, EXAMPLES_DIR, Helm, Rendered
+from tests.chart.conftest import APP_VERSION, CHART_DIR, EXAMPLES_DIR, GATEWAY_IMAGE, Helm, Rendered
 from tests.chart.template_reads import BUILT, DYNAMIC, ITEM, ROOT, ReadFinder, ValuePath, template_reads
 
 SCHEMA = json.loads((CHART_DIR / "values.schema.json").read_text())
@@ -382,7 +382,7 @@ DIGEST = "sha256:" + "a" * 64
 @pytest.mark.parametrize(
     ("preset", "gateway", "image"),
     [
-        ({}, {}, "ghcr.io/llm-gateway/llm-gateway:0.1.0"),
+        ({}, {}, GATEWAY_IMAGE),
         ({}, {"tag": "0.3.0"}, "ghcr.io/llm-gateway/llm-gateway:0.3.0"),
         ({"tag": "0.2.0"}, {}, "ghcr.io/llm-gateway/llm-gateway:0.2.0"),
         ({"tag": "0.2.0"}, {"tag": "0.3.0", "digest": DIGEST}, "ghcr.io/llm-gateway/llm-gateway:0.2.0"),
@@ -398,7 +398,7 @@ def test_simulator_preset_fields_fall_back_one_by_one(helm: Helm, preset: dict[s
     spec = rendered.get("Deployment", "sim-llama-32-1b")["spec"]["template"]["spec"]
     assert spec["containers"][0]["image"] == image
     own = rendered.get("Deployment", "my-llm-llm-gateway")["spec"]["template"]["spec"]["containers"][0]["image"]
-    assert own.endswith(gateway.get("tag", "0.1.0") + (f"@{DIGEST}" if "digest" in gateway else ""))
+    assert own.endswith(gateway.get("tag", APP_VERSION) + (f"@{DIGEST}" if "digest" in gateway else ""))
 
 
 def test_a_latest_simulator_preset_is_refused(helm: Helm) -> None:
