@@ -162,6 +162,12 @@ class AdapterAdmin:
         # adapter would leave the replicas disagreeing): its lock and how many hold or wait for it.
         self._updating: dict[tuple[str, str], tuple[asyncio.Lock, int]] = {}
 
+    def pending_updates(self) -> dict[tuple[str, str], int]:
+        """How many loads or unloads of each (engine name, adapter name) run or wait for their turn, as a copy;
+        an adapter with none is absent. It lets tests and diagnostics watch the one-at-a-time rule at work
+        without reaching into its locks."""
+        return {key: users for key, (_, users) in self._updating.items()}
+
     async def update(
         self,
         action: Action,

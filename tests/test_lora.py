@@ -801,10 +801,10 @@ def test_updates_of_one_adapter_on_one_engine_run_one_after_the_other(processes)
             load = update("load", "x")
             await until(lambda: len(engine.of("load", "x")) == 3, "x's loads under way")
             unload, again = update("unload", "x"), update("load", "x")
-            await until(lambda: admin._updating.get(("e", "x"), (None, 0))[1] == 3, "two more updates of x waiting")
+            await until(lambda: admin.pending_updates().get(("e", "x")) == 3, "two more updates of x waiting")
             # Another adapter's update is not held up by x's, and leaves no entry behind.
             assert (await asyncio.wait_for(update("load", "y"), 10))[0] == 200
-            assert set(admin._updating) == {("e", "x")}
+            assert admin.pending_updates().keys() == {("e", "x")}
             # Had the waiting updates been sent, they would be here by now: every replica answered since,
             # on connections opened after theirs.
             async with aiohttp.ClientSession() as probe:
@@ -815,7 +815,7 @@ def test_updates_of_one_adapter_on_one_engine_run_one_after_the_other(processes)
             again.cancel()  # one that stops waiting (cancelled) no longer counts as waiting
             with pytest.raises(asyncio.CancelledError):
                 await again
-            assert admin._updating[("e", "x")][1] == 2
+            assert admin.pending_updates() == {("e", "x"): 2}
             engine.release("x")
             assert (await load)[0] == 200
             assert (await unload)[0] == 200
@@ -828,7 +828,7 @@ def test_updates_of_one_adapter_on_one_engine_run_one_after_the_other(processes)
         # The unload reached no replica before the load had ended on all of them; the cancelled load none.
         assert min(u.started for u in engine.of("unload", "x")) > max(u.ended for u in engine.of("load", "x"))
         assert len(engine.of("unload", "x")) == 3 and len(engine.of("load", "x")) == 3
-        assert admin._updating == {}  # nobody holds or waits: no entry left, whatever the names were
+        assert admin.pending_updates() == {}  # nobody holds or waits: no entry left, whatever the names were
 
     asyncio.run(scenario())
 

@@ -28,6 +28,9 @@ INSTALL_HELM = REPO_ROOT / "ci" / "install-helm.sh"
 
 RELEASE = "my-llm"
 NAMESPACE = "llm"
+# The gateway image's default tag, and the simulators': the chart's appVersion (Chart.yaml is its source).
+APP_VERSION: str = yaml.safe_load((CHART_DIR / "Chart.yaml").read_text())["appVersion"]
+GATEWAY_IMAGE = f"ghcr.io/llm-gateway/llm-gateway:{APP_VERSION}"
 
 # name -> values file (None: the chart's defaults). Every test that loops over "every example" uses this.
 VALUE_SETS: dict[str, Path | None] = {

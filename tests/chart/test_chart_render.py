@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+import tomllib
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -12,9 +13,22 @@ import kubernetes_validate
 import pytest
 import yaml
 
+import gateway_app
 from gateway_app.cli import _build_parser as gateway_cli
 from gateway_app.config import ClientLimits, EngineSpec, RoutingMap
-from tests.chart.conftest import CHART_DIR, EXAMPLES, NAMESPACE, RELEASE, VALUE_SETS, Helm, HelmError, Rendered
+from tests.chart.conftest import (
+    APP_VERSION,
+    CHART_DIR,
+    EXAMPLES,
+    GATEWAY_IMAGE,
+    NAMESPACE,
+    RELEASE,
+    REPO_ROOT,
+    VALUE_SETS,
+    Helm,
+    HelmError,
+    Rendered,
+)
 
 KUBE_VERSIONS = ("1.30.0", kubernetes_validate.latest_version())
 GATEWAY = f"{RELEASE}-llm-gateway"
@@ -512,7 +526,7 @@ def test_cpu_example_is_example2_on_simulators(renders: dict[str, Rendered]) -> 
     assert strip == [{k: v for k, v in r.items() if k != "url"} for r in renders["example2"].routing["engines"]]
     for engine, kind in (("vllm-llama-32-1b", "vllm"), ("sglang-llama-32-1b", "sglang")):
         container = renders["cpu"].get("Deployment", engine)["spec"]["template"]["spec"]["containers"][0]
-        assert container["image"] == "ghcr.io/llm-gateway/llm-gateway:0.1.0"
+        assert container["image"] == GATEWAY_IMAGE
         assert container["command"] == ["llm-gateway"]
         assert container["args"][:4] == ["simulate", "--engine", kind, "--model"]
         assert "nvidia.com/gpu" not in json.dumps(container["resources"])
@@ -708,10 +722,18 @@ def gateway_pod(rendered: Rendered) -> dict[str, Any]:
     return rendered.get("Deployment", GATEWAY)["spec"]["template"]
 
 
+def test_the_charts_app_version_is_the_gateways_version() -> None:
+    """appVersion is the default tag of the gateway image (and of the simulators'), which is built from this
+    repository: the chart's appVersion, gateway_app.__version__ (`llm-gateway --version`, /version) and the
+    package version in pyproject.toml are one version, bumped together."""
+    pyproject = tomllib.loads((REPO_ROOT / "pyproject.toml").read_text())
+    assert APP_VERSION == gateway_app.__version__ == pyproject["project"]["version"]
+
+
 def test_gateway_runs_the_cli_contract(renders: dict[str, Rendered]) -> None:
     pod = gateway_pod(renders["defaults"])
     container = pod["spec"]["containers"][0]
-    assert container["image"] == "ghcr.io/llm-gateway/llm-gateway:0.1.0"
+    assert container["image"] == GATEWAY_IMAGE
     assert container["command"] == ["llm-gateway"]
     assert container["args"][:7] == ["serve", "--config", "/etc/llm-gateway/routes.yaml", "--host", "0.0.0.0",
                                      "--port", "8000"]  # fmt: skip

@@ -3,7 +3,8 @@
 Three guards. Every key of values.schema.json is read by a template (no key that only looks like a setting).
 Every object level of the schema refuses unknown keys, so a typo such as `engines[0].replica` or
 `gateway.resorces` is an error naming it. And a key that cannot apply to an entry's kind (a pod's keys on an
-engine running elsewhere, a GPU engine's keys on a simulator) is refused rather than dropped.
+engine running elsewhere, a GPU engine's keys on a simulator) is refused rather than dropped, unless it asks
+for nothing (a feature turned off; a GPU key at the value GPU engines get anyway).
 """
 
 from __future__ import annotations
@@ -15,16 +16,18 @@ from fnmatch import fnmatch
 from typing import Any
 
 import pytest
+import yaml
 
-from tests.chart.conftest import CHART_DIR, Helm, Rendered
+from tests.chart.conftest import APP_VERSION, CHART_DIR, EXAMPLES_DIR, GATEWAY_IMAGE, Helm, Rendered
+from tests.chart.template_reads import BUILT, DYNAMIC, ITEM, ROOT, ReadFinder, ValuePath, template_reads
 
 SCHEMA = json.loads((CHART_DIR / "values.schema.json").read_text())
-TEMPLATES = "\n".join(path.read_text() for path in sorted((CHART_DIR / "templates").rglob("*")) if path.is_file())
+VALUES_YAML = yaml.safe_load((CHART_DIR / "values.yaml").read_text())
 TYPO = "zzUnknownKey"
 
-# Subtrees a template writes whole (toYaml/toJson), so their own keys never appear in a template: where.
+# Subtrees a template writes whole (toYaml/toJson), so their own keys never appear in a template: where. The
+# subtree itself is read like any key.
 VERBATIM = {
-    "global": "helm's own, for subcharts",
     "gateway.settings": "the routing map's settings block (tests/chart/test_chart_schema.py matches its keys)",
     "engines[].timeouts": "the routing map's engine timeouts",
     "engines[].concurrency": "the routing map's engine concurrency",
@@ -32,11 +35,22 @@ VERBATIM = {
     "httpRoute.parentRefs[]": "the HTTPRoute's parentRefs",
     "httpRoute.timeouts": "the HTTPRoute rule's timeouts",
     "*.resources": "a container's resources (merged over the preset's for engines)",
+    "*.strategy.rollingUpdate": "a Deployment's rollingUpdate",
 }
+# Keys read under another path: engineDefaults' are merged into every deployed engine's entry
+# (templates/_engines.tpl), where the templates read them as engines[].<key>.
+READ_AS: dict[str, tuple[str | int, ...]] = {"engineDefaults": ("engines", 0)}
+# Maps whose keys the templates read by a name known only when rendering: any of their keys is read so.
+READ_BY_NAME = {
+    "enginePresets": "the preset of the engine's kind, get $root.Values.enginePresets $kind",
+    "engines[].probes": "each of the engine's probes, merged over the chart's probe of that name",
+}
+# Keys no template reads, and why that is right.
+NOT_READ = {"global": "helm's own, for subcharts"}
 
 
-def verbatim(where: str) -> bool:
-    return any(fnmatch(where, subtree) or fnmatch(where, f"{subtree}.*") for subtree in VERBATIM)
+def below_verbatim(where: str) -> bool:
+    return any(fnmatch(where, f"{subtree}.*") for subtree in VERBATIM)
 
 
 def _resolve(node: dict[str, Any]) -> tuple[dict[str, Any], bool]:
@@ -74,20 +88,68 @@ def dotted(path: tuple[str | int, ...]) -> str:
     return ".".join(str(part) for part in path).replace(".0", "[]")
 
 
+def named(path: ValuePath) -> str:
+    """A reader's path as the tables above name it: engines[].probes."""
+    return ".".join(path).replace(f".{ITEM}", "[]")
+
+
+def is_read(reads: set[ValuePath], path: tuple[str | int, ...]) -> bool:
+    """Whether a template reads this schema key, by its whole path: a read in one place (engines' `enabled`)
+    is not a read in another (gateway.autoscaling's)."""
+    target = (ROOT, "Values", *(ITEM if isinstance(part, int) else part for part in path))
+    for read in reads:
+        if read[0] == BUILT:  # a tail of the path, inside a value the templates built: parent and key at least
+            if not 3 <= len(read) <= len(target):
+                continue
+            start = len(target) - len(read) + 1
+        elif len(read) == len(target):
+            start = 1
+        else:
+            continue
+        if all(
+            part == wanted or (part in (ITEM, DYNAMIC) and (wanted == ITEM or named(target[2:at]) in READ_BY_NAME))
+            for at, part, wanted in zip(range(start, len(target)), read[1:], target[start:], strict=True)
+        ):
+            return True
+    return False
+
+
 def test_every_schema_key_is_read_by_a_template() -> None:
-    """A key the schema accepts but no template reads would be dropped without a word. Keys are looked up by
-    name (`.key` or "key" in a template); a verbatim subtree counts as read through its parent."""
+    """A key the schema accepts but no template reads would be dropped without a word. Each key is looked up
+    by its whole path (tests/chart/template_reads.py follows the templates' variables and dot), so that a
+    common name (`enabled`, `name`, `key`) read in one place does not stand for all the others."""
+    reads = template_reads(CHART_DIR / "templates")
     unread = []
     for path, level in chart_levels():
         for key in level["properties"]:
-            if verbatim(dotted((*path, key))):
+            where = dotted((*path, key))
+            if below_verbatim(where) or where in NOT_READ:
                 continue
-            if not re.search(rf'\.{re.escape(key)}\b|"{re.escape(key)}"', TEMPLATES):
-                unread.append(dotted((*path, key)))
+            instead = [(*READ_AS[str(path[0])], *path[1:], key)] if path and path[0] in READ_AS else []
+            if not any(is_read(reads, candidate) for candidate in [(*path, key), *instead]):
+                unread.append(where)
     assert not unread, f"schema keys no template reads: {unread}"
-    for subtree in VERBATIM:
-        key = subtree.removesuffix("[]").rsplit(".", 1)[-1]  # the subtree itself is read
-        assert re.search(rf"\.{key}\b", TEMPLATES) or subtree == "global", subtree
+    assert set(NOT_READ) <= set(SCHEMA["properties"])
+
+
+@pytest.mark.parametrize(
+    ("template", "read", "unread"),
+    [
+        ("{{ with .Values.a }}{{ .enabled }}{{ end }}{{ .Values.b.name }}", "a.enabled", "b.enabled"),
+        ("{{ range $i, $e := .Values.l }}{{ if $e.on }}{{ .name }}{{ end }}{{ end }}", "l.[].name", "l.name"),
+        ('{{ $r := .Values }}{{ $x := $r.a | default dict }}{{ hasKey $x "key" }}', "a.key", "b.key"),
+        ('{{ define "h" }}{{ .b.min }}{{ end }}{{ include "h" (dict "b" .Values.p) }}', "p.min", "b.min"),
+        ('{{ $i := .Values.img }}{{ range $f := list "tag" }}{{ get $i $f }}{{ end }}', "img.tag", "img.digest"),
+        ("{{ $m := .Values.m }}{{ range $k := $names }}{{ index $m $k }}{{ end }}", "m", "m.enabled"),
+        ('{{ $e := .Values.e }}{{ $_ := set $e "built" $e.own }}{{ .Values.e.built.x }}', "e.own.x", "e.x"),
+    ],
+)
+def test_the_template_reader_follows_dot_and_variables(template: str, read: str, unread: str) -> None:
+    """The reader behind the test above: a read through `with`, `range`, variables, a helper's `(dict ...)`,
+    an inline list of keys, and a renamed key counts under its own path only; a key in a variable, none."""
+    reads = ReadFinder({"t.yaml": template}).run()
+    assert (ROOT, "Values", *read.split(".")) in reads
+    assert (ROOT, "Values", *unread.split(".")) not in reads
 
 
 def test_every_object_level_refuses_unknown_keys(helm: Helm) -> None:
@@ -199,10 +261,66 @@ def test_a_feature_turned_off_on_an_engine_elsewhere_is_accepted(helm: Helm) -> 
     assert "autoscaling is only for engines the chart deploys" in helm.template_error(values={"engines": [on]})
 
 
+# What a GPU engine gets for each of those keys when it does not set it: values.yaml's engineDefaults, gpus 1.
+GPU_ENGINES_GET = {"gpus": 1, **{key: VALUES_YAML["engineDefaults"][key] for key in GPU_ENGINE_ONLY if key != "gpus"}}
+SIMULATOR = {"name": "sim", "engine": "simulator", "model": "m"}
+
+
 @pytest.mark.parametrize("key", GPU_ENGINE_ONLY)
 def test_gpu_keys_on_a_simulator_are_refused(helm: Helm, key: str) -> None:
+    """At a value other than what a GPU engine gets anyway (POD_KEY_VALUES' differ from values.yaml's)."""
+    assert POD_KEY_VALUES[key] != GPU_ENGINES_GET[key]
     entry = {"name": "sim", "engine": "simulator", "model": "m", key: POD_KEY_VALUES[key]}
     message = helm.template_error(values={"engines": [entry]})
+    assert f'engines[0] "sim": {key} is for GPU engines (vllm, sglang); a simulator would ignore it' in message
+    anyway = "gpus 1" if key == "gpus" else f"engineDefaults.{key}"
+    assert f"remove it (a simulator accepts only what GPU engines get anyway: {anyway})" in message, message
+
+
+def test_gpu_keys_at_what_gpu_engines_get_anyway_are_accepted_on_a_simulator(helm: Helm) -> None:
+    """Values written for GPU engines switch to `engine: simulator` unedited when their GPU keys say what the
+    chart gives a GPU engine anyway: they ask for nothing a simulator drops, and it renders as without them."""
+    bare = helm.template(values={"engines": [SIMULATOR]})
+    for key, value in GPU_ENGINES_GET.items():  # each alone, then all together
+        assert helm.template(values={"engines": [{**SIMULATOR, key: value}]}).docs == bare.docs, key
+    assert helm.template(values={"engines": [{**SIMULATOR, **GPU_ENGINES_GET}]}).docs == bare.docs
+    # A map is compared as a GPU engine would get it: merged over engineDefaults' (here: every key as it is).
+    partial = {**SIMULATOR, "hfToken": {"key": "token"}, "modelStorage": {"type": "emptyDir", "readOnly": False}}
+    assert helm.template(values={"engines": [partial]}).docs == bare.docs
+
+
+def test_production_values_switched_to_simulators_render(helm: Helm) -> None:
+    """ "What GPU engines get anyway" is this release's engineDefaults: example 2's engines with their GPU keys
+    written out (the token Secret and the RuntimeClass of its engineDefaults, one GPU), switched to simulators
+    for a dry run, are accepted; a value of values.yaml that this release overrides is refused, naming it."""
+    production = yaml.safe_load((EXAMPLES_DIR / "values-example2.yaml").read_text())
+    defaults = production["engineDefaults"]
+    for engine in production["engines"]:
+        kind = engine.pop("engine")
+        engine.update(engine="simulator", simulate=kind, gpus=1, **defaults)
+        engine.pop("extraArgs")  # vLLM's and SGLang's flags, not the simulator's
+    rendered = helm.template(values=production)
+    for name, kind in (("vllm-llama-32-1b", "vllm"), ("sglang-llama-32-1b", "sglang")):
+        spec = rendered.get("Deployment", name)["spec"]["template"]["spec"]
+        assert spec["containers"][0]["args"][:3] == ["simulate", "--engine", kind]
+        assert "runtimeClassName" not in spec and "HF_TOKEN" not in json.dumps(spec)
+    production["engines"][1]["runtimeClassName"] = GPU_ENGINES_GET["runtimeClassName"]  # values.yaml's "", not nvidia
+    message = helm.template_error(values=production)
+    assert 'engines[1] "sglang-llama-32-1b": runtimeClassName is for GPU engines (vllm, sglang)' in message, message
+
+
+@pytest.mark.parametrize(
+    ("key", "value"),
+    [
+        ("hfToken", {"key": "hf"}),  # another item of the Secret
+        ("hfToken", {"value": "t"}),  # a token where GPU engines get none
+        ("modelStorage", {"mountPath": "/weights"}),
+        ("shmSize", ""),
+        ("gpus", 2),
+    ],
+)
+def test_gpu_keys_near_what_gpu_engines_get_are_refused_on_a_simulator(helm: Helm, key: str, value: Any) -> None:
+    message = helm.template_error(values={"engines": [{**SIMULATOR, key: value}]})
     assert f'engines[0] "sim": {key} is for GPU engines (vllm, sglang); a simulator would ignore it' in message
 
 
@@ -264,7 +382,7 @@ DIGEST = "sha256:" + "a" * 64
 @pytest.mark.parametrize(
     ("preset", "gateway", "image"),
     [
-        ({}, {}, "ghcr.io/llm-gateway/llm-gateway:0.1.0"),
+        ({}, {}, GATEWAY_IMAGE),
         ({}, {"tag": "0.3.0"}, "ghcr.io/llm-gateway/llm-gateway:0.3.0"),
         ({"tag": "0.2.0"}, {}, "ghcr.io/llm-gateway/llm-gateway:0.2.0"),
         ({"tag": "0.2.0"}, {"tag": "0.3.0", "digest": DIGEST}, "ghcr.io/llm-gateway/llm-gateway:0.2.0"),
@@ -280,7 +398,7 @@ def test_simulator_preset_fields_fall_back_one_by_one(helm: Helm, preset: dict[s
     spec = rendered.get("Deployment", "sim-llama-32-1b")["spec"]["template"]["spec"]
     assert spec["containers"][0]["image"] == image
     own = rendered.get("Deployment", "my-llm-llm-gateway")["spec"]["template"]["spec"]["containers"][0]["image"]
-    assert own.endswith(gateway.get("tag", "0.1.0") + (f"@{DIGEST}" if "digest" in gateway else ""))
+    assert own.endswith(gateway.get("tag", APP_VERSION) + (f"@{DIGEST}" if "digest" in gateway else ""))
 
 
 def test_a_latest_simulator_preset_is_refused(helm: Helm) -> None:

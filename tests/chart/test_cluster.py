@@ -2,7 +2,7 @@
 
 Runs only when KUBECONFIG points at a reachable cluster (see conftest.py); reported as skipped
 otherwise. The cluster must be able to pull the gateway image, or be given it first, e.g.
-`k3d image import ghcr.io/llm-gateway/llm-gateway:0.1.0`. Another image: set
+`k3d image import ghcr.io/llm-gateway/llm-gateway:<appVersion of Chart.yaml>`. Another image: set
 LLM_GATEWAY_IMAGE_REPOSITORY / LLM_GATEWAY_IMAGE_TAG.
 """
 

@@ -105,9 +105,21 @@ Each resolved entry keeps the user's keys and adds:
 {{- end -}}
 {{- end -}}
 {{- else if eq $kind "simulator" -}}
+{{- /* A GPU key at the value a GPU engine of this release gets anyway (engineDefaults', merged as for a GPU
+       engine; gpus: 1) asks for nothing a simulator drops, so values written for GPU engines switch to
+       simulators unedited; the simulator renders as without it. Any other value is refused. */ -}}
 {{- range $key := $gpuEngineOnly -}}
-{{- if and (hasKey $e $key) (not (kindIs "invalid" (index $e $key))) -}}
-{{- fail (printf "%s: %s is for GPU engines (vllm, sglang); a simulator would ignore it, remove it" $where $key) -}}
+{{- $own := index $e $key -}}
+{{- if and (hasKey $e $key) (not (kindIs "invalid" $own)) -}}
+{{- $anyway := ternary 1 (index $root.Values.engineDefaults $key) (eq $key "gpus") -}}
+{{- $asGpuEngine := dict "value" $own -}}
+{{- if and (has $key $mergedMaps) (kindIs "map" $anyway) (kindIs "map" $own) -}}
+{{- include "llm-gateway.overDefault" (dict "key" $key "default" $anyway "own" $own "into" $asGpuEngine) -}}
+{{- end -}}
+{{- if ne (toJson $asGpuEngine.value) (toJson $anyway) -}}
+{{- fail (printf "%s: %s is for GPU engines (vllm, sglang); a simulator would ignore it, remove it (a simulator accepts only what GPU engines get anyway: %s)" $where $key (ternary "gpus 1" (printf "engineDefaults.%s" $key) (eq $key "gpus"))) -}}
+{{- end -}}
+{{- $_ := unset $e $key -}}
 {{- end -}}
 {{- end -}}
 {{- range $key := list "maxLoras" "maxLoraRank" -}}
@@ -204,15 +216,9 @@ Each resolved entry keeps the user's keys and adds:
 {{- if not (hasKey $e $key) -}}
 {{- $_ := set $e $key (deepCopy $value) -}}
 {{- else if and (has $key $mergedMaps) (kindIs "map" $value) (kindIs "map" (get $e $key)) -}}
-{{- $merged := deepCopy $value -}}
-{{- $own := get $e $key -}}
-{{- /* A Secret name and a value are two ways to give one token: the engine's choice drops the other. */ -}}
-{{- if and (eq $key "hfToken") (or $own.existingSecret $own.value) -}}
-{{- $_ := unset $merged "existingSecret" -}}
-{{- $_ := unset $merged "value" -}}
-{{- end -}}
-{{- include "llm-gateway.mergeInto" (dict "dst" $merged "src" $own) -}}
-{{- $_ := set $e $key $merged -}}
+{{- $merged := dict -}}
+{{- include "llm-gateway.overDefault" (dict "key" $key "default" $value "own" (get $e $key) "into" $merged) -}}
+{{- $_ := set $e $key $merged.value -}}
 {{- else if and (hasKey $namedLists $key) (kindIs "slice" $value) (kindIs "slice" (get $e $key)) -}}
 {{- $field := get $namedLists $key -}}
 {{- $ownNames := list -}}
@@ -452,6 +458,22 @@ Each resolved entry keeps the user's keys and adds:
 {{- end -}}
 {{- end -}}
 {{- toJson (dict "engines" $resolved) -}}
+{{- end -}}
+
+{{/*
+An engine's map (hfToken, modelStorage, nodeSelector, ...) over engineDefaults' map of that key: merged key by
+key, the engine's key wins and its null drops the default's. Takes (dict "key" "hfToken" "default" $map "own"
+$map "into" $dict) and sets .into.value; renders nothing.
+*/}}
+{{- define "llm-gateway.overDefault" -}}
+{{- $merged := deepCopy .default -}}
+{{- /* A Secret name and a value are two ways to give one token: the engine's choice empties the other. */ -}}
+{{- if and (eq .key "hfToken") (or .own.existingSecret .own.value) -}}
+{{- $_ := set $merged "existingSecret" "" -}}
+{{- $_ := set $merged "value" "" -}}
+{{- end -}}
+{{- include "llm-gateway.mergeInto" (dict "dst" $merged "src" .own) -}}
+{{- $_ := set .into "value" $merged -}}
 {{- end -}}
 
 {{/*
