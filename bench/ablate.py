@@ -1,8 +1,10 @@
 """What each per-request feature costs: the gateway against copies of itself with one feature cut out,
 beside one bare relay, in alternating turns of the same load.
 
-    .venv/bin/python bench/ablate.py [--ablations access_log,connection_guard,...] [--mode non-stream]
+    .venv/bin/python bench/ablate.py [--ablations access_log,connection_guard,...]
                                      [--concurrency 16] [--turns 7] [--duration 3]
+
+Non-streaming chat completions of 16 tokens only: what a request costs apart from its chunks.
 
 Each ablation is a copy of this tree's `gateway_app/` in a temporary folder with a few lines replaced
 (ABLATIONS below), so that the feature's work is not done; `all` cuts every one of them at once, which
@@ -11,9 +13,11 @@ bounds, log lines or headers that clients and operators rely on. Every request o
 get a 200; a copy that fails requests stops the run, since its CPU figure would mean nothing.
 
 Reports each gateway's CPU ms per request by turn, the median, the median over the relay's, and what
-each cut saves against the whole gateway, in microseconds per request. When the code under a patch
-changes, the patch no longer applies and the run stops naming it (tests/test_bench_ablate.py checks
-that every patch applies to the tree as it is).
+each cut saves against the whole gateway, in microseconds per request. When the text a patch
+replaces changes, the patch no longer applies and the run stops naming it (tests/test_bench_ablate.py
+checks that every patch applies to the tree as it is, and that each copy imports). A cut that returns
+early is placed right after its function's docstring, so that what the function comes to do later is cut
+too.
 """
 
 from __future__ import annotations
@@ -29,7 +33,7 @@ from pathlib import Path
 
 import processes
 from compare import MODEL, start_gateway_from
-from load import Pids, run_client, run_scenario
+from load import alternate_turns
 from processes import choose_pinning, process_group, start_relay, start_simulator
 
 
@@ -48,10 +52,20 @@ class Ablation:
     patches: tuple[Patch, ...]
 
 
+def _return_at_once(module: str, docstring: str, statement: str) -> Patch:
+    """A function that returns right after its docstring (`statement`): whatever its body comes to hold,
+    the copy skips all of it."""
+    return Patch(module, docstring, docstring + statement)
+
+
 ABLATIONS: dict[str, Ablation] = {
     "access_log": Ablation(
         "the JSON access log: the line is neither kept, rendered nor written",
-        (Patch("request_log.py", "        if not self.enabled:\n            return\n", "        return\n"),),
+        (
+            _return_at_once(
+                "request_log.py", '        """Called on the hot path: no formatting, no I/O."""\n', "        return\n"
+            ),
+        ),
     ),
     "connection_guard": Ablation(
         "the front door's bounds (uvicorn's own protocol instead of GuardedHttpProtocol) and the "
@@ -71,13 +85,21 @@ ABLATIONS: dict[str, Ablation] = {
     ),
     "headers_to_engine": Ablation(
         "the client's headers forwarded to the engine (only Content-Type and X-Request-Id go)",
-        (Patch("upstream.py", "    skip = _NOT_TO_ENGINE\n", '    return [("Content-Type", "application/json")]\n'),),
+        (
+            _return_at_once(
+                "upstream.py",
+                '    """The client\'s headers minus hop-by-hop ones, plus the engine\'s configured headers."""\n',
+                '    return [("Content-Type", "application/json")]\n',
+            ),
+        ),
     ),
     "headers_to_client": Ablation(
         "the engine's headers and the gateway's own (x-gateway-engine, x-request-id) on the answer",
         (
-            Patch(
-                "upstream.py", "    skip = _NOT_TO_CLIENT\n", '    return [(b"content-type", b"application/json")]\n'
+            _return_at_once(
+                "upstream.py",
+                '    """The engine\'s response headers minus hop-by-hop ones (names lower-cased, as ASGI wants)."""\n',
+                '    return [(b"content-type", b"application/json")]\n',
             ),
             Patch(
                 "forwarding.py",
@@ -89,7 +111,7 @@ ABLATIONS: dict[str, Ablation] = {
         ),
     ),
     "usage": Ablation(
-        "reading the token counts in the answer (the counts are set to fixed numbers instead)",
+        "reading the token counts in a JSON answer (set to fixed numbers instead; streams are not measured here)",
         (
             Patch(
                 "forwarding.py",
@@ -111,6 +133,7 @@ ABLATIONS: dict[str, Ablation] = {
     ),
 }
 ALL = "all"
+TOKENS = 16  # completion tokens per request, as bench.py's default
 
 
 def ablated_copy(names: list[str], into: Path) -> Path:
@@ -134,7 +157,6 @@ def ablated_copy(names: list[str], into: Path) -> Path:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--ablations", default=",".join([*ABLATIONS, ALL]), help="comma-separated; `all` cuts them all")
-    parser.add_argument("--mode", default="non-stream", help="non-stream, stream, or stream-<tokens>")
     parser.add_argument("--concurrency", type=int, default=16)
     parser.add_argument("--turns", type=int, default=7)
     parser.add_argument("--duration", type=float, default=3.0, help="measured seconds per turn")
@@ -143,13 +165,10 @@ def main() -> int:
     unknown = [name for name in names if name not in ABLATIONS and name != ALL]
     if unknown:
         parser.error(f"unknown ablation(s) {', '.join(unknown)}; known: {', '.join([*ABLATIONS, ALL])}")
-    stream = args.mode != "non-stream"
-    tokens = int(args.mode.split("-")[1]) if args.mode.startswith("stream-") else 16
-    load = argparse.Namespace(duration=args.duration, warmup=0.5, max_tokens=tokens, timeout=60)
+    load = argparse.Namespace(duration=args.duration, warmup=0.5, max_tokens=TOKENS, timeout=60)
     pinning = choose_pinning()
     if pinning.load_generator:
         os.sched_setaffinity(0, pinning.load_generator)
-    cpu: dict[str, list[float]] = {}
     with tempfile.TemporaryDirectory(prefix="llm-gateway-ablate-") as folder:
         copies = {name: ablated_copy(list(ABLATIONS) if name == ALL else [name], Path(folder) / name) for name in names}
         with process_group() as group:  # stopped before their folder goes
@@ -160,19 +179,11 @@ def main() -> int:
             for name, root in copies.items():
                 process, url = start_gateway_from(root, group, f"without-{name}", pinning, simulator_url)
                 targets.append((f"without {name}", url, process.pid))
-            cpu = {name: [] for name, _, _ in targets}
-            for _ in range(args.turns):
-                for name, url, pid in targets:
-                    result = run_client(
-                        run_scenario(
-                            name, url, stream, args.concurrency, load, Pids(pid, simulator.pid),
-                            model=MODEL, max_tokens=tokens, mode=args.mode,
-                        )
-                    )  # fmt: skip
-                    if result.errors or result.gateway_cpu_ms_per_request is None:
-                        raise SystemExit(f"{name}: {result.errors} failed requests, e.g. {result.error_examples[:2]}")
-                    cpu[name].append(result.gateway_cpu_ms_per_request)
-    print(f"{args.mode}, c={args.concurrency}, {args.turns} turns of {args.duration:g} s; CPU ms per request")
+            cpu = alternate_turns(
+                targets, simulator.pid, args.turns, load, args.concurrency, False,
+                model=MODEL, max_tokens=TOKENS, mode="non-stream",
+            )  # fmt: skip
+    print(f"non-stream, c={args.concurrency}, {args.turns} turns of {args.duration:g} s; CPU ms per request")
     medians = {name: statistics.median(values) for name, values in cpu.items()}
     for name, values in cpu.items():
         over = 100 * (medians[name] / medians["relay"] - 1)

@@ -277,12 +277,16 @@ def alternate_turns(
     **scenario: Any,
 ) -> dict[str, list[float]]:
     """CPU ms per request of each (name, url, pid) target, one scenario each per turn, in turn, so that
-    drift on a shared machine hits them all alike. `scenario` goes to `run_scenario` (model, mode, ...)."""
+    drift on a shared machine hits them all alike. `scenario` goes to `run_scenario` (model, mode, ...).
+    A target that fails a request stops the run: the CPU figure of one that fails means nothing."""
     cpu: dict[str, list[float]] = {name: [] for name, _, _ in targets}
     for _ in range(turns):
         for name, url, pid in targets:
             scenario_result = run_scenario(name, url, stream, concurrency, load, Pids(pid, simulator_pid), **scenario)
-            cpu[name].append(run_client(scenario_result).gateway_cpu_ms_per_request or float("nan"))
+            result = run_client(scenario_result)
+            if result.errors or result.gateway_cpu_ms_per_request is None:
+                raise SystemExit(f"{name}: {result.errors} failed requests, e.g. {result.error_examples[:2]}")
+            cpu[name].append(result.gateway_cpu_ms_per_request)
     return cpu
 
 

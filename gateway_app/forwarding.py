@@ -32,7 +32,7 @@ from gateway_app.request_body import EnginePayload
 from gateway_app.responses import send_error
 from gateway_app.route_table import Engine, RouteTable
 from gateway_app.stream_usage import UsageChunkFilter
-from gateway_app.upstream import headers_for_client, headers_for_engine, read_capped
+from gateway_app.upstream import headers_for_client, headers_for_engine, is_event_stream, read_capped
 from gateway_app.usage import USAGE_KEY, find_usage
 from gateway_app.waker import Waker
 
@@ -329,7 +329,7 @@ class Exchange:
                     if response.status in RETRYABLE_STATUSES:
                         replica.failed(health)
                         return await self._retryable_answer(response)
-                    sse = _is_event_stream(response.headers.get("Content-Type"))
+                    sse = is_event_stream(response.headers.get("Content-Type"))
                     streaming = response.content_length is None or sse
                     first = await response.content.readany()
                     self.first_byte_at = time.perf_counter() if streaming else answered_at
@@ -552,12 +552,6 @@ def _with_stream_headers(headers: list[tuple[bytes, bytes]]) -> list[tuple[bytes
         headers.append((b"cache-control", b"no-cache"))
     headers.append((b"x-accel-buffering", b"no"))
     return headers
-
-
-def _is_event_stream(content_type: str | None) -> bool:
-    """Whether a Content-Type is SSE's, parameters and case aside (what `ClientResponse.content_type`
-    tells, without parsing every answer's header into a message object)."""
-    return content_type is not None and content_type.partition(";")[0].strip().lower() == "text/event-stream"
 
 
 def _reason(exc: BaseException) -> str:

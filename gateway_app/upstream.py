@@ -78,6 +78,12 @@ def headers_for_client(engine_headers: tuple[tuple[bytes, bytes], ...]) -> list[
     return [(name, value) for name, value in lowered if name not in skip]
 
 
+def is_event_stream(content_type: str | None) -> bool:
+    """Whether an answer's Content-Type is SSE's, parameters and case aside (what aiohttp's
+    `ClientResponse.content_type` tells, without parsing every answer's header into a message object)."""
+    return content_type is not None and content_type.partition(";")[0].strip().lower() == "text/event-stream"
+
+
 async def read_capped(response: aiohttp.ClientResponse, cap: int) -> bytes | None:
     """The whole body if it has at most `cap` bytes, else None (having read no more than `cap` + 1).
 

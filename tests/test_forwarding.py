@@ -7,6 +7,7 @@ import time
 
 import pytest
 
+from gateway_app.upstream import is_event_stream
 from tests.raw_http import RawConnection, json_request
 from tests.recording_engine import FIXED_ANSWER, STREAM_EVENTS, RecordingEngine
 from tests.routes import write_routing_map
@@ -255,3 +256,20 @@ def test_request_on_a_connection_the_engine_just_closed_is_sent_again(processes,
         answer = post(gateway.url + "/v1/chat/completions", {"model": "m"})
         assert answer.status == 200, answer.body
     assert engine.connections >= 3  # each reuse failed and a fresh connection served the request
+
+
+@pytest.mark.parametrize(
+    ("content_type", "sse"),
+    [
+        ("text/event-stream", True),
+        ("Text/Event-Stream; charset=utf-8", True),
+        ("  text/event-stream ;x=1", True),
+        ("text/event-streamx", False),
+        ("text/event-stream, text/plain", False),
+        ("application/json", False),
+        ("", False),
+        (None, False),
+    ],
+)
+def test_an_sse_answer_is_told_by_its_media_type_alone(content_type, sse):
+    assert is_event_stream(content_type) is sse

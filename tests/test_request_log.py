@@ -111,6 +111,22 @@ def test_log_line_of_a_failed_request(logged_gateway):
     assert line["status"] == 404 and line["error_kind"] == "model_not_found" and "model" not in line
 
 
+FORWARDED_KEYS = [
+    "time", "request_id", "path", "status", "client", "duration_ms", "model", "base_model", "owned_by", "engine",
+    "endpoint", "stream", "ttfb_ms", "prompt_tokens", "completion_tokens", "bytes",
+]  # fmt: skip
+
+
+def test_log_lines_keep_their_keys_in_order(logged_gateway):
+    """Readers that split lines by position (text format, ad-hoc scripts) depend on the order."""
+    post(logged_gateway.url + CHAT, {"model": LLAMA, "messages": []}, headers={"X-Request-Id": "order-log-1"})
+    assert list(log_line(logged_gateway, "order-log-1")) == FORWARDED_KEYS  # error_kind, wake_wait_ms: None, left out
+    post(logged_gateway.url + CHAT, {"model": "down-model"}, headers={"X-Request-Id": "order-log-2"})
+    assert list(log_line(logged_gateway, "order-log-2")) == [*FORWARDED_KEYS[:12], "bytes", "error_kind"]
+    post(logged_gateway.url + CHAT, {"model": "no-such"}, headers={"X-Request-Id": "order-log-3"})
+    assert list(log_line(logged_gateway, "order-log-3")) == [*FORWARDED_KEYS[:6], "error_kind"]
+
+
 def routes_to(engine: RecordingEngine, path: Path) -> Path:
     return write_routing_map(
         path,

@@ -15,7 +15,9 @@ BUILT begins one inside a value the templates built and handed on (the engine li
 `(include "llm-gateway.engines" . | fromJson).engines` returns keeps the user's keys, so its items are read
 as `engines[].<key>`). ITEM is an element of a list, or any entry of a map ranged over; DYNAMIC a key known
 only at render time (`get $root.Values.enginePresets $kind`). What the reader cannot follow (a key held in
-a variable, a function's result) reads nothing: unknown is never counted as read.
+a variable, a function's result) reads nothing: unknown is never counted as read. A read is a read wherever
+it is, a check that refuses a value included: a key read only by such a check passes here, and only a
+rendering test (`REACHES` in test_chart_values_used.py) tells that it reaches no object.
 """
 
 from __future__ import annotations

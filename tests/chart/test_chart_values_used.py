@@ -1,6 +1,8 @@
 """A value the user sets reaches a rendered object, or `helm template` refuses it naming it: never a no-op.
 
-Three guards. Every key of values.schema.json is read by a template (no key that only looks like a setting).
+Three guards. Every key of values.schema.json is read by a template (no key that only looks like a setting);
+a read inside a check that refuses a value counts too, so that a key reaches an object is shown by rendering
+for a sample of keys (`REACHES`), not for each.
 Every object level of the schema refuses unknown keys, so a typo such as `engines[0].replica` or
 `gateway.resorces` is an error naming it. And a key that cannot apply to an entry's kind (a pod's keys on an
 engine running elsewhere, a GPU engine's keys on a simulator) is refused rather than dropped, unless it asks
@@ -275,6 +277,14 @@ def test_gpu_keys_on_a_simulator_are_refused(helm: Helm, key: str) -> None:
     assert f'engines[0] "sim": {key} is for GPU engines (vllm, sglang); a simulator would ignore it' in message
     anyway = "gpus 1" if key == "gpus" else f"engineDefaults.{key}"
     assert f"remove it (a simulator accepts only what GPU engines get anyway: {anyway})" in message, message
+
+
+@pytest.mark.parametrize("engine", [SIMULATOR, {"name": "v", "model": "m", "engine": "vllm"}])
+def test_engine_defaults_removed_is_refused_naming_it(helm: Helm, engine: dict[str, Any]) -> None:
+    """`engineDefaults: null` deletes the chart's defaults (Helm's rule for null); every engine is built from
+    them, so the chart says so rather than failing inside a template."""
+    message = helm.template_error(values={"engineDefaults": None, "engines": [{**engine, "gpus": 1}]})
+    assert "engineDefaults: must be a map" in message, message
 
 
 def test_gpu_keys_at_what_gpu_engines_get_anyway_are_accepted_on_a_simulator(helm: Helm) -> None:

@@ -18,6 +18,9 @@ Each resolved entry keeps the user's keys and adds:
 */}}
 {{- define "llm-gateway.engines" -}}
 {{- $root := . -}}
+{{- if not (kindIs "map" $root.Values.engineDefaults) -}}
+{{- fail "engineDefaults: must be a map (null removes the chart's defaults that every engine is built from; to change one, set that key)" -}}
+{{- end -}}
 {{- /* Keys of engineDefaults that only make sense for GPU engines; simulators never inherit them (a
        simulator needs no GPU node, so the GPU nodes' nodeSelector, tolerations and affinity stay off it). */ -}}
 {{- $gpuOnly := list "runtimeClassName" "gpuResource" "shmSize" "hfToken" "modelStorage" "podSecurityContext" "securityContext" "terminationGracePeriodSeconds" "startupTimeoutSeconds" "nodeSelector" "tolerations" "affinity" "extraVolumes" "extraVolumeMounts" "initContainers" "envFrom" "probes" -}}
