@@ -5,6 +5,9 @@ production knobs (storage, disruption budgets, KEDA, exposure) rendered valid fo
 from __future__ import annotations
 
 import json
+import re
+import subprocess
+import sys
 from typing import Any
 
 import pytest
@@ -138,6 +141,35 @@ def test_extra_args_near_misses_are_accepted(helm: Helm) -> None:
     args = ["--max-model-len", "4096", "--port-range=1", "--tokenizer", "x", "--engine", "y"]
     rendered = helm.template(values={"engines": [engine("a", extraArgs=args)]})
     assert container(rendered, "a")["args"][-len(args) :] == args
+
+
+# --- a simulator takes only `llm-gateway simulate`'s flags ------------------------------------------------
+
+CHART_SETS = {"--help", "--engine", "--model", "--host", "--port", "--api-key"}
+
+
+def simulate_flags() -> list[str]:
+    """The long options of `llm-gateway simulate`, read from its own --help, less those the chart sets."""
+    command = [sys.executable, "-m", "gateway_app", "simulate", "--help"]
+    text = subprocess.run(command, capture_output=True, text=True, check=True, timeout=60).stdout
+    return sorted(set(re.findall(r"(?m)^\s+(--[a-z][a-z-]*)", text)) - CHART_SETS)
+
+
+@pytest.mark.parametrize("flag", ["--gpu-memory-utilization", "--trust-remote-code", "--mem-fraction-static"])
+def test_an_engines_flag_on_a_simulator_is_refused_listing_the_simulators(helm: Helm, flag: str) -> None:
+    """`llm-gateway simulate` exits on a flag it does not know: the pod would crash-loop. The chart's list is
+    the command's own."""
+    sim = engine("s", engine="simulator", extraArgs=["--itl-ms", "5", f"{flag}=0.9"])
+    message = helm.template_error(values={"engines": [sim]})
+    assert f'engines[0] "s": extraArgs: {flag} is not a flag of llm-gateway simulate' in message, message
+    listed = re.search(r"\(the simulator takes ([^)]*)\)", message)
+    assert listed is not None and sorted(listed.group(1).split(", ")) == simulate_flags()
+
+
+def test_a_simulator_takes_each_of_its_own_flags(helm: Helm) -> None:
+    args = [arg for flag in simulate_flags() for arg in (f"{flag}=1", flag)]
+    rendered = helm.template(values={"engines": [engine("s", engine="simulator", extraArgs=args)]})
+    assert container(rendered, "s")["args"][-len(args) :] == args
 
 
 # --- Kubernetes types in values are Kubernetes' own definitions -----------------------------------------

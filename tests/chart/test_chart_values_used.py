@@ -197,7 +197,7 @@ ENGINE_PROPERTIES = SCHEMA["definitions"]["engine"]["properties"]
 DEFAULTS_KEYS = set(SCHEMA["properties"]["engineDefaults"]["properties"])
 # A value of each key the schema accepts; the pod keys of an engine the chart deploys.
 POD_KEY_VALUES: dict[str, Any] = {
-    "replicas": 2, "gpus": 2, "image": {"tag": "v1"}, "extraArgs": ["--x"], "env": [{"name": "A", "value": "b"}],
+    "replicas": 2, "gpus": 2, "image": {"tag": "v1"}, "extraArgs": ["--itl-ms=5"], "env": [{"name": "A", "value": "b"}],
     "resources": {"requests": {"cpu": "1"}}, "runtimeClassName": "nvidia", "gpuResource": "amd.com/gpu",
     "shmSize": "4Gi", "hfToken": {"existingSecret": "hf"}, "modelStorage": {"type": "none"},
     "strategy": {"type": "Recreate"}, "nodeSelector": {"pool": "gpu"}, "tolerations": [{"operator": "Exists"}],
@@ -352,7 +352,7 @@ def test_a_simulator_keeps_what_it_uses_and_ignores_only_the_defaults(helm: Helm
     spec = rendered.get("Deployment", "sim")["spec"]["template"]["spec"]
     assert (spec["priorityClassName"], spec["serviceAccountName"]) == ("high", "reader")
     assert spec["nodeSelector"] == {"pool": "gpu"}
-    assert spec["containers"][0]["args"][-1] == "--x" and "runtimeClassName" not in spec
+    assert spec["containers"][0]["args"][-1] == "--itl-ms=5" and "runtimeClassName" not in spec
 
 
 @pytest.mark.parametrize(

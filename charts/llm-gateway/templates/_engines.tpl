@@ -38,6 +38,9 @@ Each resolved entry keeps the user's keys and adds:
 {{- $listen := "remove it: the chart makes the engine listen on 0.0.0.0:8000, where its Service and probes point" -}}
 {{- $parallel := "set gpus instead: the chart passes the tensor-parallel size from gpus and requests that many GPUs for the pod" -}}
 {{- $model := "set model instead" -}}
+{{- /* `llm-gateway simulate`'s own flags that values may set (the chart sets --engine, --model, --host, --port and
+       --api-key; tests/chart keeps this list equal to the command's). */ -}}
+{{- $simulatorFlags := list "--timing" "--ttft-ms" "--itl-ms" "--prefill-tokens-per-s" "--decode-ms" "--decode-ms-per-running" "--max-running" "--cache-blocks" "--block-tokens" "--lora-modules" "--allow-runtime-lora-updating" "--log-level" -}}
 {{- $chartFlags := dict "--served-model-name" $servedName "--port" $listen "--host" $listen "--tensor-parallel-size" $parallel "-tp" $parallel "--tp" $parallel "--tp-size" $parallel "--api-key" "set engineApiKey instead: the gateway must send the key the engines check" "--model" $model "--model-path" $model "--engine" "set simulate instead" -}}
 {{- $gatewayService := include "llm-gateway.fullname" $root -}}
 {{- $resolved := list -}}
@@ -312,6 +315,11 @@ Each resolved entry keeps the user's keys and adds:
 {{- end -}}
 {{- if and $e.lora (has $flag (list "--enable-lora" "--lora-modules" "--lora-paths" "--max-loras" "--max-loras-per-batch" "--max-lora-rank" "--lora-target-modules")) -}}
 {{- fail (printf "%s: extraArgs: %s is set by the chart from lora; set it there" $where $flag) -}}
+{{- end -}}
+{{- /* A simulator runs `llm-gateway simulate`, which exits on a flag it does not know: an engine's flag left
+       in values switched to simulators would crash-loop the pod. Written in full (no abbreviations). */ -}}
+{{- if and (eq $kind "simulator") (hasPrefix "--" $flag) (not (has $flag $simulatorFlags)) -}}
+{{- fail (printf "%s: extraArgs: %s is not a flag of llm-gateway simulate (the simulator takes %s); vLLM's and SGLang's flags are for GPU engines" $where $flag (join ", " $simulatorFlags)) -}}
 {{- end -}}
 {{- end -}}
 
