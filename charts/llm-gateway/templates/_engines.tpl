@@ -112,8 +112,8 @@ Each resolved entry keeps the user's keys and adds:
 {{- end -}}
 {{- else if eq $kind "simulator" -}}
 {{- /* A GPU key at the value a GPU engine of this release gets anyway (engineDefaults', merged as for a GPU
-       engine; gpus: 1) asks for nothing a simulator drops, so values written for GPU engines switch to
-       simulators unedited; the simulator renders as without it. Any other value is refused. */ -}}
+       engine; gpus: 1) asks for nothing a simulator drops, so values written for GPU engines may keep it when
+       switched to simulators; the simulator renders as without it. Any other value is refused. */ -}}
 {{- range $key := $gpuEngineOnly -}}
 {{- $own := index $e $key -}}
 {{- if and (hasKey $e $key) (not (kindIs "invalid" $own)) -}}
